@@ -1,0 +1,413 @@
+//! Audit events and their hash chain.
+//!
+//! Each writer (one per replica) chains its events: `prevHash` is the previous event's
+//! `hash`, and `hash` is the SHA-256 of the RFC 8785 form of the event without `hash`.
+//! Removing, reordering or altering an event breaks the chain at that point.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::DigestSet;
+use crate::error::ErrorCode;
+
+/// `prevHash` of a writer's first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One decision, as stored on `SIGNER_AUDIT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditEvent {
+    pub version: u32,
+    pub time: String,
+    pub worker: String,
+    pub writer_seq: u64,
+    pub request_id: String,
+    pub tenant: String,
+    pub kind: crate::messages::ResultKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Caller>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<DigestSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poe: Option<PoeRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<ProvenanceRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyRecord>,
+    pub decision: Decision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    pub prev_hash: String,
+    #[serde(default)]
+    pub hash: String,
+}
+
+/// `iss` and `sub` of the caller's OpTok.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Caller {
+    pub iss: String,
+    pub sub: String,
+}
+
+/// Defines a snake_case wire enum with `as_str`.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $($(#[$vm])* #[serde(rename = $text)] $variant),+ }
+        impl $name {
+            pub fn as_str(self) -> &'static str { match self { $(Self::$variant => $text),+ } }
+        }
+    };
+}
+pub(crate) use wire_enum;
+
+wire_enum!(
+    /// How the OpTok gate decided.
+    AuthState { Valid = "valid", Disabled = "disabled", Bearer = "bearer", Invalid = "invalid", NotChecked = "not_checked" }
+);
+wire_enum!(
+    /// How the Proof-of-Entitlement gate decided.
+    PoeState {
+        Valid = "valid", Disabled = "disabled", Bypassed = "bypassed", Invalid = "invalid", Expired = "expired",
+        Denied = "denied", Unavailable = "unavailable", NotChecked = "not_checked",
+    }
+);
+wire_enum!(
+    /// How the quota gate decided.
+    QuotaOutcome {
+        Allowed = "allowed", Exceeded = "exceeded", Disabled = "disabled", FailOpen = "fail_open",
+        Unavailable = "unavailable", NotChecked = "not_checked",
+    }
+);
+wire_enum!(
+    /// How the provenance gate decided.
+    ProvenanceVerdict {
+        Trusted = "trusted", Untrusted = "untrusted", Unavailable = "unavailable", Allowlisted = "allowlisted",
+        Disabled = "disabled", NotChecked = "not_checked",
+    }
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRecord {
+    pub state: AuthState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoeRecord {
+    pub state: PoeState,
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuotaRecord {
+    pub outcome: QuotaOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvenanceRecord {
+    pub verdict: ProvenanceVerdict,
+    pub scanner_digest: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    pub keyid: String,
+    pub source: crate::keys::KeySource,
+    pub mode: crate::keys::KeyMode,
+}
+
+/// What the signer decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Signed,
+    Denied,
+    Failed,
+}
+
+impl AuditEvent {
+    /// The hash this event must carry: SHA-256 of JCS(event without `hash`).
+    pub fn compute_hash(&self) -> Result<String, serde_json::Error> {
+        hash_of_stored(&serde_json::to_value(self)?)
+    }
+
+    /// Field rules beyond the types: identifiers, hex hashes, sequence numbers.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::messages::check;
+        check(self.version == 1, "version must be 1")?;
+        check(!self.worker.is_empty(), "worker is empty")?;
+        check(self.writer_seq >= 1, "writerSeq starts at 1")?;
+        check(
+            crate::request::is_valid_request_id(&self.request_id),
+            "requestId pattern",
+        )?;
+        check(
+            crate::request::is_valid_tenant(&self.tenant),
+            "tenant pattern",
+        )?;
+        check(
+            crate::messages::is_hex(&self.prev_hash, 64),
+            "prevHash must be 64 lowercase hex",
+        )?;
+        check(
+            crate::messages::is_hex(&self.hash, 64),
+            "hash must be 64 lowercase hex",
+        )?;
+        if let Some(t) = &self.trace_id {
+            check(
+                crate::messages::is_hex(t, 32),
+                "traceId must be 32 lowercase hex",
+            )?;
+        }
+        self.subjects
+            .iter()
+            .try_for_each(crate::digest::validate_set)
+    }
+}
+
+/// SHA-256 of JCS(stored event without `hash`). Verification works on the event exactly
+/// as stored, so any writer that follows the rule (not only this one) can be checked.
+pub fn hash_of_stored(event: &serde_json::Value) -> Result<String, serde_json::Error> {
+    let mut value = event.clone();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("hash");
+    }
+    crate::jcs::sha256_hex(&value)
+}
+
+/// The chain state of one writer.
+#[derive(Debug, Clone)]
+pub struct AuditChain {
+    worker: String,
+    prev_hash: String,
+    next_seq: u64,
+}
+
+impl AuditChain {
+    /// A new chain for `worker`, starting from the genesis hash.
+    pub fn new(worker: impl Into<String>) -> Self {
+        Self {
+            worker: worker.into(),
+            prev_hash: GENESIS_HASH.into(),
+            next_seq: 1,
+        }
+    }
+
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    /// Links `event` to the chain: sets worker, writerSeq, prevHash and hash.
+    pub fn seal(&mut self, mut event: AuditEvent) -> Result<AuditEvent, serde_json::Error> {
+        event.worker.clone_from(&self.worker);
+        event.writer_seq = self.next_seq;
+        event.prev_hash.clone_from(&self.prev_hash);
+        event.hash.clear();
+        event.hash = event.compute_hash()?;
+        self.prev_hash.clone_from(&event.hash);
+        self.next_seq += 1;
+        Ok(event)
+    }
+}
+
+/// The first problem found while walking an audit stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainBreak {
+    #[error(
+        "event at position {position} (worker {worker}, writerSeq {writer_seq}) was altered: hash does not match its content"
+    )]
+    Altered {
+        position: usize,
+        worker: String,
+        writer_seq: u64,
+    },
+    #[error(
+        "event at position {position} (worker {worker}, writerSeq {writer_seq}) does not follow writerSeq {expected_prev}: an event is missing or out of order"
+    )]
+    Gap {
+        position: usize,
+        worker: String,
+        writer_seq: u64,
+        expected_prev: u64,
+    },
+    #[error(
+        "event at position {position} (worker {worker}, writerSeq {writer_seq}) has a prevHash that is not the previous event's hash"
+    )]
+    Unlinked {
+        position: usize,
+        worker: String,
+        writer_seq: u64,
+    },
+}
+
+/// Walks events in stream order. Several writers interleave; each chain is checked on its own.
+#[derive(Debug, Default)]
+pub struct ChainVerifier {
+    heads: HashMap<String, (u64, String)>,
+    position: usize,
+}
+
+impl ChainVerifier {
+    /// Checks the next event, as stored. A writer's first event seen may start mid-chain
+    /// (the stream's retention may have dropped older ones); from then on every link must hold.
+    pub fn push(&mut self, stored: &serde_json::Value) -> Result<(), ChainBreak> {
+        let position = self.position;
+        self.position += 1;
+        let worker = stored
+            .get("worker")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let writer_seq = stored
+            .get("writerSeq")
+            .and_then(|v| v.as_u64())
+            .unwrap_or_default();
+        let text = |k: &str| {
+            stored
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (hash, prev_hash) = (text("hash"), text("prevHash"));
+        let computed = hash_of_stored(stored).ok();
+        if worker.is_empty() || computed.as_deref() != Some(hash.as_str()) {
+            return Err(ChainBreak::Altered {
+                position,
+                worker,
+                writer_seq,
+            });
+        }
+        if let Some((prev_seq, prev)) = self.heads.get(&worker) {
+            if writer_seq != prev_seq + 1 {
+                return Err(ChainBreak::Gap {
+                    position,
+                    worker,
+                    writer_seq,
+                    expected_prev: *prev_seq,
+                });
+            }
+            if prev_hash != *prev {
+                return Err(ChainBreak::Unlinked {
+                    position,
+                    worker,
+                    writer_seq,
+                });
+            }
+        } else if writer_seq == 1 && prev_hash != GENESIS_HASH {
+            return Err(ChainBreak::Unlinked {
+                position,
+                worker,
+                writer_seq,
+            });
+        }
+        self.heads.insert(worker, (writer_seq, hash));
+        Ok(())
+    }
+
+    /// Number of events checked so far.
+    pub fn checked(&self) -> usize {
+        self.position
+    }
+
+    /// Number of distinct writers seen.
+    pub fn writers(&self) -> usize {
+        self.heads.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(request_id: &str) -> AuditEvent {
+        AuditEvent {
+            version: 1,
+            time: "2026-11-29T00:00:00Z".into(),
+            worker: String::new(),
+            writer_seq: 0,
+            request_id: request_id.into(),
+            tenant: "acme".into(),
+            kind: crate::messages::ResultKind::Dsse,
+            caller: None,
+            subjects: vec![],
+            auth: None,
+            poe: None,
+            quota: None,
+            provenance: None,
+            keys: vec![],
+            decision: Decision::Signed,
+            error_code: None,
+            trace_id: None,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    fn chain(n: usize) -> Vec<AuditEvent> {
+        let mut c = AuditChain::new("w1");
+        (0..n)
+            .map(|i| c.seal(event(&format!("r{i}"))).unwrap())
+            .collect()
+    }
+
+    fn verify(events: &[AuditEvent]) -> Result<(), ChainBreak> {
+        let mut v = ChainVerifier::default();
+        events
+            .iter()
+            .try_for_each(|e| v.push(&serde_json::to_value(e).unwrap()))
+    }
+
+    #[test]
+    fn intact_chain_verifies_and_links() {
+        let events = chain(5);
+        assert_eq!(events[0].prev_hash, GENESIS_HASH);
+        assert_eq!(events[1].prev_hash, events[0].hash);
+        verify(&events).unwrap();
+    }
+
+    #[test]
+    fn altered_removed_and_reordered_events_are_found() {
+        let mut altered = chain(5);
+        altered[2].tenant = "evil".into();
+        assert!(matches!(
+            verify(&altered),
+            Err(ChainBreak::Altered { position: 2, .. })
+        ));
+
+        let mut removed = chain(5);
+        removed.remove(2);
+        assert!(matches!(
+            verify(&removed),
+            Err(ChainBreak::Gap { position: 2, .. })
+        ));
+
+        let mut swapped = chain(5);
+        swapped.swap(1, 2);
+        assert!(verify(&swapped).is_err());
+
+        let mut relinked = chain(5);
+        relinked[3].prev_hash = relinked[1].hash.clone();
+        relinked[3].hash = relinked[3].compute_hash().unwrap();
+        assert!(matches!(
+            verify(&relinked),
+            Err(ChainBreak::Unlinked { position: 3, .. })
+        ));
+    }
+}

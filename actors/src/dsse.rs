@@ -1,0 +1,155 @@
+//! DSSE v1: pre-authentication encoding, envelopes and threshold verification.
+//! <https://github.com/secure-systems-lab/dsse/blob/master/protocol.md>
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::PublicKey;
+
+/// `PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, lengths in ASCII decimal.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let type_len = payload_type.len().to_string();
+    let body_len = payload.len().to_string();
+    let mut out = Vec::with_capacity(
+        10 + type_len.len() + payload_type.len() + body_len.len() + payload.len(),
+    );
+    out.extend_from_slice(b"DSSEv1 ");
+    out.extend_from_slice(type_len.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload_type.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(body_len.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A DSSE envelope. Bytes are standard base64 on output; either alphabet is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    #[serde(with = "crate::b64")]
+    pub payload: Vec<u8>,
+    pub payload_type: String,
+    pub signatures: Vec<Signature>,
+}
+
+/// One signature of an envelope. `keyid` is an unauthenticated hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    #[serde(default)]
+    pub keyid: String,
+    #[serde(with = "crate::b64")]
+    pub sig: Vec<u8>,
+}
+
+/// Which key verified which signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub key_index: usize,
+    pub signature_index: usize,
+    pub keyid: String,
+}
+
+/// Why an envelope did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("envelope has no signatures")]
+    NoSignatures,
+    #[error("threshold {threshold} must be between 1 and the number of keys ({keys})")]
+    BadThreshold { threshold: usize, keys: usize },
+    #[error("{verified} of {keys} key(s) verified a signature, threshold {threshold}")]
+    ThresholdNotMet {
+        verified: usize,
+        keys: usize,
+        threshold: usize,
+    },
+}
+
+impl Envelope {
+    /// The PAE bytes the signatures cover.
+    pub fn pae(&self) -> Vec<u8> {
+        pae(&self.payload_type, &self.payload)
+    }
+
+    /// Verifies that at least `threshold` distinct keys each verify a distinct signature.
+    /// Every key is tried on every signature: keyids are hints, never trusted.
+    pub fn verify(
+        &self,
+        keys: &[PublicKey],
+        threshold: usize,
+    ) -> Result<Vec<Verified>, VerifyError> {
+        if self.signatures.is_empty() {
+            return Err(VerifyError::NoSignatures);
+        }
+        if threshold == 0 || threshold > keys.len() {
+            return Err(VerifyError::BadThreshold {
+                threshold,
+                keys: keys.len(),
+            });
+        }
+        let message = self.pae();
+        let mut used = vec![false; self.signatures.len()];
+        let mut verified = Vec::new();
+        for (key_index, key) in keys.iter().enumerate() {
+            let hit = self
+                .signatures
+                .iter()
+                .enumerate()
+                .find(|(i, s)| !used[*i] && key.verify(&message, &s.sig));
+            if let Some((signature_index, s)) = hit {
+                used[signature_index] = true;
+                verified.push(Verified {
+                    key_index,
+                    signature_index,
+                    keyid: s.keyid.clone(),
+                });
+            }
+        }
+        if verified.len() < threshold {
+            return Err(VerifyError::ThresholdNotMet {
+                verified: verified.len(),
+                keys: keys.len(),
+                threshold,
+            });
+        }
+        Ok(verified)
+    }
+
+    /// The contract's `bundleSha256`: lowercase hex SHA-256 of JCS(envelope).
+    pub fn jcs_sha256(&self) -> Result<String, serde_json::Error> {
+        crate::jcs::sha256_hex(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pae_matches_the_spec_test_vector() {
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+        );
+        assert_eq!(pae("", b""), b"DSSEv1 0  0 ");
+    }
+
+    #[test]
+    fn envelope_json_uses_standard_base64_and_reads_url_safe() {
+        let env = Envelope {
+            payload: vec![0xfb, 0xff, 0xfe],
+            payload_type: "t".into(),
+            signatures: vec![Signature {
+                keyid: "k".into(),
+                sig: vec![0xff; 3],
+            }],
+        };
+        let json = serde_json::to_string(&env).unwrap();
+        assert_eq!(
+            json,
+            r#"{"payload":"+//+","payloadType":"t","signatures":[{"keyid":"k","sig":"////"}]}"#
+        );
+        let url = json.replace("+//+", "-__-").replace("////", "____");
+        assert_eq!(serde_json::from_str::<Envelope>(&url).unwrap(), env);
+    }
+}

@@ -1,0 +1,3 @@
+//! Key backends that implement the [`signer_actors::keys::KeySigner`] port.
+
+pub mod file;
