@@ -1,6 +1,7 @@
 //! stella-signer: the service package. CLI, configuration and the adapters that talk to
 //! the outside world; the domain lives in the `signer-actors` crate.
 
+pub mod bench;
 pub mod cli;
 pub mod keys;
 pub mod schemas;

@@ -116,8 +116,42 @@ impl Envelope {
     }
 
     /// The contract's `bundleSha256`: lowercase hex SHA-256 of JCS(envelope).
+    ///
+    /// An envelope has no numbers and its keys are sorted, so its canonical form is fixed
+    /// text around the base64 values and the JSON-escaped strings (escaped by serde_json,
+    /// exactly as RFC 8785 asks); it is hashed as it is written, never buffered. A test
+    /// holds this to `serde_jcs`'s bytes.
     pub fn jcs_sha256(&self) -> Result<String, serde_json::Error> {
-        crate::jcs::sha256_hex(self)
+        use std::io::Write as _;
+
+        use sha2::Digest as _;
+        fn b64_into(w: &mut crate::jcs::Sha256Writer, bytes: &[u8]) -> std::io::Result<()> {
+            let mut enc =
+                base64::write::EncoderWriter::new(w, &base64::engine::general_purpose::STANDARD);
+            enc.write_all(bytes)?;
+            enc.finish().map(|_| ())
+        }
+        let mut w = crate::jcs::Sha256Writer::default();
+        let io = serde_json::Error::io;
+        w.write_all(b"{\"payload\":\"").map_err(io)?;
+        b64_into(&mut w, &self.payload).map_err(io)?;
+        w.write_all(b"\",\"payloadType\":").map_err(io)?;
+        serde_json::to_writer(&mut w, &self.payload_type)?;
+        w.write_all(b",\"signatures\":[").map_err(io)?;
+        for (i, s) in self.signatures.iter().enumerate() {
+            w.write_all(if i == 0 {
+                b"{\"keyid\":"
+            } else {
+                b",{\"keyid\":"
+            })
+            .map_err(io)?;
+            serde_json::to_writer(&mut w, &s.keyid)?;
+            w.write_all(b",\"sig\":\"").map_err(io)?;
+            b64_into(&mut w, &s.sig).map_err(io)?;
+            w.write_all(b"\"}").map_err(io)?;
+        }
+        w.write_all(b"]}").map_err(io)?;
+        Ok(hex::encode(w.0.finalize()))
     }
 }
 
@@ -132,6 +166,33 @@ mod tests {
             b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
         );
         assert_eq!(pae("", b""), b"DSSEv1 0  0 ");
+    }
+
+    #[test]
+    fn envelope_hash_is_over_its_rfc8785_form() {
+        for payload_type in [
+            "application/vnd.in-toto+json",
+            "t\u{1}\"\\",
+            "\u{1f600}\u{e000}\u{2028}",
+        ] {
+            let env = Envelope {
+                payload: (0..=255).collect(),
+                payload_type: payload_type.into(),
+                signatures: vec![
+                    Signature {
+                        keyid: "k1".into(),
+                        sig: vec![1, 2, 3],
+                    },
+                    Signature {
+                        keyid: String::new(),
+                        sig: vec![],
+                    },
+                ],
+            };
+            use sha2::Digest as _;
+            let expected = hex::encode(sha2::Sha256::digest(serde_jcs::to_vec(&env).unwrap()));
+            assert_eq!(env.jcs_sha256().unwrap(), expected);
+        }
     }
 
     #[test]

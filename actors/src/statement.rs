@@ -13,28 +13,31 @@ pub const EXPORT_PREDICATE_TYPE: &str = "https://stella-ops.org/attestations/exp
 
 /// An in-toto Statement v1. Unknown top-level fields are refused rather than
 /// silently dropped, so what is signed is exactly what was sent.
+///
+/// Fields are declared in RFC 8785 order (sorted keys), so that plain serde_json output
+/// is canonical whenever [`crate::jcs::value_is_jcs_safe`] holds for the free-form parts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Statement {
     #[serde(rename = "_type")]
     pub type_: String,
-    pub subject: Vec<Subject>,
-    #[serde(rename = "predicateType")]
-    pub predicate_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicate: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(rename = "predicateType")]
+    pub predicate_type: String,
+    pub subject: Vec<Subject>,
 }
 
-/// A ResourceDescriptor as a Statement subject.
+/// A ResourceDescriptor as a Statement subject (fields in RFC 8785 order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subject {
-    pub name: String,
-    pub digest: DigestSet,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
+    pub digest: DigestSet,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
 }
 
 impl Statement {
@@ -68,8 +71,30 @@ impl Statement {
     }
 
     /// The RFC 8785 bytes that get signed: equal statements give equal payloads.
+    ///
+    /// Statements made only of strings, booleans, safe integers and BMP keys (nearly all)
+    /// take serde_json's output directly, which is then canonical (fields are declared in
+    /// sorted order); anything else goes through `serde_jcs`. A test holds both to the same bytes.
     pub fn canonical_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        crate::jcs::to_vec(self)
+        if self.serde_json_is_canonical() {
+            serde_json::to_vec(self)
+        } else {
+            crate::jcs::to_vec(self)
+        }
+    }
+
+    fn serde_json_is_canonical(&self) -> bool {
+        use crate::jcs::{key_is_jcs_safe, maps_are_sorted, value_is_jcs_safe};
+        let map_safe = |m: &serde_json::Map<String, serde_json::Value>| {
+            m.iter()
+                .all(|(k, v)| key_is_jcs_safe(k) && value_is_jcs_safe(v))
+        };
+        maps_are_sorted()
+            && self.predicate.as_ref().is_none_or(map_safe)
+            && self.subject.iter().all(|s| {
+                s.digest.keys().all(|k| key_is_jcs_safe(k))
+                    && s.annotations.as_ref().is_none_or(map_safe)
+            })
     }
 }
 
@@ -97,6 +122,80 @@ mod tests {
             bytes.contains("\"predicate\":{\"a\":[true],\"b\":1}"),
             "{bytes}"
         );
+    }
+
+    /// A small deterministic generator of awkward JSON: floats, big integers, control
+    /// characters, keys beyond the BMP and next to U+E000.
+    fn awkward_value(seed: &mut u64, depth: u32) -> serde_json::Value {
+        use serde_json::Value;
+        let mut next = || {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*seed >> 33) as usize
+        };
+        let keys = [
+            "a",
+            "b",
+            "Z",
+            "_x",
+            "\u{e000}",
+            "\u{1f600}",
+            "\u{ff}",
+            "aa",
+            "\t",
+            "\u{2028}",
+        ];
+        let strings = [
+            "",
+            "x",
+            "\u{0}\u{1f}\u{7f}",
+            "\"\\/",
+            "\u{1f600}\u{e000}",
+            "\u{2028}\u{2029}",
+        ];
+        match (next() % if depth == 0 { 5 } else { 7 }, next()) {
+            (0, _) => Value::Null,
+            (1, n) => Value::Bool(n % 2 == 0),
+            (2, n) => strings[n % strings.len()].into(),
+            (3, n) => [0i64, -1, 42, 1 << 53, -(1 << 53), (1 << 53) + 1, i64::MIN][n % 7].into(),
+            (4, n) => serde_json::json!([0.5, 1e21, 1e-7, -0.0, 123.456, 5e-324, 1.0][n % 7]),
+            (5, n) => Value::Array((0..n % 4).map(|_| awkward_value(seed, depth - 1)).collect()),
+            (_, n) => Value::Object(
+                (0..n % 5)
+                    .map(|i| {
+                        (
+                            keys[(n / 7 + i * 3) % keys.len()].to_string(),
+                            awkward_value(seed, depth - 1),
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_always_equal_serde_jcs() {
+        let mut seed = 7u64;
+        let mut fast = 0;
+        for _ in 0..3000 {
+            let mut st = statement();
+            let serde_json::Value::Object(p) = awkward_value(&mut seed, 3) else {
+                continue;
+            };
+            st.predicate = Some(p);
+            if st.serde_json_is_canonical() {
+                fast += 1;
+            }
+            let ours = st.canonical_bytes().unwrap();
+            assert_eq!(
+                ours,
+                serde_jcs::to_vec(&st).unwrap(),
+                "{}",
+                String::from_utf8_lossy(&ours)
+            );
+        }
+        assert!(fast > 100, "the fast path was taken only {fast} times");
     }
 
     #[test]

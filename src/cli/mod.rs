@@ -2,7 +2,7 @@
 
 mod keys;
 mod schema;
-mod sign_local;
+pub mod sign_local;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +50,22 @@ enum Command {
     /// Validate messages against the contract's JSON Schemas.
     #[command(subcommand)]
     Schema(schema::SchemaCommand),
+    /// Benchmarks (figures beside raw ceilings measured in the same run).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// sign-local throughput per algorithm beside the raw signature operation.
+    SignLocal {
+        /// Signatures per round.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: usize,
+        /// Size of the statement in its canonical form.
+        #[arg(long, default_value_t = 1024)]
+        statement_bytes: usize,
+    },
 }
 
 impl Cli {
@@ -59,6 +75,16 @@ impl Cli {
             Command::SignLocal(args) => args.run(),
             Command::Verify(args) => args.run(),
             Command::Schema(cmd) => cmd.run(),
+            Command::Bench(BenchCommand::SignLocal {
+                iterations,
+                statement_bytes,
+            }) => {
+                let report = crate::bench::sign_local::run(iterations, statement_bytes)?;
+                let path = crate::bench::write_report("sign-local", report)
+                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
+                println!("report: {}", path.display());
+                Ok(())
+            }
         }
     }
 }
