@@ -73,7 +73,8 @@ fn every_key_type_alone_and_together_verifies_with_the_peers() {
     let dir = tempfile::tempdir().unwrap();
     let (ec_key, ec_pub, ec_id) = generate_key(dir.path(), "ecdsa-p256", "ec");
     let (ed_key, ed_pub, ed_id) = generate_key(dir.path(), "ed25519", "ed");
-    let cases: [(&str, Vec<(&Path, &Path, &str)>); 3] = [
+    type Key<'a> = (&'a Path, &'a Path, &'a str);
+    let cases: [(&str, Vec<Key>); 3] = [
         ("ec", vec![(&ec_key, &ec_pub, &ec_id)]),
         ("ed", vec![(&ed_key, &ed_pub, &ed_id)]),
         (
