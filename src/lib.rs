@@ -3,5 +3,12 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod http;
+pub mod jetstream;
 pub mod keys;
+pub mod redis;
 pub mod schemas;
+pub mod serve;
+pub mod telemetry;

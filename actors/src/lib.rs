@@ -14,6 +14,8 @@ pub mod error;
 pub mod jcs;
 pub mod keys;
 pub mod messages;
+pub mod pipeline;
+pub mod ports;
 pub mod request;
 pub mod signing;
 pub mod statement;

@@ -1,9 +1,14 @@
 //! The command line. Exit codes: 0 ok, 1 invalid or denied, 2 unusable input.
 
+mod audit;
 mod keys;
+pub mod nats_client;
 mod schema;
+mod serve;
 pub mod sign_local;
+pub mod submit;
 mod verify;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +55,15 @@ enum Command {
     /// Validate messages against the contract's JSON Schemas.
     #[command(subcommand)]
     Schema(schema::SchemaCommand),
+    /// Run the signing worker.
+    Serve(serve::ServeArgs),
+    /// Publish a signing job (as a scanner or pipeline does).
+    Submit(submit::SubmitArgs),
+    /// Follow results as Attestor or Export Center would.
+    Watch(watch::WatchArgs),
+    /// The audit stream.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Benchmarks (figures beside raw ceilings measured in the same run).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -75,6 +89,10 @@ impl Cli {
             Command::SignLocal(args) => args.run(),
             Command::Verify(args) => args.run(),
             Command::Schema(cmd) => cmd.run(),
+            Command::Serve(args) => args.run(),
+            Command::Submit(args) => args.run(),
+            Command::Watch(args) => args.run(),
+            Command::Audit(cmd) => cmd.run(),
             Command::Bench(BenchCommand::SignLocal {
                 iterations,
                 statement_bytes,

@@ -1,3 +1,4 @@
 //! Key backends that implement the [`signer_actors::keys::KeySigner`] port.
 
+pub mod factory;
 pub mod file;

@@ -1,0 +1,766 @@
+//! One job, from the delivered message to its single result:
+//! decode -> idempotency lease -> entitlement -> quota -> provenance -> sign (every key of
+//! the profile) -> audit event stored -> result stored -> idempotency record -> ack.
+//! Retryable failures NAK with backoff until the last delivery, which publishes them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::gates::{EntitlementMsg, ProvenanceMsg, QuotaMsg};
+use super::keyring::KeyMsg;
+use super::publisher::PublisherMsg;
+use super::{CallError, Shared, audit_writer::AuditMsg, call_actor};
+use crate::audit::{
+    AuditEvent, AuthRecord, AuthState, Caller, Decision, KeyRecord, PoeRecord, PoeState,
+    ProvenanceRecord, ProvenanceVerdict, QuotaOutcome, QuotaRecord,
+};
+use crate::codec::ContentType;
+use crate::error::{ErrorCode, SignerError};
+use crate::messages::{
+    AuditRef, Completed, EntitlementPoe, ErrorBody, Failed, GateState, Gates, ResultKind,
+    SignerEntry, SubjectEntry,
+};
+use crate::ports::{
+    Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, ProvenanceGrant,
+    QuotaGrant,
+};
+use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
+
+/// Tenant recorded when a message names none we can trust.
+pub const UNKNOWN_TENANT: &str = "_unknown";
+
+/// How a delivery is settled.
+enum Settle {
+    Ack,
+    Nak(Duration),
+}
+
+/// Who a result is about.
+struct Ids {
+    request_id: String,
+    tenant: String,
+    kind: ResultKind,
+    content_type: ContentType,
+    traceparent: Option<String>,
+}
+
+/// What the gates found, for the audit event and the result.
+#[derive(Default)]
+struct Findings {
+    caller: Option<Caller>,
+    auth: Option<AuthState>,
+    poe: Option<PoeState>,
+    plan: Option<String>,
+    quota: Option<QuotaOutcome>,
+    quota_retry_after_ms: Option<u64>,
+    provenance: Option<ProvenanceVerdict>,
+    scanner_digest: Option<String>,
+    subjects: Vec<crate::digest::DigestSet>,
+}
+
+/// Runs one job and settles its message.
+pub(crate) async fn run(shared: &Arc<Shared>, delivery: Box<dyn Delivery>) {
+    let started = Instant::now();
+    if delivery.delivered() > 1 {
+        metrics::counter!("signer_redeliveries_total").increment(1);
+    }
+    let settle = process(shared, delivery.as_ref()).await;
+    let settled = match settle {
+        Settle::Ack => delivery.ack().await,
+        Settle::Nak(delay) => delivery.nak(delay).await,
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, seq = delivery.stream_sequence(), "settling the message failed; it will be redelivered");
+    }
+    metrics::histogram!("signer_job_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
+fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && id != "0".repeat(32))
+    .then(|| id.to_string())
+}
+
+/// The tenant named by a `sign.requests.<tenant>` subject.
+fn subject_tenant(subject: &str) -> Option<&str> {
+    let (rest, last) = subject.rsplit_once('.')?;
+    rest.ends_with("sign.requests").then_some(last)
+}
+
+fn backoff(shared: &Shared, delivered: u64, error: &SignerError) -> Duration {
+    if let Some(ms) = error.retry_after_ms() {
+        return Duration::from_millis(ms.max(1));
+    }
+    let exp = delivered.saturating_sub(1).min(16) as u32;
+    shared
+        .cfg
+        .backoff_base
+        .saturating_mul(1 << exp)
+        .min(shared.cfg.backoff_max)
+}
+
+fn decision_of(code: ErrorCode) -> Decision {
+    use ErrorCode::*;
+    match code {
+        AuthInvalid | AuthExpired | AudienceMismatch | ScopeMissing | TenantMismatch
+        | DpopInvalid | DpopReplayed | PoeInvalid | PoeExpired | EntitlementDenied
+        | QuotaExceeded | ProvenanceUntrusted | KeyRevoked => Decision::Denied,
+        _ => Decision::Failed,
+    }
+}
+
+fn call_failed(e: CallError) -> SignerError {
+    SignerError::Internal(e.to_string())
+}
+
+async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
+    let traceparent = d.header("traceparent").map(str::to_owned);
+    let content_type = ContentType::from_header(d.header("Content-Type"));
+    let subject_tenant = subject_tenant(d.subject()).map(str::to_owned);
+    let fallback_ids = |content_type| Ids {
+        request_id: d
+            .header("Nats-Msg-Id")
+            .filter(|id| is_valid_request_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("seq-{}", d.stream_sequence())),
+        tenant: subject_tenant
+            .clone()
+            .filter(|t| is_valid_tenant(t))
+            .unwrap_or_else(|| UNKNOWN_TENANT.into()),
+        kind: ResultKind::Unknown,
+        content_type,
+        traceparent: traceparent.clone(),
+    };
+
+    let content_type = match content_type {
+        Ok(ct) => ct,
+        Err(e) => {
+            return finish_failed(
+                shared,
+                d,
+                fallback_ids(ContentType::Json),
+                None,
+                e,
+                Findings::default(),
+            )
+            .await;
+        }
+    };
+    if d.body().len() > shared.cfg.max_body_bytes {
+        let e = SignerError::PayloadTooLarge(format!(
+            "body is {} bytes, the limit is {}",
+            d.body().len(),
+            shared.cfg.max_body_bytes
+        ));
+        return finish_failed(
+            shared,
+            d,
+            fallback_ids(content_type),
+            None,
+            e,
+            Findings::default(),
+        )
+        .await;
+    }
+    let request: SignRequest = match content_type.decode::<SignRequest>(d.body()) {
+        Ok(r) => r,
+        Err(_) => {
+            // Not a v1 body; say unsupported_api_version when it names another version.
+            let e = match crate::codec::decode_request(d.body(), content_type) {
+                Err(e) => e,
+                Ok(_) => SignerError::InvalidRequest("body does not decode".into()),
+            };
+            return finish_failed(
+                shared,
+                d,
+                fallback_ids(content_type),
+                None,
+                e,
+                Findings::default(),
+            )
+            .await;
+        }
+    };
+    let ids = Ids {
+        request_id: if is_valid_request_id(&request.request_id) {
+            request.request_id.clone()
+        } else {
+            fallback_ids(content_type).request_id
+        },
+        tenant: if is_valid_tenant(&request.tenant) {
+            request.tenant.clone()
+        } else {
+            fallback_ids(content_type).tenant
+        },
+        kind: request.kind.into(),
+        content_type,
+        traceparent: traceparent.clone(),
+    };
+    let span = tracing::info_span!("job", request_id = %ids.request_id, tenant = %ids.tenant,
+        traceparent = traceparent.as_deref().unwrap_or(""), delivered = d.delivered());
+    let _enter = span.enter();
+    drop(_enter);
+
+    let mut findings = Findings {
+        scanner_digest: Some(request.scanner.image_digest.clone()),
+        ..Findings::default()
+    };
+    let prepared = match request.validate().and_then(|_| request.prepare_payload()) {
+        Ok(p) => p,
+        Err(e) => return finish_failed(shared, d, ids, None, e, findings).await,
+    };
+    findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+    if let Some(t) = &subject_tenant
+        && *t != request.tenant
+    {
+        let e = SignerError::TenantMismatch(format!(
+            "subject names tenant {t:?}, body names {:?}",
+            request.tenant
+        ));
+        return finish_failed(shared, d, ids, None, e, findings).await;
+    }
+    let Some(key_names) = shared.cfg.profiles.get(request.profile()).cloned() else {
+        let e =
+            SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()));
+        return finish_failed(shared, d, ids, None, e, findings).await;
+    };
+
+    let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
+    let claimed = match shared
+        .ports
+        .idempotency
+        .claim(&idem_key, &shared.cfg.worker_id, shared.cfg.lease)
+        .await
+    {
+        Ok(Claim::Acquired) => Ok(()),
+        Ok(Claim::Done { result_sequence }) => {
+            return answer_duplicate(shared, &ids, result_sequence).await;
+        }
+        Ok(Claim::Busy { retry_after }) => return Settle::Nak(retry_after),
+        Err(e) => Err(SignerError::Internal(format!(
+            "idempotency store unavailable: {e}"
+        ))),
+    };
+
+    let request = Arc::new(request);
+    let outcome = match claimed {
+        Ok(()) => {
+            gate_and_sign(
+                shared,
+                &request,
+                &subject_tenant,
+                &prepared,
+                &key_names,
+                &mut findings,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    let settle = match outcome {
+        Ok((signed, verdict)) => {
+            finish_signed(
+                shared, d, &ids, &idem_key, &request, signed, verdict, findings,
+            )
+            .await
+        }
+        Err(e) => {
+            if e.code().retryable() && d.delivered() < shared.cfg.max_deliver {
+                tracing::info!(code = %e.code(), error = %e, "retryable failure; NAK with backoff");
+                metrics::counter!("signer_retries_total", "code" => e.code().as_str()).increment(1);
+                Settle::Nak(backoff(shared, d.delivered(), &e))
+            } else {
+                finish_failed(shared, d, ids, Some(&idem_key), e, findings).await
+            }
+        }
+    };
+    if let Settle::Nak(_) = settle
+        && let Err(e) = shared
+            .ports
+            .idempotency
+            .release(&idem_key, &shared.cfg.worker_id)
+            .await
+    {
+        tracing::warn!(error = %e, "releasing the idempotency lease failed; it expires by itself");
+    }
+    settle
+}
+
+/// The gates, then one signature per key of the profile.
+async fn gate_and_sign(
+    shared: &Arc<Shared>,
+    request: &Arc<SignRequest>,
+    subject_tenant: &Option<String>,
+    prepared: &PreparedPayload,
+    key_names: &[String],
+    findings: &mut Findings,
+) -> Result<(crate::signing::SignedEnvelope, EntitlementVerdict), SignerError> {
+    let timeout = shared.cfg.call_timeout;
+    let input = GateInput {
+        request: request.clone(),
+        subject_tenant: subject_tenant.clone(),
+        payload_bytes: prepared.bytes.len(),
+    };
+    let entitlement = shared.read_refs().entitlement.clone();
+    let verdict = call_actor(entitlement, "entitlement", timeout, |r| {
+        EntitlementMsg::Verify(input, r)
+    })
+    .await
+    .map_err(call_failed)?;
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(GateDenial {
+            error,
+            caller,
+            auth,
+            poe,
+            plan,
+        }) => {
+            findings.caller = caller;
+            findings.auth = auth;
+            findings.poe = poe;
+            findings.plan = plan;
+            return Err(error);
+        }
+    };
+    findings.caller.clone_from(&verdict.caller);
+    findings.auth = Some(verdict.auth);
+    findings.poe = Some(verdict.poe);
+    findings.plan = Some(verdict.plan.clone());
+
+    let quota = shared.read_refs().quota.clone();
+    let (tenant, plan, bytes) = (
+        request.tenant.clone(),
+        verdict.plan.clone(),
+        prepared.bytes.len(),
+    );
+    let grant = call_actor(quota.clone(), "quota", timeout, |reply| QuotaMsg::Acquire {
+        tenant,
+        plan,
+        payload_bytes: bytes,
+        reply,
+    })
+    .await
+    .map_err(call_failed)?;
+    let grant = match grant {
+        Ok(g) => g,
+        Err(e) => {
+            findings.quota = Some(match e.code() {
+                ErrorCode::QuotaExceeded => QuotaOutcome::Exceeded,
+                ErrorCode::PayloadTooLarge => QuotaOutcome::Exceeded,
+                _ => QuotaOutcome::Unavailable,
+            });
+            findings.quota_retry_after_ms = e.retry_after_ms();
+            return Err(e);
+        }
+    };
+    findings.quota = Some(match grant {
+        QuotaGrant::Allowed => QuotaOutcome::Allowed,
+        QuotaGrant::Disabled => QuotaOutcome::Disabled,
+        QuotaGrant::FailOpen => QuotaOutcome::FailOpen,
+    });
+    let release = |quota: Option<ractor::ActorRef<QuotaMsg>>| {
+        if let Some(q) = quota {
+            let _ = q.cast(QuotaMsg::Release {
+                tenant: request.tenant.clone(),
+                plan: verdict.plan.clone(),
+            });
+        }
+    };
+
+    let signed = async {
+        let provenance = shared.read_refs().provenance.clone();
+        let (repository, image_digest) = (
+            request.scanner.repository.clone(),
+            request.scanner.image_digest.clone(),
+        );
+        let grant = call_actor(provenance, "provenance", timeout, |reply| {
+            ProvenanceMsg::Verify {
+                repository,
+                image_digest,
+                reply,
+            }
+        })
+        .await
+        .map_err(call_failed)?;
+        findings.provenance = Some(match &grant {
+            Ok(ProvenanceGrant::Trusted) => ProvenanceVerdict::Trusted,
+            Ok(ProvenanceGrant::Allowlisted) => ProvenanceVerdict::Allowlisted,
+            Ok(ProvenanceGrant::Disabled) => ProvenanceVerdict::Disabled,
+            Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => ProvenanceVerdict::Untrusted,
+            Err(_) => ProvenanceVerdict::Unavailable,
+        });
+        grant?;
+        sign(shared, prepared, key_names).await
+    }
+    .await;
+    release(quota);
+    Ok((signed?, verdict))
+}
+
+/// Asks every key actor of the profile to sign the PAE, concurrently, in profile order.
+async fn sign(
+    shared: &Arc<Shared>,
+    prepared: &PreparedPayload,
+    key_names: &[String],
+) -> Result<crate::signing::SignedEnvelope, SignerError> {
+    let pae: Arc<[u8]> = crate::dsse::pae(&prepared.payload_type, &prepared.bytes).into();
+    let actors: Vec<_> = {
+        let refs = shared.read_refs();
+        key_names
+            .iter()
+            .map(|n| (n.as_str(), refs.keys.get(n).cloned()))
+            .collect()
+    };
+    let calls = actors.into_iter().map(|(name, actor)| {
+        let pae = pae.clone();
+        async move {
+            let actor = actor
+                .ok_or_else(|| SignerError::KeyUnavailable(format!("key {name} is not loaded")))?;
+            call_actor(Some(actor), "key", shared.cfg.call_timeout, |r| {
+                KeyMsg::Sign(pae, r)
+            })
+            .await
+            .map_err(|e| SignerError::KeyUnavailable(format!("key {name}: {e}")))?
+            .map_err(SignerError::from)
+        }
+    });
+    let signatures = futures::future::try_join_all(calls).await?;
+    crate::signing::assemble(
+        prepared.payload_type.clone(),
+        prepared.bytes.clone(),
+        signatures,
+    )
+    .map_err(|e| SignerError::Internal(format!("assembling the envelope: {e}")))
+}
+
+fn gate_state(auth: AuthState) -> GateState {
+    match auth {
+        AuthState::Disabled => GateState::Disabled,
+        _ => GateState::Passed,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish_signed(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: &Ids,
+    idem_key: &str,
+    request: &SignRequest,
+    signed: crate::signing::SignedEnvelope,
+    verdict: EntitlementVerdict,
+    findings: Findings,
+) -> Settle {
+    let keys: Vec<KeyRecord> = signed
+        .signers
+        .iter()
+        .map(|s| KeyRecord {
+            keyid: s.keyid.clone(),
+            source: s.source,
+            mode: s.mode,
+        })
+        .collect();
+    let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
+    let audit_seq = match append_audit(shared, event).await {
+        Ok(seq) => seq,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    let poe = match verdict.poe {
+        PoeState::Bypassed => EntitlementPoe::Bypassed,
+        PoeState::Disabled => EntitlementPoe::Disabled,
+        _ => EntitlementPoe::Valid,
+    };
+    let completed = Completed {
+        api_version: crate::API_VERSION.into(),
+        request_id: ids.request_id.clone(),
+        tenant: ids.tenant.clone(),
+        kind: ids.kind,
+        subjects: request
+            .prepare_payload()
+            .map(|p| p.subjects.iter().map(SubjectEntry::from).collect())
+            .unwrap_or_default(),
+        envelope: signed.envelope,
+        bundles: signed.bundles,
+        bundle_sha256: signed.bundle_sha256,
+        signers: signed
+            .signers
+            .iter()
+            .map(|s| SignerEntry::from(s.as_ref()))
+            .collect(),
+        entitlement: crate::messages::Entitlement {
+            plan: verdict.plan.clone(),
+            poe,
+        },
+        gates: Some(Gates {
+            auth: Some(gate_state(verdict.auth)),
+            poe: Some(match poe {
+                EntitlementPoe::Valid => GateState::Passed,
+                EntitlementPoe::Disabled => GateState::Disabled,
+                EntitlementPoe::Bypassed => GateState::Bypassed,
+            }),
+            quota: findings.quota.map(|q| match q {
+                QuotaOutcome::Disabled => GateState::Disabled,
+                QuotaOutcome::FailOpen => GateState::Bypassed,
+                _ => GateState::Passed,
+            }),
+            provenance: findings.provenance.map(|p| match p {
+                ProvenanceVerdict::Disabled => GateState::Disabled,
+                ProvenanceVerdict::Allowlisted => GateState::Allowlisted,
+                _ => GateState::Passed,
+            }),
+        }),
+        audit: AuditRef {
+            stream: shared.cfg.audit_stream.clone(),
+            seq: audit_seq,
+        },
+    };
+    let subject = shared.cfg.completed_subject.clone();
+    publish_result(
+        shared,
+        d,
+        ids,
+        Some(idem_key),
+        subject,
+        &completed,
+        "completed",
+        None,
+    )
+    .await
+}
+
+impl Findings {
+    /// The audit-relevant parts (the struct itself is consumed by the event).
+    fn clone_parts(&self) -> Findings {
+        Findings {
+            caller: self.caller.clone(),
+            auth: self.auth,
+            poe: self.poe,
+            plan: self.plan.clone(),
+            quota: self.quota,
+            quota_retry_after_ms: self.quota_retry_after_ms,
+            provenance: self.provenance,
+            scanner_digest: self.scanner_digest.clone(),
+            subjects: self.subjects.clone(),
+        }
+    }
+}
+
+async fn finish_failed(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: Ids,
+    idem_key: Option<&str>,
+    error: SignerError,
+    findings: Findings,
+) -> Settle {
+    tracing::info!(request_id = %ids.request_id, tenant = %ids.tenant, code = %error.code(), error = %error, "job refused");
+    let event = audit_event(
+        &ids,
+        decision_of(error.code()),
+        Some(error.code()),
+        findings,
+        Vec::new(),
+    );
+    let audit_seq = match append_audit(shared, event).await {
+        Ok(seq) => seq,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    let failed = Failed {
+        api_version: crate::API_VERSION.into(),
+        request_id: ids.request_id.clone(),
+        tenant: ids.tenant.clone(),
+        kind: ids.kind,
+        error: ErrorBody::from(&error),
+        audit: AuditRef {
+            stream: shared.cfg.audit_stream.clone(),
+            seq: audit_seq,
+        },
+    };
+    let subject = shared.cfg.failed_subject.clone();
+    publish_result(
+        shared,
+        d,
+        &ids,
+        idem_key,
+        subject,
+        &failed,
+        "failed",
+        Some(error.code()),
+    )
+    .await
+}
+
+fn retry_later(shared: &Shared, d: &dyn Delivery, e: SignerError) -> Settle {
+    tracing::warn!(error = %e, "could not store the outcome; the job will be redelivered");
+    Settle::Nak(backoff(shared, d.delivered(), &e))
+}
+
+fn audit_event(
+    ids: &Ids,
+    decision: Decision,
+    code: Option<ErrorCode>,
+    f: Findings,
+    keys: Vec<KeyRecord>,
+) -> AuditEvent {
+    let not_checked = decision != Decision::Signed;
+    AuditEvent {
+        version: 1,
+        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        worker: String::new(),
+        writer_seq: 0,
+        request_id: ids.request_id.clone(),
+        tenant: ids.tenant.clone(),
+        kind: ids.kind,
+        caller: f.caller,
+        subjects: f.subjects,
+        auth: Some(AuthRecord {
+            state: f.auth.unwrap_or(AuthState::NotChecked),
+        }),
+        poe: Some(PoeRecord {
+            state: f.poe.unwrap_or(PoeState::NotChecked),
+            plan: f.plan,
+        }),
+        quota: Some(QuotaRecord {
+            outcome: f.quota.unwrap_or(QuotaOutcome::NotChecked),
+            retry_after_ms: f.quota_retry_after_ms,
+        }),
+        provenance: Some(ProvenanceRecord {
+            verdict: f.provenance.unwrap_or(if not_checked {
+                ProvenanceVerdict::NotChecked
+            } else {
+                ProvenanceVerdict::Disabled
+            }),
+            scanner_digest: f.scanner_digest,
+        }),
+        keys,
+        decision,
+        error_code: code,
+        trace_id: ids.traceparent.as_deref().and_then(trace_id),
+        prev_hash: String::new(),
+        hash: String::new(),
+    }
+}
+
+async fn append_audit(shared: &Arc<Shared>, event: AuditEvent) -> Result<u64, SignerError> {
+    let audit = shared.read_refs().audit.clone();
+    call_actor(audit, "audit_writer", shared.cfg.call_timeout, |r| {
+        AuditMsg::Append(Box::new(event), r)
+    })
+    .await
+    .map_err(call_failed)?
+    .map_err(|e| SignerError::Internal(format!("audit: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_result<T: serde::Serialize>(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: &Ids,
+    idem_key: Option<&str>,
+    subject: String,
+    body: &T,
+    outcome: &'static str,
+    code: Option<ErrorCode>,
+) -> Settle {
+    let body = match ids.content_type.encode(body) {
+        Ok(b) => b,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    let mut headers = vec![
+        (
+            "Nats-Msg-Id".to_string(),
+            format!("{}/{}", ids.tenant, ids.request_id),
+        ),
+        (
+            "Content-Type".to_string(),
+            ids.content_type.as_str().to_string(),
+        ),
+        ("Signer-Tenant".to_string(), ids.tenant.clone()),
+        ("Signer-Request-Id".to_string(), ids.request_id.clone()),
+        ("Signer-Kind".to_string(), ids.kind.as_str().to_string()),
+    ];
+    if let Some(tp) = &ids.traceparent {
+        headers.push(("traceparent".to_string(), tp.clone()));
+    }
+    let message = OutMessage {
+        subject,
+        headers,
+        body,
+    };
+    let publisher = shared.read_refs().publisher.clone();
+    let stored = call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
+        PublisherMsg::Publish(message, r)
+    })
+    .await
+    .map_err(call_failed)
+    .and_then(|r| r.map_err(|e| SignerError::Internal(format!("publishing the result: {e}"))));
+    let stored = match stored {
+        Ok(s) => s,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    if let Some(key) = idem_key
+        && let Err(e) = shared
+            .ports
+            .idempotency
+            .complete(key, stored.stream_sequence)
+            .await
+    {
+        // The result is out; a later duplicate within the stream's window is still dropped.
+        tracing::warn!(error = %e, "recording the idempotency result failed");
+    }
+    metrics::counter!("signer_jobs_total", "outcome" => outcome, "code" => code.map_or("", ErrorCode::as_str))
+        .increment(1);
+    if code == Some(ErrorCode::QuotaExceeded) {
+        metrics::counter!("signer_quota_exceeded_total").increment(1);
+    }
+    tracing::debug!(request_id = %ids.request_id, outcome, seq = stored.stream_sequence, duplicate = stored.duplicate, "result stored");
+    Settle::Ack
+}
+
+/// A request that was already answered: publish its original result again (a no-op within
+/// the results stream's duplicate window) and acknowledge, without signing anything.
+async fn answer_duplicate(shared: &Arc<Shared>, ids: &Ids, result_sequence: u64) -> Settle {
+    metrics::counter!("signer_jobs_total", "outcome" => "duplicate", "code" => "").increment(1);
+    let publisher = shared.read_refs().publisher.clone();
+    let republished = call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
+        PublisherMsg::Republish(result_sequence, r)
+    })
+    .await;
+    match republished {
+        Ok(Ok(Some(_))) => Settle::Ack,
+        Ok(Ok(None)) => {
+            tracing::warn!(request_id = %ids.request_id, result_sequence, "duplicate request; its original result has left the results stream");
+            Settle::Ack
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "republishing the original result failed; retrying");
+            Settle::Nak(shared.cfg.backoff_base)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "republishing the original result failed; retrying");
+            Settle::Nak(shared.cfg.backoff_base)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_tenant_and_trace_id_parsing() {
+        assert_eq!(subject_tenant("sign.requests.acme"), Some("acme"));
+        assert_eq!(subject_tenant("t1.sign.requests.acme"), Some("acme"));
+        assert_eq!(subject_tenant("sign.requests"), None);
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id("garbage"), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! The ports the pipeline drives. `stella-signer` implements them against NATS JetStream,
+//! Redis and the key backends; tests implement them in memory.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::SignerError;
+use crate::keys::{KeyError, KeySigner};
+
+/// A failure talking to the outside world. Always transient from the pipeline's point of
+/// view: the job is NAKed and retried, never lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PortError(pub String);
+
+/// One message taken from the request stream, with the means to settle it.
+#[async_trait]
+pub trait Delivery: Send + Sync {
+    /// The subject it was published on (`sign.requests` or `sign.requests.<tenant>`).
+    fn subject(&self) -> &str;
+    /// A header value, if present.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The body bytes.
+    fn body(&self) -> &[u8];
+    /// Its sequence in the request stream.
+    fn stream_sequence(&self) -> u64;
+    /// How many times it has been delivered (1 the first time).
+    fn delivered(&self) -> u64;
+    /// Acknowledges: the job is finished and must not come back.
+    async fn ack(&self) -> Result<(), PortError>;
+    /// Negative acknowledgement: redeliver after `delay`.
+    async fn nak(&self, delay: Duration) -> Result<(), PortError>;
+}
+
+/// Where jobs come from (a durable pull consumer).
+#[async_trait]
+pub trait JobSource: Send {
+    /// The next message; `None` when the source is closed.
+    async fn next(&mut self) -> Option<Result<Box<dyn Delivery>, PortError>>;
+}
+
+/// Opens a [`JobSource`]; called again when the Intake actor is restarted.
+#[async_trait]
+pub trait JobSourceFactory: Send + Sync {
+    async fn open(&self) -> Result<Box<dyn JobSource>, PortError>;
+}
+
+/// A message to publish to a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMessage {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl OutMessage {
+    /// A header value, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where a published message was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub stream_sequence: u64,
+    /// The stream already had a message with the same `Nats-Msg-Id` (this one was dropped).
+    pub duplicate: bool,
+}
+
+/// Resolves when the stream has stored (or refused) a sent message.
+pub type AckFuture = Pin<Box<dyn Future<Output = Result<Stored, PortError>> + Send>>;
+
+/// Publishes to JetStream streams.
+#[async_trait]
+pub trait MessagePublisher: Send + Sync {
+    /// Sends a message. Returns once it is on its way, in call order; the returned future
+    /// resolves with the stream's acknowledgement.
+    async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError>;
+    /// Fetches a stored message of the results stream by sequence (to answer a duplicate
+    /// request with its original result); `None` when it is no longer there.
+    async fn fetch_result(&self, stream_sequence: u64) -> Result<Option<OutMessage>, PortError>;
+}
+
+/// What the idempotency record of a request says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No one has it: this worker now holds the lease.
+    Acquired,
+    /// Finished before; the result is at this sequence of the results stream.
+    Done { result_sequence: u64 },
+    /// Another worker holds a live lease: try again later.
+    Busy { retry_after: Duration },
+}
+
+/// The per tenant+requestId record that keeps a republished request from being signed twice.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Takes a lease on `key` for `lease`, unless it is done or leased by someone else.
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError>;
+    /// Records that `key` is finished, with the sequence of its result.
+    async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError>;
+    /// Gives a lease back (the job will be retried).
+    async fn release(&self, key: &str, owner: &str) -> Result<(), PortError>;
+}
+
+/// Builds the signing backend of a configured key; called again when its actor restarts.
+#[async_trait]
+pub trait KeyFactory: Send + Sync {
+    /// The configured key names.
+    fn names(&self) -> Vec<String>;
+    /// Loads (or reconnects) the key `name`.
+    async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError>;
+}
+
+/// A gate's view of a job.
+#[derive(Debug, Clone)]
+pub struct GateInput {
+    pub request: Arc<crate::request::SignRequest>,
+    /// The tenant named by the subject (`sign.requests.<tenant>`), if any.
+    pub subject_tenant: Option<String>,
+    /// The size of the payload to sign.
+    pub payload_bytes: usize,
+}
+
+/// What the entitlement gate (OpTok, DPoP, PoE) established.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntitlementVerdict {
+    pub caller: Option<crate::audit::Caller>,
+    pub auth: crate::audit::AuthState,
+    pub poe: crate::audit::PoeState,
+    pub plan: String,
+}
+
+/// Why a gate refused: the contract error plus what to record in the audit event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateDenial {
+    pub error: SignerError,
+    pub caller: Option<crate::audit::Caller>,
+    pub auth: Option<crate::audit::AuthState>,
+    pub poe: Option<crate::audit::PoeState>,
+    pub plan: Option<String>,
+}
+
+impl From<SignerError> for GateDenial {
+    fn from(error: SignerError) -> Self {
+        GateDenial {
+            error,
+            caller: None,
+            auth: None,
+            poe: None,
+            plan: None,
+        }
+    }
+}
+
+/// OpTok + DPoP + Proof-of-Entitlement.
+#[async_trait]
+pub trait EntitlementVerifier: Send + Sync {
+    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial>;
+}
+
+/// What the quota gate decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaGrant {
+    Allowed,
+    Disabled,
+    FailOpen,
+}
+
+/// Plan quotas. `release` ends a concurrency slot taken by `acquire`.
+#[async_trait]
+pub trait QuotaStore: Send + Sync {
+    async fn acquire(
+        &self,
+        tenant: &str,
+        plan: &str,
+        payload_bytes: usize,
+    ) -> Result<QuotaGrant, SignerError>;
+    async fn release(&self, tenant: &str, plan: &str);
+}
+
+/// How the scanner release was found trustworthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvenanceGrant {
+    Trusted,
+    Allowlisted,
+    Disabled,
+}
+
+/// Scanner release provenance.
+#[async_trait]
+pub trait ReleaseVerifier: Send + Sync {
+    async fn verify(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Result<ProvenanceGrant, SignerError>;
+}

@@ -1,0 +1,121 @@
+//! What the NATS-facing commands (submit, watch, audit) share: where NATS is and which
+//! streams and subjects to use, from `--config`, `--dev-state` or the defaults.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::CliError;
+use crate::config::{Config, NatsConfig};
+
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// The service's configuration file (its [nats] section is used).
+    #[arg(long, env = "SIGNER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A `serve --dev` state directory (uses its signer.toml).
+    #[arg(long)]
+    pub dev_state: Option<PathBuf>,
+    /// NATS URL (overrides the configuration).
+    #[arg(long)]
+    pub nats: Option<String>,
+}
+
+impl NatsArgs {
+    /// The [nats] section in effect.
+    pub fn nats_config(&self) -> Result<NatsConfig, CliError> {
+        let path = self
+            .config
+            .clone()
+            .or_else(|| self.dev_state.as_ref().map(|d| d.join("signer.toml")));
+        let mut nats = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p)
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?;
+                let cfg: Config = toml::from_str(&text)
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?;
+                cfg.nats
+            }
+            None => NatsConfig::default(),
+        };
+        if let Some(url) = &self.nats {
+            nats.url.clone_from(url);
+        }
+        Ok(nats)
+    }
+
+    /// Connected client and JetStream context.
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            NatsConfig,
+            async_nats::Client,
+            async_nats::jetstream::Context,
+        ),
+        CliError,
+    > {
+        let cfg = self.nats_config()?;
+        let client = crate::jetstream::connect(&cfg, "stella-signer cli")
+            .await
+            .map_err(|e| CliError::Unusable(e.to_string()))?;
+        let js = async_nats::jetstream::new(client.clone());
+        Ok((cfg, client, js))
+    }
+}
+
+/// A tokio runtime for one command.
+pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Unusable(format!("tokio runtime: {e}")))
+}
+
+/// A result message as JSON, whatever its encoding.
+pub fn result_json(content_type: Option<&str>, body: &[u8]) -> Result<serde_json::Value, CliError> {
+    let ct = signer_actors::codec::ContentType::from_header(content_type)
+        .map_err(|e| CliError::Unusable(e.to_string()))?;
+    ct.decode(body)
+        .map_err(|e| CliError::Unusable(e.to_string()))
+}
+
+/// One line describing a result.
+pub fn summary(subject: &str, value: &serde_json::Value) -> String {
+    let s = |p: &str| {
+        value
+            .pointer(p)
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    if subject.ends_with("sign.completed") {
+        let keyids: Vec<String> = value["signers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        s["keyid"].as_str().unwrap_or("?")
+                            [..12.min(s["keyid"].as_str().unwrap_or("?").len())]
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "completed {}/{} keys={} bundleSha256={}",
+            s("/tenant"),
+            s("/requestId"),
+            keyids.join(","),
+            s("/bundleSha256")
+        )
+    } else {
+        format!(
+            "failed {}/{} {}: {}",
+            s("/tenant"),
+            s("/requestId"),
+            s("/error/code"),
+            s("/error/message")
+        )
+    }
+}

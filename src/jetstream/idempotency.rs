@@ -1,0 +1,157 @@
+//! Idempotency records in a JetStream key-value bucket (when no Redis is configured).
+//!
+//! Value: `lease <owner> <expiry unix ms>` while a replica works on the request, then
+//! `done <result sequence>`. Compare-and-set on the entry revision makes a take-over of an
+//! expired lease safe between replicas. The bucket's max age is the record TTL.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use sha2::{Digest as _, Sha256};
+use signer_actors::ports::{Claim, IdempotencyStore, PortError};
+
+use super::NatsError;
+
+pub struct KvIdempotency {
+    store: kv::Store,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// KV keys allow few characters; requestIds allow `:`. Hash to a fixed, safe key.
+fn kv_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn port(e: impl std::fmt::Display) -> PortError {
+    PortError(format!("idempotency bucket: {e}"))
+}
+
+enum Record {
+    Lease { owner: String, until_ms: u64 },
+    Done { seq: u64 },
+}
+
+fn parse(value: &[u8]) -> Option<Record> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut parts = text.split(' ');
+    match parts.next()? {
+        "lease" => Some(Record::Lease {
+            owner: parts.next()?.to_string(),
+            until_ms: parts.next()?.parse().ok()?,
+        }),
+        "done" => Some(Record::Done {
+            seq: parts.next()?.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
+impl KvIdempotency {
+    /// Opens (or creates) the bucket. The backing stream is created directly with the
+    /// key-value layout (`KV_<bucket>`, `$KV.<bucket>.>`), because the client's bucket
+    /// creation first queries account info in a form NATS 2.9 does not answer.
+    pub async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<Self, NatsError> {
+        let err = |e: String| NatsError::Bucket {
+            bucket: bucket.to_string(),
+            reason: e,
+        };
+        if let Ok(store) = js.get_key_value(bucket).await {
+            return Ok(KvIdempotency { store });
+        }
+        let config = jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            duplicate_window: ttl.min(Duration::from_secs(120)),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        if let Err(e) = js.create_stream(config).await {
+            tracing::debug!(error = %e, bucket, "creating the idempotency bucket failed; maybe another replica did");
+        }
+        let store = js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(KvIdempotency { store })
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for KvIdempotency {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError> {
+        let key = kv_key(key);
+        let lease_value = || format!("lease {owner} {}", now_ms() + lease.as_millis() as u64);
+        match self.store.create(&key, lease_value().into()).await {
+            Ok(_) => return Ok(Claim::Acquired),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(port(e)),
+        }
+        let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
+            return Ok(Claim::Busy {
+                retry_after: Duration::from_millis(50),
+            });
+        };
+        let take_over = match (entry.operation, parse(&entry.value)) {
+            (kv::Operation::Put, Some(Record::Done { seq })) => {
+                return Ok(Claim::Done {
+                    result_sequence: seq,
+                });
+            }
+            (kv::Operation::Put, Some(Record::Lease { owner: o, until_ms }))
+                if o != owner && until_ms > now_ms() =>
+            {
+                return Ok(Claim::Busy {
+                    retry_after: Duration::from_millis(until_ms - now_ms()),
+                });
+            }
+            _ => true,
+        };
+        debug_assert!(take_over);
+        match self
+            .store
+            .update(&key, lease_value().into(), entry.revision)
+            .await
+        {
+            Ok(_) => Ok(Claim::Acquired),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Claim::Busy {
+                retry_after: Duration::from_millis(100),
+            }),
+            Err(e) => Err(port(e)),
+        }
+    }
+
+    async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {
+        self.store
+            .put(kv_key(key), format!("done {result_sequence}").into())
+            .await
+            .map(|_| ())
+            .map_err(port)
+    }
+
+    async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
+        let key = kv_key(key);
+        if let Some(entry) = self.store.entry(&key).await.map_err(port)?
+            && matches!(parse(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner)
+        {
+            self.store.delete(&key).await.map_err(port)?;
+        }
+        Ok(())
+    }
+}

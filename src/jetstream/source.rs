@@ -1,0 +1,99 @@
+//! The job source: the durable pull consumer shared by every replica.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use signer_actors::ports::{Delivery, JobSource, JobSourceFactory, PortError};
+
+/// Opens pull streams on the durable consumer. `batch` bounds how many messages one
+/// replica holds before it has capacity for them.
+pub struct PullSourceFactory {
+    pub consumer: PullConsumer,
+    pub batch: usize,
+}
+
+#[async_trait]
+impl JobSourceFactory for PullSourceFactory {
+    async fn open(&self) -> Result<Box<dyn JobSource>, PortError> {
+        let messages = self
+            .consumer
+            .stream()
+            .max_messages_per_batch(self.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| PortError(format!("opening the pull stream: {e}")))?;
+        Ok(Box::new(PullSource { messages }))
+    }
+}
+
+struct PullSource {
+    messages: jetstream::consumer::pull::Stream,
+}
+
+#[async_trait]
+impl JobSource for PullSource {
+    async fn next(&mut self) -> Option<Result<Box<dyn Delivery>, PortError>> {
+        let next = self.messages.next().await?;
+        Some(match next {
+            Ok(message) => {
+                let (seq, delivered) = message
+                    .info()
+                    .map(|i| (i.stream_sequence, u64::try_from(i.delivered).unwrap_or(1)))
+                    .unwrap_or((0, 1));
+                Ok(Box::new(JsDelivery {
+                    message,
+                    seq,
+                    delivered,
+                }) as Box<dyn Delivery>)
+            }
+            Err(e) => Err(PortError(e.to_string())),
+        })
+    }
+}
+
+struct JsDelivery {
+    message: jetstream::Message,
+    seq: u64,
+    delivered: u64,
+}
+
+#[async_trait]
+impl Delivery for JsDelivery {
+    fn subject(&self) -> &str {
+        self.message.subject.as_str()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.message.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.message.payload
+    }
+
+    fn stream_sequence(&self) -> u64 {
+        self.seq
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    async fn ack(&self) -> Result<(), PortError> {
+        self.message
+            .ack()
+            .await
+            .map_err(|e| PortError(e.to_string()))
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<(), PortError> {
+        self.message
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| PortError(e.to_string()))
+    }
+}

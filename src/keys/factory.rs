@@ -1,0 +1,46 @@
+//! The configured keys, loaded on demand by the Keyring (and again when a key actor restarts).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use signer_actors::keys::{KeyError, KeySigner};
+use signer_actors::ports::KeyFactory;
+
+use crate::config::{KeyConfig, KeySourceConfig};
+use crate::keys::file::FileKey;
+
+pub struct ConfiguredKeys {
+    keys: Vec<KeyConfig>,
+}
+
+impl ConfiguredKeys {
+    pub fn new(keys: Vec<KeyConfig>) -> Self {
+        ConfiguredKeys { keys }
+    }
+}
+
+#[async_trait]
+impl KeyFactory for ConfiguredKeys {
+    fn names(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.name.clone()).collect()
+    }
+
+    async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError> {
+        let cfg = self
+            .keys
+            .iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| KeyError::Unavailable(format!("no key named {name}")))?;
+        match cfg.source {
+            KeySourceConfig::File => {
+                let path = cfg
+                    .path
+                    .as_ref()
+                    .ok_or_else(|| KeyError::Unavailable(format!("key {name} has no path")))?;
+                let key =
+                    FileKey::load(path, name).map_err(|e| KeyError::Unavailable(e.to_string()))?;
+                Ok(Arc::new(key))
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `stella-signer serve`: connects, provisions, starts the supervision tree and the
+//! operations endpoint, and drains on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use signer_actors::pipeline::{Pipeline, PipelineConfig, PipelineStatus, Ports};
+use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
+
+use crate::config::{Config, GateMode, IdempotencyBackend};
+use crate::jetstream::{
+    self, idempotency::KvIdempotency, provision, publisher::JsPublisher, source::PullSourceFactory,
+};
+use crate::keys::factory::ConfiguredKeys;
+
+/// Why the service stopped or did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Nats(#[from] jetstream::NatsError),
+    #[error("{0}")]
+    Setup(String),
+    #[error(
+        "gate {0}: mode \"enforce\" is not available in this build; set [gates.{0}] mode = \"disabled\" to run without it"
+    )]
+    GateUnavailable(&'static str),
+}
+
+/// `<hostname>-<pid>-<random>`: unique per process, readable in logs.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "signer".into());
+    let mut rnd = [0u8; 3];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
+    format!("{host}-{}-{}", std::process::id(), hex::encode(rnd))
+}
+
+struct Health {
+    status: PipelineStatus,
+    client: async_nats::Client,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl crate::http::Health for Health {
+    fn ready(&self) -> Result<(), String> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("NATS not connected".into());
+        }
+        self.status.ready()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+}
+
+fn gates(
+    cfg: &Config,
+) -> Result<
+    (
+        Arc<dyn EntitlementVerifier>,
+        Arc<dyn QuotaStore>,
+        Arc<dyn ReleaseVerifier>,
+    ),
+    ServeError,
+> {
+    use signer_actors::pipeline::disabled::{
+        DisabledEntitlement, DisabledProvenance, DisabledQuota,
+    };
+    let warn = |gate: &str| {
+        tracing::warn!(
+            gate,
+            "GATE DISABLED: every job passes this gate unchecked; results and audit events record \"disabled\""
+        );
+    };
+    let entitlement: Arc<dyn EntitlementVerifier> = match cfg.gates.entitlement.mode {
+        GateMode::Disabled => {
+            warn("entitlement");
+            Arc::new(DisabledEntitlement)
+        }
+        GateMode::Enforce => return Err(ServeError::GateUnavailable("entitlement")),
+    };
+    let quota: Arc<dyn QuotaStore> = match cfg.gates.quota.mode {
+        GateMode::Disabled => {
+            warn("quota");
+            Arc::new(DisabledQuota)
+        }
+        GateMode::Enforce => return Err(ServeError::GateUnavailable("quota")),
+    };
+    let provenance: Arc<dyn ReleaseVerifier> = match cfg.gates.provenance.mode {
+        GateMode::Disabled => {
+            warn("provenance");
+            Arc::new(DisabledProvenance)
+        }
+        GateMode::Enforce => return Err(ServeError::GateUnavailable("provenance")),
+    };
+    Ok((entitlement, quota, provenance))
+}
+
+/// The pipeline's configuration from the service's.
+pub fn pipeline_config(cfg: &Config, worker_id: String, max_deliver: u64) -> PipelineConfig {
+    let mut p = PipelineConfig::new(worker_id, cfg.profile_map());
+    p.completed_subject = cfg.nats.subject("sign.completed");
+    p.failed_subject = cfg.nats.subject("sign.failed");
+    p.audit_subject_prefix = cfg.nats.subject("signer.audit");
+    p.audit_stream.clone_from(&cfg.nats.audit_stream);
+    p.max_inflight = cfg.worker.max_inflight;
+    p.max_body_bytes = cfg.worker.max_body_bytes;
+    p.max_deliver = max_deliver;
+    p.backoff_base = cfg.worker.backoff_base;
+    p.backoff_max = cfg.worker.backoff_max;
+    p.lease = cfg
+        .nats
+        .ack_wait
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_secs(1));
+    p.audit_batch_max = cfg.worker.audit_batch_max;
+    p.audit_flush_interval = cfg.worker.audit_flush_interval;
+    p
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub async fn run(cfg: Config) -> Result<(), ServeError> {
+    let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
+    let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
+    let (entitlement, quota, provenance) = gates(&cfg)?;
+    let client = jetstream::connect(&cfg.nats, &format!("stella-signer {worker_id}")).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let provisioned = provision::provision(&js, &cfg.nats).await?;
+    let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
+        IdempotencyBackend::Redis => {
+            let redis = cfg
+                .redis
+                .as_ref()
+                .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;
+            let pool = crate::redis::pool(redis).map_err(ServeError::Setup)?;
+            Arc::new(crate::redis::idempotency::RedisIdempotency::new(
+                pool,
+                cfg.idempotency.redis_prefix.clone(),
+                cfg.idempotency.ttl,
+            ))
+        }
+        IdempotencyBackend::Jetstream => {
+            Arc::new(KvIdempotency::open(&js, &cfg.idempotency.bucket, cfg.idempotency.ttl).await?)
+        }
+    };
+    let ports = Ports {
+        source: Arc::new(PullSourceFactory {
+            consumer: provisioned.consumer,
+            batch: cfg.worker.max_inflight.min(512),
+        }),
+        publisher: Arc::new(JsPublisher {
+            js: js.clone(),
+            results: provisioned.results,
+        }),
+        idempotency,
+        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone())),
+        entitlement,
+        quota,
+        provenance,
+    };
+    let pcfg = pipeline_config(&cfg, worker_id.clone(), provisioned.max_deliver);
+    let pipeline = Pipeline::start(pcfg, ports)
+        .await
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+            .await
+            .map_err(|e| ServeError::Setup(format!("http.listen {}: {e}", cfg.http.listen)))?;
+        let health = Arc::new(Health {
+            status: pipeline.status(),
+            client: client.clone(),
+            metrics,
+        });
+        Some(tokio::spawn(crate::http::serve(listener, health)))
+    };
+    tracing::info!(worker = %worker_id, requests = %cfg.nats.requests_stream, consumer = %cfg.nats.consumer,
+        http = %cfg.http.listen, max_inflight = cfg.worker.max_inflight, "stella-signer serving");
+
+    wait_for_signal().await;
+    tracing::info!(
+        timeout_s = cfg.worker.drain_timeout.as_secs(),
+        "draining in-flight jobs"
+    );
+    let left = pipeline.shutdown(cfg.worker.drain_timeout).await;
+    if let Some(h) = http {
+        h.abort();
+    }
+    let _ = client.flush().await;
+    if left > 0 {
+        tracing::warn!(left, "drain timed out; unfinished jobs will be redelivered");
+    } else {
+        tracing::info!("drained; bye");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
