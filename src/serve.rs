@@ -97,7 +97,11 @@ fn gates(
         }
         GateMode::Enforce => return Err(ServeError::GateUnavailable("provenance")),
     };
-    Ok((entitlement, quota, provenance))
+    Ok(GatePorts {
+        entitlement,
+        quota,
+        provenance,
+    })
 }
 
 /// The pipeline's configuration from the service's.
@@ -126,7 +130,11 @@ pub fn pipeline_config(cfg: &Config, worker_id: String, max_deliver: u64) -> Pip
 pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
-    let (entitlement, quota, provenance) = gates(&cfg)?;
+    let GatePorts {
+        entitlement,
+        quota,
+        provenance,
+    } = gates(&cfg)?;
     let client = jetstream::connect(&cfg.nats, &format!("stella-signer {worker_id}")).await?;
     let js = async_nats::jetstream::new(client.clone());
     let provisioned = provision::provision(&js, &cfg.nats).await?;
