@@ -57,16 +57,14 @@ impl crate::http::Health for Health {
     }
 }
 
-fn gates(
-    cfg: &Config,
-) -> Result<
-    (
-        Arc<dyn EntitlementVerifier>,
-        Arc<dyn QuotaStore>,
-        Arc<dyn ReleaseVerifier>,
-    ),
-    ServeError,
-> {
+/// The three gate ports.
+struct GatePorts {
+    entitlement: Arc<dyn EntitlementVerifier>,
+    quota: Arc<dyn QuotaStore>,
+    provenance: Arc<dyn ReleaseVerifier>,
+}
+
+fn gates(cfg: &Config) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
     };
