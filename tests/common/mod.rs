@@ -2,6 +2,8 @@
 //! conformance peers of `../shared/conformance` (installed by `scripts/bootstrap.sh`).
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

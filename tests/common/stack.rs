@@ -1,0 +1,373 @@
+//! A signer deployment for one test: its own streams, subjects, consumer, idempotency
+//! records and keys on the machine's NATS (and Redis), and `stella-signer serve` processes
+//! started like an operator would, so tests can run in parallel and kill replicas.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use signer_actors::keys::{KeyAlgorithm, PublicKey};
+use stella_signer::keys::file::FileKey;
+
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// One result message as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct ResultMsg {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub raw: Vec<u8>,
+}
+
+impl ResultMsg {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn completed(&self) -> bool {
+        self.subject.ends_with("sign.completed")
+    }
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub id: String,
+    pub prefix: String,
+    pub config: PathBuf,
+    pub public_keys: Vec<PublicKey>,
+    workers: Vec<Child>,
+}
+
+fn unique_id(tag: &str) -> String {
+    let mut rnd = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd).unwrap();
+    format!("{tag}{}{}", std::process::id(), hex::encode(rnd))
+}
+
+impl Stack {
+    /// A deployment with an ECDSA and an Ed25519 key (profiles `default` = ECDSA, `ed` =
+    /// Ed25519, `multi` = both) and gates disabled. `extra` is appended to the TOML.
+    pub fn new(tag: &str, extra: &str) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let id = unique_id(tag);
+        let prefix = format!("{id}.");
+        let upper = id.to_ascii_uppercase();
+        let ec = FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, dir.path(), "ec").unwrap();
+        let ed = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "ed").unwrap();
+        let public_keys = [&ec, &ed]
+            .iter()
+            .map(|g| PublicKey::from_pem(&std::fs::read_to_string(&g.public_key).unwrap()).unwrap())
+            .collect();
+        let config = dir.path().join("signer.toml");
+        let text = format!(
+            r#"
+[nats]
+url = "{NATS_URL}"
+subject_prefix = "{prefix}"
+requests_stream = "{upper}_REQ"
+results_stream = "{upper}_RES"
+audit_stream = "{upper}_AUD"
+consumer = "{id}"
+ack_wait = "5s"
+max_deliver = 3
+
+[worker]
+backoff_base = "100ms"
+backoff_max = "1s"
+drain_timeout = "20s"
+
+[idempotency]
+bucket = "{upper}_IDEM"
+redis_prefix = "{id}:idem:"
+
+[http]
+listen = ""
+
+[gates.entitlement]
+mode = "disabled"
+[gates.quota]
+mode = "disabled"
+[gates.provenance]
+mode = "disabled"
+
+[[keys]]
+name = "ec"
+source = "file"
+path = "{ec}"
+
+[[keys]]
+name = "ed"
+source = "file"
+path = "{ed}"
+
+[profiles.default]
+keys = ["ec"]
+[profiles.ed]
+keys = ["ed"]
+[profiles.multi]
+keys = ["ec", "ed"]
+{extra}
+"#,
+            ec = ec.private_key.display(),
+            ed = ed.private_key.display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        Stack {
+            dir,
+            id,
+            prefix,
+            config,
+            public_keys,
+            workers: Vec::new(),
+        }
+    }
+
+    /// Adds `line` at the start of the `[worker]` table (before any worker is started).
+    pub fn worker_setting(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replacen("[worker]\n", &format!("[worker]\n{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
+    pub fn subject(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    pub fn stream(&self, which: &str) -> String {
+        format!("{}_{which}", self.id.to_ascii_uppercase())
+    }
+
+    /// Starts a `serve` process; returns its index. Logs go to `worker-<n>.log`.
+    pub fn spawn_worker(&mut self) -> usize {
+        let n = self.workers.len();
+        let log = std::fs::File::create(self.dir.path().join(format!("worker-{n}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("SIGNER_WORKER__ID", format!("{}-w{n}", self.id))
+            .env("SIGNER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+        n
+    }
+
+    pub fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("worker-{n}.log"))).unwrap_or_default()
+    }
+
+    /// Sends a signal to worker `n` (`KILL`, `TERM`).
+    pub fn signal(&mut self, n: usize, signal: &str) {
+        let pid = self.workers[n].id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for worker `n` to exit; returns its exit code.
+    pub fn wait(&mut self, n: usize, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.workers[n].try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub async fn connect(&self) -> (async_nats::Client, jetstream::Context) {
+        let client = async_nats::connect(NATS_URL)
+            .await
+            .expect("NATS on 127.0.0.1:4222 (scripts/bootstrap.sh)");
+        let js = jetstream::new(client.clone());
+        (client, js)
+    }
+
+    /// Waits until the request stream exists (a worker provisioned it).
+    pub async fn wait_provisioned(&self, js: &jetstream::Context) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if js.get_stream(self.stream("RES")).await.is_ok()
+                && js.get_stream(self.stream("REQ")).await.is_ok()
+            {
+                if let Ok(s) = js.get_stream(self.stream("REQ")).await
+                    && s.get_consumer::<consumer::pull::Config>(&self.id)
+                        .await
+                        .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "worker did not provision the streams; log:\n{}",
+            self.log(0)
+        );
+    }
+
+    /// Publishes a request body with headers; returns once JetStream stored it.
+    pub async fn publish(
+        &self,
+        js: &jetstream::Context,
+        subject: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) {
+        let mut map = async_nats::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, *v);
+        }
+        js.publish_with_headers(self.subject(subject), map, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Reads results until `expected` distinct requestIds have one, then for `settle` more,
+    /// so that a duplicate would be seen too.
+    pub async fn results(
+        &self,
+        js: &jetstream::Context,
+        expected: usize,
+        timeout: Duration,
+        settle: Duration,
+    ) -> Vec<ResultMsg> {
+        let stream = js.get_stream(self.stream("RES")).await.unwrap();
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out: Vec<ResultMsg> = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        let deadline = Instant::now() + timeout;
+        let mut settle_until: Option<Instant> = None;
+        loop {
+            let until = settle_until.unwrap_or(deadline).min(deadline);
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(until - now, messages.next()).await else {
+                break;
+            };
+            let headers: Vec<(String, String)> = msg
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(k, vs)| {
+                            vs.iter()
+                                .map(move |v| (k.to_string(), v.as_str().to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ct = headers
+                .iter()
+                .find(|(k, _)| k == "Content-Type")
+                .map(|(_, v)| v.clone());
+            let codec = signer_actors::codec::ContentType::from_header(ct.as_deref()).unwrap();
+            let body: Value = codec.decode(&msg.payload).unwrap();
+            let r = ResultMsg {
+                subject: msg.subject.to_string(),
+                headers,
+                body,
+                raw: msg.payload.to_vec(),
+            };
+            ids.insert(r.header("Nats-Msg-Id").unwrap_or("").to_string());
+            out.push(r);
+            if ids.len() >= expected && settle_until.is_none() {
+                settle_until = Some(Instant::now() + settle);
+            }
+        }
+        out
+    }
+
+    /// Stops every worker and deletes the test's streams and bucket.
+    pub async fn cleanup(mut self, js: &jetstream::Context) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        for s in ["REQ", "RES", "AUD"] {
+            let _ = js.delete_stream(self.stream(s)).await;
+        }
+        let _ = js
+            .delete_stream(format!("KV_{}", self.stream("IDEM")))
+            .await;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+/// A v1 request for `tenant` signing the example statement (with the request id in it, so
+/// every payload differs).
+pub fn request(request_id: &str, tenant: &str, profile: Option<&str>) -> Value {
+    let mut statement: Value =
+        serde_json::from_slice(&std::fs::read(super::example_statement()).unwrap()).unwrap();
+    statement["predicate"]["requestId"] = request_id.into();
+    let mut r = json!({
+        "apiVersion": signer_actors::API_VERSION,
+        "requestId": request_id,
+        "tenant": tenant,
+        "kind": "dsse",
+        "auth": {"opTok": "test.token.unused"},
+        "poe": {"format": "jwt", "value": "test.poe.unused"},
+        "scanner": {"repository": "localhost/stella-ops/scanner", "imageDigest": format!("sha256:{}", "1".repeat(64))},
+        "statement": statement,
+    });
+    if let Some(p) = profile {
+        r["options"] = json!({"profile": p});
+    }
+    r
+}
+
+/// Verifies a completed result's envelope with the stack's keys (threshold: every signer).
+pub fn verify_completed(stack: &Stack, result: &ResultMsg) {
+    let env: signer_actors::dsse::Envelope =
+        serde_json::from_value(result.body["envelope"].clone()).unwrap();
+    let n = env.signatures.len();
+    env.verify(&stack.public_keys, n)
+        .unwrap_or_else(|e| panic!("{}: {e}", result.header("Nats-Msg-Id").unwrap_or("")));
+    assert_eq!(
+        env.jcs_sha256().unwrap(),
+        result.body["bundleSha256"].as_str().unwrap()
+    );
+}
+
+pub fn path_of(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
