@@ -208,15 +208,12 @@ keys = ["ec", "ed"]
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if js.get_stream(self.stream("RES")).await.is_ok()
-                && js.get_stream(self.stream("REQ")).await.is_ok()
+                && let Ok(s) = js.get_stream(self.stream("REQ")).await
+                && s.get_consumer::<consumer::pull::Config>(&self.id)
+                    .await
+                    .is_ok()
             {
-                if let Ok(s) = js.get_stream(self.stream("REQ")).await
-                    && s.get_consumer::<consumer::pull::Config>(&self.id)
-                        .await
-                        .is_ok()
-                {
-                    return;
-                }
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
