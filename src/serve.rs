@@ -38,18 +38,23 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), hex::encode(rnd))
 }
 
+/// Health of the process: live from the start, ready once NATS is connected, the streams
+/// are provisioned and the pipeline reports every key loaded.
 struct Health {
-    status: PipelineStatus,
-    client: async_nats::Client,
+    running: std::sync::OnceLock<(PipelineStatus, async_nats::Client)>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl crate::http::Health for Health {
     fn ready(&self) -> Result<(), String> {
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        let (status, client) = self
+            .running
+            .get()
+            .ok_or("starting: connecting to NATS and provisioning streams")?;
+        if client.connection_state() != async_nats::connection::State::Connected {
             return Err("NATS not connected".into());
         }
-        self.status.ready()
+        status.ready()
     }
 
     fn metrics(&self) -> String {
@@ -133,9 +138,33 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         quota,
         provenance,
     } = gates(&cfg)?;
+    let health = Arc::new(Health {
+        running: std::sync::OnceLock::new(),
+        metrics,
+    });
+    let http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+            .await
+            .map_err(|e| ServeError::Setup(format!("http.listen {}: {e}", cfg.http.listen)))?;
+        Some(tokio::spawn(crate::http::serve(listener, health.clone())))
+    };
     let client = jetstream::connect(&cfg.nats, &format!("stella-signer {worker_id}")).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let provisioned = provision::provision(&js, &cfg.nats).await?;
+    // Wait for NATS rather than exit: a replica may start before its broker.
+    let provisioned = loop {
+        match provision::provision(&js, &cfg.nats).await {
+            Ok(p) => break p,
+            Err(e) => {
+                tracing::warn!(error = %e, "NATS not usable yet; retrying in 2s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = wait_for_signal() => return Ok(()),
+                }
+            }
+        }
+    };
     let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
         IdempotencyBackend::Redis => {
             let redis = cfg
@@ -172,19 +201,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;
-    let http = if cfg.http.listen.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
-            .await
-            .map_err(|e| ServeError::Setup(format!("http.listen {}: {e}", cfg.http.listen)))?;
-        let health = Arc::new(Health {
-            status: pipeline.status(),
-            client: client.clone(),
-            metrics,
-        });
-        Some(tokio::spawn(crate::http::serve(listener, health)))
-    };
+    let _ = health.running.set((pipeline.status(), client.clone()));
     tracing::info!(worker = %worker_id, requests = %cfg.nats.requests_stream, consumer = %cfg.nats.consumer,
         http = %cfg.http.listen, max_inflight = cfg.worker.max_inflight, "stella-signer serving");
 

@@ -27,7 +27,11 @@ async fn killing_a_replica_midway_loses_and_duplicates_nothing() {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
         let body = serde_json::to_vec(&request(&id, "acme", profile)).unwrap();
-        acks.push(js.publish_with_headers(stack.subject("sign.requests.acme"), headers, body.into()).await.unwrap());
+        acks.push(
+            js.publish_with_headers(stack.subject("sign.requests.acme"), headers, body.into())
+                .await
+                .unwrap(),
+        );
     }
     for ack in acks {
         ack.await.unwrap();
@@ -41,32 +45,58 @@ async fn killing_a_replica_midway_loses_and_duplicates_nothing() {
         if done >= (n / 3) as u64 {
             break;
         }
-        assert!(Instant::now() < deadline, "workers too slow: {done} results\n{}", stack.log(1));
+        assert!(
+            Instant::now() < deadline,
+            "workers too slow: {done} results\n{}",
+            stack.log(1)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stack.signal(1, "KILL");
-    assert_eq!(stack.wait(1, Duration::from_secs(10)), Some(-1), "killed by signal");
+    assert_eq!(
+        stack.wait(1, Duration::from_secs(10)),
+        Some(-1),
+        "killed by signal"
+    );
 
-    let results = stack.results(&js, n, Duration::from_secs(180), Duration::from_secs(2)).await;
+    let results = stack
+        .results(&js, n, Duration::from_secs(180), Duration::from_secs(2))
+        .await;
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for r in &results {
-        *per_id.entry(r.header("Signer-Request-Id").unwrap().to_string()).or_default() += 1;
+        *per_id
+            .entry(r.header("Signer-Request-Id").unwrap().to_string())
+            .or_default() += 1;
         assert!(r.completed(), "{:#}", r.body);
         verify_completed(&stack, r);
     }
-    let missing: Vec<usize> = (0..n).filter(|i| !per_id.contains_key(&format!("job-{i}"))).collect();
-    assert!(missing.is_empty(), "lost {} jobs, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<usize> = (0..n)
+        .filter(|i| !per_id.contains_key(&format!("job-{i}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} jobs, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "answered twice: {twice:?}");
     assert_eq!(results.len(), n);
 
     // the surviving replicas did the rest, and the audit chains (one per writer) are intact
-    assert!(stack.log(0).contains("stella-signer serving") && stack.log(2).contains("stella-signer serving"));
+    assert!(
+        stack.log(0).contains("stella-signer serving")
+            && stack.log(2).contains("stella-signer serving")
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
         .args(["audit", "verify", "--config"])
         .arg(&stack.config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     stack.cleanup(&js).await;
 }

@@ -64,7 +64,15 @@ pub(crate) async fn run(shared: &Arc<Shared>, delivery: Box<dyn Delivery>) {
     if delivery.delivered() > 1 {
         metrics::counter!("signer_redeliveries_total").increment(1);
     }
-    let settle = process(shared, delivery.as_ref()).await;
+    let span = tracing::info_span!(
+        "job",
+        seq = delivery.stream_sequence(),
+        delivered = delivery.delivered(),
+        request_id = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        traceparent = delivery.header("traceparent").unwrap_or(""),
+    );
+    let settle = tracing::Instrument::instrument(process(shared, delivery.as_ref()), span).await;
     let settled = match settle {
         Settle::Ack => delivery.ack().await,
         Settle::Nak(delay) => delivery.nak(delay).await,
@@ -200,10 +208,9 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         content_type,
         traceparent: traceparent.clone(),
     };
-    let span = tracing::info_span!("job", request_id = %ids.request_id, tenant = %ids.tenant,
-        traceparent = traceparent.as_deref().unwrap_or(""), delivered = d.delivered());
-    let _enter = span.enter();
-    drop(_enter);
+    let span = tracing::Span::current();
+    span.record("request_id", ids.request_id.as_str());
+    span.record("tenant", ids.tenant.as_str());
 
     let mut findings = Findings {
         scanner_digest: Some(request.scanner.image_digest.clone()),
@@ -559,6 +566,7 @@ async fn finish_failed(
     findings: Findings,
 ) -> Settle {
     tracing::info!(request_id = %ids.request_id, tenant = %ids.tenant, code = %error.code(), error = %error, "job refused");
+    // (request_id and tenant are repeated: the span may not have them for undecodable input)
     let event = audit_event(
         &ids,
         decision_of(error.code()),
@@ -718,7 +726,12 @@ async fn publish_result<T: serde::Serialize>(
     if code == Some(ErrorCode::QuotaExceeded) {
         metrics::counter!("signer_quota_exceeded_total").increment(1);
     }
-    tracing::debug!(request_id = %ids.request_id, outcome, seq = stored.stream_sequence, duplicate = stored.duplicate, "result stored");
+    tracing::debug!(
+        outcome,
+        result_seq = stored.stream_sequence,
+        duplicate = stored.duplicate,
+        "result stored"
+    );
     Settle::Ack
 }
 

@@ -220,6 +220,9 @@ impl Pipeline {
             refs: RwLock::new(Refs::default()),
             running: std::sync::atomic::AtomicUsize::new(0),
         });
+        // Series that must exist before their first event, so dashboards and alerts see 0.
+        metrics::counter!("signer_redeliveries_total").absolute(0);
+        metrics::gauge!("signer_inflight").set(0.0);
         let (supervisor, handle) = ractor::Actor::spawn(None, SignerSupervisor, shared.clone())
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;

@@ -1,0 +1,131 @@
+//! What operators see: health, readiness, metrics and JSON logs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::stack::{Stack, request};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over plain TCP; returns (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+fn wait_status(port: u16, path: &str, want: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((status, body)) = get(port, path)
+            && status == want
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_before_ready_and_not_ready_without_nats() {
+    let mut stack = Stack::new("h", "");
+    let port = free_port();
+    let text = std::fs::read_to_string(&stack.config)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(
+            "url = \"nats://127.0.0.1:4222\"",
+            "url = \"nats://127.0.0.1:1\"",
+        );
+    std::fs::write(&stack.config, text).unwrap();
+    stack.spawn_worker();
+    assert_eq!(wait_status(port, "/healthz", 200), "ok\n");
+    let body = wait_status(port, "/readyz", 503);
+    assert!(body.contains("not ready"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_readiness_and_logs_describe_the_work() {
+    let mut stack = Stack::new("m", "");
+    let port = free_port();
+    let text = std::fs::read_to_string(&stack.config)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&stack.config, text).unwrap();
+    stack.spawn_worker();
+    assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
+    let (_c, js) = stack.connect().await;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    stack
+        .publish(
+            &js,
+            "sign.requests",
+            &[("Nats-Msg-Id", "m-1"), ("traceparent", tp)],
+            serde_json::to_vec(&request("m-1", "acme", Some("multi"))).unwrap(),
+        )
+        .await;
+    let mut refused = request("m-2", "acme", None);
+    refused["scanner"]["imageDigest"] = "sha256:nothex".into();
+    stack
+        .publish(
+            &js,
+            "sign.requests",
+            &[("Nats-Msg-Id", "m-2"), ("traceparent", tp)],
+            serde_json::to_vec(&refused).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        stack
+            .results(&js, 2, Duration::from_secs(20), Duration::ZERO)
+            .await
+            .len(),
+        2
+    );
+
+    let metrics = wait_status(port, "/metrics", 200);
+    for needle in [
+        "signer_jobs_total{outcome=\"completed\",code=\"\"} 1",
+        "signer_jobs_total{outcome=\"failed\",code=\"invalid_request\"} 1",
+        "signer_sign_duration_seconds_count{key=\"ec\",source=\"file\"} 1",
+        "signer_sign_duration_seconds_count{key=\"ed\",source=\"file\"} 1",
+        "signer_inflight 0",
+        "signer_redeliveries_total 0",
+        &format!(
+            "signer_key_usage_total{{keyid=\"{}\"}} 1",
+            stack.public_keys[0].keyid()
+        ),
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    }
+
+    // JSON logs carry the request id, tenant and traceparent of the job they are about
+    let log = stack.log(0);
+    let line = log
+        .lines()
+        .find(|l| l.contains("job refused"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["span"]["request_id"], "m-2");
+    assert_eq!(v["span"]["tenant"], "acme");
+    assert_eq!(v["span"]["traceparent"], tp);
+    assert_eq!(v["fields"]["code"], "invalid_request");
+    stack.cleanup(&js).await;
+}
