@@ -313,3 +313,6 @@ pub(crate) fn spawn_reply<T, F>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests;
