@@ -1,26 +1,116 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults, end to end (offline for now: sign-local on the example
-# statement with a fresh ECDSA and Ed25519 key, then both independent peers verify).
+# The main job end to end on embedded defaults: a worker (`serve --dev`) against the local
+# NATS, sample jobs published with `submit`, every result awaited, every envelope and bundle
+# checked by stella-signer verify and by the independent peers (securesystemslib,
+# sigstore-js), the audit chain walked, a summary table printed. Exit 0 only if all hold.
+#
+# It uses its own streams and subjects (DEMO_*, prefix "demo.") and port 9465, so it runs
+# beside a real signer on the same NATS without touching its jobs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+[ -d target/conformance/node/node_modules/@sigstore/verify ] || scripts/bootstrap.sh
 cargo build --release --quiet
 bin="$root/target/release/stella-signer"
 conf="$root/target/conformance"
+state="$root/target/demo-state"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 
-ec_id=$("$bin" keys generate --algorithm ecdsa-p256 --out "$work/keys" --name release-ec 2>/dev/null)
-ed_id=$("$bin" keys generate --algorithm ed25519 --out "$work/keys" --name release-ed 2>/dev/null)
-"$bin" sign-local --key "$work/keys/release-ec.key" --key "$work/keys/release-ed.key" \
-  --statement docs/examples/statement.json --out "$work/envelope.json" --bundles-out "$work/bundles"
+export SIGNER_NATS__SUBJECT_PREFIX="demo."
+export SIGNER_NATS__REQUESTS_STREAM="DEMO_SIGN_REQUESTS"
+export SIGNER_NATS__RESULTS_STREAM="DEMO_SIGN_RESULTS"
+export SIGNER_NATS__AUDIT_STREAM="DEMO_SIGNER_AUDIT"
+export SIGNER_NATS__CONSUMER="demo-signer"
+export SIGNER_IDEMPOTENCY__BUCKET="DEMO_SIGNER_IDEMPOTENCY"
+export SIGNER_HTTP__LISTEN="127.0.0.1:9465"
 
-echo "== stella-signer verify"
-"$bin" verify "$work/envelope.json" --key "$work/keys/release-ec.pub" --key "$work/keys/release-ed.pub"
-echo "== securesystemslib"
-"$conf/venv/bin/python" "$conf/verify_dsse.py" "$work/envelope.json" \
-  "$work/keys/release-ec.pub" "$work/keys/release-ed.pub" --intoto
-echo "== sigstore-js"
-node "$conf/node/verify_bundle.mjs" "$work/bundles/0-$ec_id.sigstore.json" "$work/keys/release-ec.pub" --hint "$ec_id" --intoto
-node "$conf/node/verify_bundle.mjs" "$work/bundles/1-$ed_id.sigstore.json" "$work/keys/release-ed.pub" --hint "$ed_id" --intoto
-echo "demo: OK"
+"$bin" serve --dev --state "$state" >"$work/serve.log" 2>&1 &
+pid=$!
+cleanup() {
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+  if curl -sf http://127.0.0.1:9465/readyz >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$pid" 2>/dev/null; then cat "$work/serve.log"; echo "demo: the worker did not start" >&2; exit 1; fi
+  sleep 0.2
+done
+curl -sf http://127.0.0.1:9465/readyz >/dev/null || { cat "$work/serve.log"; echo "demo: worker not ready" >&2; exit 1; }
+
+# name|statement|profile|encoding|expected outcome
+jobs=(
+  "scan-report|docs/examples/statement.json|default|json|completed"
+  "two-keys|docs/examples/statement.json|multi|json|completed"
+  "provenance-cbor|docs/examples/statement-provenance.json|multi|cbor|completed"
+  "bad-digest|docs/examples/statement-bad-digest.json|default|json|failed"
+)
+for job in "${jobs[@]}"; do
+  IFS='|' read -r name statement profile encoding _ <<<"$job"
+  flags=(--dev-state "$state" --statement "$statement" --tenant acme --profile "$profile" --wait --json --timeout 30s)
+  [ "$encoding" = cbor ] && flags+=(--cbor)
+  "$bin" submit "${flags[@]}" >"$work/$name.result.json" 2>"$work/$name.submit.log" || true
+done
+
+"$bin" audit verify --dev-state "$state" >"$work/audit.txt" 2>&1 || true
+
+python3 - "$bin" "$conf" "$state" "$work" "${jobs[@]}" <<'PY'
+import base64, hashlib, json, os, subprocess, sys
+bin_, conf, state, work, jobs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+
+def keyid(pem_path):
+    body = "".join(l for l in open(pem_path) if not l.startswith("-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()
+
+# pinned public keys: the dev state's .pub files, by keyid (never the PEM inside a result)
+pinned = {keyid(os.path.join(state, "keys", f)): os.path.join(state, "keys", f)
+          for f in os.listdir(os.path.join(state, "keys")) if f.endswith(".pub")}
+
+def run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return p.returncode == 0, (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+
+rows, ok_all = [], True
+for job in jobs:
+    name, statement, profile, encoding, expected = job.split("|")
+    try:
+        result = json.load(open(os.path.join(work, name + ".result.json")))
+    except Exception:
+        print(open(os.path.join(work, name + ".submit.log")).read())
+        rows.append((name, profile, encoding, "no result", "-", "-", "-", "-")); ok_all = False; continue
+    outcome = "completed" if "envelope" in result else "failed"
+    if outcome != expected:
+        ok_all = False
+    if outcome == "failed":
+        rows.append((name, profile, encoding, f"failed: {result['error']['code']}", "-", "-", "-",
+                     "expected" if expected == "failed" else "UNEXPECTED"))
+        continue
+    env_path = os.path.join(work, name + ".envelope.json")
+    json.dump(result["envelope"], open(env_path, "w"))
+    pubs = [pinned[s["keyid"]] for s in result["signers"]]
+    ours, _ = run([bin_, "verify", env_path] + sum([["--key", p] for p in pubs], []))
+    sslib, _ = run([os.path.join(conf, "venv/bin/python"), os.path.join(conf, "verify_dsse.py"), env_path, *pubs, "--intoto"])
+    sigjs = True
+    for i, (bundle, signer) in enumerate(zip(result["bundles"], result["signers"])):
+        bpath = os.path.join(work, f"{name}.bundle{i}.json")
+        json.dump(bundle, open(bpath, "w"))
+        good, _ = run(["node", os.path.join(conf, "node/verify_bundle.mjs"), bpath, pinned[signer["keyid"]],
+                       "--hint", signer["keyid"], "--intoto"])
+        sigjs &= good
+    yes = lambda b: "OK" if b else "FAIL"
+    ok_all &= ours and sslib and sigjs
+    rows.append((name, profile, encoding, "completed", str(len(result["envelope"]["signatures"])),
+                 yes(ours), yes(sslib), yes(sigjs)))
+
+head = ("job", "profile", "encoding", "outcome", "sigs", "stella verify", "securesystemslib", "sigstore-js")
+widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+for r in [head] + rows:
+    print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+audit = open(os.path.join(work, "audit.txt")).read().strip()
+print("audit:", audit)
+ok_all &= audit.startswith("OK")
+print("demo:", "OK" if ok_all else "FAILED")
+sys.exit(0 if ok_all else 1)
+PY

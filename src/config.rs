@@ -275,14 +275,22 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let cfg = Self::parse(text, env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text and applies overrides without validating (for the client
+    /// commands, which need only the [nats] section and never load keys).
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut doc: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         apply_env(&mut doc, env)?;
-        let cfg: Config = doc
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        doc.try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
     }
 
     /// Checks what serde cannot: URLs, key files, profiles, limits.

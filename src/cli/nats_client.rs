@@ -10,7 +10,8 @@ use crate::config::{Config, NatsConfig};
 
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
-    /// The service's configuration file (its [nats] section is used).
+    /// The service's configuration file (its [nats] section is used; SIGNER_NATS__*
+    /// environment overrides apply as for serve).
     #[arg(long, env = "SIGNER_CONFIG")]
     pub config: Option<PathBuf>,
     /// A `serve --dev` state directory (uses its signer.toml).
@@ -28,16 +29,16 @@ impl NatsArgs {
             .config
             .clone()
             .or_else(|| self.dev_state.as_ref().map(|d| d.join("signer.toml")));
-        let mut nats = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(&p)
-                    .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?;
-                let cfg: Config = toml::from_str(&text)
-                    .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?;
-                cfg.nats
-            }
-            None => NatsConfig::default(),
+        let text = match &path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?,
+            None => String::new(),
         };
+        let mut nats: NatsConfig = Config::parse(&text, std::env::vars())
+            .map_err(|e| {
+                CliError::Unusable(format!("{}: {e}", path.unwrap_or_default().display()))
+            })?
+            .nats;
         if let Some(url) = &self.nats {
             nats.url.clone_from(url);
         }
