@@ -119,6 +119,25 @@ fn exit_codes_separate_invalid_from_unusable() {
         .arg(&env);
     assert_eq!(run(cmd).0, 1);
 
+    // a threshold no key set can meet is a usage error, not a verdict
+    let mut cmd = signer();
+    cmd.args(["sign-local", "--key"])
+        .arg(&key)
+        .arg("--statement")
+        .arg(example_statement())
+        .arg("--out")
+        .arg(&env);
+    assert_eq!(run(cmd).0, 0);
+    for t in ["0", "2"] {
+        let mut cmd = signer();
+        cmd.arg("verify")
+            .arg(&env)
+            .arg("--key")
+            .arg(&public)
+            .args(["--threshold", t]);
+        assert_eq!(run(cmd).0, 2, "--threshold {t} with one key");
+    }
+
     // missing file: unusable
     let mut cmd = signer();
     cmd.arg("verify")

@@ -34,10 +34,28 @@ impl VerifyArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let doc: serde_json::Value = read_json(&self.file)?;
-        let line = if doc.get("dsseEnvelope").is_some() || doc.get("mediaType").is_some() {
+        let is_bundle = doc.get("dsseEnvelope").is_some() || doc.get("mediaType").is_some();
+        let threshold = self.threshold.unwrap_or(keys.len());
+        if is_bundle && self.threshold.is_some() {
+            return Err(CliError::Unusable(
+                "--threshold applies to envelopes; a bundle holds exactly one signature".into(),
+            ));
+        }
+        if !is_bundle && !(1..=keys.len()).contains(&threshold) {
+            return Err(CliError::Unusable(format!(
+                "--threshold {threshold} must be between 1 and the number of --key ({})",
+                keys.len()
+            )));
+        }
+        if is_bundle && doc.pointer("/verificationMaterial/certificate").is_some() {
+            return Err(CliError::Unusable(
+                "keyless (certificate) bundle: verify it against a Sigstore trust root, e.g. with sigstore-js (docs/verification.md)".into(),
+            ));
+        }
+        let line = if is_bundle {
             verify_bundle(doc, &keys)
         } else {
-            verify_envelope(doc, &keys, self.threshold.unwrap_or(keys.len()))
+            verify_envelope(doc, &keys, threshold)
         };
         match line {
             Ok(msg) => {
