@@ -27,7 +27,11 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-mod duration {
+pub mod gates;
+
+pub use gates::{EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate, QuotaGate};
+
+pub(crate) mod duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -199,38 +203,6 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:9464".into(),
         }
     }
-}
-
-/// A gate's mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GateMode {
-    /// The gate checks (default).
-    Enforce,
-    /// The gate lets every job through; logged at startup and recorded as `disabled`.
-    Disabled,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GateConfig {
-    pub mode: GateMode,
-}
-
-impl Default for GateConfig {
-    fn default() -> Self {
-        GateConfig {
-            mode: GateMode::Enforce,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatesConfig {
-    pub entitlement: GateConfig,
-    pub quota: GateConfig,
-    pub provenance: GateConfig,
 }
 
 /// Where a key lives.
