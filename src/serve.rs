@@ -108,7 +108,13 @@ fn gates(cfg: &Config) -> Result<GatePorts, ServeError> {
 }
 
 /// The pipeline's configuration from the service's.
-pub fn pipeline_config(cfg: &Config, worker_id: String, max_deliver: u64) -> PipelineConfig {
+/// `max_deliver` and `ack_wait` are the consumer's, as the server has them.
+pub fn pipeline_config(
+    cfg: &Config,
+    worker_id: String,
+    max_deliver: u64,
+    ack_wait: Duration,
+) -> PipelineConfig {
     let mut p = PipelineConfig::new(worker_id, cfg.profile_map());
     p.completed_subject = cfg.nats.subject("sign.completed");
     p.failed_subject = cfg.nats.subject("sign.failed");
@@ -119,9 +125,8 @@ pub fn pipeline_config(cfg: &Config, worker_id: String, max_deliver: u64) -> Pip
     p.max_deliver = max_deliver;
     p.backoff_base = cfg.worker.backoff_base;
     p.backoff_max = cfg.worker.backoff_max;
-    p.lease = cfg
-        .nats
-        .ack_wait
+    // A lease must end before JetStream redelivers, so the next worker can take over.
+    p.lease = ack_wait
         .saturating_sub(Duration::from_secs(1))
         .max(Duration::from_secs(1));
     p.audit_batch_max = cfg.worker.audit_batch_max;
@@ -131,6 +136,9 @@ pub fn pipeline_config(cfg: &Config, worker_id: String, max_deliver: u64) -> Pip
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), ServeError> {
+    // Listen for SIGTERM before anything else, so a stop request is never lost.
+    let mut stop =
+        StopSignal::new().map_err(|e| ServeError::Setup(format!("signal handler: {e}")))?;
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
     let GatePorts {
@@ -160,7 +168,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
                 tracing::warn!(error = %e, "NATS not usable yet; retrying in 2s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = wait_for_signal() => return Ok(()),
+                    _ = stop.recv() => return Ok(()),
                 }
             }
         }
@@ -197,7 +205,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         quota,
         provenance,
     };
-    let pcfg = pipeline_config(&cfg, worker_id.clone(), provisioned.max_deliver);
+    let pcfg = pipeline_config(
+        &cfg,
+        worker_id.clone(),
+        provisioned.max_deliver,
+        provisioned.ack_wait,
+    );
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;
@@ -205,7 +218,18 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     tracing::info!(worker = %worker_id, requests = %cfg.nats.requests_stream, consumer = %cfg.nats.consumer,
         http = %cfg.http.listen, max_inflight = cfg.worker.max_inflight, "stella-signer serving");
 
-    wait_for_signal().await;
+    let gave_up = tokio::select! {
+        _ = stop.recv() => false,
+        _ = pipeline.stopped() => true,
+    };
+    if gave_up {
+        if let Some(h) = http {
+            h.abort();
+        }
+        return Err(ServeError::Setup(
+            "the supervision tree stopped (too many actor restarts); exiting so the process is restarted".into(),
+        ));
+    }
     tracing::info!(
         timeout_s = cfg.worker.drain_timeout.as_secs(),
         "draining in-flight jobs"
@@ -223,17 +247,25 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM or SIGINT, registered once at startup.
+struct StopSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignal {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

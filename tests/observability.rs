@@ -100,20 +100,34 @@ async fn metrics_readiness_and_logs_describe_the_work() {
         2
     );
 
-    let metrics = wait_status(port, "/metrics", 200);
-    for needle in [
-        "signer_jobs_total{outcome=\"completed\",code=\"\"} 1",
-        "signer_jobs_total{outcome=\"failed\",code=\"invalid_request\"} 1",
-        "signer_sign_duration_seconds_count{key=\"ec\",source=\"file\"} 1",
-        "signer_sign_duration_seconds_count{key=\"ed\",source=\"file\"} 1",
-        "signer_inflight 0",
-        "signer_redeliveries_total 0",
-        &format!(
+    // the counters move just after the result is stored: poll until they show it
+    let needles = [
+        "signer_jobs_total{outcome=\"completed\",code=\"\"} 1".to_string(),
+        "signer_jobs_total{outcome=\"failed\",code=\"invalid_request\"} 1".to_string(),
+        "signer_sign_duration_seconds_count{key=\"ec\",source=\"file\"} 1".to_string(),
+        "signer_sign_duration_seconds_count{key=\"ed\",source=\"file\"} 1".to_string(),
+        "signer_inflight 0".to_string(),
+        "signer_redeliveries_total 0".to_string(),
+        format!(
             "signer_key_usage_total{{keyid=\"{}\"}} 1",
             stack.public_keys[0].keyid()
         ),
-    ] {
-        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = wait_status(port, "/metrics", 200);
+        let missing: Vec<&String> = needles
+            .iter()
+            .filter(|n| !metrics.contains(n.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {missing:?} in\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // JSON logs carry the request id, tenant and traceparent of the job they are about

@@ -34,6 +34,8 @@ pub trait Delivery: Send + Sync {
     async fn ack(&self) -> Result<(), PortError>;
     /// Negative acknowledgement: redeliver after `delay`.
     async fn nak(&self, delay: Duration) -> Result<(), PortError>;
+    /// Still working on it: restart the redelivery timer.
+    async fn in_progress(&self) -> Result<(), PortError>;
 }
 
 /// Where jobs come from (a durable pull consumer).

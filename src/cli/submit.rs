@@ -124,6 +124,11 @@ impl SubmitArgs {
             .map_err(|e| unusable(e.to_string()))?
             .await
             .map_err(|e| unusable(e.to_string()))?;
+        if ack.duplicate {
+            eprintln!(
+                "warning: JetStream already had a request with Nats-Msg-Id {request_id} (duplicate window); this publish was dropped"
+            );
+        }
         eprintln!(
             "submitted {}/{request_id} (stream seq {})",
             self.tenant, ack.sequence

@@ -130,7 +130,12 @@ pub struct QuotaGate {
 
 impl Default for QuotaGate {
     fn default() -> Self {
-        QuotaGate { mode: GateMode::Enforce, fail_open: false, redis_prefix: "signer:quota:".into(), plans: BTreeMap::new() }
+        QuotaGate {
+            mode: GateMode::Enforce,
+            fail_open: false,
+            redis_prefix: "signer:quota:".into(),
+            plans: BTreeMap::new(),
+        }
     }
 }
 

@@ -29,7 +29,9 @@ pub enum ConfigError {
 
 pub mod gates;
 
-pub use gates::{EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate, QuotaGate};
+pub use gates::{
+    EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate, QuotaGate,
+};
 
 pub(crate) mod duration {
     use serde::{Deserialize, Deserializer, Serializer};

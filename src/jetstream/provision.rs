@@ -13,9 +13,10 @@ use crate::config::NatsConfig;
 pub struct Provisioned {
     pub results: stream::Stream,
     pub consumer: consumer::PullConsumer,
-    /// The consumer's max deliveries as the server has it (it may differ from config
-    /// when the consumer existed before).
+    /// The consumer's max deliveries and ack wait as the server has them (they may differ
+    /// from config when the consumer existed before).
     pub max_deliver: u64,
+    pub ack_wait: Duration,
 }
 
 fn stream_error(name: &str) -> impl Fn(String) -> NatsError + '_ {
@@ -123,9 +124,11 @@ pub async fn provision(
         n if n > 0 => n as u64,
         _ => u64::MAX,
     };
+    let ack_wait = info.config.ack_wait;
     Ok(Provisioned {
         results,
         consumer,
         max_deliver,
+        ack_wait,
     })
 }

@@ -90,6 +90,13 @@ impl Delivery for JsDelivery {
             .map_err(|e| PortError(e.to_string()))
     }
 
+    async fn in_progress(&self) -> Result<(), PortError> {
+        self.message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| PortError(e.to_string()))
+    }
+
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))

@@ -473,9 +473,9 @@ async fn finish_signed(
         })
         .collect();
     let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
-    let audit_seq = match append_audit(shared, event).await {
+    let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
-        Err(e) => return retry_later(shared, d, e),
+        Err(settle) => return settle,
     };
     let poe = match verdict.poe {
         PoeState::Bypassed => EntitlementPoe::Bypassed,
@@ -574,9 +574,9 @@ async fn finish_failed(
         findings,
         Vec::new(),
     );
-    let audit_seq = match append_audit(shared, event).await {
+    let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
-        Err(e) => return retry_later(shared, d, e),
+        Err(settle) => return settle,
     };
     let failed = Failed {
         api_version: crate::API_VERSION.into(),
@@ -601,6 +601,34 @@ async fn finish_failed(
         Some(error.code()),
     )
     .await
+}
+
+/// Stores part of an outcome (the audit event, the result). Before the last delivery a
+/// failure NAKs the job (it comes back with backoff). On the last delivery nothing would
+/// bring it back, so the job keeps trying in process, telling JetStream it is still in
+/// progress, until the store answers: a job never ends without its result.
+async fn persist<T, F, Fut>(shared: &Shared, d: &dyn Delivery, mut attempt: F) -> Result<T, Settle>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SignerError>>,
+{
+    let mut delay = shared.cfg.backoff_base;
+    loop {
+        let e = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if d.delivered() < shared.cfg.max_deliver {
+            return Err(retry_later(shared, d, e));
+        }
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+            "last delivery: could not store the outcome; retrying in process");
+        if let Err(e) = d.in_progress().await {
+            tracing::warn!(error = %e, "could not extend the delivery");
+        }
+        tokio::time::sleep(delay).await;
+        delay = delay.saturating_mul(2).min(shared.cfg.backoff_max);
+    }
 }
 
 fn retry_later(shared: &Shared, d: &dyn Delivery, e: SignerError) -> Settle {
@@ -700,16 +728,23 @@ async fn publish_result<T: serde::Serialize>(
         headers,
         body,
     };
-    let publisher = shared.read_refs().publisher.clone();
-    let stored = call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
-        PublisherMsg::Publish(message, r)
-    })
-    .await
-    .map_err(call_failed)
-    .and_then(|r| r.map_err(|e| SignerError::Internal(format!("publishing the result: {e}"))));
-    let stored = match stored {
+    let publish = || {
+        let message = message.clone();
+        async move {
+            let publisher = shared.read_refs().publisher.clone();
+            call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
+                PublisherMsg::Publish(message, r)
+            })
+            .await
+            .map_err(call_failed)
+            .and_then(|r| {
+                r.map_err(|e| SignerError::Internal(format!("publishing the result: {e}")))
+            })
+        }
+    };
+    let stored = match persist(shared, d, publish).await {
         Ok(s) => s,
-        Err(e) => return retry_later(shared, d, e),
+        Err(settle) => return settle,
     };
     if let Some(key) = idem_key
         && let Err(e) = shared

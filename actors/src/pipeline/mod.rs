@@ -181,7 +181,8 @@ where
 pub struct Pipeline {
     shared: Arc<Shared>,
     supervisor: ActorRef<supervisor::SupervisorMsg>,
-    handle: tokio::task::JoinHandle<()>,
+    /// Becomes `true` when the supervision tree has stopped (shutdown or giving up).
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Why the pipeline did not start.
@@ -226,10 +227,15 @@ impl Pipeline {
         let (supervisor, handle) = ractor::Actor::spawn(None, SignerSupervisor, shared.clone())
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;
+        let (tx, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = handle.await;
+            let _ = tx.send(true);
+        });
         Ok(Pipeline {
             shared,
             supervisor,
-            handle,
+            stopped,
         })
     }
 
@@ -252,8 +258,15 @@ impl Pipeline {
             _ => self.status().inflight(),
         };
         self.supervisor.stop(Some("shutdown".into()));
-        let _ = self.handle.await;
+        self.stopped().await;
         left
+    }
+
+    /// Resolves when the supervision tree has stopped. Outside a shutdown that means the
+    /// supervisor gave up (too many restarts): the process should exit and be restarted.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped.clone();
+        let _ = rx.wait_for(|stopped| *stopped).await;
     }
 }
 

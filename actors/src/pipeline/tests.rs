@@ -60,6 +60,9 @@ impl Delivery for MemDelivery {
             .push((self.seq, Settled::Ack));
         Ok(())
     }
+    async fn in_progress(&self) -> Result<(), PortError> {
+        Ok(())
+    }
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
         self.queue
             .settled
