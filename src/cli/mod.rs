@@ -71,6 +71,25 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Jobs/s and latency through a real worker process beside the raw signature and the
+    /// no-op JetStream round trip, measured in the same run.
+    Pipeline {
+        /// Jobs in the backlog phase.
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// Offered rate of the open-loop phase (jobs/s).
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        /// Length of the open-loop phase.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 512)]
+        max_inflight: usize,
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis: String,
+    },
     /// sign-local throughput per algorithm beside the raw signature operation.
     SignLocal {
         /// Signatures per round.
@@ -93,6 +112,34 @@ impl Cli {
             Command::Submit(args) => args.run(),
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
+            Command::Bench(BenchCommand::Pipeline {
+                jobs,
+                rate,
+                duration,
+                max_inflight,
+                nats,
+                redis,
+            }) => {
+                let bench = crate::bench::pipeline::PipelineBench {
+                    nats,
+                    redis,
+                    jobs,
+                    rate,
+                    duration,
+                    max_inflight,
+                    extra_config: DISABLED_GATES.into(),
+                    identity: std::sync::Arc::new(
+                        |_| serde_json::json!({"auth": {"opTok": "bench"}, "poe": {"format": "jwt", "value": "bench"}}),
+                    ),
+                    label: "gates disabled".into(),
+                };
+                let report =
+                    nats_client::runtime()?.block_on(crate::bench::pipeline::run(&bench))?;
+                let path = crate::bench::write_report("pipeline", report)
+                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
+                println!("report: {}", path.display());
+                Ok(())
+            }
             Command::Bench(BenchCommand::SignLocal {
                 iterations,
                 statement_bytes,
@@ -106,6 +153,9 @@ impl Cli {
         }
     }
 }
+
+/// Gate configuration of a run without gates (benchmarks of the bare pipeline).
+const DISABLED_GATES: &str = "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n";
 
 /// Reads a file, mapping failure to exit code 2.
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {

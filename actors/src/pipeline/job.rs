@@ -73,14 +73,23 @@ pub(crate) async fn run(shared: &Arc<Shared>, delivery: Box<dyn Delivery>) {
         traceparent = delivery.header("traceparent").unwrap_or(""),
     );
     let settle = tracing::Instrument::instrument(process(shared, delivery.as_ref()), span).await;
+    let t_settle = Instant::now();
     let settled = match settle {
         Settle::Ack => delivery.ack().await,
         Settle::Nak(delay) => delivery.nak(delay).await,
     };
+    stage("settle", t_settle);
     if let Err(e) = settled {
         tracing::warn!(error = %e, seq = delivery.stream_sequence(), "settling the message failed; it will be redelivered");
     }
     metrics::histogram!("signer_job_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Records how long a stage of a job took (`signer_stage_duration_seconds{stage}`): where
+/// time goes when jobs are slow.
+fn stage(name: &'static str, since: Instant) {
+    metrics::histogram!("signer_stage_duration_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
@@ -237,6 +246,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     };
 
     let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
+    let t_claim = Instant::now();
     let claimed = match shared
         .ports
         .idempotency
@@ -253,7 +263,9 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         ))),
     };
 
+    stage("claim", t_claim);
     let request = Arc::new(request);
+    let t_gates = Instant::now();
     let outcome = match claimed {
         Ok(()) => {
             gate_and_sign(
@@ -268,6 +280,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         }
         Err(e) => Err(e),
     };
+    stage("gates_and_sign", t_gates);
     let settle = match outcome {
         Ok((signed, verdict)) => {
             finish_signed(
@@ -473,10 +486,12 @@ async fn finish_signed(
         })
         .collect();
     let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
+    let t_audit = Instant::now();
     let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
         Err(settle) => return settle,
     };
+    stage("audit", t_audit);
     let poe = match verdict.poe {
         PoeState::Bypassed => EntitlementPoe::Bypassed,
         PoeState::Disabled => EntitlementPoe::Disabled,
@@ -574,10 +589,12 @@ async fn finish_failed(
         findings,
         Vec::new(),
     );
+    let t_audit = Instant::now();
     let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
         Err(settle) => return settle,
     };
+    stage("audit", t_audit);
     let failed = Failed {
         api_version: crate::API_VERSION.into(),
         request_id: ids.request_id.clone(),
@@ -742,10 +759,13 @@ async fn publish_result<T: serde::Serialize>(
             })
         }
     };
+    let t_publish = Instant::now();
     let stored = match persist(shared, d, publish).await {
         Ok(s) => s,
         Err(settle) => return settle,
     };
+    stage("publish", t_publish);
+    let t_complete = Instant::now();
     if let Some(key) = idem_key
         && let Err(e) = shared
             .ports
@@ -756,6 +776,7 @@ async fn publish_result<T: serde::Serialize>(
         // The result is out; a later duplicate within the stream's window is still dropped.
         tracing::warn!(error = %e, "recording the idempotency result failed");
     }
+    stage("complete", t_complete);
     metrics::counter!("signer_jobs_total", "outcome" => outcome, "code" => code.map_or("", ErrorCode::as_str))
         .increment(1);
     if code == Some(ErrorCode::QuotaExceeded) {

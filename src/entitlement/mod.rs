@@ -1,0 +1,582 @@
+//! The entitlement gate: who is asking (OpTok), that it is really them (DPoP), and that
+//! their tenant's licence covers signing (Proof-of-Entitlement).
+//!
+//! Checks run in that order and stop at the first refusal, so the audit event says how far a
+//! job got: a bad token records `auth: invalid` and no caller; a bad proof records the caller
+//! (the token was genuine) with `auth: invalid`; a licence problem records the caller, the
+//! auth state and the PoE state, with the plan when the licence was read far enough.
+//!
+//! Everything a verifier trusts comes from configuration ([`EntitlementGate`]): the issuer,
+//! audience and scope, the Authority's and the licensing service's keys, the DPoP target.
+//! Refusals map one-to-one onto the contract's error codes; only outages of what the gate
+//! depends on (the Authority's JWKS URL, the licensing service, the replay cache) give the
+//! retryable `entitlement_unavailable`, so that an outage delays jobs instead of failing them.
+
+mod cache;
+pub mod dpop;
+pub mod jwks;
+pub mod jws;
+pub mod mint;
+pub mod optok;
+pub mod poe;
+pub mod replay;
+#[cfg(test)]
+mod testkit;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use signer_actors::audit::{AuthState, Caller, PoeState};
+use signer_actors::error::SignerError;
+use signer_actors::ports::{EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput};
+use signer_actors::request::SignRequest;
+
+use crate::config::gates::EntitlementGate;
+use dpop::{DpopError, DpopVerifier, ProofContext};
+use jwks::{JwksError, JwksSource, JwksStore, UNKNOWN_KID_REFRESH_INTERVAL};
+use optok::{OpTokError, OpTokPolicy, OpTokVerifier};
+use poe::{Introspector, JwtLicences, PoeVerifier};
+use replay::{MemoryReplayCache, RedisReplayCache, ReplayCache};
+
+/// A value that passed verification. Only the verifiers of this module can make one (the
+/// field is private), so code that takes a `Verified<OpTok>` cannot be handed claims that
+/// were merely decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<T>(T);
+
+impl<T> Verified<T> {
+    /// The verified value.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> Deref for Verified<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Time limit of one request to the Authority's JWKS URL or the licensing service. Well under
+/// the pipeline's gate call timeout, so a hanging service gives `entitlement_unavailable`
+/// rather than a timed-out gate.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the gate could not be built from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntitlementSetupError {
+    #[error("gates.entitlement.{0} must not be empty")]
+    Empty(&'static str),
+    #[error("gates.entitlement.{setting} must be at least {min:?}")]
+    TooShort {
+        setting: &'static str,
+        min: Duration,
+    },
+    #[error("gates.entitlement: set jwks_file or jwks_url (the Authority's signing keys)")]
+    NoJwks,
+    #[error("gates.entitlement: set only one of jwks_file and jwks_url")]
+    BothJwks,
+    #[error("gates.entitlement.{setting}: {url:?} is not an http or https URL")]
+    BadUrl { setting: &'static str, url: String },
+    #[error("gates.entitlement: Authority JWKS: {0}")]
+    AuthorityJwks(JwksError),
+    #[error("gates.entitlement.poe.licensing_jwks_file: {0}")]
+    LicensingJwks(JwksError),
+    #[error(
+        "gates.entitlement.poe: no way to check licences; set licensing_jwks_file and/or introspect_url (or bypass = true in an emergency)"
+    )]
+    NoLicensing,
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
+}
+
+/// Counters for tests and diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GateStats {
+    /// OpTok signatures checked (cache misses).
+    pub token_signature_checks: u64,
+    /// OpToks answered from the cache.
+    pub token_cache_hits: u64,
+    /// Licence (`format: jwt`) signatures checked.
+    pub licence_signature_checks: u64,
+    /// Requests to the licensing service (`format: introspect`).
+    pub introspect_calls: u64,
+    /// Loads of the Authority's JWKS, startup included.
+    pub authority_jwks_loads: u64,
+}
+
+/// The enforcing [`EntitlementVerifier`].
+pub struct EntitlementGateImpl {
+    optok: OpTokVerifier,
+    dpop: DpopVerifier,
+    poe: PoeVerifier,
+    allow_bearer: bool,
+    authority_keys: Arc<JwksStore>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn check_url(setting: &'static str, url: &str) -> Result<(), EntitlementSetupError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+        _ => Err(EntitlementSetupError::BadUrl {
+            setting,
+            url: url.into(),
+        }),
+    }
+}
+
+/// Identifies a request for the DPoP replay cache: a redelivery hashes the same.
+fn request_binding(request: &SignRequest) -> String {
+    let bytes = serde_json::to_vec(request)
+        .unwrap_or_else(|_| format!("{}/{}", request.tenant, request.request_id).into_bytes());
+    hex::encode(Sha256::digest(&bytes))
+}
+
+fn denial(
+    error: impl Into<SignerError>,
+    caller: Option<&Caller>,
+    auth: AuthState,
+    poe: PoeState,
+    plan: Option<String>,
+) -> GateDenial {
+    GateDenial {
+        error: error.into(),
+        caller: caller.cloned(),
+        auth: Some(auth),
+        poe: Some(poe),
+        plan,
+    }
+}
+
+impl EntitlementGateImpl {
+    /// Builds the gate: checks the configuration, loads the Authority's (and licensing)
+    /// keys, and starts their periodic refresh. With `redis`, the DPoP replay cache is shared
+    /// by every replica; without, it is in memory (fine for one replica).
+    ///
+    /// `cfg.mode` is the caller's business: for `disabled` it uses
+    /// `signer_actors::pipeline::disabled::DisabledEntitlement` instead of calling this.
+    /// Must run inside a tokio runtime (the key refresh runs as a task).
+    pub async fn from_config(
+        cfg: &EntitlementGate,
+        redis: Option<deadpool_redis::Pool>,
+    ) -> Result<Self, EntitlementSetupError> {
+        Self::build(cfg, redis, UNKNOWN_KID_REFRESH_INTERVAL).await
+    }
+
+    async fn build(
+        cfg: &EntitlementGate,
+        redis: Option<deadpool_redis::Pool>,
+        unknown_kid_interval: Duration,
+    ) -> Result<Self, EntitlementSetupError> {
+        use EntitlementSetupError as E;
+        for (setting, value) in [
+            ("issuer", &cfg.issuer),
+            ("audience", &cfg.audience),
+            ("scope", &cfg.scope),
+            ("dpop_htu", &cfg.dpop_htu),
+        ] {
+            if value.trim().is_empty() {
+                return Err(E::Empty(setting));
+            }
+        }
+        let second = Duration::from_secs(1);
+        for (setting, value) in [
+            ("jwks_refresh", cfg.jwks_refresh),
+            ("dpop_max_age", cfg.dpop_max_age),
+        ] {
+            if value < second {
+                return Err(E::TooShort {
+                    setting,
+                    min: second,
+                });
+            }
+        }
+        let poe_cfg = &cfg.poe;
+        if poe_cfg.bypass && poe_cfg.bypass_plan.trim().is_empty() {
+            return Err(E::Empty("poe.bypass_plan"));
+        }
+        if !poe_cfg.bypass
+            && poe_cfg.licensing_jwks_file.is_none()
+            && poe_cfg.introspect_url.is_none()
+        {
+            return Err(E::NoLicensing);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(HTTP_CONNECT_TIMEOUT)
+            .timeout(HTTP_TIMEOUT)
+            .user_agent(concat!("stella-signer/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| E::HttpClient(e.to_string()))?;
+
+        let source = match (&cfg.jwks_file, &cfg.jwks_url) {
+            (Some(_), Some(_)) => return Err(E::BothJwks),
+            (None, None) => return Err(E::NoJwks),
+            (Some(path), None) => JwksSource::File(path.clone()),
+            (None, Some(url)) => {
+                check_url("jwks_url", url)?;
+                JwksSource::Url {
+                    url: url.clone(),
+                    client: client.clone(),
+                }
+            }
+        };
+        if let Some(url) = &poe_cfg.introspect_url {
+            check_url("poe.introspect_url", url)?;
+        }
+        let authority_keys = JwksStore::open("authority", source, unknown_kid_interval)
+            .await
+            .map_err(E::AuthorityJwks)?;
+        authority_keys.spawn_periodic_refresh(cfg.jwks_refresh);
+
+        let skew = cfg.clock_skew.as_secs();
+        let jwt = match &poe_cfg.licensing_jwks_file {
+            Some(path) if !poe_cfg.bypass => {
+                let store = JwksStore::open(
+                    "licensing",
+                    JwksSource::File(path.clone()),
+                    unknown_kid_interval,
+                )
+                .await
+                .map_err(E::LicensingJwks)?;
+                store.spawn_periodic_refresh(cfg.jwks_refresh);
+                Some(JwtLicences::new(store, skew))
+            }
+            _ => None,
+        };
+        let introspect = poe_cfg
+            .introspect_url
+            .as_deref()
+            .filter(|_| !poe_cfg.bypass)
+            .map(|url| Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew));
+        let bypass_plan = poe_cfg.bypass.then(|| poe_cfg.bypass_plan.clone());
+
+        let replay: Arc<dyn ReplayCache> = match redis {
+            Some(pool) => Arc::new(RedisReplayCache::new(pool)),
+            None => {
+                tracing::info!(
+                    "DPoP replay cache in memory: proofs are checked per replica; configure [redis] when running several"
+                );
+                Arc::new(MemoryReplayCache::default())
+            }
+        };
+
+        if cfg.allow_bearer {
+            tracing::warn!(
+                "gates.entitlement.allow_bearer = true: OpToks without cnf.jkt are accepted without DPoP; a stolen token can be replayed. Audited as auth \"bearer\""
+            );
+        }
+        if poe_cfg.bypass {
+            tracing::warn!(
+                plan = %poe_cfg.bypass_plan,
+                "gates.entitlement.poe.bypass = true: licences are NOT checked; every decision is audited as poe \"bypassed\""
+            );
+        }
+
+        Ok(EntitlementGateImpl {
+            optok: OpTokVerifier::new(
+                authority_keys.clone(),
+                OpTokPolicy {
+                    issuer: cfg.issuer.clone(),
+                    audience: cfg.audience.clone(),
+                    scope: cfg.scope.clone(),
+                    skew,
+                },
+            ),
+            dpop: DpopVerifier::new(
+                cfg.dpop_htu.clone(),
+                cfg.dpop_max_age,
+                cfg.dpop_replay_prefix.clone(),
+                replay,
+            ),
+            poe: PoeVerifier::new(bypass_plan, jwt, introspect),
+            allow_bearer: cfg.allow_bearer,
+            authority_keys,
+        })
+    }
+
+    /// Counters for tests and diagnostics.
+    pub fn stats(&self) -> GateStats {
+        GateStats {
+            token_signature_checks: self.optok.signature_checks(),
+            token_cache_hits: self.optok.cache_hits(),
+            licence_signature_checks: self.poe.licence_signature_checks(),
+            introspect_calls: self.poe.introspect_calls(),
+            authority_jwks_loads: self.authority_keys.loads(),
+        }
+    }
+
+    /// The OpTok verifier (e.g. to check a token outside a job).
+    pub fn optok_verifier(&self) -> &OpTokVerifier {
+        &self.optok
+    }
+
+    async fn check(&self, input: &GateInput, now: u64) -> Result<EntitlementVerdict, GateDenial> {
+        let request = &input.request;
+
+        let token = self
+            .optok
+            .verify(&request.auth.op_tok, now)
+            .await
+            .map_err(|e| {
+                let auth = match e {
+                    OpTokError::KeysUnavailable(_) => AuthState::NotChecked,
+                    _ => AuthState::Invalid,
+                };
+                denial(e, None, auth, PoeState::NotChecked, None)
+            })?;
+        let caller = Caller {
+            iss: token.iss.clone(),
+            sub: token.sub.clone(),
+        };
+        optok::check_tenant(&token, &request.tenant, input.subject_tenant.as_deref()).map_err(
+            |e| {
+                denial(
+                    e,
+                    Some(&caller),
+                    AuthState::Invalid,
+                    PoeState::NotChecked,
+                    None,
+                )
+            },
+        )?;
+
+        let auth = match token.jkt.as_deref() {
+            Some(jkt) => {
+                let deny = |e: DpopError| {
+                    let auth = match e {
+                        DpopError::CacheUnavailable(_) => AuthState::NotChecked,
+                        _ => AuthState::Invalid,
+                    };
+                    denial(e, Some(&caller), auth, PoeState::NotChecked, None)
+                };
+                let proof = request
+                    .auth
+                    .dpop
+                    .as_deref()
+                    .ok_or_else(|| deny(DpopError::Missing))?;
+                let binding = request_binding(request);
+                let ctx = ProofContext {
+                    op_tok: &request.auth.op_tok,
+                    jkt,
+                    binding: &binding,
+                    now,
+                };
+                self.dpop.verify(proof, ctx).await.map_err(deny)?;
+                AuthState::Valid
+            }
+            None if self.allow_bearer => AuthState::Bearer,
+            None => {
+                return Err(denial(
+                    DpopError::BearerNotAllowed,
+                    Some(&caller),
+                    AuthState::Invalid,
+                    PoeState::NotChecked,
+                    None,
+                ));
+            }
+        };
+
+        let grant = self
+            .poe
+            .verify(&request.poe, &request.tenant, now)
+            .await
+            .map_err(|e| {
+                let (state, plan) = (e.state(), e.plan().map(str::to_owned));
+                denial(e, Some(&caller), auth, state, plan)
+            })?;
+        Ok(EntitlementVerdict {
+            caller: Some(caller),
+            auth,
+            poe: grant.state,
+            plan: grant.plan,
+        })
+    }
+}
+
+#[async_trait]
+impl EntitlementVerifier for EntitlementGateImpl {
+    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+        let result = self.check(input, unix_now()).await;
+        if let Err(denial) = &result {
+            metrics::counter!("signer_auth_failures_total", "code" => denial.error.code().as_str())
+                .increment(1);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use signer_actors::error::ErrorCode;
+
+    use super::testkit::{self, Fixture, deny};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_good_job_passes_with_caller_auth_poe_and_plan() {
+        let fx = Fixture::new();
+        let gate: Arc<dyn EntitlementVerifier> = Arc::new(fx.gate().await);
+        let v = gate.verify(&fx.good_input()).await.unwrap();
+        assert_eq!(
+            v,
+            EntitlementVerdict {
+                caller: Some(Caller {
+                    iss: testkit::ISSUER.into(),
+                    sub: "svc:scanner".into()
+                }),
+                auth: AuthState::Valid,
+                poe: PoeState::Valid,
+                plan: "team".into(),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn denials_say_how_far_the_job_got() {
+        let fx = Fixture::new();
+        let gate = fx.gate().await;
+        let optok = fx.optok(&fx.optok_claims());
+        let licence = fx.licence(&fx.licence_claims());
+        let caller = Some(Caller {
+            iss: testkit::ISSUER.into(),
+            sub: "svc:scanner".into(),
+        });
+
+        let d = deny(&gate, &fx.input("a.b.c", None, ("jwt", &licence))).await;
+        assert_eq!(
+            (d.error.code(), d.caller, d.auth, d.poe, d.plan),
+            (
+                ErrorCode::AuthInvalid,
+                None,
+                Some(AuthState::Invalid),
+                Some(PoeState::NotChecked),
+                None
+            )
+        );
+        let d = deny(&gate, &fx.input(&optok, None, ("jwt", &licence))).await;
+        assert_eq!(
+            (d.error.code(), d.caller.clone(), d.auth, d.poe, d.plan),
+            (
+                ErrorCode::DpopInvalid,
+                caller.clone(),
+                Some(AuthState::Invalid),
+                Some(PoeState::NotChecked),
+                None
+            )
+        );
+        let mut claims = fx.licence_claims();
+        claims["features"] = serde_json::json!([]);
+        let d = deny(
+            &gate,
+            &fx.input(
+                &optok,
+                Some(&fx.dpop(&optok)),
+                ("jwt", &fx.licence(&claims)),
+            ),
+        )
+        .await;
+        assert_eq!(
+            (d.error.code(), d.caller, d.auth, d.poe, d.plan.as_deref()),
+            (
+                ErrorCode::EntitlementDenied,
+                caller,
+                Some(AuthState::Valid),
+                Some(PoeState::Denied),
+                Some("team")
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn configuration_is_checked_at_startup() {
+        use EntitlementSetupError as E;
+        let fx = Fixture::new();
+        let build = |change: &dyn Fn(&mut EntitlementGate)| {
+            let mut cfg = fx.cfg.clone();
+            change(&mut cfg);
+            async move { EntitlementGateImpl::from_config(&cfg, None).await.err() }
+        };
+        assert_eq!(
+            build(&|c| c.issuer = " ".into()).await,
+            Some(E::Empty("issuer"))
+        );
+        assert_eq!(
+            build(&|c| c.audience.clear()).await,
+            Some(E::Empty("audience"))
+        );
+        assert_eq!(
+            build(&|c| c.dpop_htu.clear()).await,
+            Some(E::Empty("dpop_htu"))
+        );
+        assert_eq!(build(&|c| c.jwks_file = None).await, Some(E::NoJwks));
+        assert_eq!(
+            build(&|c| c.jwks_url = Some("https://authority.test/jwks".into())).await,
+            Some(E::BothJwks)
+        );
+        assert!(matches!(
+            build(&|c| {
+                c.jwks_file = None;
+                c.jwks_url = Some("file:///etc/passwd".into());
+            })
+            .await,
+            Some(E::BadUrl {
+                setting: "jwks_url",
+                ..
+            })
+        ));
+        assert!(matches!(
+            build(&|c| c.poe.introspect_url = Some("licensing".into())).await,
+            Some(E::BadUrl { .. })
+        ));
+        assert!(matches!(
+            build(&|c| c.dpop_max_age = Duration::ZERO).await,
+            Some(E::TooShort {
+                setting: "dpop_max_age",
+                ..
+            })
+        ));
+        assert!(matches!(
+            build(&|c| c.jwks_refresh = Duration::from_millis(10)).await,
+            Some(E::TooShort {
+                setting: "jwks_refresh",
+                ..
+            })
+        ));
+        assert_eq!(
+            build(&|c| c.poe.licensing_jwks_file = None).await,
+            Some(E::NoLicensing)
+        );
+        assert!(matches!(
+            build(&|c| c.jwks_file = Some(fx.dir.path().join("missing.json"))).await,
+            Some(E::AuthorityJwks(JwksError::Read { .. }))
+        ));
+        let private = fx.dir.path().join("private.json");
+        let mut jwk = serde_json::to_value(&fx.authority.jwk).unwrap();
+        jwk["d"] = "AAAA".into();
+        std::fs::write(&private, serde_json::json!({"keys": [jwk]}).to_string()).unwrap();
+        let private_clone = private.clone();
+        assert!(matches!(
+            build(&move |c| c.poe.licensing_jwks_file = Some(private_clone.clone())).await,
+            Some(E::LicensingJwks(JwksError::PrivateKey { .. }))
+        ));
+        // Bypass needs no licensing configuration.
+        assert_eq!(
+            build(&|c| {
+                c.poe.licensing_jwks_file = None;
+                c.poe.bypass = true;
+            })
+            .await,
+            None
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! The two signature formats that make a scanner release trusted, and how one is checked.
+//!
+//! - cosign "simple signing" (`specs/SIGNATURE_SPEC.md` of sigstore/cosign): a layer of
+//!   media type [`SIMPLE_SIGNING_MEDIA_TYPE`] whose blob is the signed JSON payload and whose
+//!   [`COSIGN_SIGNATURE_ANNOTATION`] holds the base64 signature over those exact bytes.
+//! - a DSSE envelope (`specs/ATTESTATION_SPEC.md`): a layer of media type
+//!   [`DSSE_MEDIA_TYPE`] holding an envelope whose payload is an in-toto Statement.
+//!
+//! Both are detached signatures: what binds them to an image is the digest *inside* the
+//! signed payload, never where the registry happens to store them. So a signature is only
+//! counted when a trusted key verifies it **and** its payload names the requested digest.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use signer_actors::dsse::{Envelope, VerifyError};
+use signer_actors::keys::PublicKey;
+use signer_actors::statement::{INTOTO_PAYLOAD_TYPE, STATEMENT_V1};
+
+/// Layer media type of a cosign simple-signing payload.
+pub const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Layer annotation carrying the base64 signature of a simple-signing payload.
+pub const COSIGN_SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// `critical.type` of a cosign image signature.
+pub const COSIGN_SIGNATURE_TYPE: &str = "cosign container image signature";
+/// Layer media type (and referrer artifactType) of a DSSE envelope.
+pub const DSSE_MEDIA_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
+/// The in-toto Statement version cosign still writes; accepted alongside v1.
+pub const STATEMENT_V01: &str = "https://in-toto.io/Statement/v0.1";
+
+/// A cosign simple-signing payload
+/// (containers/image `containers-signature.5`, with cosign's `critical.type`).
+///
+/// Fields are declared in the order cosign writes them. Unknown or duplicate fields in
+/// `critical` are refused: what is checked must be exactly what was signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimpleSigning {
+    pub critical: Critical,
+    /// Free-form claims; cosign writes `null` when there are none.
+    pub optional: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Critical {
+    pub identity: Identity,
+    pub image: Image,
+    #[serde(rename = "type")]
+    pub type_: String,
+}
+
+/// Ignored when verifying, as cosign's spec says: a name is mutable, the digest is not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    #[serde(rename = "docker-reference")]
+    pub docker_reference: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    #[serde(rename = "docker-manifest-digest")]
+    pub docker_manifest_digest: String,
+}
+
+impl SimpleSigning {
+    /// The payload cosign signs for `repository@digest`.
+    pub fn for_image(repository: &str, digest: &str) -> Self {
+        SimpleSigning {
+            critical: Critical {
+                identity: Identity {
+                    docker_reference: repository.to_string(),
+                },
+                image: Image {
+                    docker_manifest_digest: digest.to_string(),
+                },
+                type_: COSIGN_SIGNATURE_TYPE.to_string(),
+            },
+            optional: None,
+        }
+    }
+}
+
+/// The verdict on one signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// A trusted key (this keyid) signed the requested digest.
+    Verified { keyid: String },
+    /// No trusted key verifies the signature.
+    UntrustedKey,
+    /// A trusted key signed it, but for other image digests (listed).
+    OtherDigest(Vec<String>),
+    /// Not a signature of a format we read.
+    Malformed(String),
+}
+
+/// Checks a cosign simple-signing layer: `payload` is the blob, `signature_b64` its
+/// annotation, `digest` the requested `sha256:<hex>`.
+///
+/// The signature is checked first, over the raw blob bytes, so that nothing an untrusted
+/// party wrote is parsed before it is known to come from a trusted key.
+pub fn check_simple_signing(
+    payload: &[u8],
+    signature_b64: Option<&str>,
+    keys: &[PublicKey],
+    digest: &str,
+) -> Check {
+    let Some(signature_b64) = signature_b64 else {
+        return Check::Malformed(format!(
+            "simple-signing layer without a {COSIGN_SIGNATURE_ANNOTATION} annotation"
+        ));
+    };
+    let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(signature_b64.trim()) else {
+        return Check::Malformed("cosign signature annotation is not base64".into());
+    };
+    let Some(key) = keys.iter().find(|k| k.verify(payload, &sig)) else {
+        return Check::UntrustedKey;
+    };
+    let parsed: SimpleSigning = match serde_json::from_slice(payload) {
+        Ok(p) => p,
+        Err(e) => {
+            return Check::Malformed(format!("simple-signing payload is not valid: {e}"));
+        }
+    };
+    if parsed.critical.type_ != COSIGN_SIGNATURE_TYPE {
+        return Check::Malformed(format!(
+            "simple-signing payload type is {:?}, not {COSIGN_SIGNATURE_TYPE:?}",
+            parsed.critical.type_
+        ));
+    }
+    if parsed.critical.image.docker_manifest_digest != digest {
+        return Check::OtherDigest(vec![parsed.critical.image.docker_manifest_digest]);
+    }
+    Check::Verified { keyid: key.keyid() }
+}
+
+/// The parts of an in-toto Statement (v0.1 or v1) the gate reads. Looser than
+/// [`signer_actors::statement::Statement`], which only admits what the signer itself signs:
+/// release attestations may come from other tools (cosign writes v0.1).
+#[derive(Debug, Deserialize)]
+struct LooseStatement {
+    #[serde(rename = "_type")]
+    type_: String,
+    subject: Vec<LooseSubject>,
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct LooseSubject {
+    #[serde(default)]
+    digest: std::collections::BTreeMap<String, String>,
+}
+
+/// Checks a DSSE layer: the envelope must verify (PAE) under a trusted key, carry an
+/// in-toto Statement, and one of the Statement's subjects must have `sha256` = `digest_hex`.
+pub fn check_dsse(envelope_json: &[u8], keys: &[PublicKey], digest_hex: &str) -> Check {
+    let envelope: Envelope = match serde_json::from_slice(envelope_json) {
+        Ok(e) => e,
+        Err(e) => return Check::Malformed(format!("not a DSSE envelope: {e}")),
+    };
+    if keys.is_empty() {
+        return Check::UntrustedKey;
+    }
+    let verified = match envelope.verify(keys, 1) {
+        Ok(v) => v,
+        Err(VerifyError::ThresholdNotMet { .. }) => return Check::UntrustedKey,
+        Err(e) => return Check::Malformed(format!("DSSE envelope: {e}")),
+    };
+    let keyid = verified
+        .first()
+        .and_then(|v| keys.get(v.key_index))
+        .map(PublicKey::keyid)
+        .unwrap_or_default();
+    if envelope.payload_type != INTOTO_PAYLOAD_TYPE {
+        return Check::Malformed(format!(
+            "DSSE payloadType is {:?}, not {INTOTO_PAYLOAD_TYPE}",
+            envelope.payload_type
+        ));
+    }
+    let statement: LooseStatement = match serde_json::from_slice(&envelope.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            return Check::Malformed(format!("DSSE payload is not an in-toto Statement: {e}"));
+        }
+    };
+    if statement.type_ != STATEMENT_V1 && statement.type_ != STATEMENT_V01 {
+        return Check::Malformed(format!(
+            "unknown in-toto Statement _type {:?}",
+            statement.type_
+        ));
+    }
+    if statement.predicate_type.is_empty() {
+        return Check::Malformed("in-toto Statement without predicateType".into());
+    }
+    let subjects: Vec<&str> = statement
+        .subject
+        .iter()
+        .filter_map(|s| s.digest.get("sha256").map(String::as_str))
+        .collect();
+    if subjects.iter().any(|d| d.eq_ignore_ascii_case(digest_hex)) {
+        return Check::Verified { keyid };
+    }
+    Check::OtherDigest(subjects.iter().map(|d| format!("sha256:{d}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+    use signer_actors::dsse::{Signature, pae};
+    use signer_actors::keys::KeyAlgorithm;
+
+    use super::*;
+
+    type SignFn = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
+    struct TestKey {
+        sign: SignFn,
+        public: PublicKey,
+    }
+
+    fn ecdsa() -> TestKey {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let public =
+            PublicKey::from_raw(KeyAlgorithm::EcdsaP256Sha256, pair.public_key().as_ref()).unwrap();
+        TestKey {
+            sign: Box::new(move |m| pair.sign(&rng, m).unwrap().as_ref().to_vec()),
+            public,
+        }
+    }
+
+    fn ed25519() -> TestKey {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let public =
+            PublicKey::from_raw(KeyAlgorithm::Ed25519, pair.public_key().as_ref()).unwrap();
+        TestKey {
+            sign: Box::new(move |m| pair.sign(m).as_ref().to_vec()),
+            public,
+        }
+    }
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn simple_signing_payload_matches_cosign_layout() {
+        let json =
+            serde_json::to_string(&SimpleSigning::for_image("r.example/s", &digest('a'))).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"critical":{{"identity":{{"docker-reference":"r.example/s"}},"image":{{"docker-manifest-digest":"{}"}},"type":"cosign container image signature"}},"optional":null}}"#,
+                digest('a')
+            )
+        );
+    }
+
+    #[test]
+    fn simple_signing_verdicts() {
+        let (trusted, other) = (ecdsa(), ed25519());
+        let keys = [trusted.public.clone()];
+        let payload =
+            serde_json::to_vec(&SimpleSigning::for_image("r.example/s", &digest('a'))).unwrap();
+        let sig = b64(&(trusted.sign)(&payload));
+        assert_eq!(
+            check_simple_signing(&payload, Some(&sig), &keys, &digest('a')),
+            Check::Verified {
+                keyid: trusted.public.keyid()
+            }
+        );
+        assert_eq!(
+            check_simple_signing(&payload, Some(&sig), &keys, &digest('b')),
+            Check::OtherDigest(vec![digest('a')])
+        );
+        let foreign = b64(&(other.sign)(&payload));
+        assert_eq!(
+            check_simple_signing(&payload, Some(&foreign), &keys, &digest('a')),
+            Check::UntrustedKey
+        );
+        // One changed byte of the payload and the signature no longer holds.
+        let mut tampered = payload.clone();
+        tampered[10] ^= 1;
+        assert_eq!(
+            check_simple_signing(&tampered, Some(&sig), &keys, &digest('a')),
+            Check::UntrustedKey
+        );
+        assert!(matches!(
+            check_simple_signing(&payload, None, &keys, &digest('a')),
+            Check::Malformed(_)
+        ));
+        assert!(matches!(
+            check_simple_signing(&payload, Some("not base64!"), &keys, &digest('a')),
+            Check::Malformed(_)
+        ));
+        // Signed by a trusted key but not a cosign image signature.
+        let mut wrong_type = SimpleSigning::for_image("r.example/s", &digest('a'));
+        wrong_type.critical.type_ = "atomic container signature".into();
+        let wrong_type = serde_json::to_vec(&wrong_type).unwrap();
+        let sig = b64(&(trusted.sign)(&wrong_type));
+        assert!(matches!(
+            check_simple_signing(&wrong_type, Some(&sig), &keys, &digest('a')),
+            Check::Malformed(_)
+        ));
+        // A second, case-shifted digest key must not smuggle in another digest.
+        let sneaky = format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"r"}},"image":{{"docker-manifest-digest":"{}","Docker-manifest-digest":"{}"}},"type":"{COSIGN_SIGNATURE_TYPE}"}},"optional":null}}"#,
+            digest('b'),
+            digest('a')
+        );
+        let sig = b64(&(trusted.sign)(sneaky.as_bytes()));
+        assert!(matches!(
+            check_simple_signing(sneaky.as_bytes(), Some(&sig), &keys, &digest('a')),
+            Check::Malformed(_)
+        ));
+    }
+
+    fn envelope(key: &TestKey, payload_type: &str, statement: &serde_json::Value) -> Vec<u8> {
+        let payload = serde_json::to_vec(statement).unwrap();
+        let sig = (key.sign)(&pae(payload_type, &payload));
+        serde_json::to_vec(&Envelope {
+            payload,
+            payload_type: payload_type.into(),
+            signatures: vec![Signature {
+                keyid: key.public.keyid(),
+                sig,
+            }],
+        })
+        .unwrap()
+    }
+
+    fn statement(type_: &str, hexes: &[char]) -> serde_json::Value {
+        serde_json::json!({
+            "_type": type_,
+            "subject": hexes.iter().map(|c| serde_json::json!({
+                "name": "r.example/s", "digest": {"sha256": c.to_string().repeat(64)}
+            })).collect::<Vec<_>>(),
+            "predicateType": "https://slsa.dev/provenance/v1",
+            "predicate": {}
+        })
+    }
+
+    #[test]
+    fn dsse_verdicts() {
+        let (trusted, other) = (ed25519(), ecdsa());
+        let keys = [other.public.clone(), trusted.public.clone()];
+        let hex_a = "a".repeat(64);
+        for type_ in [STATEMENT_V1, STATEMENT_V01] {
+            let env = envelope(
+                &trusted,
+                INTOTO_PAYLOAD_TYPE,
+                &statement(type_, &['b', 'a']),
+            );
+            assert_eq!(
+                check_dsse(&env, &keys, &hex_a),
+                Check::Verified {
+                    keyid: trusted.public.keyid()
+                }
+            );
+        }
+        let env = envelope(
+            &trusted,
+            INTOTO_PAYLOAD_TYPE,
+            &statement(STATEMENT_V1, &['b']),
+        );
+        assert_eq!(
+            check_dsse(&env, &keys, &hex_a),
+            Check::OtherDigest(vec![digest('b')])
+        );
+        let env = envelope(
+            &trusted,
+            INTOTO_PAYLOAD_TYPE,
+            &statement(STATEMENT_V1, &['a']),
+        );
+        assert_eq!(
+            check_dsse(&env, std::slice::from_ref(&other.public), &hex_a),
+            Check::UntrustedKey
+        );
+        assert_eq!(check_dsse(&env, &[], &hex_a), Check::UntrustedKey);
+        let env = envelope(&trusted, "text/plain", &statement(STATEMENT_V1, &['a']));
+        assert!(matches!(
+            check_dsse(&env, &keys, &hex_a),
+            Check::Malformed(_)
+        ));
+        let env = envelope(
+            &trusted,
+            INTOTO_PAYLOAD_TYPE,
+            &statement("https://x", &['a']),
+        );
+        assert!(matches!(
+            check_dsse(&env, &keys, &hex_a),
+            Check::Malformed(_)
+        ));
+        assert!(matches!(
+            check_dsse(b"{}", &keys, &hex_a),
+            Check::Malformed(_)
+        ));
+        let unsigned = serde_json::to_vec(&Envelope {
+            payload: b"{}".to_vec(),
+            payload_type: INTOTO_PAYLOAD_TYPE.into(),
+            signatures: vec![],
+        })
+        .unwrap();
+        assert!(matches!(
+            check_dsse(&unsigned, &keys, &hex_a),
+            Check::Malformed(_)
+        ));
+    }
+}

@@ -1,0 +1,785 @@
+//! The scanner release provenance gate: a job is signed only when the scanner image that
+//! produced it (`scanner.repository` + `scanner.imageDigest`) carries a signature by one of
+//! the configured release keys, or its digest is allowlisted.
+//!
+//! Order of a decision (see [`ReleaseVerifierImpl::verify`]):
+//! 1. the allowlist (offline kits: no network at all);
+//! 2. the verdict cache (`cache_ttl`; definite verdicts only);
+//! 3. the registry, anonymously, stopping at the first signature that verifies:
+//!    the OCI 1.1 referrers of `repository@digest` (referrers API, or the referrers tag
+//!    schema `sha256-<hex>` when the registry lacks the API), then cosign's signature tag
+//!    `sha256-<hex>.sig`. What counts is described in [`formats`].
+//!
+//! Verdicts map onto the contract's codes: a verifying signature gives
+//! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
+//! `provenance_untrusted` (with the reason); a registry that could not be asked, and no
+//! cached verdict, gives `provenance_unavailable` (retryable).
+
+pub mod formats;
+pub mod push;
+
+mod cache;
+mod registry;
+mod repository;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use oci_client::Reference;
+use oci_client::manifest::{
+    IMAGE_MANIFEST_MEDIA_TYPE, ImageIndexEntry, OCI_IMAGE_MEDIA_TYPE, OciImageManifest,
+};
+use signer_actors::digest::parse_oci_sha256;
+use signer_actors::error::SignerError;
+use signer_actors::keys::{PublicKey, PublicKeyError};
+use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
+use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
+
+use crate::config::gates::{GateMode, ProvenanceGate};
+use cache::{Verdict, VerdictCache};
+use formats::{COSIGN_SIGNATURE_ANNOTATION, Check, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE};
+use registry::{Failure, Fetched, Reader};
+pub use repository::RepositoryError;
+
+/// Referrer manifests read per decision: bounds the work a crowded (or hostile) referrers
+/// list can cause.
+const MAX_REFERRERS: usize = 16;
+/// Signature and attestation blobs checked per decision, over all places.
+const MAX_SIGNATURES: usize = 32;
+/// A simple-signing payload is a few hundred bytes; this leaves room for `optional` claims.
+const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// DSSE envelopes carry whole provenance predicates.
+const MAX_ENVELOPE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why the gate's configuration cannot be used. Checked at startup, so a typo in a key
+/// path stops the service instead of refusing every job later.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvenanceSetupError {
+    #[error(
+        "[gates.provenance] enforces but has neither trusted_keys nor an allowlist: no scanner release could ever be trusted"
+    )]
+    NothingTrusted,
+    #[error("[gates.provenance] trusted key {path}: {source}")]
+    UnreadableKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("[gates.provenance] trusted key {path}: {source}")]
+    BadKey {
+        path: PathBuf,
+        source: PublicKeyError,
+    },
+    #[error("[gates.provenance] allowlist entry {entry:?}: {reason}")]
+    BadAllowlistDigest { entry: String, reason: String },
+    #[error("[gates.provenance] insecure_registries entry {entry:?} must be host[:port]: {reason}")]
+    BadInsecureRegistry { entry: String, reason: String },
+    #[error("[gates.provenance] registry_timeout must be more than zero")]
+    ZeroTimeout,
+    #[error("[gates.provenance] registry client: {0}")]
+    Client(String),
+}
+
+/// [`ReleaseVerifier`] against OCI registries.
+pub struct ReleaseVerifierImpl {
+    mode: GateMode,
+    keys: Vec<PublicKey>,
+    allowlist: HashSet<String>,
+    cache: VerdictCache,
+    reader: Reader,
+}
+
+impl std::fmt::Debug for ReleaseVerifierImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleaseVerifierImpl")
+            .field("mode", &self.mode)
+            .field(
+                "keys",
+                &self.keys.iter().map(PublicKey::keyid).collect::<Vec<_>>(),
+            )
+            .field("allowlist", &self.allowlist.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReleaseVerifierImpl {
+    /// Reads the trusted keys and checks the allowlist. With `mode = "disabled"` nothing is
+    /// read and every job gets [`ProvenanceGrant::Disabled`].
+    pub fn from_config(cfg: &ProvenanceGate) -> Result<Self, ProvenanceSetupError> {
+        let enforce = cfg.mode == GateMode::Enforce;
+        if enforce && cfg.trusted_keys.is_empty() && cfg.allowlist.is_empty() {
+            return Err(ProvenanceSetupError::NothingTrusted);
+        }
+        if cfg.registry_timeout.is_zero() {
+            return Err(ProvenanceSetupError::ZeroTimeout);
+        }
+        let mut keys = Vec::new();
+        let mut allowlist = HashSet::new();
+        if enforce {
+            for path in &cfg.trusted_keys {
+                let text = std::fs::read_to_string(path).map_err(|source| {
+                    ProvenanceSetupError::UnreadableKey {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                let key =
+                    PublicKey::from_pem(&text).map_err(|source| ProvenanceSetupError::BadKey {
+                        path: path.clone(),
+                        source,
+                    })?;
+                keys.push(key);
+            }
+            for entry in &cfg.allowlist {
+                parse_oci_sha256(entry).map_err(|reason| {
+                    ProvenanceSetupError::BadAllowlistDigest {
+                        entry: entry.clone(),
+                        reason,
+                    }
+                })?;
+                allowlist.insert(entry.clone());
+            }
+        }
+        for entry in &cfg.insecure_registries {
+            repository::check_registry(entry).map_err(|reason| {
+                ProvenanceSetupError::BadInsecureRegistry {
+                    entry: entry.clone(),
+                    reason,
+                }
+            })?;
+        }
+        let client = registry::client(&cfg.insecure_registries, Some(cfg.registry_timeout))
+            .map_err(ProvenanceSetupError::Client)?;
+        Ok(ReleaseVerifierImpl {
+            mode: cfg.mode,
+            keys,
+            allowlist,
+            cache: VerdictCache::new(cfg.cache_ttl),
+            reader: Reader::new(client, cfg.registry_timeout),
+        })
+    }
+
+    /// Asks the registry, without the allowlist or the cache.
+    async fn look_up(&self, repo: &repository::Repository<'_>, digest: &str, hex: &str) -> Outcome {
+        let image = Reference::with_digest(
+            repo.registry.to_string(),
+            repo.path.to_string(),
+            digest.to_string(),
+        );
+        let mut findings = Findings::default();
+        match self.search(&image, digest, hex, &mut findings).await {
+            Ok(Some(found)) => Outcome::Trusted(found),
+            Ok(None) if findings.unavailable.is_empty() => {
+                Outcome::Untrusted(findings.untrusted_message(repo, digest, hex))
+            }
+            Ok(None) => Outcome::Unavailable(format!(
+                "could not read every signature of {}/{}@{digest}: {}",
+                repo.registry,
+                repo.path,
+                findings.unavailable.first().map_or("", String::as_str)
+            )),
+            Err(unreachable) => Outcome::Unavailable(format!(
+                "registry {} unreachable: {unreachable}",
+                repo.registry
+            )),
+        }
+    }
+
+    /// Looks in each place in turn. `Err` is "the registry is unreachable": nothing more
+    /// is asked.
+    async fn search(
+        &self,
+        image: &Reference,
+        digest: &str,
+        hex: &str,
+        f: &mut Findings,
+    ) -> Result<Option<Found>, String> {
+        self.reader.prepare(image).await;
+
+        // 1 and 2: OCI 1.1 referrers (API, or the tag schema when the API answers 404).
+        let tag_schema = format!("sha256-{hex}");
+        let index = match self.reader.referrers(image).await {
+            // The endpoint refused with another client error than 404: some registries
+            // without the API do that, so read the tag schema here.
+            Ok(None) => f.take(self.reader.tag_schema_index(image, &tag_schema).await)?,
+            other => f.take(other)?,
+        };
+        if let Some(index) = index {
+            for entry in prioritise(index.manifests) {
+                if f.checked >= MAX_SIGNATURES {
+                    f.truncated = true;
+                    break;
+                }
+                // Digests from the registry end up in request paths: only well-formed ones.
+                if parse_oci_sha256(&entry.digest).is_err() {
+                    f.malformed
+                        .push(format!("referrer with a bad digest {:?}", entry.digest));
+                    continue;
+                }
+                let reference = image.clone_with_digest(entry.digest.clone());
+                let Some(manifest) = f.take(self.reader.manifest(&reference).await)? else {
+                    continue;
+                };
+                let place = format!("referrer {}", entry.digest);
+                if let Some(found) = self
+                    .check_layers(image, &manifest, digest, hex, &place, f)
+                    .await?
+                {
+                    return Ok(Some(found));
+                }
+            }
+        }
+
+        // 3: cosign's signature tag.
+        let sig_tag = format!("sha256-{hex}.sig");
+        let sig_ref = Reference::with_tag(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            sig_tag.clone(),
+        );
+        if let Some(manifest) = f.take(self.reader.manifest(&sig_ref).await)? {
+            let place = format!("tag {sig_tag}");
+            return self
+                .check_layers(image, &manifest, digest, hex, &place, f)
+                .await;
+        }
+        Ok(None)
+    }
+
+    /// Checks the signature layers of one manifest (other layers are skipped unread).
+    async fn check_layers(
+        &self,
+        image: &Reference,
+        manifest: &OciImageManifest,
+        digest: &str,
+        hex: &str,
+        place: &str,
+        f: &mut Findings,
+    ) -> Result<Option<Found>, String> {
+        for layer in &manifest.layers {
+            let simple = layer.media_type == SIMPLE_SIGNING_MEDIA_TYPE;
+            if !simple && layer.media_type != DSSE_MEDIA_TYPE {
+                continue;
+            }
+            if f.checked >= MAX_SIGNATURES {
+                f.truncated = true;
+                break;
+            }
+            f.checked += 1;
+            let limit = if simple {
+                MAX_PAYLOAD_BYTES
+            } else {
+                MAX_ENVELOPE_BYTES
+            };
+            if parse_oci_sha256(&layer.digest).is_err() {
+                f.malformed.push(format!(
+                    "{place}: layer with a bad digest {:?}",
+                    layer.digest
+                ));
+                continue;
+            }
+            let fetched = self.reader.blob(image, layer, limit).await;
+            let missing = matches!(fetched, Ok(None));
+            let Some(bytes) = f.take(fetched)? else {
+                if missing {
+                    f.malformed
+                        .push(format!("{place}: blob {} is missing", layer.digest));
+                }
+                continue;
+            };
+            let check = if simple {
+                let sig = layer
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(COSIGN_SIGNATURE_ANNOTATION));
+                formats::check_simple_signing(&bytes, sig.map(String::as_str), &self.keys, digest)
+            } else {
+                formats::check_dsse(&bytes, &self.keys, hex)
+            };
+            match check {
+                Check::Verified { keyid } => {
+                    return Ok(Some(Found {
+                        keyid,
+                        place: place.to_string(),
+                        kind: if simple {
+                            "cosign signature"
+                        } else {
+                            "DSSE attestation"
+                        },
+                    }));
+                }
+                Check::UntrustedKey => f.untrusted_key += 1,
+                Check::OtherDigest(d) => f.other_digest.push(d),
+                Check::Malformed(m) => f.malformed.push(format!("{place}: {m}")),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Referrers that can hold a release signature come first; the list is capped.
+fn prioritise(mut entries: Vec<ImageIndexEntry>) -> Vec<ImageIndexEntry> {
+    entries.retain(|e| {
+        e.media_type == OCI_IMAGE_MEDIA_TYPE || e.media_type == IMAGE_MANIFEST_MEDIA_TYPE
+    });
+    let relevant = |e: &ImageIndexEntry| {
+        matches!(
+            e.artifact_type.as_deref(),
+            Some(DSSE_MEDIA_TYPE | INTOTO_PAYLOAD_TYPE | SIMPLE_SIGNING_MEDIA_TYPE)
+        )
+    };
+    entries.sort_by_key(|e| !relevant(e));
+    entries.truncate(MAX_REFERRERS);
+    entries
+}
+
+/// The signature that made a release trusted.
+#[derive(Debug)]
+struct Found {
+    keyid: String,
+    place: String,
+    kind: &'static str,
+}
+
+enum Outcome {
+    Trusted(Found),
+    Untrusted(String),
+    Unavailable(String),
+}
+
+/// Everything seen while searching that did not verify, to say why a release is untrusted.
+#[derive(Debug, Default)]
+struct Findings {
+    checked: usize,
+    untrusted_key: usize,
+    other_digest: Vec<Vec<String>>,
+    malformed: Vec<String>,
+    unavailable: Vec<String>,
+    truncated: bool,
+}
+
+impl Findings {
+    /// Unwraps a fetch: "unreachable" ends the search, other failures are noted.
+    fn take<T>(&mut self, fetched: Fetched<T>) -> Result<Option<T>, String> {
+        match fetched {
+            Ok(v) => Ok(v),
+            Err(Failure::Unreachable(m)) => Err(m),
+            Err(Failure::Unavailable(m)) => {
+                self.unavailable.push(m);
+                Ok(None)
+            }
+            Err(Failure::Malformed(m)) => {
+                self.malformed.push(m);
+                Ok(None)
+            }
+        }
+    }
+
+    fn untrusted_message(
+        &self,
+        repo: &repository::Repository<'_>,
+        digest: &str,
+        hex: &str,
+    ) -> String {
+        let image = format!("{}/{}@{digest}", repo.registry, repo.path);
+        if self.checked == 0 && self.malformed.is_empty() {
+            return format!(
+                "{image} has no cosign signature or DSSE attestation (looked at its OCI referrers and the tags sha256-{hex} and sha256-{hex}.sig)"
+            );
+        }
+        let mut parts = Vec::new();
+        if self.untrusted_key > 0 {
+            parts.push(format!(
+                "{} not made by any trusted key",
+                self.untrusted_key
+            ));
+        }
+        if !self.other_digest.is_empty() {
+            let mut others: Vec<&str> = self
+                .other_digest
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .collect();
+            others.sort_unstable();
+            others.dedup();
+            let shown = others
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            parts.push(format!(
+                "{} made by a trusted key for another image ({}{})",
+                self.other_digest.len(),
+                if shown.is_empty() {
+                    "no sha256 subject"
+                } else {
+                    &shown
+                },
+                if others.len() > 3 { ", ..." } else { "" }
+            ));
+        }
+        if let Some(first) = self.malformed.first() {
+            parts.push(format!(
+                "{} unreadable (first: {first})",
+                self.malformed.len()
+            ));
+        }
+        if self.truncated {
+            parts.push(format!("stopped after {MAX_SIGNATURES} signatures"));
+        }
+        format!(
+            "no signature of {image} verifies with a trusted key: {}",
+            parts.join("; ")
+        )
+    }
+}
+
+#[async_trait]
+impl ReleaseVerifier for ReleaseVerifierImpl {
+    /// Decides whether `repository@image_digest` is a trusted scanner release.
+    ///
+    /// Both inputs come from the request and are checked first: a malformed digest is
+    /// `invalid_request`; a repository without a registry host, or not a valid name, is
+    /// `provenance_untrusted` (the signer never guesses which registry was meant).
+    async fn verify(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Result<ProvenanceGrant, SignerError> {
+        if self.mode == GateMode::Disabled {
+            return Ok(ProvenanceGrant::Disabled);
+        }
+        let hex = parse_oci_sha256(image_digest)
+            .map_err(|e| SignerError::InvalidRequest(format!("scanner.imageDigest: {e}")))?;
+        let repo = repository::parse(repository)
+            .map_err(|e| SignerError::ProvenanceUntrusted(e.to_string()))?;
+        if self.allowlist.contains(image_digest) {
+            tracing::debug!(repository, image_digest, "scanner release allowlisted");
+            return Ok(ProvenanceGrant::Allowlisted);
+        }
+        if let Some(verdict) = self.cache.get(repository, image_digest) {
+            return match verdict {
+                Verdict::Trusted => Ok(ProvenanceGrant::Trusted),
+                Verdict::Untrusted(m) => Err(SignerError::ProvenanceUntrusted(m)),
+            };
+        }
+        if self.keys.is_empty() {
+            return Err(SignerError::ProvenanceUntrusted(format!(
+                "{image_digest} is not in the allowlist and no trusted_keys are configured"
+            )));
+        }
+        match self.look_up(&repo, image_digest, hex).await {
+            Outcome::Trusted(found) => {
+                tracing::info!(
+                    repository,
+                    image_digest,
+                    keyid = %found.keyid,
+                    place = %found.place,
+                    kind = found.kind,
+                    "scanner release signed by a trusted key"
+                );
+                self.cache.put(repository, image_digest, Verdict::Trusted);
+                Ok(ProvenanceGrant::Trusted)
+            }
+            Outcome::Untrusted(message) => {
+                tracing::warn!(repository, image_digest, %message, "scanner release untrusted");
+                self.cache.put(
+                    repository,
+                    image_digest,
+                    Verdict::Untrusted(message.clone()),
+                );
+                Err(SignerError::ProvenanceUntrusted(message))
+            }
+            Outcome::Unavailable(message) => {
+                tracing::warn!(repository, image_digest, %message, "scanner provenance unavailable");
+                Err(SignerError::ProvenanceUnavailable(message))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use signer_actors::error::ErrorCode;
+    use signer_actors::keys::KeyAlgorithm;
+
+    use super::*;
+    use crate::keys::file::FileKey;
+
+    fn gate() -> ProvenanceGate {
+        ProvenanceGate {
+            registry_timeout: Duration::from_millis(500),
+            ..ProvenanceGate::default()
+        }
+    }
+
+    fn digest(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn setup_errors_name_the_problem() {
+        assert!(matches!(
+            ReleaseVerifierImpl::from_config(&gate()),
+            Err(ProvenanceSetupError::NothingTrusted)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ProvenanceGate {
+            trusted_keys: vec![dir.path().join("nope.pub")],
+            ..gate()
+        };
+        let err = ReleaseVerifierImpl::from_config(&missing).unwrap_err();
+        assert!(
+            matches!(err, ProvenanceSetupError::UnreadableKey { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("nope.pub"), "{err}");
+
+        let not_pem = dir.path().join("bad.pub");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let bad = ProvenanceGate {
+            trusted_keys: vec![not_pem],
+            ..gate()
+        };
+        assert!(matches!(
+            ReleaseVerifierImpl::from_config(&bad),
+            Err(ProvenanceSetupError::BadKey { .. })
+        ));
+
+        for entry in ["sha256:abc", "md5:00", &digest('A')] {
+            let bad = ProvenanceGate {
+                allowlist: vec![entry.to_string()],
+                ..gate()
+            };
+            assert!(
+                matches!(
+                    ReleaseVerifierImpl::from_config(&bad),
+                    Err(ProvenanceSetupError::BadAllowlistDigest { .. })
+                ),
+                "{entry}"
+            );
+        }
+        let bad = ProvenanceGate {
+            allowlist: vec![digest('a')],
+            insecure_registries: vec!["http://127.0.0.1:5000".into()],
+            ..gate()
+        };
+        assert!(matches!(
+            ReleaseVerifierImpl::from_config(&bad),
+            Err(ProvenanceSetupError::BadInsecureRegistry { .. })
+        ));
+        let bad = ProvenanceGate {
+            allowlist: vec![digest('a')],
+            registry_timeout: Duration::ZERO,
+            ..gate()
+        };
+        assert!(matches!(
+            ReleaseVerifierImpl::from_config(&bad),
+            Err(ProvenanceSetupError::ZeroTimeout)
+        ));
+        // Disabled needs nothing.
+        let disabled = ProvenanceGate {
+            mode: GateMode::Disabled,
+            ..gate()
+        };
+        assert!(ReleaseVerifierImpl::from_config(&disabled).is_ok());
+    }
+
+    #[tokio::test]
+    async fn inputs_are_checked_before_anything_else() {
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            allowlist: vec![digest('a')],
+            ..gate()
+        })
+        .unwrap();
+        let err = v
+            .verify("stella-ops/scanner", &digest('a'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUntrusted);
+        assert_eq!(err.message(), "repository must name a registry host");
+        let err = v
+            .verify("127.0.0.1:1/stella-ops/scanner", "sha256:abc")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+        let err = v
+            .verify("127.0.0.1:1/Stella/scanner:latest", &digest('a'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUntrusted);
+    }
+
+    #[tokio::test]
+    async fn allowlist_answers_without_a_registry_and_disabled_passes_all() {
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            allowlist: vec![digest('a')],
+            ..gate()
+        })
+        .unwrap();
+        // Port 1 on loopback: nothing listens, so any network use would fail.
+        assert_eq!(
+            v.verify("127.0.0.1:1/stella-ops/scanner", &digest('a'))
+                .await,
+            Ok(ProvenanceGrant::Allowlisted)
+        );
+        let err = v
+            .verify("127.0.0.1:1/stella-ops/scanner", &digest('b'))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUntrusted);
+        assert!(
+            err.message().contains("no trusted_keys"),
+            "{}",
+            err.message()
+        );
+
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            mode: GateMode::Disabled,
+            ..gate()
+        })
+        .unwrap();
+        assert_eq!(
+            v.verify("anything", "anything").await,
+            Ok(ProvenanceGrant::Disabled)
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unavailable_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "release").unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            trusted_keys: vec![key.public_key],
+            insecure_registries: vec![host.clone()],
+            ..gate()
+        })
+        .unwrap();
+        let repo = format!("{host}/stella-ops/scanner");
+        for _ in 0..2 {
+            let err = v.verify(&repo, &digest('a')).await.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::ProvenanceUnavailable, "{err}");
+            assert!(err.code().retryable());
+        }
+    }
+
+    /// A registry stand-in that answers every request with `status` and `body`, or, with
+    /// `status` 0, accepts connections and never answers.
+    async fn fake_registry(status: u16, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut silent = Vec::new();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                if status == 0 {
+                    silent.push(sock);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        host
+    }
+
+    async fn verify_against(host: &str, timeout: Duration) -> Result<ProvenanceGrant, SignerError> {
+        let dir = tempfile::tempdir().unwrap();
+        let key = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "release").unwrap();
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            trusted_keys: vec![key.public_key],
+            insecure_registries: vec![host.to_string()],
+            registry_timeout: timeout,
+            ..ProvenanceGate::default()
+        })
+        .unwrap();
+        v.verify(&format!("{host}/stella-ops/scanner"), &digest('a'))
+            .await
+    }
+
+    #[tokio::test]
+    async fn registry_answers_map_onto_the_contract() {
+        let second = Duration::from_secs(1);
+        // 404 everywhere (no referrers API, no tag-schema index, no .sig tag): untrusted.
+        let host = fake_registry(
+            404,
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+        )
+        .await;
+        let err = verify_against(&host, second).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUntrusted, "{err}");
+        // Server errors and rate limits answer no question: unavailable, retryable.
+        for (status, body) in [
+            (503, "down for maintenance"),
+            (500, ""),
+            (
+                429,
+                r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#,
+            ),
+        ] {
+            let host = fake_registry(status, body).await;
+            let err = verify_against(&host, second).await.unwrap_err();
+            assert_eq!(
+                err.code(),
+                ErrorCode::ProvenanceUnavailable,
+                "{status}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_registry_is_unavailable_within_the_timeout() {
+        let host = fake_registry(0, "").await;
+        let started = std::time::Instant::now();
+        let err = verify_against(&host, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUnavailable, "{err}");
+        assert!(err.message().contains("unreachable"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn untrusted_messages_say_which() {
+        let repo = repository::parse("r.example/s").unwrap();
+        let hex = "a".repeat(64);
+        let d = format!("sha256:{hex}");
+        let none = Findings::default().untrusted_message(&repo, &d, &hex);
+        assert!(none.contains("has no cosign signature"), "{none}");
+        let f = Findings {
+            checked: 3,
+            untrusted_key: 1,
+            other_digest: vec![vec![digest('b')]],
+            malformed: vec!["tag x: bad".into()],
+            ..Findings::default()
+        };
+        let m = f.untrusted_message(&repo, &d, &hex);
+        assert!(m.contains("1 not made by any trusted key"), "{m}");
+        assert!(
+            m.contains(&format!("for another image ({})", digest('b'))),
+            "{m}"
+        );
+        assert!(m.contains("1 unreadable (first: tag x: bad)"), "{m}");
+    }
+}

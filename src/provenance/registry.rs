@@ -1,0 +1,336 @@
+//! Registry access through `oci-client`, and what its errors mean for the gate.
+//!
+//! Every call is bounded by `registry_timeout`, and every failure is sorted into one of:
+//! not found (the registry answered: nothing there), unreachable (no answer at all: stop
+//! asking), unavailable (an answer that is not a verdict: 5xx, rate limit, credentials
+//! refused) or malformed (content that cannot be a valid signature).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
+    OciImageIndex, OciImageManifest,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+/// Why a registry call produced no content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection or no answer in time: the registry is down or cut off.
+    Unreachable(String),
+    /// The registry answered, but not with content or a "not found" (5xx, 429, refused
+    /// anonymous access): the question stays open.
+    Unavailable(String),
+    /// The registry served something that is not what it claims (bad digest, bad JSON,
+    /// too large).
+    Malformed(String),
+}
+
+/// `Ok(None)` is "not there", as the registry says.
+pub type Fetched<T> = Result<Option<T>, Failure>;
+
+/// Builds an anonymous client: release signatures are public by design, and the
+/// configuration has no registry credentials. `insecure` registries are spoken to over
+/// plain HTTP.
+pub fn client(insecure: &[String], timeout: Option<Duration>) -> Result<Client, String> {
+    let config = ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
+        connect_timeout: timeout,
+        read_timeout: timeout,
+        ..ClientConfig::default()
+    };
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// The error with its causes: reqwest's own message ("error sending request") leaves out
+/// what an operator needs ("Connection refused", a TLS failure).
+fn describe(e: &OciDistributionError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Sorts an `oci-client` error: `None` when it only says "there is nothing there".
+pub fn classify(e: &OciDistributionError) -> Option<Failure> {
+    use OciDistributionError as E;
+    let unavailable = || Some(Failure::Unavailable(describe(e)));
+    match e {
+        E::RequestError(re) if re.is_connect() || re.is_timeout() => {
+            Some(Failure::Unreachable(describe(e)))
+        }
+        E::RequestError(_) => unavailable(),
+        E::ServerError { code, .. } => match code {
+            401 | 403 | 407 | 408 | 429 => unavailable(),
+            400..=499 => None,
+            _ => unavailable(),
+        },
+        E::RegistryError { envelope, .. } => {
+            let refused = envelope.errors.iter().any(|err| {
+                matches!(
+                    err.code,
+                    OciErrorCode::Unauthorized
+                        | OciErrorCode::Denied
+                        | OciErrorCode::Toomanyrequests
+                )
+            });
+            if refused { unavailable() } else { None }
+        }
+        E::UnauthorizedError { .. }
+        | E::AuthenticationFailure(_)
+        | E::RegistryTokenDecodeError(_) => unavailable(),
+        E::DigestError(_)
+        | E::ManifestParsingError(_)
+        | E::VersionedParsingError(_)
+        | E::UnsupportedMediaTypeError(_)
+        | E::UnsupportedSchemaVersionError(_)
+        | E::SpecViolationError(_)
+        | E::JsonError(_)
+        | E::ManifestEncodingError(_)
+        | E::HeaderValueError(_)
+        | E::RegistryNoDigestError
+        | E::IoError(_) => Some(Failure::Malformed(describe(e))),
+        _ => unavailable(),
+    }
+}
+
+/// Whether an error only says "there is nothing there".
+pub fn is_not_found(e: &OciDistributionError) -> bool {
+    classify(e).is_none()
+}
+
+/// Manifest media types a signature or referrer manifest may have.
+const MANIFEST_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE];
+
+/// Reads from a registry on behalf of the gate.
+#[derive(Clone)]
+pub struct Reader {
+    client: Client,
+    timeout: Duration,
+}
+
+impl Reader {
+    pub fn new(client: Client, timeout: Duration) -> Self {
+        Reader { client, timeout }
+    }
+
+    /// Runs one call under the timeout and sorts its failure.
+    async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, OciDistributionError>>,
+    ) -> Fetched<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(Failure::Unreachable(format!(
+                "{what}: no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+            Ok(Ok(v)) => Ok(Some(v)),
+            Ok(Err(e)) => match classify(&e) {
+                None => Ok(None),
+                Some(Failure::Unreachable(m)) => Err(Failure::Unreachable(format!("{what}: {m}"))),
+                Some(Failure::Unavailable(m)) => Err(Failure::Unavailable(format!("{what}: {m}"))),
+                Some(Failure::Malformed(m)) => Err(Failure::Malformed(format!("{what}: {m}"))),
+            },
+        }
+    }
+
+    /// Lets registries that hand out anonymous pull tokens (ghcr.io, Docker Hub) do so.
+    pub async fn prepare(&self, image: &Reference) {
+        self.client
+            .store_auth_if_needed(image.resolve_registry(), &RegistryAuth::Anonymous)
+            .await;
+    }
+
+    /// The referrers of `image` (a digest reference): the OCI 1.1 referrers API, and, when
+    /// the registry answers 404 there (it does not implement it), the referrers tag schema
+    /// (`oci-client` does that fallback itself, as the distribution spec prescribes).
+    pub async fn referrers(&self, image: &Reference) -> Fetched<OciImageIndex> {
+        self.call("referrers API", self.client.pull_referrers(image, None))
+            .await
+    }
+
+    /// The referrers tag schema read directly: the index tagged `sha256-<hex>`. Used when
+    /// the referrers endpoint answers with another client error than 404.
+    pub async fn tag_schema_index(&self, image: &Reference, tag: &str) -> Fetched<OciImageIndex> {
+        let reference = Reference::with_tag(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            tag.to_string(),
+        );
+        let what = format!("referrers tag {tag}");
+        let Some((bytes, _)) = self
+            .call(
+                &what,
+                self.client.pull_manifest_raw(
+                    &reference,
+                    &RegistryAuth::Anonymous,
+                    &[OCI_IMAGE_INDEX_MEDIA_TYPE],
+                ),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Failure::Malformed(format!("{what}: not an image index: {e}")))
+    }
+
+    /// An image manifest by tag or digest (a digest reference is checked against the bytes).
+    pub async fn manifest(&self, reference: &Reference) -> Fetched<OciImageManifest> {
+        let what = format!("manifest {}", reference.whole());
+        let Some((bytes, _)) = self
+            .call(
+                &what,
+                self.client
+                    .pull_manifest_raw(reference, &RegistryAuth::Anonymous, MANIFEST_TYPES),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Failure::Malformed(format!("{what}: not an image manifest: {e}")))
+    }
+
+    /// A blob of at most `limit` bytes, checked against its digest.
+    pub async fn blob(
+        &self,
+        image: &Reference,
+        layer: &OciDescriptor,
+        limit: usize,
+    ) -> Fetched<Vec<u8>> {
+        let what = format!("blob {}", layer.digest);
+        if usize::try_from(layer.size).map_or(true, |s| s > limit) {
+            return Err(Failure::Malformed(format!(
+                "{what}: declared size {} is over the {limit}-byte limit",
+                layer.size
+            )));
+        }
+        let mut out = CappedBuffer {
+            bytes: Vec::new(),
+            limit,
+        };
+        self.call(&what, self.client.pull_blob(image, layer, &mut out))
+            .await
+            .map(|found| found.map(|()| out.bytes))
+    }
+}
+
+/// An in-memory sink that refuses to grow past `limit`: a registry lying about a blob's
+/// size cannot make the signer buffer more than that.
+struct CappedBuffer {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.bytes.len().saturating_add(data.len()) > this.limit {
+            return Poll::Ready(Err(std::io::Error::other(format!(
+                "blob is larger than {} bytes",
+                this.limit
+            ))));
+        }
+        this.bytes.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use oci_client::errors::{OciEnvelope, OciError};
+
+    use super::*;
+
+    fn registry_error(code: OciErrorCode) -> OciDistributionError {
+        OciDistributionError::RegistryError {
+            envelope: OciEnvelope {
+                errors: vec![OciError {
+                    code,
+                    message: String::new(),
+                    detail: serde_json::Value::Null,
+                }],
+            },
+            url: "http://r/v2/x".into(),
+        }
+    }
+
+    fn server_error(code: u16) -> OciDistributionError {
+        OciDistributionError::ServerError {
+            code,
+            url: "http://r/v2/x".into(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn errors_are_sorted_into_not_found_unavailable_and_malformed() {
+        for e in [
+            registry_error(OciErrorCode::ManifestUnknown),
+            registry_error(OciErrorCode::NameUnknown),
+            server_error(404),
+            server_error(405),
+        ] {
+            assert!(is_not_found(&e), "{e}");
+        }
+        for e in [
+            registry_error(OciErrorCode::Toomanyrequests),
+            registry_error(OciErrorCode::Denied),
+            server_error(500),
+            server_error(503),
+            server_error(429),
+            server_error(401),
+            OciDistributionError::UnauthorizedError { url: "u".into() },
+        ] {
+            assert!(matches!(classify(&e), Some(Failure::Unavailable(_))), "{e}");
+        }
+        for e in [
+            OciDistributionError::ManifestParsingError("x".into()),
+            OciDistributionError::SpecViolationError("x".into()),
+            OciDistributionError::IoError(std::io::Error::other("too big")),
+        ] {
+            assert!(matches!(classify(&e), Some(Failure::Malformed(_))), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn capped_buffer_refuses_to_grow_past_its_limit() {
+        use tokio::io::AsyncWriteExt as _;
+        let mut b = CappedBuffer {
+            bytes: Vec::new(),
+            limit: 4,
+        };
+        b.write_all(b"abcd").await.unwrap();
+        assert!(b.write_all(b"e").await.is_err());
+        assert_eq!(b.bytes, b"abcd");
+    }
+}

@@ -1,0 +1,517 @@
+//! Tests against the Redis on 127.0.0.1:6379 (each with its own key prefix, removed at the
+//! end) and of the in-process store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis as redis_rs;
+use signer_actors::error::{ErrorCode, SignerError};
+use signer_actors::ports::{QuotaGrant, QuotaStore};
+
+use super::*;
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+fn plan(rps: f64, burst: u32, max_concurrent: u32, daily_cap: u64) -> Plan {
+    Plan {
+        requests_per_second: rps,
+        burst,
+        max_concurrent,
+        max_payload_bytes: 1024,
+        daily_cap,
+    }
+}
+
+fn plans(p: Plan) -> BTreeMap<String, Plan> {
+    BTreeMap::from([("team".to_owned(), p)])
+}
+
+fn pool(url: &str) -> deadpool_redis::Pool {
+    deadpool_redis::Config::from_url(url)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap()
+}
+
+/// A key prefix of its own, and the means to remove its keys.
+struct Space {
+    prefix: String,
+    pool: deadpool_redis::Pool,
+}
+
+impl Space {
+    fn new() -> Self {
+        let mut bytes = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).unwrap();
+        Space {
+            prefix: format!("test:quota:{}:", hex::encode(bytes)),
+            pool: pool(REDIS_URL),
+        }
+    }
+
+    fn gate(&self, p: Plan) -> QuotaGate {
+        QuotaGate {
+            mode: GateMode::Enforce,
+            fail_open: false,
+            redis_prefix: self.prefix.clone(),
+            plans: plans(p),
+        }
+    }
+
+    /// A replica: its own pool, same keys.
+    fn replica(&self, p: Plan) -> RedisQuota {
+        RedisQuota::new(pool(REDIS_URL), self.gate(p)).unwrap()
+    }
+
+    async fn keys(&self) -> Vec<String> {
+        let mut conn = self.pool.get().await.unwrap();
+        redis_rs::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    async fn clean(self) {
+        let keys = self.keys().await;
+        if !keys.is_empty() {
+            let mut conn = self.pool.get().await.unwrap();
+            redis_rs::cmd("DEL")
+                .arg(&keys)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// `(reason word in the message, retry_after_ms)` of a quota_exceeded error.
+fn refused(r: Result<QuotaGrant, SignerError>) -> (String, u64) {
+    match r {
+        Err(e @ SignerError::QuotaExceeded { .. }) => {
+            assert!(e.code().retryable());
+            (e.message().to_owned(), e.retry_after_ms().unwrap())
+        }
+        other => panic!("expected quota_exceeded, got {other:?}"),
+    }
+}
+
+fn ms_to_utc_midnight() -> u64 {
+    let now = unix_ms();
+    (now / DAY_MS + 1) * DAY_MS - now
+}
+
+// ---- behaviour shared by both stores ----
+
+async fn burst_then_refused(q: &dyn QuotaStore) {
+    // 1 request/s, burst 5.
+    for i in 0..5 {
+        assert_eq!(
+            q.acquire("acme", "team", 10).await.unwrap(),
+            QuotaGrant::Allowed,
+            "request {i}"
+        );
+        q.release("acme", "team").await;
+    }
+    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    assert_eq!(message, "plan 'team' allows 1 requests/s");
+    assert!((500..=1000).contains(&wait), "retryAfterMs {wait}");
+}
+
+async fn refills(q: &dyn QuotaStore) {
+    // 2 requests/s, burst 2.
+    for _ in 0..2 {
+        q.acquire("acme", "team", 10).await.unwrap();
+        q.release("acme", "team").await;
+    }
+    let (_, wait) = refused(q.acquire("acme", "team", 10).await);
+    assert!((1..=500).contains(&wait), "retryAfterMs {wait}");
+    tokio::time::sleep(Duration::from_millis(wait + 30)).await;
+    assert_eq!(
+        q.acquire("acme", "team", 10).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    q.release("acme", "team").await;
+    refused(q.acquire("acme", "team", 10).await);
+}
+
+async fn concurrency(q: &dyn QuotaStore) {
+    // 2 concurrent jobs, plenty of rate.
+    assert_eq!(
+        q.acquire("acme", "team", 10).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    q.acquire("acme", "team", 10).await.unwrap();
+    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    assert_eq!(message, "plan 'team' allows 2 concurrent jobs per tenant");
+    assert_eq!(wait, CONCURRENCY_RETRY_MS);
+    // Another tenant has slots of its own.
+    q.acquire("other", "team", 10).await.unwrap();
+    q.release("other", "team").await;
+
+    q.release("acme", "team").await;
+    q.acquire("acme", "team", 10).await.unwrap();
+    refused(q.acquire("acme", "team", 10).await);
+
+    // Surplus releases never take the count below zero.
+    for _ in 0..5 {
+        q.release("acme", "team").await;
+    }
+    q.acquire("acme", "team", 10).await.unwrap();
+    q.acquire("acme", "team", 10).await.unwrap();
+    refused(q.acquire("acme", "team", 10).await);
+    q.release("acme", "team").await;
+    q.release("acme", "team").await;
+}
+
+async fn daily_cap(q: &dyn QuotaStore) {
+    // cap 3 a day, plenty of rate and slots.
+    for _ in 0..3 {
+        q.acquire("acme", "team", 10).await.unwrap();
+        q.release("acme", "team").await;
+    }
+    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    assert_eq!(message, "plan 'team' allows 3 requests per UTC day");
+    let expected = ms_to_utc_midnight();
+    assert!(
+        wait.abs_diff(expected) < 5_000,
+        "retryAfterMs {wait}, ms to UTC midnight {expected}"
+    );
+    q.acquire("other", "team", 10).await.unwrap();
+}
+
+async fn payload_and_plan(q: &dyn QuotaStore) {
+    // burst 1: a refused payload takes no token.
+    let e = q.acquire("acme", "team", 1025).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PayloadTooLarge);
+    assert!(!e.code().retryable());
+    assert_eq!(
+        e.message(),
+        "payload of 1025 bytes exceeds the 1024 bytes allowed by plan 'team'"
+    );
+    let e = q.acquire("acme", "gold", 10).await.unwrap_err();
+    assert_eq!(
+        e,
+        SignerError::EntitlementDenied("plan 'gold' is not configured".into())
+    );
+    assert_eq!(
+        q.acquire("acme", "team", 1024).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    q.release("acme", "team").await;
+    refused(q.acquire("acme", "team", 10).await);
+}
+
+// ---- Redis ----
+
+#[tokio::test]
+async fn redis_burst_then_quota_exceeded() {
+    let s = Space::new();
+    burst_then_refused(&s.replica(plan(1.0, 5, 100, 0))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_refills_over_time() {
+    let s = Space::new();
+    refills(&s.replica(plan(2.0, 2, 100, 0))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_replicas_share_one_budget() {
+    let s = Space::new();
+    // One token per 100 s: nothing refills during the test.
+    let p = plan(0.01, 10, 1000, 0);
+    let replicas = [Arc::new(s.replica(p.clone())), Arc::new(s.replica(p))];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let q = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(
+            async move { q.acquire("acme", "team", 10).await },
+        ));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(QuotaGrant::Allowed) => allowed += 1,
+            r => {
+                let (message, wait) = refused(r);
+                assert_eq!(message, "plan 'team' allows 0.01 requests/s");
+                assert!(wait > 90_000, "retryAfterMs {wait}");
+            }
+        }
+    }
+    assert_eq!(allowed, 10);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_tenants_are_independent() {
+    let s = Space::new();
+    let q = s.replica(plan(0.01, 1, 100, 0));
+    q.acquire("acme", "team", 10).await.unwrap();
+    refused(q.acquire("acme", "team", 10).await);
+    assert_eq!(
+        q.acquire("globex", "team", 10).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_concurrency_limit_and_release() {
+    let s = Space::new();
+    concurrency(&s.replica(plan(1000.0, 100, 2, 0))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_slots_of_a_crashed_replica_expire() {
+    let s = Space::new();
+    let p = plan(1000.0, 100, 1, 0);
+    let crashed = s
+        .replica(p.clone())
+        .with_slot_lease(Duration::from_millis(300));
+    crashed.acquire("acme", "team", 10).await.unwrap();
+    drop(crashed); // never releases
+    let q = s.replica(p);
+    refused(q.acquire("acme", "team", 10).await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        q.acquire("acme", "team", 10).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    // Releasing on one replica never frees another's slot.
+    let other = s.replica(plan(1000.0, 100, 1, 0));
+    other.release("acme", "team").await;
+    refused(other.acquire("acme", "team", 10).await);
+    q.release("acme", "team").await;
+    other.acquire("acme", "team", 10).await.unwrap();
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_daily_cap() {
+    let s = Space::new();
+    let q = s.replica(plan(1000.0, 100, 100, 3));
+    daily_cap(&q).await;
+    // The counter expires after the day (plus margin), the bucket once it would be full.
+    let mut conn = s.pool.get().await.unwrap();
+    let daily: i64 = redis_rs::cmd("PTTL")
+        .arg(format!("{}{{acme}}:daily", s.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expected = ms_to_utc_midnight() + 3_600_000;
+    assert!(
+        (daily as u64).abs_diff(expected) < 5_000,
+        "{daily} vs {expected}"
+    );
+    let bucket: i64 = redis_rs::cmd("PTTL")
+        .arg(format!("{}{{acme}}:bucket", s.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=1_100).contains(&bucket), "bucket PTTL {bucket}");
+    drop(conn);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_payload_too_large_and_unknown_plan() {
+    let s = Space::new();
+    payload_and_plan(&s.replica(plan(0.01, 1, 100, 0))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_longest_wait_wins() {
+    let s = Space::new();
+    // Daily cap 1 and burst 1: both refuse; the cap's wait (until midnight) is reported.
+    let q = s.replica(plan(0.01, 1, 100, 1));
+    q.acquire("acme", "team", 10).await.unwrap();
+    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    let midnight = ms_to_utc_midnight();
+    if midnight > 100_000 {
+        assert_eq!(message, "plan 'team' allows 1 requests per UTC day");
+        assert!(wait.abs_diff(midnight) < 5_000);
+    } else {
+        assert_eq!(message, "plan 'team' allows 0.01 requests/s");
+    }
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_closed() {
+    let gate = QuotaGate {
+        plans: plans(plan(1.0, 1, 1, 0)),
+        ..QuotaGate::default()
+    };
+    let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
+    let e = q.acquire("acme", "team", 10).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Internal);
+    assert!(e.code().retryable());
+    assert!(e.message().starts_with("quota store unavailable: "), "{e}");
+    // Plan and payload checks need no Redis.
+    assert_eq!(
+        q.acquire("acme", "team", 2000).await.unwrap_err().code(),
+        ErrorCode::PayloadTooLarge
+    );
+    q.release("acme", "team").await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_open() {
+    let gate = QuotaGate {
+        fail_open: true,
+        plans: plans(plan(1.0, 1, 1, 0)),
+        ..QuotaGate::default()
+    };
+    let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            q.acquire("acme", "team", 10).await.unwrap(),
+            QuotaGrant::FailOpen
+        );
+        q.release("acme", "team").await;
+    }
+}
+
+#[tokio::test]
+async fn redis_that_never_answers_fails_open_in_time() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let gate = QuotaGate {
+        fail_open: true,
+        plans: plans(plan(1.0, 1, 1, 0)),
+        ..QuotaGate::default()
+    };
+    let q = RedisQuota::new(pool(&format!("redis://127.0.0.1:{port}")), gate)
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(
+        q.acquire("acme", "team", 10).await.unwrap(),
+        QuotaGrant::FailOpen
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    silent.abort();
+}
+
+// ---- memory ----
+
+#[tokio::test]
+async fn memory_burst_then_quota_exceeded() {
+    burst_then_refused(&MemoryQuota::new(plans(plan(1.0, 5, 100, 0))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_refills_over_time() {
+    refills(&MemoryQuota::new(plans(plan(2.0, 2, 100, 0))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_concurrency_limit_and_release() {
+    concurrency(&MemoryQuota::new(plans(plan(1000.0, 100, 2, 0))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_daily_cap() {
+    daily_cap(&MemoryQuota::new(plans(plan(1000.0, 100, 100, 3))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_payload_too_large_and_unknown_plan() {
+    payload_and_plan(&MemoryQuota::new(plans(plan(0.01, 1, 100, 0))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_tenants_are_independent() {
+    let q = MemoryQuota::new(plans(plan(0.01, 1, 100, 0))).unwrap();
+    q.acquire("acme", "team", 10).await.unwrap();
+    refused(q.acquire("acme", "team", 10).await);
+    q.acquire("globex", "team", 10).await.unwrap();
+}
+
+// ---- configuration ----
+
+#[test]
+fn invalid_configurations_are_refused() {
+    let gate = |p: Option<Plan>| QuotaGate {
+        plans: p.map(plans).unwrap_or_default(),
+        ..QuotaGate::default()
+    };
+    let err = |p| from_config(&gate(p), None).err().unwrap();
+    assert_eq!(err(None), QuotaSetupError::NoPlans);
+    for (bad, what) in [
+        (plan(0.0, 1, 1, 0), "requests_per_second"),
+        (plan(-1.0, 1, 1, 0), "requests_per_second"),
+        (plan(f64::NAN, 1, 1, 0), "requests_per_second"),
+        (plan(f64::INFINITY, 1, 1, 0), "requests_per_second"),
+        (plan(1.0, 0, 1, 0), "burst"),
+        (plan(1.0, 1, 0, 0), "max_concurrent"),
+        (
+            Plan {
+                max_payload_bytes: 0,
+                ..plan(1.0, 1, 1, 0)
+            },
+            "max_payload_bytes",
+        ),
+    ] {
+        match err(Some(bad)) {
+            QuotaSetupError::InvalidPlan { plan, reason } => {
+                assert_eq!(plan, "team");
+                assert!(reason.starts_with(what), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The Redis store checks the same.
+    assert!(RedisQuota::new(pool(REDIS_URL), gate(None)).is_err());
+}
+
+#[tokio::test]
+async fn from_config_picks_the_store() {
+    let disabled = QuotaGate {
+        mode: GateMode::Disabled,
+        ..QuotaGate::default()
+    };
+    let q = from_config(&disabled, None).unwrap();
+    assert_eq!(
+        q.acquire("acme", "anything", usize::MAX).await.unwrap(),
+        QuotaGrant::Disabled
+    );
+
+    let s = Space::new();
+    let gate = s.gate(plan(0.01, 1, 10, 0));
+    let memory = from_config(&gate, None).unwrap();
+    let redis = from_config(&gate, Some(pool(REDIS_URL))).unwrap();
+    memory.acquire("acme", "team", 10).await.unwrap();
+    assert!(s.keys().await.is_empty(), "the memory store wrote to Redis");
+    redis.acquire("acme", "team", 10).await.unwrap();
+    assert_eq!(s.keys().await.len(), 2, "bucket and slots");
+    refused(redis.acquire("acme", "team", 10).await);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn a_tiny_rate_still_refuses_with_a_wait() {
+    let s = Space::new();
+    let p = plan(1e-300, 1, 10, 0);
+    let redis = s.replica(p.clone());
+    let memory = MemoryQuota::new(plans(p)).unwrap();
+    for q in [&redis as &dyn QuotaStore, &memory] {
+        q.acquire("acme", "team", 10).await.unwrap();
+        let (_, wait) = refused(q.acquire("acme", "team", 10).await);
+        assert_eq!(wait, 1_000_000_000_000);
+    }
+    s.clean().await;
+}

@@ -1,0 +1,377 @@
+//! The scanner release provenance gate against a real OCI registry: Debian's
+//! `docker-registry` (distribution 2.8.2), one per test, on a free loopback port.
+//!
+//! distribution 2.8 has no OCI 1.1 referrers API (`GET /v2/<name>/referrers/<digest>` is a
+//! plain 404), so DSSE referrers are found through the referrers tag schema; a test pins
+//! that down, so a registry upgrade that adds the API shows up here.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::registry::{TestRegistry, free_port};
+use oci_client::Reference;
+use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+use oci_client::secrets::RegistryAuth;
+use signer_actors::dsse::{Envelope, Signature, pae};
+use signer_actors::error::{ErrorCode, SignerError};
+use signer_actors::keys::{KeyAlgorithm, KeySigner as _};
+use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
+use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
+use stella_signer::config::gates::ProvenanceGate;
+use stella_signer::keys::file::FileKey;
+use stella_signer::provenance::ReleaseVerifierImpl;
+use stella_signer::provenance::formats::DSSE_MEDIA_TYPE;
+use stella_signer::provenance::push::Pusher;
+
+const PATH: &str = "stella-ops/scanner";
+
+/// Two trusted release keys (one per algorithm) and one that is not trusted.
+struct Keys {
+    _dir: tempfile::TempDir,
+    trusted_ec: FileKey,
+    trusted_ed: FileKey,
+    untrusted: FileKey,
+    trusted_public: Vec<PathBuf>,
+}
+
+fn keys() -> Keys {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |alg, name: &str| {
+        let g = FileKey::generate(alg, dir.path(), name).unwrap();
+        (FileKey::load(&g.private_key, name).unwrap(), g.public_key)
+    };
+    let (trusted_ec, ec_pub) = generate(KeyAlgorithm::EcdsaP256Sha256, "release-ec");
+    let (trusted_ed, ed_pub) = generate(KeyAlgorithm::Ed25519, "release-ed");
+    let (untrusted, _) = generate(KeyAlgorithm::EcdsaP256Sha256, "someone-else");
+    Keys {
+        _dir: dir,
+        trusted_ec,
+        trusted_ed,
+        untrusted,
+        trusted_public: vec![ec_pub, ed_pub],
+    }
+}
+
+fn gate(host: &str, keys: &Keys, cache_ttl: Duration) -> ProvenanceGate {
+    ProvenanceGate {
+        trusted_keys: keys.trusted_public.clone(),
+        cache_ttl,
+        insecure_registries: vec![host.to_string()],
+        registry_timeout: Duration::from_secs(3),
+        ..ProvenanceGate::default()
+    }
+}
+
+fn verifier(host: &str, keys: &Keys, cache_ttl: Duration) -> ReleaseVerifierImpl {
+    ReleaseVerifierImpl::from_config(&gate(host, keys, cache_ttl)).unwrap()
+}
+
+fn pusher(reg: &TestRegistry) -> Pusher {
+    Pusher::new(&[reg.host()]).unwrap()
+}
+
+fn untrusted(result: Result<ProvenanceGrant, SignerError>) -> String {
+    match result {
+        Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => e.message().to_string(),
+        other => panic!("expected provenance_untrusted, got {other:?}"),
+    }
+}
+
+fn unavailable(result: Result<ProvenanceGrant, SignerError>) -> String {
+    match result {
+        Err(e) if e.code() == ErrorCode::ProvenanceUnavailable => {
+            assert!(e.code().retryable());
+            e.message().to_string()
+        }
+        other => panic!("expected provenance_unavailable, got {other:?}"),
+    }
+}
+
+fn hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap()
+}
+
+#[tokio::test]
+async fn cosign_signature_by_a_trusted_key_is_trusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+
+    for key in [&keys.trusted_ec, &keys.trusted_ed] {
+        let digest = push.push_test_image(&repo).await.unwrap();
+        push.sign_image_cosign(&repo, &digest, key).await.unwrap();
+        assert_eq!(
+            v.verify(&repo, &digest).await,
+            Ok(ProvenanceGrant::Trusted),
+            "{}",
+            key.identity().algorithm.as_str()
+        );
+        // It was the cosign tag: no referrer exists for this image.
+        let (status, _) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&digest)));
+        assert_eq!(status, 404);
+    }
+}
+
+#[tokio::test]
+async fn dsse_referrer_is_found_through_the_referrers_tag_schema() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let digest = push.push_test_image(&repo).await.unwrap();
+
+    // distribution 2.8.2 has no referrers API: the route does not exist.
+    let (status, body) = reg.get(&format!("/v2/{PATH}/referrers/{digest}"));
+    assert_eq!((status, body.trim()), (404, "404 page not found"));
+
+    let referrer = push
+        .attach_dsse_referrer(&repo, &digest, &keys.trusted_ed)
+        .await
+        .unwrap();
+    // The attestation is listed in the tag-schema index `sha256-<hex>`, and only there:
+    // there is no cosign `.sig` tag to fall back on.
+    let (status, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&digest)));
+    assert_eq!(status, 200, "{body}");
+    let index: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], referrer.as_str());
+    assert_eq!(index["manifests"][0]["artifactType"], DSSE_MEDIA_TYPE);
+    let (status, _) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}.sig", hex(&digest)));
+    assert_eq!(status, 404);
+    let (status, body) = reg.get(&format!("/v2/{PATH}/manifests/{referrer}"));
+    assert_eq!(status, 200);
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(manifest["subject"]["digest"], digest.as_str());
+    assert_eq!(manifest["layers"][0]["mediaType"], DSSE_MEDIA_TYPE);
+
+    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+
+    // A second referrer is appended to the same index; an ECDSA one verifies as well.
+    let other = push.push_test_image(&repo).await.unwrap();
+    push.attach_dsse_referrer(&repo, &other, &keys.untrusted)
+        .await
+        .unwrap();
+    push.attach_dsse_referrer(&repo, &other, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&other)));
+    let index: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    assert_eq!(v.verify(&repo, &other).await, Ok(ProvenanceGrant::Trusted));
+}
+
+#[tokio::test]
+async fn unsigned_image_is_untrusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let digest = pusher(&reg).push_test_image(&repo).await.unwrap();
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("has no cosign signature or DSSE attestation"),
+        "{message}"
+    );
+    assert!(message.contains(&digest), "{message}");
+    // An image the registry does not have at all is no different.
+    let absent = format!("sha256:{}", "0".repeat(64));
+    untrusted(v.verify(&repo, &absent).await);
+    let message = untrusted(v.verify(&reg.repository("no/such/repo"), &absent).await);
+    assert!(message.contains("has no cosign signature"), "{message}");
+}
+
+#[tokio::test]
+async fn signatures_by_untrusted_keys_are_untrusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign(&repo, &digest, &keys.untrusted)
+        .await
+        .unwrap();
+    push.attach_dsse_referrer(&repo, &digest, &keys.untrusted)
+        .await
+        .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("2 not made by any trusted key"),
+        "{message}"
+    );
+
+    // A trusted signature next to them is found (the .sig tag now holds both).
+    push.sign_image_cosign(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+}
+
+#[tokio::test]
+async fn signature_made_for_another_digest_is_untrusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let a = push.push_test_image(&repo).await.unwrap();
+    let b = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign(&repo, &a, &keys.trusted_ec)
+        .await
+        .unwrap();
+    assert_eq!(v.verify(&repo, &a).await, Ok(ProvenanceGrant::Trusted));
+
+    // Copy A's valid signature manifest onto B's signature tag.
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::HttpsExcept(vec![reg.host()]),
+        ..Default::default()
+    });
+    let tag =
+        |d: &str| Reference::with_tag(reg.host(), PATH.into(), format!("sha256-{}.sig", hex(d)));
+    let (sig_manifest, _) = client
+        .pull_manifest_raw(&tag(&a), &RegistryAuth::Anonymous, &[OCI_IMAGE_MEDIA_TYPE])
+        .await
+        .unwrap();
+    client
+        .push_manifest_raw(
+            &tag(&b),
+            sig_manifest,
+            OCI_IMAGE_MEDIA_TYPE.parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let message = untrusted(v.verify(&repo, &b).await);
+    assert!(
+        message.contains(&format!("1 made by a trusted key for another image ({a})")),
+        "{message}"
+    );
+
+    // The same with a DSSE attestation whose Statement names A, attached to C.
+    let c = push.push_test_image(&repo).await.unwrap();
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": repo, "digest": {"sha256": hex(&a)}}],
+        "predicateType": "https://stella-ops.org/attestations/scanner-release/v1",
+        "predicate": {}
+    });
+    let payload = serde_json::to_vec(&statement).unwrap();
+    let envelope = envelope_for(&keys.trusted_ed, payload);
+    push.attach_envelope(&repo, &c, &envelope).await.unwrap();
+    let message = untrusted(v.verify(&repo, &c).await);
+    assert!(message.contains("for another image"), "{message}");
+    assert!(message.contains(&a), "{message}");
+}
+
+/// A DSSE envelope over `payload` signed by `key`.
+fn envelope_for(key: &FileKey, payload: Vec<u8>) -> Envelope {
+    let sig = key.sign_now(&pae(INTOTO_PAYLOAD_TYPE, &payload)).unwrap();
+    Envelope {
+        payload,
+        payload_type: INTOTO_PAYLOAD_TYPE.into(),
+        signatures: vec![Signature {
+            keyid: key.identity().keyid.clone(),
+            sig,
+        }],
+    }
+}
+
+#[tokio::test]
+async fn unreachable_registry_is_unavailable_and_never_cached() {
+    let keys = keys();
+    // Nothing listens on this port.
+    let host = format!("127.0.0.1:{}", free_port());
+    let v = verifier(&host, &keys, Duration::from_secs(60));
+    let message = unavailable(
+        v.verify(
+            &format!("{host}/{PATH}"),
+            &format!("sha256:{}", "a".repeat(64)),
+        )
+        .await,
+    );
+    assert!(message.contains("unreachable"), "{message}");
+
+    // A registry that goes down before the first check: unavailable, then trusted once
+    // it is back (the unavailable answer was not remembered).
+    let mut reg = TestRegistry::start();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let v = verifier(&reg.host(), &keys, Duration::from_secs(60));
+    reg.stop();
+    unavailable(v.verify(&repo, &digest).await);
+    unavailable(v.verify(&repo, &digest).await);
+    reg.restart();
+    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+}
+
+#[tokio::test]
+async fn cached_verdicts_answer_while_the_registry_is_down() {
+    let keys = keys();
+    let mut reg = TestRegistry::start();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let signed = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign(&repo, &signed, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let unsigned = push.push_test_image(&repo).await.unwrap();
+
+    let long = verifier(&reg.host(), &keys, Duration::from_secs(60));
+    let short = verifier(&reg.host(), &keys, Duration::from_millis(300));
+    for v in [&long, &short] {
+        assert_eq!(v.verify(&repo, &signed).await, Ok(ProvenanceGrant::Trusted));
+        untrusted(v.verify(&repo, &unsigned).await);
+    }
+    reg.stop();
+    // Within cache_ttl: the registry is not needed, for either verdict.
+    assert_eq!(
+        long.verify(&repo, &signed).await,
+        Ok(ProvenanceGrant::Trusted)
+    );
+    let message = untrusted(long.verify(&repo, &unsigned).await);
+    assert!(message.contains("has no cosign signature"), "{message}");
+    // Past it: the registry is asked again, and is down.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    unavailable(short.verify(&repo, &signed).await);
+    // The cache is per repository: the same digest elsewhere was never checked.
+    unavailable(
+        long.verify(&reg.repository("stella-ops/other"), &signed)
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn allowlisted_digest_needs_no_registry() {
+    let keys = keys();
+    let host = format!("127.0.0.1:{}", free_port());
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let repo = format!("{host}/{PATH}");
+    // With trusted keys as well, and with the allowlist alone.
+    for trusted_keys in [keys.trusted_public.clone(), Vec::new()] {
+        let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            trusted_keys,
+            allowlist: vec![digest.clone()],
+            ..gate(&host, &keys, Duration::ZERO)
+        })
+        .unwrap();
+        assert_eq!(
+            v.verify(&repo, &digest).await,
+            Ok(ProvenanceGrant::Allowlisted)
+        );
+    }
+}
+
+#[tokio::test]
+async fn repository_without_a_registry_host_is_untrusted() {
+    let keys = keys();
+    let v = verifier("127.0.0.1:1", &keys, Duration::ZERO);
+    let message = untrusted(v.verify(PATH, &format!("sha256:{}", "a".repeat(64))).await);
+    assert_eq!(message, "repository must name a registry host");
+}
