@@ -179,7 +179,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
                 .redis
                 .as_ref()
                 .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;
-            let pool = crate::redis::pool(redis).map_err(ServeError::Setup)?;
+            let pool = crate::redis::connect(redis).map_err(ServeError::Setup)?;
             Arc::new(crate::redis::idempotency::RedisIdempotency::new(
                 pool,
                 cfg.idempotency.redis_prefix.clone(),

@@ -184,12 +184,6 @@ impl Default for IdempotencyConfig {
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: String,
-    #[serde(default = "default_redis_pool")]
-    pub pool_size: usize,
-}
-
-fn default_redis_pool() -> usize {
-    16
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

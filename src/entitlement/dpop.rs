@@ -411,9 +411,7 @@ mod tests {
     #[tokio::test]
     async fn replay_cache_outage_is_retryable() {
         let fx = Fixture::new();
-        let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:1")
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
+        let pool = crate::redis::connect_url("redis://127.0.0.1:1").unwrap();
         let gate = EntitlementGateImpl::from_config(&fx.cfg, Some(pool))
             .await
             .unwrap();

@@ -168,14 +168,14 @@ impl EntitlementGateImpl {
     /// Must run inside a tokio runtime (the key refresh runs as a task).
     pub async fn from_config(
         cfg: &EntitlementGate,
-        redis: Option<deadpool_redis::Pool>,
+        redis: Option<crate::redis::Redis>,
     ) -> Result<Self, EntitlementSetupError> {
         Self::build(cfg, redis, UNKNOWN_KID_REFRESH_INTERVAL).await
     }
 
     async fn build(
         cfg: &EntitlementGate,
-        redis: Option<deadpool_redis::Pool>,
+        redis: Option<crate::redis::Redis>,
         unknown_kid_interval: Duration,
     ) -> Result<Self, EntitlementSetupError> {
         use EntitlementSetupError as E;

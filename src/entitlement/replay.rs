@@ -14,8 +14,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ::redis::Script;
 use async_trait::async_trait;
-use deadpool_redis::redis::Script;
 use sha2::{Digest, Sha256};
 
 /// What the cache said about a `jti`.
@@ -135,12 +135,12 @@ return 0
 
 /// Records in Redis, shared by every replica.
 pub struct RedisReplayCache {
-    pool: deadpool_redis::Pool,
+    pool: crate::redis::Redis,
     script: Script,
 }
 
 impl RedisReplayCache {
-    pub fn new(pool: deadpool_redis::Pool) -> Self {
+    pub fn new(pool: crate::redis::Redis) -> Self {
         RedisReplayCache {
             pool,
             script: Script::new(RECORD),
@@ -156,11 +156,7 @@ impl ReplayCache for RedisReplayCache {
         binding: &str,
         ttl: Duration,
     ) -> Result<ReplayOutcome, ReplayError> {
-        let mut conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ReplayError(format!("redis: {e}")))?;
+        let mut conn = self.pool.clone();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let answer: i64 = self
             .script

@@ -41,10 +41,8 @@ pub(crate) fn unique_prefix() -> String {
 }
 
 /// A pool on the machine's Redis (127.0.0.1:6379).
-pub(crate) fn redis_pool() -> deadpool_redis::Pool {
-    deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap()
+pub(crate) fn redis_pool() -> crate::redis::Redis {
+    crate::redis::connect_url("redis://127.0.0.1:6379").unwrap()
 }
 
 pub(crate) struct KeyPair {

@@ -101,7 +101,7 @@ pub enum QuotaSetupError {
 /// Redis pool is given, else [`MemoryQuota`] (per replica).
 pub fn from_config(
     cfg: &QuotaGate,
-    redis: Option<deadpool_redis::Pool>,
+    redis: Option<crate::redis::Redis>,
 ) -> Result<Arc<dyn QuotaStore>, QuotaSetupError> {
     if cfg.mode == GateMode::Disabled {
         return Ok(Arc::new(DisabledQuota));

@@ -5,8 +5,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ::redis::{self as redis_rs, Script};
 use async_trait::async_trait;
-use deadpool_redis::redis::{self as redis_rs, Script};
 use signer_actors::error::SignerError;
 use signer_actors::ports::{QuotaGrant, QuotaStore};
 
@@ -98,7 +98,7 @@ enum Outcome {
 
 /// Plan quotas in Redis, shared by all replicas (see the [module docs](super)).
 pub struct RedisQuota {
-    pool: deadpool_redis::Pool,
+    pool: crate::redis::Redis,
     gate: QuotaGate,
     acquire: Script,
     slot_lease: Duration,
@@ -114,7 +114,7 @@ pub struct RedisQuota {
 impl RedisQuota {
     /// A quota gate over `pool` with the plans, prefix and failure policy of `gate`
     /// (its `mode` is not looked at: see [`super::from_config`]).
-    pub fn new(pool: deadpool_redis::Pool, gate: QuotaGate) -> Result<Self, QuotaSetupError> {
+    pub fn new(pool: crate::redis::Redis, gate: QuotaGate) -> Result<Self, QuotaSetupError> {
         validate(&gate.plans)?;
         Ok(RedisQuota {
             pool,
@@ -147,7 +147,7 @@ impl RedisQuota {
     }
 
     async fn run(&self, tenant: &str, plan: &Plan, member: &str) -> Result<Outcome, String> {
-        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let mut conn = self.pool.clone();
         let (granted, reason, wait): (i64, String, u64) = self
             .acquire
             .key(self.key(tenant, "bucket"))
@@ -258,7 +258,7 @@ impl QuotaStore for RedisQuota {
         let Some(member) = member else { return };
         let key = self.key(tenant, "slots");
         let removed = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.clone();
             redis_rs::cmd("ZREM")
                 .arg(&key)
                 .arg(&member)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_redis::redis as redis_rs;
+use ::redis as redis_rs;
 use signer_actors::error::{ErrorCode, SignerError};
 use signer_actors::ports::{QuotaGrant, QuotaStore};
 
@@ -27,16 +27,14 @@ fn plans(p: Plan) -> BTreeMap<String, Plan> {
     BTreeMap::from([("team".to_owned(), p)])
 }
 
-fn pool(url: &str) -> deadpool_redis::Pool {
-    deadpool_redis::Config::from_url(url)
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap()
+fn pool(url: &str) -> crate::redis::Redis {
+    crate::redis::connect_url(url).unwrap()
 }
 
 /// A key prefix of its own, and the means to remove its keys.
 struct Space {
     prefix: String,
-    pool: deadpool_redis::Pool,
+    pool: crate::redis::Redis,
 }
 
 impl Space {
@@ -64,7 +62,7 @@ impl Space {
     }
 
     async fn keys(&self) -> Vec<String> {
-        let mut conn = self.pool.get().await.unwrap();
+        let mut conn = self.pool.clone();
         redis_rs::cmd("KEYS")
             .arg(format!("{}*", self.prefix))
             .query_async(&mut conn)
@@ -75,7 +73,7 @@ impl Space {
     async fn clean(self) {
         let keys = self.keys().await;
         if !keys.is_empty() {
-            let mut conn = self.pool.get().await.unwrap();
+            let mut conn = self.pool.clone();
             redis_rs::cmd("DEL")
                 .arg(&keys)
                 .query_async::<i64>(&mut conn)
@@ -297,7 +295,7 @@ async fn redis_daily_cap() {
     let q = s.replica(plan(1000.0, 100, 100, 3));
     daily_cap(&q).await;
     // The counter expires after the day (plus margin), the bucket once it would be full.
-    let mut conn = s.pool.get().await.unwrap();
+    let mut conn = s.pool.clone();
     let daily: i64 = redis_rs::cmd("PTTL")
         .arg(format!("{}{{acme}}:daily", s.prefix))
         .query_async(&mut conn)
@@ -443,8 +441,8 @@ async fn memory_tenants_are_independent() {
 
 // ---- configuration ----
 
-#[test]
-fn invalid_configurations_are_refused() {
+#[tokio::test]
+async fn invalid_configurations_are_refused() {
     let gate = |p: Option<Plan>| QuotaGate {
         plans: p.map(plans).unwrap_or_default(),
         ..QuotaGate::default()

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
+use ::redis::Script;
 use async_trait::async_trait;
-use deadpool_redis::redis::Script;
 use signer_actors::ports::{Claim, IdempotencyStore, PortError};
 
 pub struct RedisIdempotency {
-    pool: deadpool_redis::Pool,
+    pool: crate::redis::Redis,
     prefix: String,
     ttl: Duration,
     claim: Script,
@@ -40,7 +40,7 @@ fn port(e: impl std::fmt::Display) -> PortError {
 }
 
 impl RedisIdempotency {
-    pub fn new(pool: deadpool_redis::Pool, prefix: impl Into<String>, ttl: Duration) -> Self {
+    pub fn new(pool: crate::redis::Redis, prefix: impl Into<String>, ttl: Duration) -> Self {
         RedisIdempotency {
             pool,
             prefix: prefix.into(),
@@ -58,7 +58,7 @@ impl RedisIdempotency {
 #[async_trait]
 impl IdempotencyStore for RedisIdempotency {
     async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError> {
-        let mut conn = self.pool.get().await.map_err(port)?;
+        let mut conn = self.pool.clone();
         let (state, n): (String, i64) = self
             .claim
             .key(self.key(key))
@@ -79,8 +79,8 @@ impl IdempotencyStore for RedisIdempotency {
     }
 
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {
-        let mut conn = self.pool.get().await.map_err(port)?;
-        deadpool_redis::redis::cmd("SET")
+        let mut conn = self.pool.clone();
+        ::redis::cmd("SET")
             .arg(self.key(key))
             .arg(format!("done:{result_sequence}"))
             .arg("PX")
@@ -91,7 +91,7 @@ impl IdempotencyStore for RedisIdempotency {
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
-        let mut conn = self.pool.get().await.map_err(port)?;
+        let mut conn = self.pool.clone();
         self.release
             .key(self.key(key))
             .arg(owner)
