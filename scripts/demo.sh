@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on embedded defaults: a worker (`serve --dev`) against the local
-# NATS, sample jobs published with `submit`, every result awaited, every envelope and bundle
+# NATS with every gate enforcing (dev Authority, licensing and release keys: OpToks bound by
+# DPoP, licences, quotas, an allowlisted scanner release), sample jobs published with
+# `submit`, every result awaited, every envelope and bundle
 # checked by stella-signer verify and by the independent peers (securesystemslib,
 # sigstore-js), the audit chain walked, a summary table printed. Exit 0 only if all hold.
 #
@@ -46,11 +48,13 @@ jobs=(
   "two-keys|docs/examples/statement.json|multi|json|completed"
   "provenance-cbor|docs/examples/statement-provenance.json|multi|cbor|completed"
   "bad-digest|docs/examples/statement-bad-digest.json|default|json|failed"
+  "bearer-token|docs/examples/statement.json|default|json|failed"
 )
 for job in "${jobs[@]}"; do
   IFS='|' read -r name statement profile encoding _ <<<"$job"
   flags=(--dev-state "$state" --statement "$statement" --tenant acme --profile "$profile" --wait --json --timeout 30s)
   [ "$encoding" = cbor ] && flags+=(--cbor)
+  [ "$name" = bearer-token ] && flags+=(--bearer)
   "$bin" submit "${flags[@]}" >"$work/$name.result.json" 2>"$work/$name.submit.log" || true
 done
 

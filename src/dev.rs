@@ -1,23 +1,96 @@
-//! The embedded development setup of `serve --dev --state DIR`: signing keys and a config
-//! kept in DIR, created on first use and reused afterwards.
+//! The embedded development setup of `serve --dev --state DIR`: everything a signer needs to
+//! pass every gate for real, kept in DIR, created on first use and reused afterwards:
+//!
+//! - `keys/`: signing keys (ECDSA P-256 `dev-ecdsa`, Ed25519 `dev-ed25519`);
+//! - `authority/`: a dev Authority key (EdDSA) and its JWKS, which OpToks are checked against;
+//! - `licensing/`: a dev licensing key (ES256) and its JWKS, for Proof-of-Entitlement JWTs;
+//! - `release/`: a dev scanner release key; the dev scanner digest is allowlisted (offline kit);
+//! - `signer.toml`: written at every start from the files above, gates enforcing.
+//!
+//! `stella-signer dev token` mints OpToks, DPoP proofs and licences for this setup.
 
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
 use signer_actors::keys::KeyAlgorithm;
 
+use crate::entitlement::mint::{self, MintAlg};
 use crate::keys::file::FileKey;
+
+/// `iss` of dev OpToks.
+pub const DEV_ISSUER: &str = "https://authority.dev.stella-ops.local";
+/// DPoP `htu` of the dev setup (the contract's default).
+pub const DEV_HTU: &str = "nats:sign.requests";
+/// The dev scanner release repository.
+pub const DEV_SCANNER_REPOSITORY: &str = "localhost/stella-ops/scanner";
+
+/// The digest of the dev scanner release (allowlisted in the dev configuration).
+pub fn dev_scanner_digest() -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(b"stella-ops dev scanner release 2026.11"))
+    )
+}
 
 /// Files of a development state directory.
 pub struct DevState {
+    pub dir: PathBuf,
     pub config: PathBuf,
-    pub identity: PathBuf,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", path.display())
 }
 
-/// Creates what is missing in `dir` and returns its files.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(text.as_bytes()).map_err(io(path))
+}
+
+/// A JWS issuer key of the dev setup (`authority` or `licensing`): creates it when missing.
+fn issuer_key(dir: &Path, name: &str, alg: MintAlg) -> Result<(), String> {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).map_err(io(&sub))?;
+    let key = sub.join(format!("{name}.key"));
+    if key.exists() {
+        return Ok(());
+    }
+    let (pem, jwk) = mint::generate_signing_key(alg).map_err(|e| e.to_string())?;
+    write_private(&key, &pem)?;
+    let jwks = sub.join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::to_vec_pretty(&mint::jwks(&[jwk])).unwrap_or_default(),
+    )
+    .map_err(io(&jwks))
+}
+
+/// The private key PEM and kid of an issuer key.
+fn read_issuer(dir: &Path, name: &str) -> Result<(String, String), String> {
+    let key = dir.join(name).join(format!("{name}.key"));
+    let pem = std::fs::read_to_string(&key).map_err(|e| {
+        format!(
+            "{}: {e} (run `stella-signer serve --dev --state {}` once)",
+            key.display(),
+            dir.display()
+        )
+    })?;
+    let jwk = mint::public_jwk(&pem).map_err(|e| e.to_string())?;
+    // generate_signing_key names a key by its RFC 7638 thumbprint
+    let kid = jwk.kid.clone().unwrap_or_else(|| mint::jkt_of(&jwk));
+    Ok((pem, kid))
+}
+
+/// Creates what is missing in `dir`, writes `signer.toml`, and returns the state.
 pub fn prepare(dir: &Path) -> Result<DevState, String> {
     let keys = dir.join("keys");
     std::fs::create_dir_all(&keys).map_err(io(&keys))?;
@@ -29,11 +102,19 @@ pub fn prepare(dir: &Path) -> Result<DevState, String> {
             FileKey::generate(algorithm, &keys, name).map_err(|e| e.to_string())?;
         }
     }
+    issuer_key(dir, "authority", MintAlg::EdDsa)?;
+    issuer_key(dir, "licensing", MintAlg::Es256)?;
+    let release = dir.join("release");
+    if !release.join("release.key").exists() {
+        FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, &release, "release")
+            .map_err(|e| e.to_string())?;
+    }
     let config = dir.join("signer.toml");
-    if !config.exists() {
-        let text = format!(
-            r#"# Development configuration written by `stella-signer serve --dev`. Not for production:
-# the gates are disabled (every job passes them; results and audit events say "disabled").
+    let p = |rel: &str| dir.join(rel).display().to_string();
+    let text = format!(
+        r#"# Development configuration, rewritten by `stella-signer serve --dev` at every start.
+# Every gate enforces, against the dev Authority, licensing and release keys in this directory.
+# Mint credentials with `stella-signer dev token --state {state}`. Edit a copy and use --config.
 
 [nats]
 url = "nats://127.0.0.1:4222"
@@ -42,13 +123,29 @@ url = "nats://127.0.0.1:4222"
 listen = "127.0.0.1:9464"
 
 [gates.entitlement]
-mode = "disabled"
+issuer = "{issuer}"
+jwks_file = "{authority}"
+dpop_htu = "{htu}"
 
-[gates.quota]
-mode = "disabled"
+[gates.entitlement.poe]
+licensing_jwks_file = "{licensing}"
+
+[gates.quota.plans.dev]
+requests_per_second = 2000.0
+burst = 4000
+max_concurrent = 512
+max_payload_bytes = 1048576
+
+[gates.quota.plans.team]
+requests_per_second = 50.0
+burst = 100
+max_concurrent = 16
+max_payload_bytes = 262144
+daily_cap = 100000
 
 [gates.provenance]
-mode = "disabled"
+trusted_keys = ["{release_pub}"]
+allowlist = ["{scanner}"]
 
 [[keys]]
 name = "dev-ecdsa"
@@ -66,24 +163,100 @@ keys = ["dev-ecdsa"]
 [profiles.multi]
 keys = ["dev-ecdsa", "dev-ed25519"]
 "#,
-            ec = keys.join("dev-ecdsa.key").display(),
-            ed = keys.join("dev-ed25519.key").display(),
-        );
-        std::fs::write(&config, text).map_err(io(&config))?;
+        state = dir.display(),
+        issuer = DEV_ISSUER,
+        authority = p("authority/jwks.json"),
+        htu = DEV_HTU,
+        licensing = p("licensing/jwks.json"),
+        release_pub = p("release/release.pub"),
+        scanner = dev_scanner_digest(),
+        ec = p("keys/dev-ecdsa.key"),
+        ed = p("keys/dev-ed25519.key"),
+    );
+    std::fs::write(&config, text).map_err(io(&config))?;
+    Ok(DevState {
+        dir: dir.to_path_buf(),
+        config,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 12];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    hex::encode(b)
+}
+
+/// What `dev token` mints.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub tenant: String,
+    pub plan: String,
+    pub scope: String,
+    pub dpop: bool,
+    pub subject: String,
+}
+
+/// Mints `{opTok, dpop?, poe}` for the dev setup in `dir`. With `dpop`, the OpTok is bound
+/// (`cnf.jkt`) to a fresh Ed25519 proof key and a proof for publishing it is included.
+pub fn token(dir: &Path, req: &TokenRequest) -> Result<Value, String> {
+    let (authority, authority_kid) = read_issuer(dir, "authority")?;
+    let (licensing, licensing_kid) = read_issuer(dir, "licensing")?;
+    let t = now();
+    let mut claims = json!({
+        "iss": DEV_ISSUER, "sub": req.subject, "aud": ["signer"], "scope": req.scope,
+        "tid": req.tenant, "iat": t, "nbf": t, "exp": t + 3600,
+    });
+    let proof_key = if req.dpop {
+        let (pem, jwk) = mint::generate_signing_key(MintAlg::EdDsa).map_err(|e| e.to_string())?;
+        claims["cnf"] = json!({"jkt": mint::jkt_of(&jwk)});
+        Some(pem)
+    } else {
+        None
+    };
+    let op_tok =
+        mint::mint_optok(&authority, &authority_kid, &claims).map_err(|e| e.to_string())?;
+    let poe = mint::mint_poe(
+        &licensing,
+        &licensing_kid,
+        &json!({"tid": req.tenant, "plan": req.plan, "features": ["signer.sign"], "iat": t, "exp": t + 86_400}),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = json!({"opTok": op_tok, "poe": poe});
+    if let Some(pem) = proof_key {
+        out["dpop"] = mint::mint_dpop(&pem, &op_tok, DEV_HTU, t, &random_id())
+            .map_err(|e| e.to_string())?
+            .into();
     }
-    let identity = dir.join("identity.json");
-    if !identity.exists() {
-        // With the gates disabled any non-empty token passes; the values say what they are.
-        let text = serde_json::json!({
-            "auth": {"opTok": "dev.gates-disabled.no-token"},
-            "poe": {"format": "jwt", "value": "dev.gates-disabled.no-licence"},
-            "scanner": {"repository": "localhost/stella-ops/scanner", "imageDigest": format!("sha256:{}", "0".repeat(64))}
-        });
-        std::fs::write(
-            &identity,
-            serde_json::to_vec_pretty(&text).unwrap_or_default(),
-        )
-        .map_err(io(&identity))?;
+    Ok(out)
+}
+
+/// The `auth`, `poe` and `scanner` members of a request from the dev setup, with a fresh
+/// DPoP proof (what `submit --dev-state` sends), or a bearer OpTok when `dpop` is false.
+pub fn request_identity(dir: &Path, tenant: &str, dpop: bool) -> Result<Value, String> {
+    let t = token(
+        dir,
+        &TokenRequest {
+            tenant: tenant.into(),
+            plan: "dev".into(),
+            scope: "signer.sign".into(),
+            dpop,
+            subject: "dev-user".into(),
+        },
+    )?;
+    let mut auth = json!({"opTok": t["opTok"]});
+    if dpop {
+        auth["dpop"] = t["dpop"].clone();
     }
-    Ok(DevState { config, identity })
+    Ok(json!({
+        "auth": auth,
+        "poe": {"format": "jwt", "value": t["poe"]},
+        "scanner": {"repository": DEV_SCANNER_REPOSITORY, "imageDigest": dev_scanner_digest()},
+    }))
 }

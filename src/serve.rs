@@ -20,10 +20,6 @@ pub enum ServeError {
     Nats(#[from] jetstream::NatsError),
     #[error("{0}")]
     Setup(String),
-    #[error(
-        "gate {0}: mode \"enforce\" is not available in this build; set [gates.{0}] mode = \"disabled\" to run without it"
-    )]
-    GateUnavailable(&'static str),
 }
 
 /// `<hostname>-<pid>-<random>`: unique per process, readable in logs.
@@ -69,7 +65,9 @@ struct GatePorts {
     provenance: Arc<dyn ReleaseVerifier>,
 }
 
-fn gates(cfg: &Config) -> Result<GatePorts, ServeError> {
+/// Builds the three gates. A disabled gate is loud at startup; an enforcing gate whose
+/// configuration is incomplete stops the service here, before it takes a job.
+async fn gates(cfg: &Config, redis: Option<crate::redis::Redis>) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
     };
@@ -84,21 +82,37 @@ fn gates(cfg: &Config) -> Result<GatePorts, ServeError> {
             warn("entitlement");
             Arc::new(DisabledEntitlement)
         }
-        GateMode::Enforce => return Err(ServeError::GateUnavailable("entitlement")),
+        GateMode::Enforce => Arc::new(
+            crate::entitlement::EntitlementGateImpl::from_config(
+                &cfg.gates.entitlement,
+                redis.clone(),
+            )
+            .await
+            .map_err(|e| ServeError::Setup(format!("gate entitlement: {e}")))?,
+        ),
     };
     let quota: Arc<dyn QuotaStore> = match cfg.gates.quota.mode {
         GateMode::Disabled => {
             warn("quota");
             Arc::new(DisabledQuota)
         }
-        GateMode::Enforce => return Err(ServeError::GateUnavailable("quota")),
+        GateMode::Enforce => {
+            if redis.is_none() {
+                tracing::warn!("quota: no [redis]; buckets are kept per replica in memory");
+            }
+            crate::quota::from_config(&cfg.gates.quota, redis.clone())
+                .map_err(|e| ServeError::Setup(format!("gate quota: {e}")))?
+        }
     };
     let provenance: Arc<dyn ReleaseVerifier> = match cfg.gates.provenance.mode {
         GateMode::Disabled => {
             warn("provenance");
             Arc::new(DisabledProvenance)
         }
-        GateMode::Enforce => return Err(ServeError::GateUnavailable("provenance")),
+        GateMode::Enforce => Arc::new(
+            crate::provenance::ReleaseVerifierImpl::from_config(&cfg.gates.provenance)
+                .map_err(|e| ServeError::Setup(format!("gate provenance: {e}")))?,
+        ),
     };
     Ok(GatePorts {
         entitlement,
@@ -141,11 +155,17 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         StopSignal::new().map_err(|e| ServeError::Setup(format!("signal handler: {e}")))?;
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
+    let redis = cfg
+        .redis
+        .as_ref()
+        .map(crate::redis::connect)
+        .transpose()
+        .map_err(ServeError::Setup)?;
     let GatePorts {
         entitlement,
         quota,
         provenance,
-    } = gates(&cfg)?;
+    } = gates(&cfg, redis.clone()).await?;
     let health = Arc::new(Health {
         running: std::sync::OnceLock::new(),
         metrics,
@@ -175,13 +195,11 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     };
     let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
         IdempotencyBackend::Redis => {
-            let redis = cfg
-                .redis
-                .as_ref()
+            let conn = redis
+                .clone()
                 .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;
-            let pool = crate::redis::connect(redis).map_err(ServeError::Setup)?;
             Arc::new(crate::redis::idempotency::RedisIdempotency::new(
-                pool,
+                conn,
                 cfg.idempotency.redis_prefix.clone(),
                 cfg.idempotency.ttl,
             ))

@@ -1,6 +1,7 @@
 //! The command line. Exit codes: 0 ok, 1 invalid or denied, 2 unusable input.
 
 mod audit;
+mod dev;
 mod keys;
 pub mod nats_client;
 mod schema;
@@ -61,6 +62,9 @@ enum Command {
     Submit(submit::SubmitArgs),
     /// Follow results as Attestor or Export Center would.
     Watch(watch::WatchArgs),
+    /// Credentials for the `serve --dev` setup.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
     /// The audit stream.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -112,6 +116,7 @@ impl Cli {
             Command::Submit(args) => args.run(),
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
+            Command::Dev(cmd) => cmd.run(),
             Command::Bench(BenchCommand::Pipeline {
                 jobs,
                 rate,

@@ -23,9 +23,12 @@ pub struct SubmitArgs {
     #[arg(long)]
     profile: Option<String>,
     /// Caller identity JSON: {"auth": {...}, "poe": {...}, "scanner": {...}}
-    /// (default: DEV_STATE/identity.json with --dev-state).
+    /// (default with --dev-state: fresh dev credentials, DPoP-bound, and the dev scanner).
     #[arg(long)]
     identity: Option<PathBuf>,
+    /// With --dev-state: send a bearer OpTok without DPoP (the dev config refuses it).
+    #[arg(long)]
+    bearer: bool,
     /// requestId (default: generated).
     #[arg(long)]
     request_id: Option<String>,
@@ -56,17 +59,16 @@ pub fn new_request_id() -> String {
 
 impl SubmitArgs {
     pub fn run(self) -> Result<(), CliError> {
-        let identity_path = self
-            .identity
-            .clone()
-            .or_else(|| {
-                self.nats
-                    .dev_state
-                    .as_ref()
-                    .map(|d| d.join("identity.json"))
-            })
-            .ok_or_else(|| CliError::Unusable("--identity FILE (or --dev-state DIR)".into()))?;
-        let identity: serde_json::Value = super::read_json(&identity_path)?;
+        let identity: serde_json::Value = match (&self.identity, &self.nats.dev_state) {
+            (Some(path), _) => super::read_json(path)?,
+            (None, Some(dir)) => crate::dev::request_identity(dir, &self.tenant, !self.bearer)
+                .map_err(CliError::Unusable)?,
+            (None, None) => {
+                return Err(CliError::Unusable(
+                    "--identity FILE (or --dev-state DIR)".into(),
+                ));
+            }
+        };
         let statement: serde_json::Value = super::read_json(&self.statement)?;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let mut request = serde_json::json!({
