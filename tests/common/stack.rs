@@ -15,6 +15,8 @@ use stella_signer::keys::file::FileKey;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
+const DISABLED_GATES: &str = "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n";
+
 /// One result message as a consumer sees it.
 #[derive(Debug, Clone)]
 pub struct ResultMsg {
@@ -58,6 +60,11 @@ impl Stack {
     /// A deployment with an ECDSA and an Ed25519 key (profiles `default` = ECDSA, `ed` =
     /// Ed25519, `multi` = both) and gates disabled. `extra` is appended to the TOML.
     pub fn new(tag: &str, extra: &str) -> Stack {
+        Self::with_gates(tag, DISABLED_GATES, extra)
+    }
+
+    /// Like [`Stack::new`] with `gates` as the `[gates.*]` configuration.
+    pub fn with_gates(tag: &str, gates: &str, extra: &str) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let id = unique_id(tag);
         let prefix = format!("{id}.");
@@ -93,12 +100,7 @@ redis_prefix = "{id}:idem:"
 [http]
 listen = ""
 
-[gates.entitlement]
-mode = "disabled"
-[gates.quota]
-mode = "disabled"
-[gates.provenance]
-mode = "disabled"
+{gates}
 
 [[keys]]
 name = "ec"
@@ -301,6 +303,33 @@ keys = ["ec", "ed"]
             out.push(r);
             if ids.len() >= expected && settle_until.is_none() {
                 settle_until = Some(Instant::now() + settle);
+            }
+        }
+        out
+    }
+
+    /// Every audit event stored so far, in stream order.
+    pub async fn audit_events(&self, js: &jetstream::Context) -> Vec<Value> {
+        let mut stream = js.get_stream(self.stream("AUD")).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        if last == 0 {
+            return Vec::new();
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        {
+            out.push(serde_json::from_slice(&msg.payload).unwrap());
+            if msg.info().map(|i| i.stream_sequence).unwrap_or(0) >= last {
+                break;
             }
         }
         out
