@@ -40,7 +40,7 @@ impl Issuer {
         let path = dir.join(format!("{name}-jwks.json"));
         std::fs::write(
             &path,
-            serde_json::to_vec(&mint::jwks(&[jwk.clone()])).unwrap(),
+            serde_json::to_vec(&mint::jwks(std::slice::from_ref(&jwk))).unwrap(),
         )
         .unwrap();
         let kid = jwk.kid.clone().unwrap_or_else(|| mint::jkt_of(&jwk));
