@@ -558,3 +558,111 @@ keys = ["bench"]
             "latencyMs": {"p50": p50, "p90": p90, "p99": p99, "max": max}},
     }))
 }
+
+/// Which gates a run has on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// Every gate on; one bearer OpTok and one licence reused by every job (as a scanner does).
+    Bearer,
+    /// Every gate on; a sender-constrained OpTok and a fresh DPoP proof (EdDSA) on every job.
+    Dpop,
+    /// Every gate disabled: the bare pipeline.
+    Disabled,
+}
+
+/// Gate configuration and per-job credentials for `variant`, with keys made in `dir`.
+pub fn gate_setup(variant: Variant, dir: &Path) -> Result<PipelineBench, CliError> {
+    use crate::entitlement::mint::{self, MintAlg};
+    let issuer = "https://authority.bench.stella-ops.local";
+    let htu = "nats:sign.requests";
+    let mk = |name: &str, alg| -> Result<(String, String, std::path::PathBuf), CliError> {
+        let (pem, jwk) = mint::generate_signing_key(alg).map_err(bench_err)?;
+        let kid = jwk.kid.clone().unwrap_or_else(|| mint::jkt_of(&jwk));
+        let path = dir.join(format!("{name}.jwks.json"));
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&mint::jwks(&[jwk])).map_err(bench_err)?,
+        )
+        .map_err(bench_err)?;
+        Ok((pem, kid, path))
+    };
+    let (auth_pem, auth_kid, auth_jwks) = mk("authority", MintAlg::EdDsa)?;
+    let (lic_pem, lic_kid, lic_jwks) = mk("licensing", MintAlg::Es256)?;
+    let (proof_pem, proof_jwk) = mint::generate_signing_key(MintAlg::EdDsa).map_err(bench_err)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut claims = json!({"iss": issuer, "sub": "svc:bench", "aud": ["signer"], "scope": "signer.sign",
+        "tid": "acme", "iat": now, "nbf": now, "exp": now + 7200});
+    if variant == Variant::Dpop {
+        claims["cnf"] = json!({"jkt": mint::jkt_of(&proof_jwk)});
+    }
+    let op_tok = mint::mint_optok(&auth_pem, &auth_kid, &claims).map_err(bench_err)?;
+    let poe = mint::mint_poe(
+        &lic_pem,
+        &lic_kid,
+        &json!({"tid": "acme", "plan": "bench", "features": ["signer.sign"], "iat": now, "exp": now + 7200}),
+    )
+    .map_err(bench_err)?;
+    let base = json!({"auth": {"opTok": op_tok}, "poe": {"format": "jwt", "value": poe}});
+    let gates = format!(
+        r#"[gates.entitlement]
+issuer = "{issuer}"
+jwks_file = "{auth_jwks}"
+dpop_htu = "{htu}"
+allow_bearer = {bearer}
+dpop_max_age = "10m"
+[gates.entitlement.poe]
+licensing_jwks_file = "{lic_jwks}"
+[gates.quota.plans.bench]
+requests_per_second = 1000000.0
+burst = 1000000
+max_concurrent = 100000
+max_payload_bytes = 1048576
+[gates.provenance]
+allowlist = ["sha256:{zeros}"]
+"#,
+        auth_jwks = auth_jwks.display(),
+        lic_jwks = lic_jwks.display(),
+        bearer = variant == Variant::Bearer,
+        zeros = "0".repeat(64),
+    );
+    let (extra_config, identity, label): (String, Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync>, &str) =
+        match variant {
+            Variant::Disabled => (
+                "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n".into(),
+                Arc::new(|_| json!({"auth": {"opTok": "bench"}, "poe": {"format": "jwt", "value": "bench"}})),
+                "gates disabled",
+            ),
+            Variant::Bearer => (gates, Arc::new(move |_| base.clone()), "all gates, bearer OpTok reused"),
+            Variant::Dpop => {
+                let op_tok = op_tok.clone();
+                (
+                    gates,
+                    Arc::new(move |i| {
+                        let mut id = base.clone();
+                        let t = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        id["auth"]["dpop"] =
+                            mint::mint_dpop(&proof_pem, &op_tok, htu, t, &format!("bench-{i}")).unwrap_or_default().into();
+                        id
+                    }),
+                    "all gates, fresh DPoP proof per job",
+                )
+            }
+        };
+    Ok(PipelineBench {
+        nats: String::new(),
+        redis: String::new(),
+        jobs: 0,
+        rate: 0,
+        duration: Duration::ZERO,
+        max_inflight: 0,
+        extra_config,
+        identity,
+        label: label.into(),
+    })
+}

@@ -93,6 +93,9 @@ enum BenchCommand {
         nats: String,
         #[arg(long, default_value = "redis://127.0.0.1:6379")]
         redis: String,
+        /// Runs to make, in order (default: bearer and dpop).
+        #[arg(long, value_delimiter = ',', default_value = "bearer,dpop")]
+        variants: Vec<crate::bench::pipeline::Variant>,
     },
     /// sign-local throughput per algorithm beside the raw signature operation.
     SignLocal {
@@ -124,24 +127,26 @@ impl Cli {
                 max_inflight,
                 nats,
                 redis,
+                variants,
             }) => {
-                let bench = crate::bench::pipeline::PipelineBench {
-                    nats,
-                    redis,
-                    jobs,
-                    rate,
-                    duration,
-                    max_inflight,
-                    extra_config: DISABLED_GATES.into(),
-                    identity: std::sync::Arc::new(
-                        |_| serde_json::json!({"auth": {"opTok": "bench"}, "poe": {"format": "jwt", "value": "bench"}}),
-                    ),
-                    label: "gates disabled".into(),
-                };
-                let report =
-                    nats_client::runtime()?.block_on(crate::bench::pipeline::run(&bench))?;
-                let path = crate::bench::write_report("pipeline", report)
-                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
+                let rt = nats_client::runtime()?;
+                let mut reports = Vec::new();
+                for variant in variants {
+                    let dir = tempfile::tempdir().map_err(|e| CliError::Unusable(e.to_string()))?;
+                    let bench = crate::bench::pipeline::PipelineBench {
+                        nats: nats.clone(),
+                        redis: redis.clone(),
+                        jobs,
+                        rate,
+                        duration,
+                        max_inflight,
+                        ..crate::bench::pipeline::gate_setup(variant, dir.path())?
+                    };
+                    reports.push(rt.block_on(crate::bench::pipeline::run(&bench))?);
+                }
+                let path =
+                    crate::bench::write_report("pipeline", serde_json::json!({"runs": reports}))
+                        .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
                 println!("report: {}", path.display());
                 Ok(())
             }
@@ -158,9 +163,6 @@ impl Cli {
         }
     }
 }
-
-/// Gate configuration of a run without gates (benchmarks of the bare pipeline).
-const DISABLED_GATES: &str = "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n";
 
 /// Reads a file, mapping failure to exit code 2.
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
