@@ -45,7 +45,8 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     pub prev_hash: String,
-    #[serde(default)]
+    /// Empty only while the event is being sealed (and then left out of the JSON).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
 }
 
@@ -144,7 +145,12 @@ pub enum Decision {
 impl AuditEvent {
     /// The hash this event must carry: SHA-256 of JCS(event without `hash`).
     pub fn compute_hash(&self) -> Result<String, serde_json::Error> {
-        hash_of_stored(&serde_json::to_value(self)?)
+        if self.hash.is_empty() {
+            // the sealing path: no `hash` member to remove, canonicalise the struct directly
+            crate::jcs::sha256_hex(self)
+        } else {
+            hash_of_stored(&serde_json::to_value(self)?)
+        }
     }
 
     /// Field rules beyond the types: identifiers, hex hashes, sequence numbers.
