@@ -1,7 +1,7 @@
 # Everyday commands. On a fresh machine run scripts/bootstrap.sh first (it installs just).
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# Run every test (unit, integration against the local NATS/Redis/SoftHSM, conformance peers).
+# Run every test (unit, integration against the local NATS/Redis/registry, conformance peers).
 test:
     cargo test --workspace --all-targets
 
@@ -14,9 +14,12 @@ lint:
 demo:
     scripts/demo.sh
 
-# Benchmarks (figures beside the raw ceilings measured in the same run).
+# Benchmarks: sign-local, then the pipeline (ARGS go to `bench pipeline`, e.g. --jobs 200000).
+# Figures are printed beside the raw ceilings measured in the same run; JSON in target/bench/.
 bench *ARGS:
-    cargo run --release --quiet -- bench {{ARGS}}
+    cargo build --release --quiet
+    target/release/stella-signer bench sign-local
+    target/release/stella-signer bench pipeline {{ARGS}}
 
 # Install prerequisites (apt packages, conformance peers, services).
 bootstrap:

@@ -21,9 +21,12 @@ pub fn ops_per_sec(rounds: usize, iterations: usize, mut op: impl FnMut()) -> f6
         .fold(0.0, f64::max)
 }
 
-/// Writes a report under `target/bench/`, with the machine's core count.
+/// Writes a report under `target/bench/` (or `$SIGNER_BENCH_OUT`), with the core count.
 pub fn write_report(name: &str, mut report: serde_json::Value) -> std::io::Result<PathBuf> {
-    let dir = Path::new("target/bench");
+    let dir = std::env::var_os("SIGNER_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new("target/bench").to_path_buf());
+    let dir = dir.as_path();
     std::fs::create_dir_all(dir)?;
     report["cores"] = std::thread::available_parallelism()
         .map(|n| n.get())

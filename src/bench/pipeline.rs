@@ -574,6 +574,10 @@ pub enum Variant {
 pub fn gate_setup(variant: Variant, dir: &Path) -> Result<PipelineBench, CliError> {
     use crate::entitlement::mint::{self, MintAlg};
     let issuer = "https://authority.bench.stella-ops.local";
+    // DPoP jtis and quota buckets of this run only (Redis outlives runs)
+    let mut rnd = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
+    let run = format!("bench-{}", hex::encode(rnd));
     let htu = "nats:sign.requests";
     let mk = |name: &str, alg| -> Result<(String, String, std::path::PathBuf), CliError> {
         let (pem, jwk) = mint::generate_signing_key(alg).map_err(bench_err)?;
@@ -613,8 +617,11 @@ jwks_file = "{auth_jwks}"
 dpop_htu = "{htu}"
 allow_bearer = {bearer}
 dpop_max_age = "10m"
+dpop_replay_prefix = "{run}:dpop:"
 [gates.entitlement.poe]
 licensing_jwks_file = "{lic_jwks}"
+[gates.quota]
+redis_prefix = "{run}:quota:"
 [gates.quota.plans.bench]
 requests_per_second = 1000000.0
 burst = 1000000
@@ -638,6 +645,7 @@ allowlist = ["sha256:{zeros}"]
             Variant::Bearer => (gates, Arc::new(move |_| base.clone()), "all gates, bearer OpTok reused"),
             Variant::Dpop => {
                 let op_tok = op_tok.clone();
+                let run = run.clone();
                 (
                     gates,
                     Arc::new(move |i| {
@@ -647,7 +655,7 @@ allowlist = ["sha256:{zeros}"]
                             .map(|d| d.as_secs())
                             .unwrap_or(0);
                         id["auth"]["dpop"] =
-                            mint::mint_dpop(&proof_pem, &op_tok, htu, t, &format!("bench-{i}")).unwrap_or_default().into();
+                            mint::mint_dpop(&proof_pem, &op_tok, htu, t, &format!("{run}-{i}")).unwrap_or_default().into();
                         id
                     }),
                     "all gates, fresh DPoP proof per job",
