@@ -91,6 +91,28 @@ async fn gates(cfg: &Config, redis: Option<crate::redis::Redis>) -> Result<GateP
             .map_err(|e| ServeError::Setup(format!("gate entitlement: {e}")))?,
         ),
     };
+    // A plan the quota gate does not know would refuse every job: catch it at startup.
+    if cfg.gates.quota.mode == GateMode::Enforce {
+        let plans = &cfg.gates.quota.plans;
+        let needed = [
+            (cfg.gates.entitlement.mode == GateMode::Disabled)
+                .then_some(signer_actors::pipeline::disabled::DISABLED_PLAN),
+            cfg.gates
+                .entitlement
+                .poe
+                .bypass
+                .then_some(cfg.gates.entitlement.poe.bypass_plan.as_str()),
+        ];
+        if let Some(plan) = needed
+            .into_iter()
+            .flatten()
+            .find(|p| !plans.contains_key(*p))
+        {
+            return Err(ServeError::Setup(format!(
+                "gate quota: jobs will carry plan {plan:?} (entitlement disabled or PoE bypass) but [gates.quota.plans.{plan}] is not configured"
+            )));
+        }
+    }
     let quota: Arc<dyn QuotaStore> = match cfg.gates.quota.mode {
         GateMode::Disabled => {
             warn("quota");

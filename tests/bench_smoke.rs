@@ -6,15 +6,40 @@ fn pipeline_bench_runs_with_every_gate_on() {
     let reports = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
         .env("SIGNER_BENCH_OUT", reports.path())
-        .args(["bench", "pipeline", "--jobs", "300", "--rate", "200", "--duration", "1s", "--variants", "bearer,dpop"])
+        .args([
+            "bench",
+            "pipeline",
+            "--jobs",
+            "300",
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--variants",
+            "bearer,dpop",
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
-    for needle in ["ceiling a", "ceiling b", "pipeline jobs/s", "peak RSS", "open loop 200 jobs/s"] {
-        assert!(text.matches(needle).count() == 2, "{needle:?} once per variant in:\n{text}");
+    for needle in [
+        "ceiling a",
+        "ceiling b",
+        "pipeline jobs/s",
+        "peak RSS",
+        "open loop 200 jobs/s",
+    ] {
+        assert!(
+            text.matches(needle).count() == 2,
+            "{needle:?} once per variant in:\n{text}"
+        );
     }
     let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reports.path().join("pipeline.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(reports.path().join("pipeline.json")).unwrap())
+            .unwrap();
     assert_eq!(report["runs"].as_array().unwrap().len(), 2);
 }

@@ -12,7 +12,8 @@ pub struct ServeArgs {
     /// Configuration file (TOML); SIGNER_* environment variables override it.
     #[arg(long, env = "SIGNER_CONFIG", required_unless_present = "dev")]
     config: Option<PathBuf>,
-    /// Run with a generated development setup kept in --state (gates disabled).
+    /// Run with a generated development setup kept in --state: signing keys and a dev
+    /// Authority, licensing and release key, every gate enforcing against them.
     #[arg(long, requires = "state")]
     dev: bool,
     /// State directory of --dev.

@@ -245,6 +245,16 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         return finish_failed(shared, d, ids, None, e, findings).await;
     };
 
+    let request = Arc::new(request);
+    let t_gates = Instant::now();
+    // Authentication first: a request that does not authenticate must not use up a
+    // requestId (its refusal is answered, not remembered).
+    let verdict =
+        match authenticate(shared, &request, &subject_tenant, &prepared, &mut findings).await {
+            Ok(v) => v,
+            Err(e) => return retry_or_fail(shared, d, ids, None, e, findings).await,
+        };
+
     let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
     let t_claim = Instant::now();
     let claimed = match shared
@@ -262,16 +272,14 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
             "idempotency store unavailable: {e}"
         ))),
     };
-
     stage("claim", t_claim);
-    let request = Arc::new(request);
-    let t_gates = Instant::now();
+
     let outcome = match claimed {
         Ok(()) => {
-            gate_and_sign(
+            admit_and_sign(
                 shared,
                 &request,
-                &subject_tenant,
+                &verdict,
                 &prepared,
                 &key_names,
                 &mut findings,
@@ -282,21 +290,13 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     };
     stage("gates_and_sign", t_gates);
     let settle = match outcome {
-        Ok((signed, verdict)) => {
+        Ok(signed) => {
             finish_signed(
                 shared, d, &ids, &idem_key, &request, signed, verdict, findings,
             )
             .await
         }
-        Err(e) => {
-            if e.code().retryable() && d.delivered() < shared.cfg.max_deliver {
-                tracing::info!(code = %e.code(), error = %e, "retryable failure; NAK with backoff");
-                metrics::counter!("signer_retries_total", "code" => e.code().as_str()).increment(1);
-                Settle::Nak(backoff(shared, d.delivered(), &e))
-            } else {
-                finish_failed(shared, d, ids, Some(&idem_key), e, findings).await
-            }
-        }
+        Err(e) => retry_or_fail(shared, d, ids, Some(&idem_key), e, findings).await,
     };
     if let Settle::Nak(_) = settle
         && let Err(e) = shared
@@ -310,29 +310,56 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     settle
 }
 
-/// The gates, then one signature per key of the profile.
-async fn gate_and_sign(
+/// A retryable failure is NAKed with backoff while deliveries remain and the wait is within
+/// `backoff_max`; otherwise (last delivery, or a quota wait longer than that, which would
+/// outlive the caller's DPoP proof) it is published, with `retryAfterMs` for the caller.
+async fn retry_or_fail(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: Ids,
+    idem_key: Option<&str>,
+    e: SignerError,
+    findings: Findings,
+) -> Settle {
+    let delay = backoff(shared, d.delivered(), &e);
+    if e.code().retryable()
+        && d.delivered() < shared.cfg.max_deliver
+        && delay <= shared.cfg.backoff_max
+    {
+        tracing::info!(code = %e.code(), error = %e, "retryable failure; NAK with backoff");
+        metrics::counter!("signer_retries_total", "code" => e.code().as_str()).increment(1);
+        return Settle::Nak(delay);
+    }
+    finish_failed(shared, d, ids, idem_key, e, findings).await
+}
+
+/// The entitlement gate: OpTok, DPoP, Proof-of-Entitlement.
+async fn authenticate(
     shared: &Arc<Shared>,
     request: &Arc<SignRequest>,
     subject_tenant: &Option<String>,
     prepared: &PreparedPayload,
-    key_names: &[String],
     findings: &mut Findings,
-) -> Result<(crate::signing::SignedEnvelope, EntitlementVerdict), SignerError> {
-    let timeout = shared.cfg.call_timeout;
+) -> Result<EntitlementVerdict, SignerError> {
     let input = GateInput {
         request: request.clone(),
         subject_tenant: subject_tenant.clone(),
         payload_bytes: prepared.bytes.len(),
     };
     let entitlement = shared.read_refs().entitlement.clone();
-    let verdict = call_actor(entitlement, "entitlement", timeout, |r| {
+    let verdict = call_actor(entitlement, "entitlement", shared.cfg.call_timeout, |r| {
         EntitlementMsg::Verify(input, r)
     })
     .await
     .map_err(call_failed)?;
-    let verdict = match verdict {
-        Ok(v) => v,
+    match verdict {
+        Ok(v) => {
+            findings.caller.clone_from(&v.caller);
+            findings.auth = Some(v.auth);
+            findings.poe = Some(v.poe);
+            findings.plan = Some(v.plan.clone());
+            Ok(v)
+        }
         Err(GateDenial {
             error,
             caller,
@@ -344,13 +371,44 @@ async fn gate_and_sign(
             findings.auth = auth;
             findings.poe = poe;
             findings.plan = plan;
-            return Err(error);
+            Err(error)
         }
-    };
-    findings.caller.clone_from(&verdict.caller);
-    findings.auth = Some(verdict.auth);
-    findings.poe = Some(verdict.poe);
-    findings.plan = Some(verdict.plan.clone());
+    }
+}
+
+/// Provenance, then quota (last, so a job retried for an earlier reason is not charged
+/// twice), then one signature per key of the profile.
+async fn admit_and_sign(
+    shared: &Arc<Shared>,
+    request: &Arc<SignRequest>,
+    verdict: &EntitlementVerdict,
+    prepared: &PreparedPayload,
+    key_names: &[String],
+    findings: &mut Findings,
+) -> Result<crate::signing::SignedEnvelope, SignerError> {
+    let timeout = shared.cfg.call_timeout;
+    let provenance = shared.read_refs().provenance.clone();
+    let (repository, image_digest) = (
+        request.scanner.repository.clone(),
+        request.scanner.image_digest.clone(),
+    );
+    let grant = call_actor(provenance, "provenance", timeout, |reply| {
+        ProvenanceMsg::Verify {
+            repository,
+            image_digest,
+            reply,
+        }
+    })
+    .await
+    .map_err(call_failed)?;
+    findings.provenance = Some(match &grant {
+        Ok(ProvenanceGrant::Trusted) => ProvenanceVerdict::Trusted,
+        Ok(ProvenanceGrant::Allowlisted) => ProvenanceVerdict::Allowlisted,
+        Ok(ProvenanceGrant::Disabled) => ProvenanceVerdict::Disabled,
+        Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => ProvenanceVerdict::Untrusted,
+        Err(_) => ProvenanceVerdict::Unavailable,
+    });
+    grant?;
 
     let quota = shared.read_refs().quota.clone();
     let (tenant, plan, bytes) = (
@@ -370,9 +428,10 @@ async fn gate_and_sign(
         Ok(g) => g,
         Err(e) => {
             findings.quota = Some(match e.code() {
-                ErrorCode::QuotaExceeded => QuotaOutcome::Exceeded,
-                ErrorCode::PayloadTooLarge => QuotaOutcome::Exceeded,
-                _ => QuotaOutcome::Unavailable,
+                ErrorCode::QuotaExceeded | ErrorCode::PayloadTooLarge => QuotaOutcome::Exceeded,
+                ErrorCode::Internal => QuotaOutcome::Unavailable,
+                // e.g. a plan the quota configuration does not know: the error code says why
+                _ => QuotaOutcome::NotChecked,
             });
             findings.quota_retry_after_ms = e.retry_after_ms();
             return Err(e);
@@ -383,43 +442,14 @@ async fn gate_and_sign(
         QuotaGrant::Disabled => QuotaOutcome::Disabled,
         QuotaGrant::FailOpen => QuotaOutcome::FailOpen,
     });
-    let release = |quota: Option<ractor::ActorRef<QuotaMsg>>| {
-        if let Some(q) = quota {
-            let _ = q.cast(QuotaMsg::Release {
-                tenant: request.tenant.clone(),
-                plan: verdict.plan.clone(),
-            });
-        }
-    };
-
-    let signed = async {
-        let provenance = shared.read_refs().provenance.clone();
-        let (repository, image_digest) = (
-            request.scanner.repository.clone(),
-            request.scanner.image_digest.clone(),
-        );
-        let grant = call_actor(provenance, "provenance", timeout, |reply| {
-            ProvenanceMsg::Verify {
-                repository,
-                image_digest,
-                reply,
-            }
-        })
-        .await
-        .map_err(call_failed)?;
-        findings.provenance = Some(match &grant {
-            Ok(ProvenanceGrant::Trusted) => ProvenanceVerdict::Trusted,
-            Ok(ProvenanceGrant::Allowlisted) => ProvenanceVerdict::Allowlisted,
-            Ok(ProvenanceGrant::Disabled) => ProvenanceVerdict::Disabled,
-            Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => ProvenanceVerdict::Untrusted,
-            Err(_) => ProvenanceVerdict::Unavailable,
+    let signed = sign(shared, prepared, key_names).await;
+    if let Some(q) = quota {
+        let _ = q.cast(QuotaMsg::Release {
+            tenant: request.tenant.clone(),
+            plan: verdict.plan.clone(),
         });
-        grant?;
-        sign(shared, prepared, key_names).await
     }
-    .await;
-    release(quota);
-    Ok((signed?, verdict))
+    signed
 }
 
 /// Asks every key actor of the profile to sign the PAE, concurrently, in profile order.
@@ -779,9 +809,7 @@ async fn publish_result<T: serde::Serialize>(
     stage("complete", t_complete);
     metrics::counter!("signer_jobs_total", "outcome" => outcome, "code" => code.map_or("", ErrorCode::as_str))
         .increment(1);
-    if code == Some(ErrorCode::QuotaExceeded) {
-        metrics::counter!("signer_quota_exceeded_total").increment(1);
-    }
+    // (quota refusals are counted where they happen: signer_quota_exceeded_total{tenant,plan,reason})
     tracing::debug!(
         outcome,
         result_seq = stored.stream_sequence,
