@@ -430,3 +430,99 @@ async fn in_flight_is_bounded_whatever_the_backlog() {
     assert_eq!(by_id(&results).len(), n);
     stack.cleanup(&js).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
+    let mut stack = Stack::new("w", "");
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    for i in 0..3 {
+        let id = format!("w-{i}");
+        stack
+            .publish(
+                &js,
+                "sign.requests",
+                &[("Nats-Msg-Id", &id)],
+                serde_json::to_vec(&request(&id, "acme", None)).unwrap(),
+            )
+            .await;
+    }
+    let mut bad = request("w-bad", "acme", None);
+    bad["kind"] = "nope".into();
+    stack
+        .publish(
+            &js,
+            "sign.requests",
+            &[("Nats-Msg-Id", "w-bad")],
+            serde_json::to_vec(&bad).unwrap(),
+        )
+        .await;
+    assert_eq!(
+        stack
+            .results(&js, 4, Duration::from_secs(20), Duration::ZERO)
+            .await
+            .len(),
+        4
+    );
+
+    // watch, as Attestor would: one line per result, completed and failed
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+        .args(["watch", "--all", "--count", "4", "--idle", "5s", "--config"])
+        .arg(&stack.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("completed acme/w-"))
+            .count(),
+        3,
+        "{text}"
+    );
+    // not a valid request, but its requestId and tenant can be read: the refusal is addressed to them
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("failed acme/w-bad invalid_request"))
+            .count(),
+        1,
+        "{text}"
+    );
+
+    let verify = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+            .args(["audit", "verify", "--config"])
+            .arg(&stack.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, text) = verify();
+    assert_eq!(code, Some(0), "{text}");
+
+    // someone with publish rights appends an altered copy of the last event
+    let mut events = stack.audit_events(&js).await;
+    let mut forged = events.pop().unwrap();
+    forged["writerSeq"] = (forged["writerSeq"].as_u64().unwrap() + 1).into();
+    forged["prevHash"] = forged["hash"].clone();
+    forged["decision"] = "signed".into();
+    stack
+        .publish(
+            &js,
+            "signer.audit.acme",
+            &[],
+            serde_json::to_vec(&forged).unwrap(),
+        )
+        .await;
+    let (code, text) = verify();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.starts_with("FAIL: stream seq 5") && text.contains("altered"),
+        "{text}"
+    );
+    stack.cleanup(&js).await;
+}

@@ -66,6 +66,20 @@ impl ContentType {
     }
 }
 
+/// `requestId` and `tenant`, read leniently from a body that is not a valid request, so
+/// its refusal still reaches the right tenant under the right requestId.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct IdProbe {
+    #[serde(rename = "requestId")]
+    pub request_id: Option<String>,
+    pub tenant: Option<String>,
+}
+
+/// See [`IdProbe`]; empty when even that cannot be read.
+pub fn probe_ids(bytes: &[u8], content_type: ContentType) -> IdProbe {
+    content_type.decode::<IdProbe>(bytes).unwrap_or_default()
+}
+
 /// Just the `apiVersion`, read leniently when a body does not decode as v1.
 #[derive(serde::Deserialize)]
 struct VersionProbe {

@@ -138,15 +138,20 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let traceparent = d.header("traceparent").map(str::to_owned);
     let content_type = ContentType::from_header(d.header("Content-Type"));
     let subject_tenant = subject_tenant(d.subject()).map(str::to_owned);
-    let fallback_ids = |content_type| Ids {
+    // Who a refusal is addressed to when the body is not a valid request: Nats-Msg-Id, else
+    // the body's requestId if it can be read, else `seq-<n>`; the subject's tenant, else the
+    // body's, else `_unknown`.
+    let fallback_ids = |content_type, probe: crate::codec::IdProbe| Ids {
         request_id: d
             .header("Nats-Msg-Id")
-            .filter(|id| is_valid_request_id(id))
             .map(str::to_owned)
+            .filter(|id| is_valid_request_id(id))
+            .or(probe.request_id.filter(|id| is_valid_request_id(id)))
             .unwrap_or_else(|| format!("seq-{}", d.stream_sequence())),
         tenant: subject_tenant
             .clone()
             .filter(|t| is_valid_tenant(t))
+            .or(probe.tenant.filter(|t| is_valid_tenant(t)))
             .unwrap_or_else(|| UNKNOWN_TENANT.into()),
         kind: ResultKind::Unknown,
         content_type,
@@ -159,7 +164,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
             return finish_failed(
                 shared,
                 d,
-                fallback_ids(ContentType::Json),
+                fallback_ids(ContentType::Json, Default::default()),
                 None,
                 e,
                 Findings::default(),
@@ -176,7 +181,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         return finish_failed(
             shared,
             d,
-            fallback_ids(content_type),
+            fallback_ids(content_type, Default::default()),
             None,
             e,
             Findings::default(),
@@ -191,10 +196,11 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
                 Err(e) => e,
                 Ok(_) => SignerError::InvalidRequest("body does not decode".into()),
             };
+            let probe = crate::codec::probe_ids(d.body(), content_type);
             return finish_failed(
                 shared,
                 d,
-                fallback_ids(content_type),
+                fallback_ids(content_type, probe),
                 None,
                 e,
                 Findings::default(),
@@ -206,12 +212,12 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         request_id: if is_valid_request_id(&request.request_id) {
             request.request_id.clone()
         } else {
-            fallback_ids(content_type).request_id
+            fallback_ids(content_type, Default::default()).request_id
         },
         tenant: if is_valid_tenant(&request.tenant) {
             request.tenant.clone()
         } else {
-            fallback_ids(content_type).tenant
+            fallback_ids(content_type, Default::default()).tenant
         },
         kind: request.kind.into(),
         content_type,
