@@ -206,6 +206,7 @@ impl Default for HttpConfig {
 #[serde(rename_all = "lowercase")]
 pub enum KeySourceConfig {
     File,
+    Pkcs11,
 }
 
 /// One signing key.
@@ -216,6 +217,18 @@ pub struct KeyConfig {
     pub source: KeySourceConfig,
     /// `file`: the PKCS#8 PEM private key (mode 0600).
     pub path: Option<PathBuf>,
+    /// `pkcs11`: the module (default: SoftHSM2's `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: Option<PathBuf>,
+    /// `pkcs11`: label of the token holding the key.
+    pub token_label: Option<String>,
+    /// `pkcs11`: the key's `CKA_LABEL`...
+    pub key_label: Option<String>,
+    /// ...or its `CKA_ID` in hex.
+    pub key_id: Option<String>,
+    /// `pkcs11`: user PIN read from this file (trailing newline ignored)...
+    pub pin_file: Option<PathBuf>,
+    /// ...or from this environment variable.
+    pub pin_env: Option<String>,
 }
 
 /// A signing profile: the keys that sign, one signature each.
@@ -298,6 +311,28 @@ impl Config {
                     crate::keys::file::FileKey::load(path, &key.name)
                         .map_err(|e| ConfigError::Invalid(format!("key {:?}: {e}", key.name)))?;
                 }
+                // The token may be unreachable at startup: only the settings are checked here;
+                // the Keyring keeps retrying and /readyz says which key is not loaded.
+                KeySourceConfig::Pkcs11 => {
+                    if key.token_label.is_none() {
+                        return invalid(format!(
+                            "key {:?}: source \"pkcs11\" needs token_label",
+                            key.name
+                        ));
+                    }
+                    if key.key_label.is_none() == key.key_id.is_none() {
+                        return invalid(format!(
+                            "key {:?}: source \"pkcs11\" needs exactly one of key_label or key_id",
+                            key.name
+                        ));
+                    }
+                    if key.pin_file.is_none() == key.pin_env.is_none() {
+                        return invalid(format!(
+                            "key {:?}: source \"pkcs11\" needs exactly one of pin_file or pin_env",
+                            key.name
+                        ));
+                    }
+                }
             }
         }
         if !self.profiles.contains_key("default") {
@@ -360,7 +395,9 @@ fn apply_env(
         let Some(path) = var.strip_prefix("SIGNER_") else {
             continue;
         };
-        if path.is_empty() || matches!(path, "CONFIG" | "LOG" | "STATE") {
+        // Only `SECTION__KEY` names are overrides; `SIGNER_LOG`, `SIGNER_CONFIG` and other
+        // single-word SIGNER_* variables belong to the process, not to the file.
+        if !path.contains("__") {
             continue;
         }
         let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();

@@ -8,6 +8,7 @@ use signer_actors::ports::KeyFactory;
 
 use crate::config::{KeyConfig, KeySourceConfig};
 use crate::keys::file::FileKey;
+use crate::keys::pkcs11::Pkcs11Key;
 
 pub struct ConfiguredKeys {
     keys: Vec<KeyConfig>,
@@ -39,6 +40,15 @@ impl KeyFactory for ConfiguredKeys {
                     .ok_or_else(|| KeyError::Unavailable(format!("key {name} has no path")))?;
                 let key =
                     FileKey::load(path, name).map_err(|e| KeyError::Unavailable(e.to_string()))?;
+                Ok(Arc::new(key))
+            }
+            KeySourceConfig::Pkcs11 => {
+                // Module calls block (and may wait on a device): keep them off the runtime.
+                let cfg = cfg.clone();
+                let name = name.to_string();
+                let key = tokio::task::spawn_blocking(move || Pkcs11Key::open(&name, &cfg))
+                    .await
+                    .map_err(|e| KeyError::Unavailable(format!("opening a PKCS#11 key: {e}")))??;
                 Ok(Arc::new(key))
             }
         }

@@ -2,3 +2,4 @@
 
 pub mod factory;
 pub mod file;
+pub mod pkcs11;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod softhsm;
 pub mod stack;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,335 @@
+//! The PKCS#11 key backend against a real SoftHSM2 token: signatures verify with our
+//! verifier and the independent peers, through `serve` and alone, and a token that
+//! cannot be logged in to fails jobs as retryable `key_unavailable` until it can.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::softhsm::{EC_ID, EC_LABEL, ED_LABEL, PIN, softhsm};
+use common::stack::{Stack, request};
+use common::{verify_bundle_peer, verify_dsse_peer};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use signer_actors::keys::{KeyAlgorithm, KeyError, KeySigner as _, KeySource};
+use stella_signer::keys::pkcs11::Pkcs11Key;
+
+fn pin_file(dir: &Path, pin: &str) -> PathBuf {
+    let path = dir.join("pin");
+    std::fs::write(&path, format!("{pin}\n")).unwrap();
+    path
+}
+
+fn write_json(dir: &Path, name: &str, value: &Value) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    path
+}
+
+fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// Waits until worker 0's log contains every one of `needles` on one line.
+fn wait_log(stack: &Stack, needles: &[&str], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if stack
+            .log(0)
+            .lines()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no log line with {needles:?}; log:\n{}", stack.log(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_sign_der_that_verifies_and_keyid_is_sha256_of_spki() {
+    let hsm = softhsm();
+    let dir = tempfile::tempdir().unwrap();
+    let pin = pin_file(dir.path(), PIN);
+
+    let by_label = Pkcs11Key::open("hsm", &hsm.key_config("hsm", &hsm.token, EC_LABEL, &pin))
+        .expect("P-256 key opens");
+    let identity = by_label.identity();
+    assert_eq!(identity.algorithm, KeyAlgorithm::EcdsaP256Sha256);
+    assert_eq!(identity.source, KeySource::Pkcs11);
+    assert_eq!(
+        identity.keyid,
+        hex::encode(Sha256::digest(identity.public_key.spki_der()))
+    );
+    for msg in [&b""[..], b"message", &[0xffu8; 4096]] {
+        let sig = by_label.sign(msg).await.expect("token signs");
+        assert_eq!(sig.sig[0], 0x30, "ECDSA signatures are DER SEQUENCEs");
+        assert_eq!(sig.sig[1] as usize, sig.sig.len() - 2, "DER length");
+        assert!(identity.public_key.verify(msg, &sig.sig));
+        assert!(!identity.public_key.verify(b"other", &sig.sig));
+        assert_eq!(sig.identity.keyid, identity.keyid);
+    }
+
+    // the same pair selected by CKA_ID, with the PIN from the environment
+    let mut by_id = hsm.key_config("hsm-id", &hsm.token, EC_LABEL, &pin);
+    by_id.key_label = None;
+    by_id.key_id = Some(EC_ID.into());
+    by_id.pin_file = None;
+    by_id.pin_env = Some("SIGNER_TEST_HSM_PIN_UNUSED_BY_OTHERS".into());
+    assert!(
+        matches!(Pkcs11Key::open("hsm-id", &by_id), Err(KeyError::Unavailable(m)) if m.contains("SIGNER_TEST_HSM_PIN")),
+        "an unset PIN variable is retryable"
+    );
+    by_id.pin_env = None;
+    by_id.pin_file = Some(pin.clone());
+    let key = Pkcs11Key::open("hsm-id", &by_id).expect("selected by CKA_ID");
+    assert_eq!(key.identity().keyid, identity.keyid);
+
+    // Ed25519 on the same token
+    match &hsm.ed25519_error {
+        None => {
+            let ed = Pkcs11Key::open(
+                "hsm-ed",
+                &hsm.key_config("hsm-ed", &hsm.token, ED_LABEL, &pin),
+            )
+            .expect("Ed25519 key opens");
+            let id = ed.identity();
+            assert_eq!(id.algorithm, KeyAlgorithm::Ed25519);
+            let sig = ed.sign(b"message").await.expect("token signs");
+            assert_eq!(sig.sig.len(), 64);
+            assert!(id.public_key.verify(b"message", &sig.sig));
+        }
+        Some(e) => panic!("SoftHSM could not generate an Ed25519 key: {e}"),
+    }
+}
+
+#[test]
+fn unreachable_tokens_are_retryable_failures() {
+    let hsm = softhsm();
+    let dir = tempfile::tempdir().unwrap();
+    let good = pin_file(dir.path(), PIN);
+    let bad_dir = tempfile::tempdir().unwrap();
+    let bad = pin_file(bad_dir.path(), "9999");
+
+    let cases = [
+        (
+            "wrong PIN",
+            hsm.key_config("k", &hsm.fault_token, EC_LABEL, &bad),
+        ),
+        (
+            "no such token",
+            hsm.key_config("k", "no-such-token", EC_LABEL, &good),
+        ),
+        (
+            "no such key",
+            hsm.key_config("k", &hsm.token, "no-such-key", &good),
+        ),
+        (
+            "no PIN file",
+            hsm.key_config("k", &hsm.token, EC_LABEL, &dir.path().join("nope")),
+        ),
+        ("no module", {
+            let mut c = hsm.key_config("k", &hsm.token, EC_LABEL, &good);
+            c.module = Some(dir.path().join("libnothing.so"));
+            c
+        }),
+    ];
+    for (what, cfg) in cases {
+        match Pkcs11Key::open("k", &cfg) {
+            Err(KeyError::Unavailable(m)) => eprintln!("{what}: {m}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_signs_with_the_token_and_the_peers_verify() {
+    let hsm = softhsm();
+    let pins = tempfile::tempdir().unwrap();
+    let pin = pin_file(pins.path(), PIN);
+    let extra = format!(
+        "{}{}\n[profiles.hsm]\nkeys = [\"hsm\"]\n[profiles.hsm-multi]\nkeys = [\"hsm\", \"ed\"]\n[profiles.hsm-ed]\nkeys = [\"hsm-ed\"]\n",
+        hsm.key_toml("hsm", &hsm.token, EC_LABEL, &pin),
+        hsm.key_toml("hsm-ed", &hsm.token, ED_LABEL, &pin),
+    );
+    let mut stack = Stack::new("hsm", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    wait_log(&stack, &["key loaded", "\"hsm\""], Duration::from_secs(20));
+    wait_log(
+        &stack,
+        &["key loaded", "\"hsm-ed\""],
+        Duration::from_secs(20),
+    );
+
+    // the public keys, read from the token independently of serve
+    let out = tempfile::tempdir().unwrap();
+    let hsm_id = Pkcs11Key::open("hsm", &hsm.key_config("hsm", &hsm.token, EC_LABEL, &pin))
+        .unwrap()
+        .identity();
+    let hsm_ed_id = Pkcs11Key::open(
+        "hsm-ed",
+        &hsm.key_config("hsm-ed", &hsm.token, ED_LABEL, &pin),
+    )
+    .unwrap()
+    .identity();
+    let hsm_pub = write_pem(out.path(), "hsm.pub", &hsm_id.public_key.to_pem());
+    let hsm_ed_pub = write_pem(out.path(), "hsm-ed.pub", &hsm_ed_id.public_key.to_pem());
+    let ed_pub = write_pem(out.path(), "ed.pub", &stack.public_keys[1].to_pem());
+    let ed_keyid = stack.public_keys[1].keyid();
+
+    // (requestId, profile, [(public key file, keyid, source)] in signature order)
+    type Signer<'a> = (&'a Path, &'a str, &'a str);
+    let jobs: [(&str, &str, Vec<Signer>); 4] = [
+        ("h-1", "hsm", vec![(&hsm_pub, &hsm_id.keyid, "pkcs11")]),
+        ("h-2", "hsm", vec![(&hsm_pub, &hsm_id.keyid, "pkcs11")]),
+        (
+            "m-1",
+            "hsm-multi",
+            vec![
+                (&hsm_pub, &hsm_id.keyid, "pkcs11"),
+                (&ed_pub, &ed_keyid, "file"),
+            ],
+        ),
+        (
+            "e-1",
+            "hsm-ed",
+            vec![(&hsm_ed_pub, &hsm_ed_id.keyid, "pkcs11")],
+        ),
+    ];
+    for (id, profile, _) in &jobs {
+        let body = serde_json::to_vec(&request(id, "acme", Some(profile))).unwrap();
+        stack
+            .publish(&js, "sign.requests.acme", &[("Nats-Msg-Id", id)], body)
+            .await;
+    }
+    let results = stack
+        .results(
+            &js,
+            jobs.len(),
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert_eq!(results.len(), jobs.len(), "{results:#?}\n{}", stack.log(0));
+    for (id, _, keys) in &jobs {
+        let r = results
+            .iter()
+            .find(|r| r.header("Signer-Request-Id") == Some(id))
+            .unwrap_or_else(|| panic!("no result for {id}"));
+        assert!(r.completed(), "{id}: {:#}\n{}", r.body, stack.log(0));
+        for (i, (_, keyid, source)) in keys.iter().enumerate() {
+            assert_eq!(r.body["signers"][i]["keyid"], *keyid, "{id}");
+            assert_eq!(r.body["signers"][i]["source"], *source, "{id}");
+            assert_eq!(r.body["envelope"]["signatures"][i]["keyid"], *keyid, "{id}");
+        }
+        let envelope = write_json(
+            out.path(),
+            &format!("{id}.envelope.json"),
+            &r.body["envelope"],
+        );
+        let pubs: Vec<&Path> = keys.iter().map(|k| k.0).collect();
+        let mut extra = vec!["--intoto"];
+        for k in keys {
+            extra.extend(["--expect-keyid", k.1]);
+        }
+        let (code, text) = verify_dsse_peer(&envelope, &pubs, &extra);
+        assert_eq!(code, 0, "securesystemslib on {id}: {text}");
+
+        let bundles = r.body["bundles"].as_array().unwrap();
+        assert_eq!(bundles.len(), keys.len(), "{id}: one bundle per signature");
+        for (i, (bundle, (public, keyid, _))) in bundles.iter().zip(keys).enumerate() {
+            let path = write_json(out.path(), &format!("{id}.bundle-{i}.json"), bundle);
+            let (code, text) = verify_bundle_peer(
+                &path,
+                &[public.to_str().unwrap(), "--hint", keyid, "--intoto"],
+            );
+            assert_eq!(code, 0, "sigstore-js on {id} bundle {i}: {text}");
+        }
+    }
+    stack.cleanup(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_refuses_the_pin_fails_jobs_retryably_until_the_pin_is_fixed() {
+    let hsm = softhsm();
+    let pins = tempfile::tempdir().unwrap();
+    let pin = pin_file(pins.path(), "9999");
+    let extra = format!(
+        "{}\n[profiles.hsm]\nkeys = [\"hsm\"]\n",
+        hsm.key_toml("hsm", &hsm.fault_token, EC_LABEL, &pin),
+    );
+    let mut stack = Stack::new("hsmpin", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    wait_log(
+        &stack,
+        &["key not loaded", "\"hsm\""],
+        Duration::from_secs(20),
+    );
+
+    for (id, profile) in [("bad-1", "hsm"), ("bad-2", "hsm"), ("ok-1", "default")] {
+        let body = serde_json::to_vec(&request(id, "acme", Some(profile))).unwrap();
+        stack
+            .publish(&js, "sign.requests.acme", &[("Nats-Msg-Id", id)], body)
+            .await;
+    }
+    let results = stack
+        .results(&js, 3, Duration::from_secs(30), Duration::from_millis(500))
+        .await;
+    assert_eq!(
+        results.len(),
+        3,
+        "one result per job: {results:#?}\n{}",
+        stack.log(0)
+    );
+    for r in &results {
+        let id = r.header("Signer-Request-Id").unwrap_or("");
+        if id == "ok-1" {
+            assert!(r.completed(), "other keys keep signing: {:#}", r.body);
+            continue;
+        }
+        assert!(!r.completed(), "{id}: {:#}", r.body);
+        assert_eq!(r.code(), "key_unavailable", "{id}: {:#}", r.body);
+        assert_eq!(r.body["error"]["retryable"], true, "{id}");
+    }
+
+    // fix the PIN: the Keyring's retry loads the key and new jobs sign with it
+    std::fs::write(&pin, format!("{PIN}\n")).unwrap();
+    wait_log(&stack, &["key loaded", "\"hsm\""], Duration::from_secs(30));
+    let body = serde_json::to_vec(&request("fixed-1", "acme", Some("hsm"))).unwrap();
+    stack
+        .publish(
+            &js,
+            "sign.requests.acme",
+            &[("Nats-Msg-Id", "fixed-1")],
+            body,
+        )
+        .await;
+    let results = stack
+        .results(&js, 4, Duration::from_secs(30), Duration::from_millis(300))
+        .await;
+    let fixed = results
+        .iter()
+        .find(|r| r.header("Signer-Request-Id") == Some("fixed-1"))
+        .unwrap_or_else(|| panic!("no result for fixed-1: {}", stack.log(0)));
+    assert!(fixed.completed(), "{:#}", fixed.body);
+    assert_eq!(fixed.body["signers"][0]["source"], "pkcs11");
+    let hsm_key = Pkcs11Key::open(
+        "hsm",
+        &hsm.key_config("hsm", &hsm.fault_token, EC_LABEL, &pin),
+    )
+    .unwrap()
+    .identity();
+    assert_eq!(fixed.body["signers"][0]["keyid"], hsm_key.keyid.as_str());
+    let env: signer_actors::dsse::Envelope =
+        serde_json::from_value(fixed.body["envelope"].clone()).unwrap();
+    env.verify(std::slice::from_ref(&hsm_key.public_key), 1)
+        .unwrap();
+    stack.cleanup(&js).await;
+}
