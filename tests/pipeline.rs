@@ -526,3 +526,85 @@ async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
     );
     stack.cleanup(&js).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_certificate_chain_goes_with_the_keys_signatures() {
+    let mut stack = Stack::new("c", "");
+    let dir = stack.dir.path().to_path_buf();
+    let cert = dir.join("ec-chain.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=stella release 2026",
+            "-key",
+        ])
+        .arg(dir.join("ec.key"))
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let text = std::fs::read_to_string(&stack.config).unwrap();
+    let ec_path = format!("path = \"{}\"", dir.join("ec.key").display());
+    let ed_path = format!("path = \"{}\"", dir.join("ed.key").display());
+
+    // a chain whose leaf is not this key's is refused before the service starts
+    let wrong = text.replace(
+        &ed_path,
+        &format!("{ed_path}\ncertificate_chain = \"{}\"", cert.display()),
+    );
+    let err = stella_signer::config::Config::from_toml(&wrong, [])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not certify this key"), "{err}");
+
+    std::fs::write(
+        &stack.config,
+        text.replace(
+            &ec_path,
+            &format!("{ec_path}\ncertificate_chain = \"{}\"", cert.display()),
+        ),
+    )
+    .unwrap();
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack
+        .publish(
+            &js,
+            "sign.requests",
+            &[("Nats-Msg-Id", "chain-1")],
+            serde_json::to_vec(&request("chain-1", "acme", Some("multi"))).unwrap(),
+        )
+        .await;
+    let results = stack
+        .results(&js, 1, Duration::from_secs(20), Duration::ZERO)
+        .await;
+    let r = &results[0];
+    assert!(r.completed(), "{:#}", r.body);
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    assert_eq!(
+        r.body["signers"][0]["certificateChain"],
+        serde_json::json!([pem.replace("\r\n", "\n")])
+    );
+    assert!(
+        r.body["signers"][1].get("certificateChain").is_none(),
+        "only the key with a chain reports one"
+    );
+    assert!(
+        r.body["bundles"][0]["verificationMaterial"]["publicKey"]["hint"].is_string(),
+        "keyful bundles keep the keyid hint"
+    );
+    verify_completed(&stack, r);
+    assert_schema(SchemaKind::Completed, &r.body);
+    stack.cleanup(&js).await;
+}

@@ -229,6 +229,9 @@ pub struct KeyConfig {
     pub pin_file: Option<PathBuf>,
     /// ...or from this environment variable.
     pub pin_env: Option<String>,
+    /// A PEM X.509 chain (leaf first) for this keyful key, reported in
+    /// `signers[].certificateChain`. Its leaf must carry the key's public key.
+    pub certificate_chain: Option<PathBuf>,
 }
 
 /// A signing profile: the keys that sign, one signature each.
@@ -308,8 +311,14 @@ impl Config {
                     let Some(path) = &key.path else {
                         return invalid(format!("key {:?}: source \"file\" needs path", key.name));
                     };
-                    crate::keys::file::FileKey::load(path, &key.name)
+                    let loaded = crate::keys::file::FileKey::load(path, &key.name)
                         .map_err(|e| ConfigError::Invalid(format!("key {:?}: {e}", key.name)))?;
+                    if let Some(chain) = &key.certificate_chain {
+                        use signer_actors::keys::KeySigner as _;
+                        crate::keys::certified::load_chain(chain, &loaded.identity()).map_err(
+                            |e| ConfigError::Invalid(format!("key {:?}: {e}", key.name)),
+                        )?;
+                    }
                 }
                 // The token may be unreachable at startup: only the settings are checked here;
                 // the Keyring keeps retrying and /readyz says which key is not loaded.

@@ -7,6 +7,7 @@ use signer_actors::keys::{KeyError, KeySigner};
 use signer_actors::ports::KeyFactory;
 
 use crate::config::{KeyConfig, KeySourceConfig};
+use crate::keys::certified::{CertifiedKey, load_chain};
 use crate::keys::file::FileKey;
 use crate::keys::pkcs11::Pkcs11Key;
 
@@ -32,7 +33,7 @@ impl KeyFactory for ConfiguredKeys {
             .iter()
             .find(|k| k.name == name)
             .ok_or_else(|| KeyError::Unavailable(format!("no key named {name}")))?;
-        match cfg.source {
+        let key: Arc<dyn KeySigner> = match cfg.source {
             KeySourceConfig::File => {
                 let path = cfg
                     .path
@@ -40,7 +41,7 @@ impl KeyFactory for ConfiguredKeys {
                     .ok_or_else(|| KeyError::Unavailable(format!("key {name} has no path")))?;
                 let key =
                     FileKey::load(path, name).map_err(|e| KeyError::Unavailable(e.to_string()))?;
-                Ok(Arc::new(key))
+                Arc::new(key)
             }
             KeySourceConfig::Pkcs11 => {
                 // Module calls block (and may wait on a device): keep them off the runtime.
@@ -49,8 +50,16 @@ impl KeyFactory for ConfiguredKeys {
                 let key = tokio::task::spawn_blocking(move || Pkcs11Key::open(&name, &cfg))
                     .await
                     .map_err(|e| KeyError::Unavailable(format!("opening a PKCS#11 key: {e}")))??;
-                Ok(Arc::new(key))
+                Arc::new(key)
             }
+        };
+        match &cfg.certificate_chain {
+            Some(path) => {
+                let chain = load_chain(path, &key.identity())
+                    .map_err(|e| KeyError::Unavailable(format!("key {name}: {e}")))?;
+                Ok(Arc::new(CertifiedKey::new(key, chain)))
+            }
+            None => Ok(key),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Key backends that implement the [`signer_actors::keys::KeySigner`] port.
 
+pub mod certified;
 pub mod factory;
 pub mod file;
 pub mod pkcs11;

@@ -192,6 +192,7 @@ impl SoftHsm {
             key_id: None,
             pin_file: Some(pin_file.to_path_buf()),
             pin_env: None,
+            certificate_chain: None,
         }
     }
 
