@@ -3,12 +3,17 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Run every test (unit, integration against the local NATS/Redis/registry, conformance peers).
 test:
-    cargo test --workspace --all-targets
+    cargo test --workspace --all-targets --no-fail-fast
 
-# Formatting and clippy, warnings are errors.
+# Formatting and clippy, warnings are errors; with and without the `yubikey` feature.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --features yubikey -- -D warnings
+
+# The YubiKey backend's unit tests (no hardware: config, error paths, DER handling).
+test-yubikey:
+    cargo test -p stella-signer --lib --features yubikey keys::
 
 # End to end on embedded defaults.
 demo:

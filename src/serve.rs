@@ -230,6 +230,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             Arc::new(KvIdempotency::open(&js, &cfg.idempotency.bucket, cfg.idempotency.ttl).await?)
         }
     };
+    let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
+    let watcher = key_state.watch();
+    let control = key_state.serve_control(client.clone(), cfg.nats.subject("signer.control.keys"));
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
             consumer: provisioned.consumer,
@@ -240,7 +243,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             results: provisioned.results,
         }),
         idempotency,
-        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone())),
+        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_state.clone())),
+        revocations: key_state.clone(),
         entitlement,
         quota,
         provenance,
@@ -278,6 +282,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     if let Some(h) = http {
         h.abort();
     }
+    watcher.abort();
+    control.abort();
     let _ = client.flush().await;
     if left > 0 {
         tracing::warn!(left, "drain timed out; unfinished jobs will be redelivered");

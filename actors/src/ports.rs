@@ -113,6 +113,23 @@ pub trait IdempotencyStore: Send + Sync {
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError>;
 }
 
+/// Keys that must not sign any more, shared by every replica (revocation takes effect
+/// without a restart).
+pub trait RevocationList: Send + Sync {
+    /// Why `keyid` is revoked, if it is.
+    fn revoked(&self, keyid: &str) -> Option<String>;
+}
+
+/// No key is revoked (tests, and deployments that manage revocation elsewhere).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoRevocations;
+
+impl RevocationList for NoRevocations {
+    fn revoked(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
 /// Builds the signing backend of a configured key; called again when its actor restarts.
 #[async_trait]
 pub trait KeyFactory: Send + Sync {

@@ -23,6 +23,34 @@ pub enum KeysCommand {
         #[arg(long, default_value = "signing")]
         name: String,
     },
+    /// Revoke a key on every replica: from now on it signs nothing (jobs get key_revoked).
+    Revoke {
+        /// The keyid (lowercase hex SHA-256 of the key's SubjectPublicKeyInfo).
+        keyid: String,
+        /// Why (recorded with the revocation).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        nats: super::nats_client::NatsArgs,
+    },
+    /// Every key the replicas have loaded, including retired and revoked ones, with their
+    /// validity (validFrom, validUntil when revoked): what verifiers need.
+    List {
+        /// One JSON array instead of a line per key.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        nats: super::nats_client::NatsArgs,
+    },
+}
+
+async fn key_state(
+    nats: &super::nats_client::NatsArgs,
+) -> Result<std::sync::Arc<crate::jetstream::key_state::KeyState>, CliError> {
+    let (cfg, _client, js) = nats.connect().await?;
+    crate::jetstream::key_state::KeyState::open(&js, &cfg.keys_bucket)
+        .await
+        .map_err(|e| CliError::Unusable(e.to_string()))
 }
 
 impl KeysCommand {
@@ -48,6 +76,46 @@ impl KeysCommand {
                 println!("{}", g.keyid);
                 Ok(())
             }
+            KeysCommand::Revoke {
+                keyid,
+                reason,
+                nats,
+            } => super::nats_client::runtime()?.block_on(async {
+                let state = key_state(&nats).await?;
+                state
+                    .revoke(&keyid, &reason)
+                    .await
+                    .map_err(CliError::Unusable)?;
+                println!("revoked {keyid}");
+                Ok(())
+            }),
+            KeysCommand::List { json, nats } => super::nats_client::runtime()?.block_on(async {
+                let keys = key_state(&nats)
+                    .await?
+                    .list()
+                    .await
+                    .map_err(CliError::Unusable)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&keys).unwrap_or_default()
+                    );
+                } else {
+                    for k in &keys {
+                        let s = |f: &str| k[f].as_str().unwrap_or("").to_string();
+                        println!(
+                            "{} {:<8} {:<18} {:<7} {} {}",
+                            s("keyid"),
+                            s("status"),
+                            s("algorithm"),
+                            s("source"),
+                            s("name"),
+                            s("validFrom")
+                        );
+                    }
+                }
+                Ok(())
+            }),
         }
     }
 }

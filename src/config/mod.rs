@@ -73,6 +73,8 @@ pub struct NatsConfig {
     pub requests_stream: String,
     pub results_stream: String,
     pub audit_stream: String,
+    /// Key-value bucket of key state shared by replicas (loaded keys, revocations).
+    pub keys_bucket: String,
     pub consumer: String,
     /// Deliveries per job before a retryable failure is published as final.
     pub max_deliver: u64,
@@ -96,6 +98,7 @@ impl Default for NatsConfig {
             requests_stream: "SIGN_REQUESTS".into(),
             results_stream: "SIGN_RESULTS".into(),
             audit_stream: "SIGNER_AUDIT".into(),
+            keys_bucket: "SIGNER_KEYS".into(),
             consumer: "signer".into(),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
@@ -207,7 +210,15 @@ impl Default for HttpConfig {
 pub enum KeySourceConfig {
     File,
     Pkcs11,
+    /// A PIV slot of a YubiKey over PC/SC; needs a build with `--features yubikey`.
+    Yubikey,
 }
+
+/// The PIV slots a `yubikey` key may name: authentication, signature (the default),
+/// key management and card authentication.
+pub const YUBIKEY_SLOTS: [&str; 4] = ["9a", "9c", "9d", "9e"];
+/// The PIV slot used when a `yubikey` key names none: the digital signature slot.
+pub const YUBIKEY_DEFAULT_SLOT: &str = "9c";
 
 /// One signing key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -225,7 +236,13 @@ pub struct KeyConfig {
     pub key_label: Option<String>,
     /// ...or its `CKA_ID` in hex.
     pub key_id: Option<String>,
-    /// `pkcs11`: user PIN read from this file (trailing newline ignored)...
+    /// `yubikey`: the PIV slot holding the P-256 key, one of `9a`, `9c`, `9d`, `9e`
+    /// (default `9c`, the signature slot).
+    pub slot: Option<String>,
+    /// `yubikey`: serial number of the device to use, needed when more than one YubiKey
+    /// is attached (without it, exactly one must be present).
+    pub serial: Option<u32>,
+    /// `pkcs11`, `yubikey`: user PIN read from this file (trailing newline ignored)...
     pub pin_file: Option<PathBuf>,
     /// ...or from this environment variable.
     pub pin_env: Option<String>,
@@ -338,6 +355,38 @@ impl Config {
                     if key.pin_file.is_none() == key.pin_env.is_none() {
                         return invalid(format!(
                             "key {:?}: source \"pkcs11\" needs exactly one of pin_file or pin_env",
+                            key.name
+                        ));
+                    }
+                }
+                // As for pkcs11: the device may be absent at startup (or the build may lack
+                // the feature), so only the settings are checked; the Keyring reports the rest.
+                KeySourceConfig::Yubikey => {
+                    if let Some(slot) = &key.slot
+                        && !YUBIKEY_SLOTS.contains(&slot.to_ascii_lowercase().as_str())
+                    {
+                        return invalid(format!(
+                            "key {:?}: slot {slot:?} is not a PIV key slot ({})",
+                            key.name,
+                            YUBIKEY_SLOTS.join(", ")
+                        ));
+                    }
+                    if key.pin_file.is_none() == key.pin_env.is_none() {
+                        return invalid(format!(
+                            "key {:?}: source \"yubikey\" needs exactly one of pin_file or pin_env",
+                            key.name
+                        ));
+                    }
+                    if key.path.is_some()
+                        || key.module.is_some()
+                        || key.token_label.is_some()
+                        || key.key_label.is_some()
+                        || key.key_id.is_some()
+                    {
+                        return invalid(format!(
+                            "key {:?}: source \"yubikey\" takes slot, serial and a PIN, not \
+                             path, module, token_label, key_label or key_id \
+                             (for ykcs11 use source \"pkcs11\")",
                             key.name
                         ));
                     }

@@ -62,33 +62,7 @@ impl KvIdempotency {
         bucket: &str,
         ttl: Duration,
     ) -> Result<Self, NatsError> {
-        let err = |e: String| NatsError::Bucket {
-            bucket: bucket.to_string(),
-            reason: e,
-        };
-        if let Ok(store) = js.get_key_value(bucket).await {
-            return Ok(KvIdempotency { store });
-        }
-        let config = jetstream::stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: ttl,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            duplicate_window: ttl.min(Duration::from_secs(120)),
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        };
-        if let Err(e) = js.create_stream(config).await {
-            tracing::debug!(error = %e, bucket, "creating the idempotency bucket failed; maybe another replica did");
-        }
-        let store = js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let store = super::open_bucket(js, bucket, ttl).await?;
         Ok(KvIdempotency { store })
     }
 }

@@ -2,6 +2,7 @@
 //! source (durable pull consumer), the publisher and the key-value idempotency store.
 
 pub mod idempotency;
+pub mod key_state;
 pub mod provision;
 pub mod publisher;
 pub mod source;
@@ -47,6 +48,48 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
             reason: "no answer within 10s".into(),
         }),
     }
+}
+
+/// Opens a key-value bucket, creating it when missing (`max_age` zero: entries never expire).
+/// The backing stream is created directly with the key-value layout (`KV_<bucket>`,
+/// `$KV.<bucket>.>`), because the client's bucket creation first queries account info in a
+/// form NATS 2.9 does not answer.
+pub async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    max_age: std::time::Duration,
+) -> Result<async_nats::jetstream::kv::Store, NatsError> {
+    use async_nats::jetstream::stream;
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let window = if max_age.is_zero() {
+        std::time::Duration::from_secs(120)
+    } else {
+        max_age.min(std::time::Duration::from_secs(120))
+    };
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: window,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(config).await {
+        tracing::debug!(error = %e, bucket, "creating the bucket failed; maybe another replica did");
+    }
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| NatsError::Bucket {
+            bucket: bucket.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// Converts our header list to NATS headers.

@@ -4,3 +4,5 @@ pub mod certified;
 pub mod factory;
 pub mod file;
 pub mod pkcs11;
+#[cfg(feature = "yubikey")]
+pub mod yubikey;

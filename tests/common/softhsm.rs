@@ -190,6 +190,8 @@ impl SoftHsm {
             token_label: Some(token.into()),
             key_label: Some(key_label.into()),
             key_id: None,
+            slot: None,
+            serial: None,
             pin_file: Some(pin_file.to_path_buf()),
             pin_env: None,
             certificate_chain: None,

@@ -84,6 +84,7 @@ subject_prefix = "{prefix}"
 requests_stream = "{upper}_REQ"
 results_stream = "{upper}_RES"
 audit_stream = "{upper}_AUD"
+keys_bucket = "{upper}_KEYS"
 consumer = "{id}"
 ack_wait = "5s"
 max_deliver = 3
@@ -346,6 +347,9 @@ keys = ["ec", "ed"]
         }
         let _ = js
             .delete_stream(format!("KV_{}", self.stream("IDEM")))
+            .await;
+        let _ = js
+            .delete_stream(format!("KV_{}", self.stream("KEYS")))
             .await;
     }
 }

@@ -21,26 +21,43 @@ pub enum KeyMsg {
 /// One key.
 pub struct KeySignerActor;
 
+/// A key actor's backend and the revocation list it consults before every signature.
+pub struct KeyState {
+    key: Arc<dyn KeySigner>,
+    revocations: Arc<dyn crate::ports::RevocationList>,
+}
+
 impl Actor for KeySignerActor {
     type Msg = KeyMsg;
-    type State = Arc<dyn KeySigner>;
-    type Arguments = Arc<dyn KeySigner>;
+    type State = KeyState;
+    type Arguments = KeyState;
 
     async fn pre_start(
         &self,
         _: ActorRef<KeyMsg>,
-        key: Self::Arguments,
+        state: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(key)
+        Ok(state)
     }
 
     async fn handle(
         &self,
         _: ActorRef<KeyMsg>,
         msg: KeyMsg,
-        key: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let KeyMsg::Sign(message, reply) = msg;
+        let key = &state.key;
+        // Checked before every signature: a revocation reaches every replica's keys
+        // through the shared list, without a restart.
+        let keyid = key.identity().keyid.clone();
+        if let Some(reason) = state.revocations.revoked(&keyid) {
+            let _ = reply.send(Err(KeyError::Revoked(format!(
+                "key {} ({keyid}) is revoked: {reason}",
+                key.name()
+            ))));
+            return Ok(());
+        }
         let started = Instant::now();
         let outcome = key.sign(&message).await;
         let source = key.identity().source.as_str();
@@ -119,8 +136,16 @@ impl Actor for Keyring {
         let KeyringMsg::Load(name) = msg;
         match state.shared.ports.keys.load(&name).await {
             Ok(key) => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, KeySignerActor, key, myself.get_cell()).await?;
+                let (actor, _) = Actor::spawn_linked(
+                    None,
+                    KeySignerActor,
+                    KeyState {
+                        key,
+                        revocations: state.shared.ports.revocations.clone(),
+                    },
+                    myself.get_cell(),
+                )
+                .await?;
                 state.children.insert(actor.get_id(), name.clone());
                 state.failures.remove(&name);
                 state.shared.write_refs().keys.insert(name.clone(), actor);

@@ -102,6 +102,7 @@ pub struct Ports {
     pub publisher: Arc<dyn MessagePublisher>,
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub keys: Arc<dyn KeyFactory>,
+    pub revocations: Arc<dyn crate::ports::RevocationList>,
     pub entitlement: Arc<dyn EntitlementVerifier>,
     pub quota: Arc<dyn QuotaStore>,
     pub provenance: Arc<dyn ReleaseVerifier>,

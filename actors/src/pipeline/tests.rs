@@ -244,6 +244,7 @@ async fn a_key_actor_that_dies_is_restarted_and_its_job_redelivered() {
         publisher: publisher.clone(),
         idempotency: Arc::new(MemIdempotency::default()),
         keys: keys.clone(),
+        revocations: Arc::new(NoRevocations),
         entitlement: Arc::new(DisabledEntitlement),
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
