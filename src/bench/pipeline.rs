@@ -91,6 +91,7 @@ struct Names {
     req: String,
     res: String,
     aud: String,
+    keys: String,
     consumer: String,
     idem: String,
 }
@@ -106,6 +107,7 @@ impl Names {
             req: format!("{up}_REQ"),
             res: format!("{up}_RES"),
             aud: format!("{up}_AUD"),
+            keys: format!("{up}_KEYS"),
             consumer: id.clone(),
             idem: format!("{id}:idem:"),
         }
@@ -115,6 +117,7 @@ impl Names {
         for s in [&self.req, &self.res, &self.aud] {
             let _ = js.delete_stream(s).await;
         }
+        let _ = js.delete_stream(format!("KV_{}", self.keys)).await;
     }
 }
 
@@ -313,6 +316,7 @@ subject_prefix = "{prefix}"
 requests_stream = "{req}"
 results_stream = "{res}"
 audit_stream = "{aud}"
+keys_bucket = "{keys}"
 consumer = "{consumer}"
 [worker]
 max_inflight = {inflight}
@@ -335,6 +339,7 @@ keys = ["bench"]
         req = names.req,
         res = names.res,
         aud = names.aud,
+        keys = names.keys,
         consumer = names.consumer,
         inflight = b.max_inflight,
         redis = b.redis,
