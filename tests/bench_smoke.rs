@@ -27,9 +27,10 @@ fn pipeline_bench_runs_with_every_gate_on() {
     );
     assert!(out.status.success(), "{text}");
     for needle in [
-        "ceiling a",
-        "ceiling b",
-        "pipeline jobs/s",
+        "(ceiling a)",
+        "(ceiling b)",
+        "pipeline jobs/s (backlog drain)",
+        "pipeline / ceiling b",
         "peak RSS",
         "open loop 200 jobs/s",
     ] {
