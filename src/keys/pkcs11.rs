@@ -112,21 +112,7 @@ fn unavailable(what: impl std::fmt::Display) -> impl FnOnce(CkError) -> KeyError
 
 /// Where the PIN comes from.
 fn read_pin(name: &str, cfg: &KeyConfig) -> Result<AuthPin, KeyError> {
-    let pin = if let Some(path) = &cfg.pin_file {
-        std::fs::read_to_string(path).map_err(|e| {
-            KeyError::Unavailable(format!("key {name}: PIN file {}: {e}", path.display()))
-        })?
-    } else if let Some(var) = &cfg.pin_env {
-        std::env::var(var).map_err(|_| {
-            KeyError::Unavailable(format!("key {name}: environment variable {var} is not set"))
-        })?
-    } else {
-        return Err(KeyError::Unavailable(format!(
-            "key {name}: neither pin_file nor pin_env is set"
-        )));
-    };
-    let pin = pin.trim_end_matches(['\r', '\n']).to_string();
-    Ok(AuthPin::from(pin))
+    super::pin::read_pin(name, cfg).map(AuthPin::from)
 }
 
 /// Strips a DER OCTET STRING header (short or long form length) when `der` is exactly one.

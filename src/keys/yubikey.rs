@@ -75,20 +75,7 @@ impl Drop for Pin {
 
 /// Reads the PIN from `pin_file` or `pin_env` (trailing newline ignored).
 fn read_pin(name: &str, cfg: &KeyConfig) -> Result<Pin, KeyError> {
-    let pin = if let Some(path) = &cfg.pin_file {
-        std::fs::read_to_string(path).map_err(|e| {
-            KeyError::Unavailable(format!("key {name}: PIN file {}: {e}", path.display()))
-        })?
-    } else if let Some(var) = &cfg.pin_env {
-        std::env::var(var).map_err(|_| {
-            KeyError::Unavailable(format!("key {name}: environment variable {var} is not set"))
-        })?
-    } else {
-        return Err(KeyError::Unavailable(format!(
-            "key {name}: neither pin_file nor pin_env is set"
-        )));
-    };
-    Ok(Pin(pin.trim_end_matches(['\r', '\n']).as_bytes().to_vec()))
+    super::pin::read_pin(name, cfg).map(|pin| Pin(pin.into_bytes()))
 }
 
 /// The P-256 public key a certificate certifies, or `None` for any other key type.
