@@ -74,7 +74,7 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
         &["keys", "revoke", &ec, "--reason", "key file leaked"],
     );
     assert_eq!(code, 0, "{out}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..12 {
         let r = send(format!("after-{i}"), "default").await;
         assert!(!r.completed(), "a revoked key signed: {:#}", r.body);
@@ -99,7 +99,7 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&answer.payload), "ok");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(send("ed-after".into(), "ed").await.code(), "key_revoked");
 
     // both replicas refused (the audit events name their writers), and both keys stay listed
