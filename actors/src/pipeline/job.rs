@@ -298,7 +298,14 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let settle = match outcome {
         Ok(signed) => {
             finish_signed(
-                shared, d, &ids, &idem_key, &request, signed, verdict, findings,
+                shared,
+                d,
+                &ids,
+                &idem_key,
+                &prepared.subjects,
+                signed,
+                verdict,
+                findings,
             )
             .await
         }
@@ -507,7 +514,7 @@ async fn finish_signed(
     d: &dyn Delivery,
     ids: &Ids,
     idem_key: &str,
-    request: &SignRequest,
+    subjects: &[crate::statement::Subject],
     signed: crate::signing::SignedEnvelope,
     verdict: EntitlementVerdict,
     findings: Findings,
@@ -538,10 +545,7 @@ async fn finish_signed(
         request_id: ids.request_id.clone(),
         tenant: ids.tenant.clone(),
         kind: ids.kind,
-        subjects: request
-            .prepare_payload()
-            .map(|p| p.subjects.iter().map(SubjectEntry::from).collect())
-            .unwrap_or_default(),
+        subjects: subjects.iter().map(SubjectEntry::from).collect(),
         envelope: signed.envelope,
         bundles: signed.bundles,
         bundle_sha256: signed.bundle_sha256,
