@@ -136,21 +136,9 @@ async fn every_request_gets_one_verifiable_result_in_its_encoding() {
     verify_completed(&stack, exp);
 
     // the audit chain of the run verifies, and events name what was decided
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-        .args(["audit", "verify", "--config"])
-        .arg(&stack.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("OK: 5 events"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, text) = stack.audit_verify();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("OK: 5 events"), "{text}");
     stack.cleanup(&js).await;
 }
 
@@ -293,15 +281,10 @@ async fn a_republished_request_is_not_signed_twice() {
         all[0].raw, first[0].raw,
         "the original result, byte for byte"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-        .args(["audit", "verify", "--config"])
-        .arg(&stack.config)
-        .output()
-        .unwrap();
+    let (_, text) = stack.audit_verify();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("OK: 1 events"),
-        "one signing decision only: {}",
-        String::from_utf8_lossy(&out.stdout)
+        text.contains("OK: 1 events"),
+        "one signing decision only: {text}"
     );
     stack.cleanup(&js).await;
 }
@@ -491,17 +474,7 @@ async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
         "{text}"
     );
 
-    let verify = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-            .args(["audit", "verify", "--config"])
-            .arg(&stack.config)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
-    };
+    let verify = || stack.audit_verify();
     let (code, text) = verify();
     assert_eq!(code, Some(0), "{text}");
 

@@ -88,15 +88,7 @@ async fn killing_a_replica_midway_loses_and_duplicates_nothing() {
         stack.log(0).contains("stella-signer serving")
             && stack.log(2).contains("stella-signer serving")
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-        .args(["audit", "verify", "--config"])
-        .arg(&stack.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, text) = stack.audit_verify();
+    assert_eq!(code, Some(0), "{text}");
     stack.cleanup(&js).await;
 }

@@ -309,6 +309,19 @@ keys = ["ec", "ed"]
         out
     }
 
+    /// `stella-signer audit verify` on this deployment: (exit code, stdout).
+    pub fn audit_verify(&self) -> (Option<i32>, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+            .args(["audit", "verify", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+
     /// Every audit event stored so far, in stream order.
     pub async fn audit_events(&self, js: &jetstream::Context) -> Vec<Value> {
         let mut stream = js.get_stream(self.stream("AUD")).await.unwrap();
