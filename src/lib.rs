@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod entitlement;
+pub mod error_text;
 pub mod http;
 pub mod jetstream;
 pub mod keys;

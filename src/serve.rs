@@ -151,7 +151,7 @@ pub fn pipeline_config(
     max_deliver: u64,
     ack_wait: Duration,
 ) -> PipelineConfig {
-    let mut p = PipelineConfig::new(worker_id, cfg.profile_map());
+    let mut p = PipelineConfig::new(worker_id, cfg.profile_table());
     p.completed_subject = cfg.nats.subject("sign.completed");
     p.failed_subject = cfg.nats.subject("sign.failed");
     p.audit_subject_prefix = cfg.nats.subject("signer.audit");
@@ -231,6 +231,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         }
     };
     let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
+    key_state.record_profiles(&cfg.profile_table()).await;
     let watcher = key_state.watch();
     let control = key_state.serve_control(client.clone(), cfg.nats.subject("signer.control.keys"));
     let ports = Ports {
@@ -245,6 +246,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         idempotency,
         keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_state.clone())),
         revocations: key_state.clone(),
+        assignments: key_state.clone(),
         entitlement,
         quota,
         provenance,

@@ -1,15 +1,16 @@
 //! The PKCS#11 key backend against a real SoftHSM2 token: signatures verify with our
-//! verifier and the independent peers, through `serve` and alone, and a token that
-//! cannot be logged in to fails jobs as retryable `key_unavailable` until it can.
+//! verifier and the independent peers, through `serve` and alone, a token that cannot be
+//! logged in to fails jobs as retryable `key_unavailable` until it can, and a pool of
+//! sessions whose sessions are closed under it loses no job.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::softhsm::{EC_ID, EC_LABEL, ED_LABEL, PIN, softhsm};
+use common::softhsm::{EC_ID, EC_LABEL, ED_LABEL, PIN, SoftHsm, softhsm};
 use common::stack::{Stack, request};
-use common::{verify_bundle_peer, verify_dsse_peer};
+use common::{verify_bundle_peer, verify_dsse_peer, write_json};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use signer_actors::keys::{KeyAlgorithm, KeyError, KeySigner as _, KeySource};
@@ -21,32 +22,10 @@ fn pin_file(dir: &Path, pin: &str) -> PathBuf {
     path
 }
 
-fn write_json(dir: &Path, name: &str, value: &Value) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
-    path
-}
-
 fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, pem).unwrap();
     path
-}
-
-/// Waits until worker 0's log contains every one of `needles` on one line.
-fn wait_log(stack: &Stack, needles: &[&str], timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if stack
-            .log(0)
-            .lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("no log line with {needles:?}; log:\n{}", stack.log(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,12 +138,8 @@ async fn serve_signs_with_the_token_and_the_peers_verify() {
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
-    wait_log(&stack, &["key loaded", "\"hsm\""], Duration::from_secs(20));
-    wait_log(
-        &stack,
-        &["key loaded", "\"hsm-ed\""],
-        Duration::from_secs(20),
-    );
+    stack.wait_log(0, &["key loaded", "\"hsm\""], Duration::from_secs(20));
+    stack.wait_log(0, &["key loaded", "\"hsm-ed\""], Duration::from_secs(20));
 
     // the public keys, read from the token independently of serve
     let out = tempfile::tempdir().unwrap();
@@ -267,11 +242,7 @@ async fn a_token_that_refuses_the_pin_fails_jobs_retryably_until_the_pin_is_fixe
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
-    wait_log(
-        &stack,
-        &["key not loaded", "\"hsm\""],
-        Duration::from_secs(20),
-    );
+    stack.wait_log(0, &["key not loaded", "\"hsm\""], Duration::from_secs(20));
 
     for (id, profile) in [("bad-1", "hsm"), ("bad-2", "hsm"), ("ok-1", "default")] {
         let body = serde_json::to_vec(&request(id, "acme", Some(profile))).unwrap();
@@ -301,7 +272,7 @@ async fn a_token_that_refuses_the_pin_fails_jobs_retryably_until_the_pin_is_fixe
 
     // fix the PIN: the Keyring's retry loads the key and new jobs sign with it
     std::fs::write(&pin, format!("{PIN}\n")).unwrap();
-    wait_log(&stack, &["key loaded", "\"hsm\""], Duration::from_secs(30));
+    stack.wait_log(0, &["key loaded", "\"hsm\""], Duration::from_secs(30));
     let body = serde_json::to_vec(&request("fixed-1", "acme", Some("hsm"))).unwrap();
     stack
         .publish(
@@ -331,5 +302,214 @@ async fn a_token_that_refuses_the_pin_fails_jobs_retryably_until_the_pin_is_fixe
         serde_json::from_value(fixed.body["envelope"].clone()).unwrap();
     env.verify(std::slice::from_ref(&hsm_key.public_key), 1)
         .unwrap();
+    stack.cleanup(&js).await;
+}
+
+/// `C_CloseAllSessions` on the slot of `token`, in this process: it closes every session of
+/// the process on that token (and so logs it out), including the ones the key actors hold.
+/// cryptoki 0.12 has no wrapper for it, so the function is looked up in the module as this
+/// process already loaded it. Returns the CK_RV.
+fn close_all_sessions(hsm: &SoftHsm, token: &str) -> u64 {
+    use std::ffi::{CString, c_char, c_int, c_ulong, c_void};
+    use std::os::unix::ffi::OsStrExt as _;
+    unsafe extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        fn dlclose(handle: *mut c_void) -> c_int;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_NOLOAD: c_int = 4;
+    let ctx = stella_signer::keys::pkcs11::context(&hsm.module).unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == token)
+        })
+        .unwrap_or_else(|| panic!("no token {token}"));
+    let path = CString::new(hsm.module.as_os_str().as_bytes()).unwrap();
+    // SAFETY: RTLD_NOLOAD hands out the module `context` initialised above (no second copy
+    // is loaded); C_CloseAllSessions has the PKCS#11 signature CK_RV (CK_SLOT_ID), both
+    // unsigned long, and the handle is released after the call.
+    unsafe {
+        let module = dlopen(path.as_ptr(), RTLD_NOW | RTLD_NOLOAD);
+        assert!(!module.is_null(), "{} is not loaded", hsm.module.display());
+        let f = dlsym(module, c"C_CloseAllSessions".as_ptr());
+        assert!(!f.is_null(), "no C_CloseAllSessions");
+        let close: extern "C" fn(c_ulong) -> c_ulong = std::mem::transmute(f);
+        let rv = close(slot.id() as c_ulong);
+        dlclose(module);
+        rv as u64
+    }
+}
+
+/// A counter or gauge of this process's Prometheus recorder (`name{labels}`), 0 if absent.
+fn metric(series: &str) -> f64 {
+    stella_signer::telemetry::metrics()
+        .unwrap()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs `serve` in this process, the key pool and the faulty token with it, so that the
+/// test can close the sessions the key actors hold. Logs go, as JSON like `serve` writes
+/// them, to the stack's `worker-0.log` (only this test installs a log subscriber).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_the_sessions_of_a_pool_mid_stream_loses_no_job_and_signs_none_twice() {
+    let hsm = softhsm();
+    let pins = tempfile::tempdir().unwrap();
+    let pin = pin_file(pins.path(), PIN);
+    // The token's public key, read independently of the signer (its session closes again).
+    let token_key = Pkcs11Key::open(
+        "hsm",
+        &hsm.key_config("hsm", &hsm.session_token, EC_LABEL, &pin),
+    )
+    .unwrap()
+    .identity();
+    let extra = format!(
+        "{}sessions = 2\n\n[profiles.hsm]\nkeys = [\"hsm\"]\n",
+        hsm.key_toml("hsm", &hsm.session_token, EC_LABEL, &pin),
+    );
+    let stack = Stack::new("hsmpool", &extra);
+    let log = std::fs::File::create(stack.dir.path().join("worker-0.log")).unwrap();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init()
+        .expect("no other test of this binary installs a log subscriber");
+    let cfg = stella_signer::config::Config::load(
+        &stack.config,
+        [
+            // Room for the retries of the jobs that meet the closed sessions.
+            ("SIGNER_NATS__MAX_DELIVER".to_string(), "10".to_string()),
+            ("SIGNER_WORKER__ID".to_string(), format!("{}-w0", stack.id)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.keys.iter().find(|k| k.name == "hsm").unwrap().sessions,
+        2
+    );
+    let serve = tokio::spawn(stella_signer::serve::run(cfg));
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    let wait = |needles: &[&str]| {
+        tokio::task::block_in_place(|| stack.wait_log(0, needles, Duration::from_secs(30)))
+    };
+    // two pool members, two sessions
+    wait(&["key loaded", "\"hsm\"", "\"pool_slot\":0"]);
+    wait(&["key loaded", "\"hsm\"", "\"pool_slot\":1"]);
+
+    let publish = |phase: &'static str| {
+        let stack = &stack;
+        let js = &js;
+        async move {
+            let ids: Vec<String> = (0..10).map(|i| format!("{phase}-{i}")).collect();
+            for id in &ids {
+                let body = serde_json::to_vec(&request(id, "acme", Some("hsm"))).unwrap();
+                stack
+                    .publish(js, "sign.requests.acme", &[("Nats-Msg-Id", id)], body)
+                    .await;
+            }
+            ids
+        }
+    };
+    let mut ids = publish("before").await;
+    let done = stack
+        .results(&js, 10, Duration::from_secs(30), Duration::ZERO)
+        .await;
+    assert_eq!(done.len(), 10, "{done:#?}\n{}", stack.log(0));
+    assert_eq!(metric("signer_actor_restarts_total{actor=\"key\"}"), 0.0);
+
+    // The fault. Injected between two signatures: SoftHSM 2.6 frees a session that
+    // C_CloseAllSessions closes under a C_Sign running on another thread, and the process
+    // crashes (a property of the in-process injection, not of a token going away). Every
+    // job published from here on meets sessions that are gone.
+    assert_eq!(close_all_sessions(hsm, &hsm.session_token), 0, "CKR_OK");
+    ids.extend(publish("during").await);
+    // Each member fails on its next signature and is reloaded alone.
+    for slot in ["\"pool_slot\":0", "\"pool_slot\":1"] {
+        wait(&[
+            "key actor stopped; reloading the key",
+            "\"hsm\"",
+            slot,
+            "CKR_SESSION_HANDLE_INVALID",
+        ]);
+    }
+    // ...and is back: two initial loads, two reloads.
+    let hsm_loads = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("key loaded") && l.contains("\"hsm\""))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hsm_loads(&stack.log(0)) < 4 {
+        assert!(Instant::now() < deadline, "not reloaded:\n{}", stack.log(0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ids.extend(publish("after").await);
+
+    let results = stack
+        .results(
+            &js,
+            ids.len(),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+        .await;
+    let log = stack.log(0);
+    assert_eq!(
+        results.len(),
+        ids.len(),
+        "one result per job, none twice: {results:#?}\n{log}"
+    );
+    for id in &ids {
+        let mine: Vec<_> = results
+            .iter()
+            .filter(|r| r.header("Signer-Request-Id") == Some(id))
+            .collect();
+        assert_eq!(mine.len(), 1, "{id}: {mine:#?}\n{log}");
+        let r = mine[0];
+        assert!(r.completed(), "{id}: {:#}\n{log}", r.body);
+        assert_eq!(
+            r.body["signers"][0]["keyid"],
+            token_key.keyid.as_str(),
+            "{id}"
+        );
+        assert_eq!(r.body["signers"][0]["source"], "pkcs11", "{id}");
+        let env: signer_actors::dsse::Envelope =
+            serde_json::from_value(r.body["envelope"].clone()).unwrap();
+        env.verify(std::slice::from_ref(&token_key.public_key), 1)
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    // Signed once each: one audit decision per job, every one of them `signed`.
+    let audit = stack.audit_events(&js).await;
+    for id in &ids {
+        let decisions: Vec<&Value> = audit
+            .iter()
+            .filter(|e| e["requestId"] == id.as_str())
+            .map(|e| &e["decision"])
+            .collect();
+        assert_eq!(decisions, [&Value::from("signed")], "{id}");
+    }
+
+    // What operators see: retryable key_unavailable, one restart per pool member, and
+    // one reload of each (no more: the jobs after the fault found the new sessions).
+    assert!(
+        log.lines()
+            .any(|l| l.contains("retryable failure; NAK with backoff")
+                && l.contains("key_unavailable")),
+        "{log}"
+    );
+    assert!(metric("signer_retries_total{code=\"key_unavailable\"}") >= 1.0);
+    assert_eq!(metric("signer_actor_restarts_total{actor=\"key\"}"), 2.0);
+    assert_eq!(hsm_loads(&log), 4, "{log}");
+
+    serve.abort();
     stack.cleanup(&js).await;
 }

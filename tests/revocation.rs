@@ -1,5 +1,6 @@
-//! Revoking a key: every replica stops signing with it within seconds, without a restart,
-//! and the key stays listed (with its validity) for verifiers.
+//! Revoking and rotating keys: every replica stops signing with a revoked key and starts
+//! signing with a rotated-in one within seconds, without a restart; tenants can have keys
+//! of their own; and every key stays listed (with its validity) for verifiers.
 
 mod common;
 
@@ -22,6 +23,27 @@ fn signer(stack: &Stack, args: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// The replicas (worker ids without the per-writer suffix) that wrote an audit event
+/// matching `pick`.
+async fn replicas_whose_audit(
+    stack: &Stack,
+    js: &async_nats::jetstream::Context,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> std::collections::HashSet<String> {
+    stack
+        .audit_events(js)
+        .await
+        .iter()
+        .filter(|e| pick(e))
+        .filter_map(|e| {
+            e["worker"]
+                .as_str()?
+                .rsplit_once("-w")
+                .map(|w| w.0.to_string())
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,20 +125,7 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
     assert_eq!(send("ed-after".into(), "ed").await.code(), "key_revoked");
 
     // both replicas refused (the audit events name their writers), and both keys stay listed
-    let audit = stack.audit_events(&js).await;
-    let writers: std::collections::HashSet<String> = audit
-        .iter()
-        .filter(|e| e["errorCode"] == "key_revoked")
-        .map(|e| {
-            e["worker"]
-                .as_str()
-                .unwrap()
-                .rsplit_once("-w")
-                .unwrap()
-                .0
-                .to_string()
-        })
-        .collect();
+    let writers = replicas_whose_audit(&stack, &js, |e| e["errorCode"] == "key_revoked").await;
     assert_eq!(
         writers.len(),
         2,
@@ -139,5 +148,188 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
             .unwrap()
             .starts_with("-----BEGIN PUBLIC KEY-----")
     );
+    stack.cleanup(&js).await;
+}
+
+/// Sends one job and returns its result (`sent` counts the results expected so far).
+async fn sign_one(
+    stack: &Stack,
+    js: &async_nats::jetstream::Context,
+    sent: &mut usize,
+    id: &str,
+    tenant: &str,
+) -> common::stack::ResultMsg {
+    let body = serde_json::to_vec(&request(id, tenant, None)).unwrap();
+    stack
+        .publish(js, "sign.requests", &[("Nats-Msg-Id", id)], body)
+        .await;
+    *sent += 1;
+    stack
+        .results(js, *sent, Duration::from_secs(20), Duration::ZERO)
+        .await
+        .into_iter()
+        .find(|r| r.header("Signer-Request-Id") == Some(id))
+        .unwrap_or_else(|| panic!("no result for {id}:\n{}", stack.log(0)))
+}
+
+fn status_of(stack: &Stack, keyid: &str) -> String {
+    let (code, list) = signer(stack, &["keys", "list", "--json"]);
+    assert_eq!(code, 0, "{list}");
+    let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["keyid"] == keyid)
+        .and_then(|k| k["status"].as_str())
+        .unwrap_or("missing")
+        .to_string()
+}
+
+fn signed_by(r: &common::stack::ResultMsg) -> String {
+    assert!(r.completed(), "{:#}", r.body);
+    r.body["signers"][0]["keyid"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
+    let staged = tempfile::tempdir().unwrap();
+    let next = stella_signer::keys::file::FileKey::generate(
+        signer_actors::keys::KeyAlgorithm::EcdsaP256Sha256,
+        staged.path(),
+        "next",
+    )
+    .unwrap();
+    // `next` is configured but in no profile: loaded by every replica, waiting.
+    let extra = format!(
+        "[profiles.default.tenants]\nglobex = [\"ed\"]\n\n[[keys]]\nname = \"next\"\nsource = \"file\"\npath = \"{}\"\n",
+        next.private_key.display()
+    );
+    let mut stack = Stack::new("rot", &extra);
+    stack.spawn_worker();
+    stack.spawn_worker();
+    let (client, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    let ec = stack.public_keys[0].keyid();
+    let ed = stack.public_keys[1].keyid();
+    let mut sent = 0;
+    stack.wait_log(0, &["key loaded", "\"next\""], Duration::from_secs(20));
+    assert_eq!(
+        status_of(&stack, &next.keyid),
+        "staged",
+        "loaded, in no profile yet"
+    );
+
+    assert_eq!(
+        signed_by(&sign_one(&stack, &js, &mut sent, "a-0", "acme").await),
+        ec
+    );
+    assert_eq!(
+        signed_by(&sign_one(&stack, &js, &mut sent, "g-0", "globex").await),
+        ed,
+        "globex has keys of its own"
+    );
+
+    let (code, out) = signer(
+        &stack,
+        &[
+            "keys",
+            "rotate",
+            "--profile",
+            "default",
+            "--to",
+            "next",
+            "--reason",
+            "yearly rotation",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("[ec] -> [next]"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 1..=10 {
+        let r = sign_one(&stack, &js, &mut sent, &format!("a-{i}"), "acme").await;
+        assert_eq!(signed_by(&r), next.keyid, "a-{i} after the rotation");
+    }
+    assert_eq!(
+        signed_by(&sign_one(&stack, &js, &mut sent, "g-1", "globex").await),
+        ed,
+        "rotating the profile leaves a tenant's own keys alone"
+    );
+    // both replicas signed with the new key
+    let writers = replicas_whose_audit(&stack, &js, |e| {
+        e["keys"][0]["keyid"] == next.keyid.as_str()
+    })
+    .await;
+    assert_eq!(
+        writers.len(),
+        2,
+        "every replica uses the rotated key: {writers:?}"
+    );
+
+    // ec still signs profile `multi`; once that rotates too, ec is retired, not revoked:
+    // what it signed stays verifiable
+    assert_eq!(status_of(&stack, &ec), "active");
+    let (code, out) = signer(
+        &stack,
+        &[
+            "keys",
+            "rotate",
+            "--profile",
+            "multi",
+            "--to",
+            "next",
+            "--to",
+            "ed",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (_, list) = signer(&stack, &["keys", "list", "--json"]);
+    let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let status = |keyid: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["keyid"] == keyid)
+            .unwrap_or_else(|| panic!("{keyid} not listed: {list}"))
+            .clone()
+    };
+    assert_eq!(status(&ec)["status"], "retired", "{list}");
+    assert!(status(&ec)["validUntil"].is_string(), "{list}");
+    assert_eq!(status(&next.keyid)["status"], "active");
+    assert_eq!(status(&ed)["status"], "active");
+
+    // one tenant, through the control subject
+    let answer = client
+        .request(
+            stack.subject("signer.control.keys"),
+            serde_json::to_vec(&serde_json::json!({
+                "action": "rotate", "profile": "default", "tenant": "globex", "keys": ["next", "ed"],
+            }))
+            .unwrap()
+            .into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer.payload), "ok");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = sign_one(&stack, &js, &mut sent, "g-2", "globex").await;
+    assert_eq!(signed_by(&r), next.keyid);
+    assert_eq!(
+        r.body["signers"][1]["keyid"],
+        ed.as_str(),
+        "two signatures now"
+    );
+
+    // a key no replica has loaded, or a revoked one, cannot be rotated in
+    let (code, out) = signer(&stack, &["keys", "rotate", "--to", "nope"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no replica has loaded a key named \"nope\""),
+        "{out}"
+    );
+    let (code, out) = signer(&stack, &["keys", "revoke", &ec, "--reason", "retired"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = signer(&stack, &["keys", "rotate", "--to", "ec"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("revoked"), "{out}");
     stack.cleanup(&js).await;
 }

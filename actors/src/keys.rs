@@ -220,7 +220,8 @@ pub struct KeySignature {
     /// ASN.1 DER for ECDSA, 64 bytes for Ed25519.
     pub sig: Vec<u8>,
     pub identity: Arc<SignerIdentity>,
-    /// An RFC 3161 TimeStampResponse token over the signature, when a TSA is configured.
+    /// An RFC 3161 `TimeStampResp` (DER) over the signature, when a TSA is configured: what a
+    /// bundle's `rfc3161Timestamps[].signedTimestamp` holds.
     pub rfc3161_timestamp: Option<Vec<u8>>,
 }
 

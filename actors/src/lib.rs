@@ -16,6 +16,7 @@ pub mod keys;
 pub mod messages;
 pub mod pipeline;
 pub mod ports;
+pub mod profiles;
 pub mod request;
 pub mod signing;
 pub mod statement;

@@ -135,8 +135,18 @@ impl RevocationList for NoRevocations {
 pub trait KeyFactory: Send + Sync {
     /// The configured key names.
     fn names(&self) -> Vec<String>;
-    /// Loads (or reconnects) the key `name`.
+    /// Loads (or reconnects) the key `name`. Called once per pool member, so every member
+    /// gets a backend of its own (for PKCS#11, its own session).
     async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError>;
+    /// How many KeySigner actors serve the key `name`, each with its own [`load`]ed
+    /// backend. A key actor signs one message at a time, so a pool lets a slow backend
+    /// (an HSM) sign several jobs at once, and lets the others keep signing while one
+    /// member is reloaded. Values below 1 count as 1.
+    ///
+    /// [`load`]: KeyFactory::load
+    fn pool_size(&self, _name: &str) -> usize {
+        1
+    }
 }
 
 /// A gate's view of a job.

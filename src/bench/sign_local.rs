@@ -25,7 +25,7 @@ pub fn statement_of_size(size: usize) -> Statement {
     st
 }
 
-fn key(algorithm: KeyAlgorithm) -> Result<FileKey, CliError> {
+pub(crate) fn key(algorithm: KeyAlgorithm) -> Result<FileKey, CliError> {
     let rng = SystemRandom::new();
     let pkcs8 = match algorithm {
         KeyAlgorithm::EcdsaP256Sha256 => {

@@ -33,6 +33,29 @@ pub enum KeysCommand {
         #[command(flatten)]
         nats: super::nats_client::NatsArgs,
     },
+    /// Make a profile sign with other keys on every replica, without a restart (for one
+    /// tenant, one plan or the whole profile). The keys must be configured on the replicas
+    /// (a configured key in no profile is loaded and waits for this); the keys they replace
+    /// are listed as retired, with the time of the rotation.
+    Rotate {
+        /// The signing profile.
+        #[arg(long, default_value = "default")]
+        profile: String,
+        /// Only this tenant's jobs of the profile.
+        #[arg(long, conflicts_with = "plan")]
+        tenant: Option<String>,
+        /// Only the profile's jobs on this plan.
+        #[arg(long)]
+        plan: Option<String>,
+        /// The key (its configured name) to sign with; repeat for several signatures.
+        #[arg(long = "to", required = true)]
+        keys: Vec<String>,
+        /// Why (recorded with the rotation).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        nats: super::nats_client::NatsArgs,
+    },
     /// Every key the replicas have loaded, including retired and revoked ones, with their
     /// validity (validFrom, validUntil when revoked): what verifiers need.
     List {
@@ -87,6 +110,31 @@ impl KeysCommand {
                     .await
                     .map_err(CliError::Unusable)?;
                 println!("revoked {keyid}");
+                Ok(())
+            }),
+            KeysCommand::Rotate {
+                profile,
+                tenant,
+                plan,
+                keys,
+                reason,
+                nats,
+            } => super::nats_client::runtime()?.block_on(async {
+                let scope = crate::jetstream::key_state::scope_of(tenant, plan)
+                    .map_err(CliError::Unusable)?;
+                let state = key_state(&nats).await?;
+                let a = state
+                    .rotate(&profile, scope, keys, &reason)
+                    .await
+                    .map_err(CliError::Invalid)?;
+                println!(
+                    "profile {} ({}): [{}] -> [{}] at {}",
+                    a.profile,
+                    a.scope,
+                    a.previous.join(", "),
+                    a.keys.join(", "),
+                    a.rotated_at
+                );
                 Ok(())
             }),
             KeysCommand::List { json, nats } => super::nats_client::runtime()?.block_on(async {

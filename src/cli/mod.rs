@@ -97,6 +97,14 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "bearer,dpop")]
         variants: Vec<crate::bench::pipeline::Variant>,
     },
+    /// Signatures/s per key backend through KeySigner actors beside the raw backend call
+    /// (file ECDSA and Ed25519, PKCS#11 on a SoftHSM token made for the run, keyless through
+    /// the offline Sigstore peer of the conformance tools).
+    Keys {
+        /// Signatures per round (the TSA row makes 1/40 of them: one HTTP call each).
+        #[arg(long, default_value_t = 20_000)]
+        signatures: usize,
+    },
     /// sign-local throughput per algorithm beside the raw signature operation.
     SignLocal {
         /// Signatures per round.
@@ -147,6 +155,16 @@ impl Cli {
                 let path =
                     crate::bench::write_report("pipeline", serde_json::json!({"runs": reports}))
                         .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
+                println!("report: {}", path.display());
+                Ok(())
+            }
+            Command::Bench(BenchCommand::Keys { signatures }) => {
+                // before the runtime's threads: it sets SOFTHSM2_CONF for this process
+                let softhsm = crate::bench::keys::prepare_softhsm();
+                let rt = nats_client::runtime()?;
+                let report = rt.block_on(crate::bench::keys::run(signatures, softhsm))?;
+                let path = crate::bench::write_report("keys", report)
+                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
                 println!("report: {}", path.display());
                 Ok(())
             }

@@ -5,11 +5,12 @@
 //! `SIGNER_NATS__URL=nats://nats:4222`, `SIGNER_WORKER__MAX_INFLIGHT=512`. A value is read
 //! as a TOML literal when it parses as one (`512`, `true`, `["a","b"]`), else as a string.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use signer_actors::profiles::{ProfileKeys, ProfileTable};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,23 @@ pub(crate) mod duration {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+
+    /// The same for an optional setting.
+    pub mod option {
+        use serde::{Deserializer, Serializer};
+        use std::time::Duration;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
     }
 }
 
@@ -212,6 +230,8 @@ pub enum KeySourceConfig {
     Pkcs11,
     /// A PIV slot of a YubiKey over PC/SC; needs a build with `--features yubikey`.
     Yubikey,
+    /// Keyless: an ephemeral key certified by Fulcio for an OIDC identity.
+    Fulcio,
 }
 
 /// The PIV slots a `yubikey` key may name: authentication, signature (the default),
@@ -246,9 +266,77 @@ pub struct KeyConfig {
     pub pin_file: Option<PathBuf>,
     /// ...or from this environment variable.
     pub pin_env: Option<String>,
+    /// How many KeySigner actors serve this key, each with its own backend: for `pkcs11`,
+    /// its own logged-in session, so the token signs that many jobs at once. Accepted for
+    /// every source; 1 to [`MAX_KEY_SESSIONS`], default 1.
+    #[serde(default = "default_sessions")]
+    pub sessions: u32,
     /// A PEM X.509 chain (leaf first) for this keyful key, reported in
     /// `signers[].certificateChain`. Its leaf must carry the key's public key.
     pub certificate_chain: Option<PathBuf>,
+    /// `fulcio`: Fulcio's base URL (the v2 `signingCert` endpoint is under it).
+    pub fulcio_url: Option<String>,
+    /// `fulcio`: the OIDC identity token (a JWT), read again for every new certificate.
+    pub identity_token_file: Option<PathBuf>,
+    /// `fulcio`: an RFC 3161 timestamp authority; every signature gets a timestamp from it.
+    pub tsa_url: Option<String>,
+    /// `fulcio`: a new certificate is requested this long before the current one expires
+    /// (default 1m; Fulcio certificates live 10 minutes).
+    #[serde(default, with = "duration::option")]
+    pub renew_before: Option<Duration>,
+    /// `fulcio`: timeout of each Fulcio and TSA request (default 10s).
+    #[serde(default, with = "duration::option")]
+    pub http_timeout: Option<Duration>,
+}
+
+/// Default of a `fulcio` key's `renew_before`.
+pub const KEYLESS_RENEW_BEFORE: Duration = Duration::from_secs(60);
+/// Default of a `fulcio` key's `http_timeout`.
+pub const KEYLESS_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KeyConfig {
+    /// A key named `name` from `source` with every optional setting at its default, to be
+    /// completed with struct update syntax (`KeyConfig { path: Some(..), ..KeyConfig::new(..) }`).
+    pub fn new(name: impl Into<String>, source: KeySourceConfig) -> Self {
+        KeyConfig {
+            name: name.into(),
+            source,
+            path: None,
+            module: None,
+            token_label: None,
+            key_label: None,
+            key_id: None,
+            slot: None,
+            serial: None,
+            pin_file: None,
+            pin_env: None,
+            sessions: default_sessions(),
+            certificate_chain: None,
+            fulcio_url: None,
+            identity_token_file: None,
+            tsa_url: None,
+            renew_before: None,
+            http_timeout: None,
+        }
+    }
+
+    /// The settings of a `fulcio` key (validated: both required fields are present).
+    pub fn keyless(&self) -> Option<crate::keys::keyless::KeylessSettings> {
+        Some(crate::keys::keyless::KeylessSettings {
+            fulcio_url: self.fulcio_url.clone()?,
+            identity_token_file: self.identity_token_file.clone()?,
+            tsa_url: self.tsa_url.clone(),
+            renew_before: self.renew_before.unwrap_or(KEYLESS_RENEW_BEFORE),
+            timeout: self.http_timeout.unwrap_or(KEYLESS_HTTP_TIMEOUT),
+        })
+    }
+}
+
+/// The most pool members (`sessions`) one key may have.
+pub const MAX_KEY_SESSIONS: u32 = 64;
+
+fn default_sessions() -> u32 {
+    1
 }
 
 /// A signing profile: the keys that sign, one signature each.
@@ -256,6 +344,12 @@ pub struct KeyConfig {
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     pub keys: Vec<String>,
+    /// Tenant -> the keys that sign this profile's jobs of that tenant instead.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, Vec<String>>,
+    /// Plan -> the keys that sign this profile's jobs on that plan (a tenant entry wins).
+    #[serde(default)]
+    pub plans: BTreeMap<String, Vec<String>>,
 }
 
 impl Config {
@@ -322,6 +416,12 @@ impl Config {
         for key in &self.keys {
             if !names.insert(key.name.as_str()) {
                 return invalid(format!("key {:?} is configured twice", key.name));
+            }
+            if !(1..=MAX_KEY_SESSIONS).contains(&key.sessions) {
+                return invalid(format!(
+                    "key {:?}: sessions = {} is out of range (1 to {MAX_KEY_SESSIONS})",
+                    key.name, key.sessions
+                ));
             }
             match key.source {
                 KeySourceConfig::File => {
@@ -391,6 +491,47 @@ impl Config {
                         ));
                     }
                 }
+                // Fulcio may be down at startup: the settings are checked here, the Keyring
+                // retries the first certificate and /readyz says the key is not loaded.
+                KeySourceConfig::Fulcio => {
+                    let name = &key.name;
+                    let (Some(url), Some(_)) = (&key.fulcio_url, &key.identity_token_file) else {
+                        return invalid(format!(
+                            "key {name:?}: source \"fulcio\" needs fulcio_url and identity_token_file"
+                        ));
+                    };
+                    check_url(
+                        url,
+                        &["http", "https"],
+                        &format!("key {name:?}: fulcio_url"),
+                    )?;
+                    if let Some(tsa) = &key.tsa_url {
+                        check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
+                    }
+                    if key.path.is_some()
+                        || key.module.is_some()
+                        || key.pin_file.is_some()
+                        || key.pin_env.is_some()
+                        || key.certificate_chain.is_some()
+                    {
+                        return invalid(format!(
+                            "key {name:?}: source \"fulcio\" has no key file, module, PIN or \
+                             configured chain (Fulcio issues the certificate)"
+                        ));
+                    }
+                }
+            }
+            let keyless_only = key.fulcio_url.is_some()
+                || key.identity_token_file.is_some()
+                || key.tsa_url.is_some()
+                || key.renew_before.is_some()
+                || key.http_timeout.is_some();
+            if keyless_only && key.source != KeySourceConfig::Fulcio {
+                return invalid(format!(
+                    "key {:?}: fulcio_url, identity_token_file, tsa_url, renew_before and \
+                     http_timeout belong to source \"fulcio\"",
+                    key.name
+                ));
             }
         }
         if !self.profiles.contains_key("default") {
@@ -405,7 +546,24 @@ impl Config {
             if profile.keys.is_empty() {
                 return invalid(format!("profile {name:?} has no keys"));
             }
-            if let Some(k) = profile.keys.iter().find(|k| !names.contains(k.as_str())) {
+            if let Some(t) = profile
+                .tenants
+                .keys()
+                .find(|t| !signer_actors::request::is_valid_tenant(t))
+            {
+                return invalid(format!(
+                    "profile {name:?}: tenant {t:?} must be 1 to 64 characters of [A-Za-z0-9_-]"
+                ));
+            }
+            let refinements = profile.tenants.iter().chain(&profile.plans);
+            if let Some((who, _)) = refinements.clone().find(|(_, keys)| keys.is_empty()) {
+                return invalid(format!("profile {name:?}: {who:?} has no keys"));
+            }
+            let mut all = profile
+                .keys
+                .iter()
+                .chain(refinements.flat_map(|(_, keys)| keys));
+            if let Some(k) = all.find(|k| !names.contains(k.as_str())) {
                 return invalid(format!("profile {name:?} names unknown key {k:?}"));
             }
         }
@@ -413,11 +571,23 @@ impl Config {
     }
 
     /// Profiles as the pipeline wants them.
-    pub fn profile_map(&self) -> HashMap<String, Vec<String>> {
-        self.profiles
-            .iter()
-            .map(|(k, v)| (k.clone(), v.keys.clone()))
-            .collect()
+    pub fn profile_table(&self) -> ProfileTable {
+        let map = |m: &BTreeMap<String, Vec<String>>| {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        ProfileTable::new(
+            self.profiles
+                .iter()
+                .map(|(name, p)| {
+                    let keys = ProfileKeys {
+                        keys: p.keys.clone(),
+                        tenants: map(&p.tenants),
+                        plans: map(&p.plans),
+                    };
+                    (name.clone(), keys)
+                })
+                .collect(),
+        )
     }
 
     /// The idempotency backend in effect.
@@ -546,6 +716,102 @@ mod tests {
                 vec![]
             )
             .contains("[redis]")
+        );
+    }
+}
+
+#[cfg(test)]
+mod profile_and_keyless_tests {
+    use super::*;
+    use signer_actors::profiles::{NoAssignments, Scope};
+
+    fn with(extra: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::keys::file::FileKey::generate(
+            signer_actors::keys::KeyAlgorithm::Ed25519,
+            dir.path(),
+            "k",
+        )
+        .unwrap();
+        let text = format!(
+            "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"{}\"\n\n{extra}",
+            key.private_key.display()
+        );
+        Config::from_toml(&text, []).map_err(|e| e.to_string())
+    }
+
+    const FULCIO: &str = "[[keys]]\nname = \"kl\"\nsource = \"fulcio\"\n";
+
+    #[test]
+    fn profiles_refine_per_tenant_and_plan() {
+        let cfg = with(&format!(
+            "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
+             [profiles.default]\nkeys = [\"k\"]\n\
+             [profiles.default.tenants]\nacme = [\"kl\"]\n\
+             [profiles.default.plans]\nenterprise = [\"kl\", \"k\"]\n"
+        ))
+        .unwrap();
+        let table = cfg.profile_table();
+        let pick =
+            |t: &str, p: Option<&str>| table.select("default", t, p, &NoAssignments).unwrap();
+        assert_eq!(
+            pick("acme", Some("enterprise")).scope,
+            Scope::Tenant("acme".into())
+        );
+        assert_eq!(pick("globex", Some("enterprise")).keys, ["kl", "k"]);
+        assert_eq!(pick("globex", Some("free")).keys, ["k"]);
+
+        let err = |extra: &str| {
+            with(&format!("[profiles.default]\nkeys = [\"k\"]\n{extra}")).unwrap_err()
+        };
+        assert!(err("[profiles.default.tenants]\nacme = [\"x\"]\n").contains("unknown key \"x\""));
+        assert!(err("[profiles.default.plans]\nfree = []\n").contains("\"free\" has no keys"));
+        assert!(err("[profiles.default.tenants]\n\"a b\" = [\"k\"]\n").contains("tenant \"a b\""));
+    }
+
+    #[test]
+    fn keyless_keys_need_fulcio_and_a_token_and_nothing_of_keyful_keys() {
+        let ok = with(&format!(
+            "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
+             tsa_url = \"https://tsa.example/api/v1/timestamp\"\nrenew_before = \"2m\"\n\
+             [profiles.default]\nkeys = [\"kl\"]\n"
+        ))
+        .unwrap();
+        let settings = ok.keys[1].keyless().unwrap();
+        assert_eq!(settings.renew_before, Duration::from_secs(120));
+        assert_eq!(settings.timeout, KEYLESS_HTTP_TIMEOUT);
+        assert!(settings.tsa_url.is_some());
+
+        let err = |k: &str| {
+            with(&format!("{FULCIO}{k}[profiles.default]\nkeys = [\"kl\"]\n")).unwrap_err()
+        };
+        assert!(
+            err("fulcio_url = \"https://f\"\n")
+                .contains("needs fulcio_url and identity_token_file")
+        );
+        assert!(
+            err("fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n").contains("fulcio_url")
+        );
+        assert!(
+            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\ntsa_url = \"x\"\n")
+                .contains("tsa_url")
+        );
+        assert!(
+            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\npin_env = \"P\"\n")
+                .contains("Fulcio issues the certificate")
+        );
+        let keyful = with("[profiles.default]\nkeys = [\"k\"]\n");
+        assert!(keyful.is_ok());
+        let misplaced = Config::from_toml(
+            "[[keys]]\nname = \"h\"\nsource = \"pkcs11\"\ntoken_label = \"t\"\nkey_label = \"l\"\n\
+             pin_env = \"P\"\ntsa_url = \"https://tsa\"\n[profiles.default]\nkeys = [\"h\"]\n",
+            [],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            misplaced.contains("belong to source \"fulcio\""),
+            "{misplaced}"
         );
     }
 }

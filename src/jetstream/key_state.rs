@@ -3,11 +3,18 @@
 //! - `key.<keyid>`: each public key a replica has loaded (name, algorithm, source, PEM, first
 //!   seen), kept after the key leaves the configuration so verifiers can still find it;
 //! - `revoked.<keyid>`: revoked keys, with reason and time. Every replica watches these and
-//!   its key actors refuse a revoked keyid (`key_revoked`) from the moment the entry arrives.
+//!   its key actors refuse a revoked keyid (`key_revoked`) from the moment the entry arrives;
+//! - `assign.<hash>`: runtime key assignments (`keys rotate`): which keys sign a profile, for
+//!   one tenant, one plan or the whole profile. Every replica watches these too and the next
+//!   job it selects keys for uses them;
+//! - `config.profiles`: the profiles of the configuration, as the last replica to start saw
+//!   them, so `keys rotate` can record what a rotation replaced and `keys list` can tell an
+//!   active key from a retired one.
 //!
-//! `stella-signer keys revoke` writes the bucket; a JSON message
-//! `{"action":"revoke","keyid":...,"reason":...}` on `signer.control.keys` does the same
-//! through any replica (who may publish there is a NATS permission).
+//! `stella-signer keys revoke` and `keys rotate` write the bucket; a JSON message on
+//! `signer.control.keys` does the same through any replica (who may publish there is a NATS
+//! permission): `{"action":"revoke","keyid":...,"reason":...}` or
+//! `{"action":"rotate","profile":...,"tenant"|"plan":...,"keys":[...],"reason":...}`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -16,8 +23,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use signer_actors::keys::SignerIdentity;
 use signer_actors::ports::RevocationList;
+use signer_actors::profiles::{KeyAssignments, ProfileTable, Scope};
 
 use super::NatsError;
 
@@ -45,13 +54,78 @@ pub struct Revocation {
     pub revoked_at: String,
 }
 
+/// A runtime key assignment (`keys rotate`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    pub profile: String,
+    pub scope: Scope,
+    /// The keys (by configured name) that sign from now on, in signature order.
+    pub keys: Vec<String>,
+    /// The keys the scope used before: the configuration's or an earlier rotation's.
+    #[serde(default)]
+    pub previous: Vec<String>,
+    pub rotated_at: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The bucket key of an assignment: profile, tenant and plan names need not be valid key
+/// tokens, so they are hashed (the value carries them).
+fn assignment_key(profile: &str, scope: &Scope) -> String {
+    let id = serde_json::to_vec(&(profile, scope)).unwrap_or_default();
+    format!("assign.{}", &hex::encode(Sha256::digest(id))[..32])
+}
+
+const CONFIG_PROFILES: &str = "config.profiles";
+
+/// A key the configuration stopped using (`left.<hash>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Left {
+    name: String,
+    left_at: String,
+}
+
+fn left_key(name: &str) -> String {
+    format!(
+        "left.{}",
+        &hex::encode(Sha256::digest(name.as_bytes()))[..32]
+    )
+}
+
 /// A command on `signer.control.keys`.
 #[derive(Debug, Deserialize)]
 struct ControlMessage {
     action: String,
+    #[serde(default)]
     keyid: String,
     #[serde(default)]
     reason: String,
+    #[serde(default)]
+    profile: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    plan: Option<String>,
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+impl ControlMessage {
+    fn scope(&self) -> Result<Scope, String> {
+        scope_of(self.tenant.clone(), self.plan.clone())
+    }
+}
+
+/// The scope named by an optional tenant or plan (not both).
+pub fn scope_of(tenant: Option<String>, plan: Option<String>) -> Result<Scope, String> {
+    match (tenant, plan) {
+        (Some(_), Some(_)) => Err("name a tenant or a plan, not both".into()),
+        (Some(t), None) => Ok(Scope::Tenant(t)),
+        (None, Some(p)) => Ok(Scope::Plan(p)),
+        (None, None) => Ok(Scope::Profile),
+    }
 }
 
 fn now() -> String {
@@ -66,6 +140,7 @@ fn is_keyid(s: &str) -> bool {
 pub struct KeyState {
     store: kv::Store,
     revoked: RwLock<HashMap<String, String>>,
+    assigned: RwLock<HashMap<(String, Scope), Vec<String>>>,
 }
 
 impl KeyState {
@@ -75,14 +150,26 @@ impl KeyState {
         let state = Arc::new(KeyState {
             store,
             revoked: RwLock::new(HashMap::new()),
+            assigned: RwLock::new(HashMap::new()),
         });
-        for r in state.revocations().await.map_err(|e| NatsError::Bucket {
+        let failed = |reason| NatsError::Bucket {
             bucket: bucket.into(),
-            reason: e,
-        })? {
+            reason,
+        };
+        for r in state.revocations().await.map_err(failed)? {
             state.set_revoked(r.keyid, r.reason);
         }
+        for a in state.assignments().await.map_err(failed)? {
+            state.set_assigned(a);
+        }
         Ok(state)
+    }
+
+    fn set_assigned(&self, a: Assignment) {
+        self.assigned
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((a.profile, a.scope), a.keys);
     }
 
     fn set_revoked(&self, keyid: String, reason: String) {
@@ -92,15 +179,20 @@ impl KeyState {
             .insert(keyid, reason);
     }
 
-    /// Follows revocations as they are written, for as long as the process runs.
+    /// Follows revocations and assignments as they are written, for as long as the
+    /// process runs.
     pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let state = self.clone();
         tokio::spawn(async move {
             loop {
-                match state.store.watch_with_history("revoked.*").await {
+                match state.store.watch_with_history(">").await {
                     Ok(mut entries) => {
                         while let Some(entry) = entries.next().await {
                             let Ok(entry) = entry else { break };
+                            if entry.key.starts_with("assign.") {
+                                state.apply_assignment(&entry);
+                                continue;
+                            }
                             let Some(keyid) = entry.key.strip_prefix("revoked.") else {
                                 continue;
                             };
@@ -131,7 +223,33 @@ impl KeyState {
         })
     }
 
-    /// Applies `revoke` commands published on `subject`, for as long as the process runs.
+    fn apply_assignment(&self, entry: &kv::Entry) {
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Assignment>(&entry.value) {
+                Ok(a) => {
+                    tracing::warn!(
+                        profile = %a.profile,
+                        scope = %a.scope,
+                        keys = ?a.keys,
+                        previous = ?a.previous,
+                        "keys rotated: the profile signs with these keys from now on"
+                    );
+                    self.set_assigned(a);
+                }
+                Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable key assignment"),
+            },
+            // A deleted assignment gives the scope back to the configuration.
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.assigned
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(p, s), _| assignment_key(p, s) != entry.key);
+            }
+        }
+    }
+
+    /// Applies `revoke` and `rotate` commands published on `subject`, for as long as the
+    /// process runs.
     pub fn serve_control(
         self: &Arc<Self>,
         client: async_nats::Client,
@@ -146,6 +264,13 @@ impl KeyState {
             while let Some(msg) = sub.next().await {
                 let outcome = match serde_json::from_slice::<ControlMessage>(&msg.payload) {
                     Ok(c) if c.action == "revoke" => state.revoke(&c.keyid, &c.reason).await,
+                    Ok(c) if c.action == "rotate" => match c.scope() {
+                        Ok(scope) => state
+                            .rotate(&c.profile, scope, c.keys.clone(), &c.reason)
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    },
                     Ok(c) => Err(format!("unknown action {:?}", c.action)),
                     Err(e) => Err(format!("not a control message: {e}")),
                 };
@@ -234,12 +359,142 @@ impl KeyState {
         Ok(out)
     }
 
+    /// Records the configuration's profiles (at startup).
+    /// Keys the previous configuration signed with and this one does not are recorded as
+    /// left (`left.<hash>`), so `keys list` can date their retirement.
+    pub async fn record_profiles(&self, profiles: &ProfileTable) {
+        let Ok(value) = serde_json::to_vec(profiles) else {
+            return;
+        };
+        if let (Ok(Some(before)), Ok(assignments)) = (
+            self.configured_profiles().await,
+            self.assignment_triples().await,
+        ) {
+            let now_used = profiles.effective_key_names(&assignments);
+            for name in before.effective_key_names(&assignments) {
+                if now_used.contains(name) {
+                    continue;
+                }
+                let left = Left {
+                    name: name.to_string(),
+                    left_at: now(),
+                };
+                if let Ok(v) = serde_json::to_vec(&left) {
+                    // the first replica with the new configuration dates it
+                    let _ = self.store.create(left_key(name), v.into()).await;
+                }
+            }
+            // back in use: no longer left
+            for name in now_used {
+                if let Ok(Some(_)) = self.store.get(left_key(name)).await {
+                    let _ = self.store.delete(left_key(name)).await;
+                }
+            }
+        }
+        if let Err(e) = self.store.put(CONFIG_PROFILES, value.into()).await {
+            tracing::warn!(error = %e, "recording the profiles in the key bucket failed");
+        }
+    }
+
+    async fn assignment_triples(&self) -> Result<Vec<(String, Scope, Vec<String>)>, String> {
+        Ok(self
+            .assignments()
+            .await?
+            .into_iter()
+            .map(|a| (a.profile, a.scope, a.keys))
+            .collect())
+    }
+
+    async fn configured_profiles(&self) -> Result<Option<ProfileTable>, String> {
+        let value = self
+            .store
+            .get(CONFIG_PROFILES)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Every runtime assignment.
+    pub async fn assignments(&self) -> Result<Vec<Assignment>, String> {
+        self.entries("assign.").await
+    }
+
+    /// Makes `keys` sign `profile`'s jobs at `scope`, on every replica. Each key must be one
+    /// a replica has loaded and not revoked. Returns what was written.
+    pub async fn rotate(
+        &self,
+        profile: &str,
+        scope: Scope,
+        keys: Vec<String>,
+        reason: &str,
+    ) -> Result<Assignment, String> {
+        if keys.is_empty() {
+            return Err("name at least one key to sign with".into());
+        }
+        let configured = self.configured_profiles().await?;
+        if let Some(table) = &configured
+            && !table.contains(profile)
+        {
+            return Err(format!("the replicas have no profile {profile:?}"));
+        }
+        let records: Vec<KeyRecord> = self.entries("key.").await?;
+        let revoked = self.revocations().await?;
+        for name in &keys {
+            let Some(latest) = records
+                .iter()
+                .filter(|r| &r.name == name)
+                .max_by(|a, b| a.first_seen.cmp(&b.first_seen))
+            else {
+                return Err(format!(
+                    "no replica has loaded a key named {name:?}: configure it on every replica \
+                     first (a key in no profile is loaded and waits)"
+                ));
+            };
+            if revoked.iter().any(|r| r.keyid == latest.keyid) {
+                return Err(format!("key {name:?} ({}) is revoked", latest.keyid));
+            }
+        }
+        let previous = self
+            .assignments()
+            .await?
+            .into_iter()
+            .find(|a| a.profile == profile && a.scope == scope)
+            .map(|a| a.keys)
+            .or_else(|| {
+                configured
+                    .as_ref()
+                    .and_then(|t| t.configured_at(profile, &scope))
+            })
+            .unwrap_or_default();
+        let assignment = Assignment {
+            profile: profile.to_string(),
+            scope,
+            keys,
+            previous,
+            rotated_at: now(),
+            reason: reason.to_string(),
+        };
+        let value = serde_json::to_vec(&assignment).map_err(|e| e.to_string())?;
+        self.store
+            .put(
+                assignment_key(&assignment.profile, &assignment.scope),
+                value.into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.set_assigned(assignment.clone());
+        Ok(assignment)
+    }
+
     /// Every revocation in the bucket.
     pub async fn revocations(&self) -> Result<Vec<Revocation>, String> {
         self.entries("revoked.").await
     }
 
-    /// Every key ever loaded, with its state, for `keys list`.
+    /// Every key ever loaded, with its state, for `keys list`: `revoked`, `retired` (no
+    /// profile signs with it any more: rotated or configured out, or its name now loads
+    /// another key), `staged` (loaded, in no profile yet) or `active`, with `validFrom` and,
+    /// when it stopped signing, `validUntil`.
     pub async fn list(&self) -> Result<Vec<serde_json::Value>, String> {
         let revoked: HashMap<String, Revocation> = self
             .revocations()
@@ -247,24 +502,70 @@ impl KeyState {
             .into_iter()
             .map(|r| (r.keyid.clone(), r))
             .collect();
+        let assignments = self.assignments().await?;
+        let configured = self.configured_profiles().await?;
+        let triples = self.assignment_triples().await?;
+        let left: HashMap<String, String> = self
+            .entries::<Left>("left.")
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.left_at))
+            .collect();
+        let in_use = configured.as_ref().map(|t| t.effective_key_names(&triples));
         let mut keys: Vec<KeyRecord> = self.entries("key.").await?;
         keys.sort_by(|a, b| a.first_seen.cmp(&b.first_seen).then(a.name.cmp(&b.name)));
         Ok(keys
-            .into_iter()
+            .iter()
             .map(|k| {
-                let mut v = serde_json::to_value(&k).unwrap_or_default();
-                match revoked.get(&k.keyid) {
-                    Some(r) => {
-                        v["status"] = "revoked".into();
-                        v["validUntil"] = r.revoked_at.clone().into();
-                        v["revocationReason"] = r.reason.clone().into();
-                    }
-                    None => v["status"] = "active".into(),
-                }
+                let mut v = serde_json::to_value(k).unwrap_or_default();
                 v["validFrom"] = k.first_seen.clone().into();
+                // a later key loaded under the same name replaced this one
+                let replaced_at = keys
+                    .iter()
+                    .find(|o| o.name == k.name && o.first_seen > k.first_seen)
+                    .map(|o| o.first_seen.clone());
+                let rotated_out = in_use
+                    .as_ref()
+                    .is_some_and(|names| !names.contains(k.name.as_str()));
+                if let Some(r) = revoked.get(&k.keyid) {
+                    v["status"] = "revoked".into();
+                    v["validUntil"] = r.revoked_at.clone().into();
+                    v["revocationReason"] = r.reason.clone().into();
+                } else if let Some(until) = replaced_at {
+                    v["status"] = "retired".into();
+                    v["validUntil"] = until.into();
+                } else if rotated_out {
+                    // out of use: since a rotation or a configuration took it out, or never
+                    // used yet (staged, waiting to be rotated in)
+                    let until = assignments
+                        .iter()
+                        .filter(|a| a.previous.contains(&k.name))
+                        .map(|a| a.rotated_at.clone())
+                        .chain(left.get(&k.name).cloned())
+                        .max();
+                    match until {
+                        Some(until) => {
+                            v["status"] = "retired".into();
+                            v["validUntil"] = until.into();
+                        }
+                        None => v["status"] = "staged".into(),
+                    }
+                } else {
+                    v["status"] = "active".into();
+                }
                 v
             })
             .collect())
+    }
+}
+
+impl KeyAssignments for KeyState {
+    fn assigned(&self, profile: &str, scope: &Scope) -> Option<Vec<String>> {
+        self.assigned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(profile.to_string(), scope.clone()))
+            .cloned()
     }
 }
 

@@ -40,8 +40,7 @@ pub fn load_chain(path: &Path, identity: &SignerIdentity) -> Result<Vec<String>,
     let leaf = certs
         .first()
         .ok_or_else(|| ChainError::Empty(name.clone()))?;
-    let spki = identity.public_key.spki_der();
-    if !leaf.contents().windows(spki.len()).any(|w| w == spki) {
+    if !leaf_certifies(leaf.contents(), &identity.public_key) {
         return Err(ChainError::NotThisKey(name));
     }
     let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
@@ -49,6 +48,13 @@ pub fn load_chain(path: &Path, identity: &SignerIdentity) -> Result<Vec<String>,
         .iter()
         .map(|c| pem::encode_config(c, config))
         .collect())
+}
+
+/// Whether the DER certificate `leaf` carries `key`: its SubjectPublicKeyInfo appears
+/// verbatim in the leaf (DER is canonical, so it does exactly when the leaf certifies it).
+pub fn leaf_certifies(leaf: &[u8], key: &signer_actors::keys::PublicKey) -> bool {
+    let spki = key.spki_der();
+    leaf.windows(spki.len()).any(|w| w == spki)
 }
 
 /// `key`, reporting `chain` with every signature.

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use signer_actors::keys::{KeyError, KeySigner};
+use signer_actors::keys::{KeyError, KeyMode, KeySigner};
 use signer_actors::ports::KeyFactory;
 
 use crate::config::{KeyConfig, KeySourceConfig};
 use crate::keys::certified::{CertifiedKey, load_chain};
 use crate::keys::file::FileKey;
+use crate::keys::keyless::KeylessKey;
 use crate::keys::pkcs11::Pkcs11Key;
 
 /// What a `yubikey` key answers in a build without the `yubikey` feature.
@@ -41,6 +42,14 @@ impl ConfiguredKeys {
 impl KeyFactory for ConfiguredKeys {
     fn names(&self) -> Vec<String> {
         self.keys.iter().map(|k| k.name.clone()).collect()
+    }
+
+    /// The key's `sessions` (validated to 1..=64 at startup).
+    fn pool_size(&self, name: &str) -> usize {
+        self.keys
+            .iter()
+            .find(|k| k.name == name)
+            .map_or(1, |k| k.sessions.max(1) as usize)
     }
 
     async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError> {
@@ -84,6 +93,12 @@ impl KeyFactory for ConfiguredKeys {
             KeySourceConfig::Yubikey => {
                 return Err(KeyError::Unavailable(NO_YUBIKEY_SUPPORT.into()));
             }
+            KeySourceConfig::Fulcio => {
+                let settings = cfg.keyless().ok_or_else(|| {
+                    KeyError::Unavailable(format!("key {name} lacks its Fulcio settings"))
+                })?;
+                Arc::new(KeylessKey::open(name, settings).await?)
+            }
         };
         let key: Arc<dyn KeySigner> = match &cfg.certificate_chain {
             Some(path) => {
@@ -93,7 +108,10 @@ impl KeyFactory for ConfiguredKeys {
             }
             None => key,
         };
-        if let Some(registry) = &self.registry {
+        // Keyless keys are ephemeral: verifiers find them by their certificate, not here.
+        if let Some(registry) = &self.registry
+            && key.identity().mode == KeyMode::Keyful
+        {
             registry.record_key(name, &key.identity()).await;
         }
         Ok(key)
@@ -131,6 +149,31 @@ mod tests {
         assert!(err("pin_env = \"P\"\nmodule = \"/m.so\"\n").contains("use source \"pkcs11\""));
         assert!(err("pin_env = \"P\"\nserial = \"abc\"\n").contains("serial"));
         assert!(err("pin_env = \"P\"\nmanagement_key_file = \"/k\"\n").contains("unknown field"));
+    }
+
+    #[test]
+    fn sessions_set_the_pool_size_and_are_bounded() {
+        let keys = |extra: &str| {
+            let text = format!(
+                "[[keys]]\nname = \"hsm\"\nsource = \"pkcs11\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\n{extra}\n\
+                 [[keys]]\nname = \"yk\"\nsource = \"yubikey\"\npin_env = \"P\"\n\
+                 [profiles.default]\nkeys = [\"hsm\"]\n"
+            );
+            Config::from_toml(&text, []).map(|c| ConfiguredKeys::new(c.keys))
+        };
+        let pooled = keys("sessions = 4").unwrap();
+        assert_eq!(pooled.pool_size("hsm"), 4);
+        assert_eq!(pooled.pool_size("yk"), 1, "default: one actor per key");
+        assert_eq!(pooled.pool_size("unknown"), 1);
+        assert_eq!(keys("sessions = 64").unwrap().pool_size("hsm"), 64);
+        for bad in ["sessions = 0", "sessions = 65"] {
+            let err = keys(bad).err().unwrap().to_string();
+            assert!(
+                err.contains("key \"hsm\": sessions") && err.contains("1 to 64"),
+                "{err}"
+            );
+        }
+        assert!(keys("sessions = -1").is_err());
     }
 
     /// Without the feature a `yubikey` key says how to get one; with it, opening fails as

@@ -3,6 +3,7 @@
 pub mod certified;
 pub mod factory;
 pub mod file;
+pub mod keyless;
 pub mod pin;
 pub mod pkcs11;
 #[cfg(feature = "yubikey")]

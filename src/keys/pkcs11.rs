@@ -70,6 +70,12 @@ pub fn context(module: &Path) -> Result<Pkcs11, KeyError> {
 
 /// Whether a PKCS#11 failure means "the token cannot be used now" (retryable, the key is
 /// reloaded) rather than "the token refused this operation".
+///
+/// An invalid key or object handle counts as unavailable: the handle was found and checked
+/// when the session was opened, so it goes bad only when the session lost its view of the
+/// token (SoftHSM 2.6 answers `CKR_OBJECT_HANDLE_INVALID`, not `CKR_USER_NOT_LOGGED_IN`,
+/// once the login is gone, and also when the token's storage disappeared). Reloading finds
+/// the key again, or says why it cannot.
 fn is_unavailable(e: &CkError) -> bool {
     match e {
         CkError::LibraryLoading(_) | CkError::NullFunctionPointer | CkError::MissingSymbol(_) => {
@@ -92,17 +98,36 @@ fn is_unavailable(e: &CkError) -> bool {
                 | RvError::CryptokiNotInitialized
                 | RvError::SlotIdInvalid
                 | RvError::GeneralError
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid
         ),
         _ => false,
     }
 }
 
 fn classify(what: &str, e: CkError) -> KeyError {
+    let text = match &e {
+        CkError::Pkcs11(rv, _) => format!("{what}: {e} ({})", ckr_name(*rv)),
+        _ => format!("{what}: {e}"),
+    };
     if is_unavailable(&e) {
-        KeyError::Unavailable(format!("{what}: {e}"))
+        KeyError::Unavailable(text)
     } else {
-        KeyError::Rejected(format!("{what}: {e}"))
+        KeyError::Rejected(text)
     }
+}
+
+/// The specification's name of a return value (`CKR_SESSION_HANDLE_INVALID`), which is what
+/// HSM vendors' documentation and logs use; cryptoki's text is a sentence.
+fn ckr_name(rv: RvError) -> String {
+    let mut name = String::from("CKR");
+    for c in format!("{rv:?}").chars() {
+        if c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 /// Any failure while opening the key is retryable: the Keyring tries again with backoff.
@@ -401,6 +426,67 @@ impl KeySigner for Pkcs11Key {
     }
 }
 
+/// Generates a key pair on the token labelled `token` (P-256 or Ed25519), with `label` as
+/// `CKA_LABEL` and `id` as `CKA_ID`: the private key sensitive and not extractable. For
+/// tests and benchmarks on SoftHSM; production keys are made with the HSM vendor's tools.
+pub fn create_token_key(
+    module: &Path,
+    token: &str,
+    pin: &str,
+    algorithm: KeyAlgorithm,
+    label: &str,
+    id: &[u8],
+) -> Result<(), KeyError> {
+    let failed = |what: &str, e: CkError| KeyError::Unavailable(format!("{what}: {e}"));
+    let ctx = context(module)?;
+    let slot = ctx
+        .get_slots_with_token()
+        .map_err(|e| failed("listing slots", e))?
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label() == token))
+        .ok_or_else(|| KeyError::Unavailable(format!("no token labelled {token:?}")))?;
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| failed("opening a session", e))?;
+    session
+        .login(UserType::User, Some(&AuthPin::from(pin.to_string())))
+        .map_err(|e| failed("logging in", e))?;
+    let (kind, mechanism, params) = match algorithm {
+        KeyAlgorithm::EcdsaP256Sha256 => (
+            KeyType::EC,
+            Mechanism::EccKeyPairGen,
+            P256_EC_PARAMS.to_vec(),
+        ),
+        KeyAlgorithm::Ed25519 => (
+            KeyType::EC_EDWARDS,
+            Mechanism::EccEdwardsKeyPairGen,
+            ED25519_EC_PARAMS_OID.to_vec(),
+        ),
+    };
+    let common = |class: ObjectClass| {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(kind),
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+        ]
+    };
+    let mut public = common(ObjectClass::PUBLIC_KEY);
+    public.extend([Attribute::Verify(true), Attribute::EcParams(params)]);
+    let mut private = common(ObjectClass::PRIVATE_KEY);
+    private.extend([
+        Attribute::Sign(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+    ]);
+    session
+        .generate_key_pair(&mechanism, &public, &private)
+        .map_err(|e| failed(&format!("{mechanism:?}"), e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,12 +567,29 @@ mod tests {
             RvError::SessionClosed,
             RvError::DeviceError,
             RvError::DeviceRemoved,
+            RvError::UserNotLoggedIn,
+            RvError::ObjectHandleInvalid,
+            RvError::KeyHandleInvalid,
         ] {
             assert!(matches!(
                 classify("x", CkError::Pkcs11(rv, Function::Sign)),
                 KeyError::Unavailable(_)
             ));
         }
+        let KeyError::Unavailable(text) = classify(
+            "CKM_ECDSA",
+            CkError::Pkcs11(RvError::SessionHandleInvalid, Function::SignInit),
+        ) else {
+            unreachable!()
+        };
+        assert!(
+            text.starts_with("CKM_ECDSA: ") && text.ends_with(" (CKR_SESSION_HANDLE_INVALID)"),
+            "{text}"
+        );
+        assert_eq!(
+            ckr_name(RvError::CryptokiNotInitialized),
+            "CKR_CRYPTOKI_NOT_INITIALIZED"
+        );
         for rv in [
             RvError::MechanismInvalid,
             RvError::DataLenRange,

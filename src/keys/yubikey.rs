@@ -347,18 +347,10 @@ cANBAG+4VUYBz2irUJZ3gcy9cZgfS2n88Qd+SLd7vmgqva8p4Oq7Jl385ccOeXFu
 
     fn key_config(serial: Option<u32>, pin_file: &std::path::Path) -> KeyConfig {
         KeyConfig {
-            name: "yk".into(),
-            source: KeySourceConfig::Yubikey,
-            path: None,
-            module: None,
-            token_label: None,
-            key_label: None,
-            key_id: None,
             slot: Some("9c".into()),
             serial,
             pin_file: Some(pin_file.to_path_buf()),
-            pin_env: None,
-            certificate_chain: None,
+            ..KeyConfig::new("yk", KeySourceConfig::Yubikey)
         }
     }
 

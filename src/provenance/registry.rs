@@ -48,20 +48,8 @@ pub fn client(insecure: &[String], timeout: Option<Duration>) -> Result<Client, 
     Client::try_from(config).map_err(|e| e.to_string())
 }
 
-/// The error with its causes: reqwest's own message ("error sending request") leaves out
-/// what an operator needs ("Connection refused", a TLS failure).
 fn describe(e: &OciDistributionError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !text.contains(&c) {
-            text.push_str(": ");
-            text.push_str(&c);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error_text::with_causes(e)
 }
 
 /// Sorts an `oci-client` error: `None` when it only says "there is nothing there".

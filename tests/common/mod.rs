@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod sigstore;
 pub mod softhsm;
 pub mod stack;
 
@@ -112,4 +113,11 @@ pub fn der_to_raw(der: &[u8]) -> Vec<u8> {
         i += 2 + len;
     }
     out
+}
+
+/// Writes `value` as pretty JSON to `dir/name` (for the peers, which read files).
+pub fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    path
 }

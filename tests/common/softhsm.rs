@@ -10,12 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
+use signer_actors::keys::KeyAlgorithm;
 use stella_signer::config::{KeyConfig, KeySourceConfig};
-use stella_signer::keys::pkcs11::{DEFAULT_MODULE, ED25519_EC_PARAMS_OID, P256_EC_PARAMS, context};
+use stella_signer::keys::pkcs11::{DEFAULT_MODULE, create_token_key};
 
 pub const PIN: &str = "1234";
 pub const SO_PIN: &str = "1234";
@@ -34,6 +31,9 @@ pub struct SoftHsm {
     pub token: String,
     /// Token for tests that log in with wrong PINs (so a lockout could not hit the others).
     pub fault_token: String,
+    /// Token whose sessions a test closes with `C_CloseAllSessions` (which closes every
+    /// session of the process on it, so no other test may use it).
+    pub session_token: String,
     /// Why no Ed25519 key could be generated, if none could.
     pub ed25519_error: Option<String>,
 }
@@ -98,7 +98,8 @@ impl SoftHsm {
 
         let token = unique("t");
         let fault_token = unique("f");
-        for label in [&token, &fault_token] {
+        let session_token = unique("s");
+        for label in [&token, &fault_token, &session_token] {
             let out = Command::new("softhsm2-util")
                 .args(["--init-token", "--free", "--label", label])
                 .args(["--so-pin", SO_PIN, "--pin", PIN])
@@ -118,60 +119,40 @@ impl SoftHsm {
             module,
             token,
             fault_token,
+            session_token,
             ed25519_error: None,
         };
-        for label in [hsm.token.clone(), hsm.fault_token.clone()] {
-            hsm.generate(&label, KeyType::EC, EC_LABEL, EC_ID).unwrap();
+        for label in [
+            hsm.token.clone(),
+            hsm.fault_token.clone(),
+            hsm.session_token.clone(),
+        ] {
+            hsm.generate(&label, KeyAlgorithm::EcdsaP256Sha256, EC_LABEL, EC_ID)
+                .unwrap();
         }
         hsm.ed25519_error = hsm
-            .generate(&hsm.token.clone(), KeyType::EC_EDWARDS, ED_LABEL, ED_ID)
+            .generate(&hsm.token.clone(), KeyAlgorithm::Ed25519, ED_LABEL, ED_ID)
             .err();
         hsm
     }
 
-    /// Generates a token key pair (P-256 for `KeyType::EC`, Ed25519 for `EC_EDWARDS`).
-    fn generate(&self, token: &str, kind: KeyType, label: &str, id: &str) -> Result<(), String> {
-        let ctx = context(&self.module).map_err(|e| e.to_string())?;
-        let slot = ctx
-            .get_slots_with_token()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label() == token))
-            .ok_or_else(|| format!("token {token} not found"))?;
-        let session = ctx.open_rw_session(slot).map_err(|e| e.to_string())?;
-        session
-            .login(UserType::User, Some(&AuthPin::from(PIN.to_string())))
-            .map_err(|e| e.to_string())?;
-        let (mechanism, params) = if kind == KeyType::EC {
-            (Mechanism::EccKeyPairGen, P256_EC_PARAMS.to_vec())
-        } else {
-            (
-                Mechanism::EccEdwardsKeyPairGen,
-                ED25519_EC_PARAMS_OID.to_vec(),
-            )
-        };
-        let common = |class: ObjectClass| {
-            vec![
-                Attribute::Class(class),
-                Attribute::KeyType(kind),
-                Attribute::Token(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Id(hex::decode(id).unwrap()),
-            ]
-        };
-        let mut public = common(ObjectClass::PUBLIC_KEY);
-        public.extend([Attribute::Verify(true), Attribute::EcParams(params)]);
-        let mut private = common(ObjectClass::PRIVATE_KEY);
-        private.extend([
-            Attribute::Sign(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-        ]);
-        session
-            .generate_key_pair(&mechanism, &public, &private)
-            .map_err(|e| format!("{mechanism:?}: {e}"))?;
-        Ok(())
+    /// Generates a token key pair with the backend's own helper.
+    fn generate(
+        &self,
+        token: &str,
+        algorithm: KeyAlgorithm,
+        label: &str,
+        id: &str,
+    ) -> Result<(), String> {
+        create_token_key(
+            &self.module,
+            token,
+            PIN,
+            algorithm,
+            label,
+            &hex::decode(id).unwrap(),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// The `[[keys]]` entry of a token key, as `serve` reads it.
@@ -183,18 +164,11 @@ impl SoftHsm {
         pin_file: &Path,
     ) -> KeyConfig {
         KeyConfig {
-            name: name.into(),
-            source: KeySourceConfig::Pkcs11,
-            path: None,
             module: Some(self.module.clone()),
             token_label: Some(token.into()),
             key_label: Some(key_label.into()),
-            key_id: None,
-            slot: None,
-            serial: None,
             pin_file: Some(pin_file.to_path_buf()),
-            pin_env: None,
-            certificate_chain: None,
+            ..KeyConfig::new(name, KeySourceConfig::Pkcs11)
         }
     }
 

@@ -170,6 +170,22 @@ keys = ["ec", "ed"]
         n
     }
 
+    /// Waits until worker `n`'s log has a line containing every one of `needles`.
+    pub fn wait_log(&self, n: usize, needles: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self
+                .log(n)
+                .lines()
+                .any(|l| needles.iter().all(|x| l.contains(x)))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no log line with {needles:?}; log:\n{}", self.log(n));
+    }
+
     pub fn log(&self, n: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("worker-{n}.log"))).unwrap_or_default()
     }

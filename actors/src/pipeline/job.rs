@@ -245,11 +245,11 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         ));
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
-    let Some(key_names) = shared.cfg.profiles.get(request.profile()).cloned() else {
+    if !shared.cfg.profiles.contains(request.profile()) {
         let e =
             SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()));
         return finish_failed(shared, d, ids, None, e, findings).await;
-    };
+    }
 
     let request = Arc::new(request);
     let t_gates = Instant::now();
@@ -260,6 +260,26 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
             Ok(v) => v,
             Err(e) => return retry_or_fail(shared, d, ids, None, e, findings).await,
         };
+
+    // The keys: the profile's, refined for the tenant and its plan, as rotated at runtime.
+    let Some(selection) = shared.cfg.profiles.select(
+        request.profile(),
+        &request.tenant,
+        Some(verdict.plan.as_str()).filter(|p| !p.is_empty()),
+        shared.ports.assignments.as_ref(),
+    ) else {
+        let e =
+            SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()));
+        return finish_failed(shared, d, ids, None, e, findings).await;
+    };
+    tracing::debug!(
+        profile = request.profile(),
+        scope = %selection.scope,
+        assigned = selection.assigned,
+        keys = ?selection.keys,
+        "keys selected"
+    );
+    let key_names = selection.keys;
 
     let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
     let t_claim = Instant::now();
@@ -476,7 +496,7 @@ async fn sign(
         let refs = shared.read_refs();
         key_names
             .iter()
-            .map(|n| (n.as_str(), refs.keys.get(n).cloned()))
+            .map(|n| (n.as_str(), refs.keys.get(n).and_then(|pool| pool.pick())))
             .collect()
     };
     let calls = actors.into_iter().map(|(name, actor)| {

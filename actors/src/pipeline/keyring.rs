@@ -1,13 +1,21 @@
-//! The Keyring supervises one KeySigner actor per configured key. A key actor serialises
-//! access to its backend (one HSM session, one YubiKey), so a slow or broken key never
-//! blocks the others. A backend that becomes unavailable fails its actor; the Keyring
-//! reloads the key through the [`KeyFactory`] and starts a new actor.
+//! The Keyring supervises a pool of KeySigner actors per configured key (one by default,
+//! [`KeyFactory::pool_size`]). A key actor serialises access to its backend (one HSM
+//! session, one YubiKey), so a slow or broken key never blocks the others, and a pool of
+//! them signs that many jobs at once. A backend that becomes unavailable fails its actor;
+//! the Keyring reloads that pool member alone through the [`KeyFactory`] and starts a new
+//! actor in its place, while its siblings keep signing.
+//!
+//! [`KeyFactory`]: crate::ports::KeyFactory
+//! [`KeyFactory::pool_size`]: crate::ports::KeyFactory::pool_size
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 
 use super::Shared;
 use crate::keys::{KeyError, KeySignature, KeySigner};
@@ -25,6 +33,16 @@ pub struct KeySignerActor;
 pub struct KeyState {
     key: Arc<dyn KeySigner>,
     revocations: Arc<dyn crate::ports::RevocationList>,
+}
+
+impl KeyState {
+    /// What a key actor starts with (public so a benchmark can drive one actor alone).
+    pub fn new(
+        key: Arc<dyn KeySigner>,
+        revocations: Arc<dyn crate::ports::RevocationList>,
+    ) -> Self {
+        KeyState { key, revocations }
+    }
 }
 
 impl Actor for KeySignerActor {
@@ -83,20 +101,66 @@ impl Actor for KeySignerActor {
     }
 }
 
+/// The actors of one key: one place per pool member, empty while that member is
+/// (re)loaded. Jobs take the live members in turn.
+pub(crate) struct KeyPool {
+    members: Vec<Option<ActorRef<KeyMsg>>>,
+    /// Round-robin cursor, advanced by every pick (under the shared read lock).
+    next: AtomicUsize,
+}
+
+impl KeyPool {
+    /// A pool of `size` members (at least one), none loaded yet.
+    pub(crate) fn new(size: usize) -> Self {
+        KeyPool {
+            members: vec![None; size.max(1)],
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether every member is loaded (the key counts as ready only then).
+    pub(crate) fn is_full(&self) -> bool {
+        self.members.iter().all(Option::is_some)
+    }
+
+    /// The next live member in turn; `None` when no member is loaded.
+    pub(crate) fn pick(&self) -> Option<ActorRef<KeyMsg>> {
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| self.members[start.wrapping_add(i) % n].clone())
+    }
+
+    fn set(&mut self, slot: usize, actor: ActorRef<KeyMsg>) {
+        if slot >= self.members.len() {
+            self.members.resize(slot + 1, None);
+        }
+        self.members[slot] = Some(actor);
+    }
+
+    /// Empties `slot` if it still holds the actor `id`.
+    fn clear(&mut self, slot: usize, id: ActorId) {
+        if let Some(member) = self.members.get_mut(slot)
+            && member.as_ref().is_some_and(|a| a.get_id() == id)
+        {
+            *member = None;
+        }
+    }
+}
+
 /// Messages of the Keyring.
 pub enum KeyringMsg {
-    /// (Re)load a key and start its actor.
-    Load(String),
+    /// (Re)load one pool member of a key (key name, pool slot) and start its actor.
+    Load(String, usize),
 }
 
 pub struct Keyring;
 
 pub struct KeyringState {
     shared: Arc<Shared>,
-    /// Actor id -> key name, to know which key a failed child was.
-    children: HashMap<ractor::ActorId, String>,
-    /// Consecutive failed loads per key, for the retry delay.
-    failures: HashMap<String, u32>,
+    /// Actor id -> (key name, pool slot), to know which member a failed child was.
+    children: HashMap<ActorId, (String, usize)>,
+    /// Consecutive failed loads per pool member, for the retry delay.
+    failures: HashMap<(String, usize), u32>,
 }
 
 impl Keyring {
@@ -115,10 +179,26 @@ impl Actor for Keyring {
         myself: ActorRef<KeyringMsg>,
         shared: Arc<Shared>,
     ) -> Result<KeyringState, ActorProcessingErr> {
-        let names = shared.ports.keys.names();
-        shared.write_refs().keys_expected = names.len();
-        for name in names {
-            myself.send_message(KeyringMsg::Load(name))?;
+        let pools: Vec<(String, usize)> = shared
+            .ports
+            .keys
+            .names()
+            .into_iter()
+            .map(|name| {
+                let size = shared.ports.keys.pool_size(&name).max(1);
+                (name, size)
+            })
+            .collect();
+        {
+            let mut refs = shared.write_refs();
+            for (name, size) in &pools {
+                refs.keys.insert(name.clone(), KeyPool::new(*size));
+            }
+        }
+        for (name, size) in pools {
+            for slot in 0..size {
+                myself.send_message(KeyringMsg::Load(name.clone(), slot))?;
+            }
         }
         Ok(KeyringState {
             shared,
@@ -133,7 +213,7 @@ impl Actor for Keyring {
         msg: KeyringMsg,
         state: &mut KeyringState,
     ) -> Result<(), ActorProcessingErr> {
-        let KeyringMsg::Load(name) = msg;
+        let KeyringMsg::Load(name, slot) = msg;
         match state.shared.ports.keys.load(&name).await {
             Ok(key) => {
                 let (actor, _) = Actor::spawn_linked(
@@ -146,17 +226,24 @@ impl Actor for Keyring {
                     myself.get_cell(),
                 )
                 .await?;
-                state.children.insert(actor.get_id(), name.clone());
-                state.failures.remove(&name);
-                state.shared.write_refs().keys.insert(name.clone(), actor);
-                tracing::info!(key = %name, "key loaded");
+                state.children.insert(actor.get_id(), (name.clone(), slot));
+                state.failures.remove(&(name.clone(), slot));
+                let size = state.shared.ports.keys.pool_size(&name);
+                state
+                    .shared
+                    .write_refs()
+                    .keys
+                    .entry(name.clone())
+                    .or_insert_with(|| KeyPool::new(size))
+                    .set(slot, actor);
+                tracing::info!(key = %name, pool_slot = slot, "key loaded");
             }
             Err(e) => {
-                let n = state.failures.entry(name.clone()).or_default();
+                let n = state.failures.entry((name.clone(), slot)).or_default();
                 *n += 1;
                 let delay = Self::retry_delay(*n);
-                tracing::warn!(key = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "key not loaded");
-                myself.send_after(delay, move || KeyringMsg::Load(name));
+                tracing::warn!(key = %name, pool_slot = slot, error = %e, retry_in_ms = delay.as_millis() as u64, "key not loaded");
+                myself.send_after(delay, move || KeyringMsg::Load(name, slot));
             }
         }
         Ok(())
@@ -175,16 +262,17 @@ impl Actor for Keyring {
             }
             _ => return Ok(()),
         };
-        if let Some(name) = state.children.remove(&cell.get_id()) {
-            state.shared.write_refs().keys.remove(&name);
-            if !state
-                .shared
-                .draining
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
-                tracing::warn!(key = %name, %reason, "key actor stopped; reloading the key");
+        if let Some((name, slot)) = state.children.remove(&cell.get_id()) {
+            // Only this member goes: its siblings keep signing while it is reloaded.
+            if let Some(pool) = state.shared.write_refs().keys.get_mut(&name) {
+                pool.clear(slot, cell.get_id());
+            }
+            if !state.shared.draining.load(Ordering::Acquire) {
+                tracing::warn!(key = %name, pool_slot = slot, %reason, "key actor stopped; reloading the key");
                 metrics::counter!("signer_actor_restarts_total", "actor" => "key").increment(1);
-                myself.send_after(Duration::from_millis(50), move || KeyringMsg::Load(name));
+                myself.send_after(Duration::from_millis(50), move || {
+                    KeyringMsg::Load(name, slot)
+                });
             }
         }
         Ok(())

@@ -6,7 +6,7 @@
 //! ├── Entitlement   OpTok + DPoP + PoE          (EntitlementVerifier port)
 //! ├── Quota         plan limits                  (QuotaStore port)
 //! ├── Provenance    scanner release signature    (ReleaseVerifier port)
-//! ├── Keyring       one KeySigner actor per key  (KeyFactory port)
+//! ├── Keyring       a pool of KeySigner actors per key (KeyFactory port)
 //! ├── Publisher     sign.completed / sign.failed (MessagePublisher port)
 //! └── AuditWriter   hash-chained, batched        (MessagePublisher port)
 //! ```
@@ -23,6 +23,8 @@ mod job;
 mod keyring;
 mod publisher;
 mod supervisor;
+
+pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,8 +65,9 @@ pub struct PipelineConfig {
     pub backoff_max: Duration,
     /// Idempotency lease: how long a job may run before another replica may take it over.
     pub lease: Duration,
-    /// Signing profiles: profile name -> key names (one signature per key, in order).
-    pub profiles: HashMap<String, Vec<String>>,
+    /// Signing profiles: the keys of each profile (one signature per key, in order), per
+    /// tenant and plan.
+    pub profiles: crate::profiles::ProfileTable,
     /// Audit events per batch at most, and how long an event may wait for its batch.
     pub audit_batch_max: usize,
     pub audit_flush_interval: Duration,
@@ -74,7 +77,10 @@ pub struct PipelineConfig {
 
 impl PipelineConfig {
     /// Defaults for everything but the worker id and profiles.
-    pub fn new(worker_id: impl Into<String>, profiles: HashMap<String, Vec<String>>) -> Self {
+    pub fn new(
+        worker_id: impl Into<String>,
+        profiles: impl Into<crate::profiles::ProfileTable>,
+    ) -> Self {
         PipelineConfig {
             worker_id: worker_id.into(),
             completed_subject: "sign.completed".into(),
@@ -87,7 +93,7 @@ impl PipelineConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             lease: Duration::from_secs(25),
-            profiles,
+            profiles: profiles.into(),
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
             call_timeout: Duration::from_secs(30),
@@ -103,6 +109,8 @@ pub struct Ports {
     pub idempotency: Arc<dyn IdempotencyStore>,
     pub keys: Arc<dyn KeyFactory>,
     pub revocations: Arc<dyn crate::ports::RevocationList>,
+    /// Keys assigned to profiles at runtime (`keys rotate`).
+    pub assignments: Arc<dyn crate::profiles::KeyAssignments>,
     pub entitlement: Arc<dyn EntitlementVerifier>,
     pub quota: Arc<dyn QuotaStore>,
     pub provenance: Arc<dyn ReleaseVerifier>,
@@ -129,8 +137,8 @@ pub(crate) struct Refs {
     pub provenance: Option<ActorRef<gates::ProvenanceMsg>>,
     pub publisher: Option<ActorRef<publisher::PublisherMsg>>,
     pub audit: Option<ActorRef<audit_writer::AuditMsg>>,
-    pub keys: HashMap<String, ActorRef<keyring::KeyMsg>>,
-    pub keys_expected: usize,
+    /// Key name -> the actors of its pool (created by the Keyring with every member empty).
+    pub keys: HashMap<String, keyring::KeyPool>,
 }
 
 impl Shared {
@@ -201,11 +209,11 @@ impl Pipeline {
     /// Validates the profiles against the keys and starts the supervision tree.
     pub async fn start(cfg: PipelineConfig, ports: Ports) -> Result<Self, StartError> {
         let names = ports.keys.names();
-        if !cfg.profiles.contains_key("default") {
+        if !cfg.profiles.contains("default") {
             return Err(StartError::NoDefaultProfile);
         }
-        for (profile, keys) in &cfg.profiles {
-            if let Some(key) = keys.iter().find(|k| !names.contains(k)) {
+        for (profile, keys) in cfg.profiles.iter() {
+            if let Some(key) = keys.key_names().find(|k| !names.contains(k)) {
                 return Err(StartError::UnknownKey {
                     profile: profile.clone(),
                     key: key.clone(),
@@ -285,15 +293,16 @@ impl PipelineStatus {
         if !shared.intake_ready.load(Ordering::Acquire) {
             return Err("job source not open".into());
         }
+        // A key counts as loaded only when every member of its pool is.
         let refs = shared.read_refs();
-        if refs.keys.len() < refs.keys_expected {
-            let mut missing: Vec<String> = shared
-                .ports
-                .keys
-                .names()
-                .into_iter()
-                .filter(|n| !refs.keys.contains_key(n))
-                .collect();
+        let mut missing: Vec<String> = shared
+            .ports
+            .keys
+            .names()
+            .into_iter()
+            .filter(|n| !refs.keys.get(n).is_some_and(keyring::KeyPool::is_full))
+            .collect();
+        if !missing.is_empty() {
             missing.sort();
             return Err(format!("keys not loaded: {}", missing.join(", ")));
         }

@@ -216,26 +216,24 @@ fn request_body(id: &str) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_actor_that_dies_is_restarted_and_its_job_redelivered() {
+fn pkcs8() -> Vec<u8> {
+    Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// A pipeline over in-memory ports whose `default` profile signs with `key`.
+async fn start(keys: Arc<dyn KeyFactory>, key: &str) -> (Arc<Queue>, Arc<MemPublisher>, Pipeline) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queue = Arc::new(Queue {
         tx,
         settled: Mutex::new(Vec::new()),
     });
     let publisher = Arc::new(MemPublisher::default());
-    let rng = ring::rand::SystemRandom::new();
-    let keys = Arc::new(Keys {
-        pkcs8: Ed25519KeyPair::generate_pkcs8(&rng)
-            .unwrap()
-            .as_ref()
-            .to_vec(),
-        armed: Arc::new(AtomicBool::new(true)),
-        loads: AtomicUsize::new(0),
-    });
     let mut cfg = PipelineConfig::new(
         "test-worker",
-        HashMap::from([("default".to_string(), vec!["panicky".to_string()])]),
+        HashMap::from([("default".to_string(), vec![key.to_string()])]),
     );
     cfg.backoff_base = Duration::from_millis(10);
     cfg.backoff_max = Duration::from_millis(100);
@@ -243,32 +241,53 @@ async fn a_key_actor_that_dies_is_restarted_and_its_job_redelivered() {
         source: Arc::new(MemSource(Arc::new(Mutex::new(Some(rx))))),
         publisher: publisher.clone(),
         idempotency: Arc::new(MemIdempotency::default()),
-        keys: keys.clone(),
+        keys,
         revocations: Arc::new(NoRevocations),
+        assignments: Arc::new(crate::profiles::NoAssignments),
         entitlement: Arc::new(DisabledEntitlement),
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
     };
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
+    (queue, publisher, pipeline)
+}
+
+/// Publishes job `seq` (requestId `r-<seq>`).
+fn submit(queue: &Arc<Queue>, seq: u64) {
     queue
         .tx
         .send(MemDelivery {
             queue: queue.clone(),
-            body: request_body("r-1"),
-            seq: 1,
+            body: request_body(&format!("r-{seq}")),
+            seq,
             delivered: 1,
         })
         .unwrap();
+}
 
+/// Waits until `cond` holds, for up to 10 s.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !queue.settled.lock().unwrap().contains(&(1, Settled::Ack)) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never acked: {:?}",
-            queue.settled.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+fn acked(queue: &Queue, seq: u64) -> bool {
+    queue.settled.lock().unwrap().contains(&(seq, Settled::Ack))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_actor_that_dies_is_restarted_and_its_job_redelivered() {
+    let keys = Arc::new(Keys {
+        pkcs8: pkcs8(),
+        armed: Arc::new(AtomicBool::new(true)),
+        loads: AtomicUsize::new(0),
+    });
+    let (queue, publisher, pipeline) = start(keys.clone(), "panicky").await;
+    submit(&queue, 1);
+    until("job 1 acked", || acked(&queue, 1)).await;
     let settled = queue.settled.lock().unwrap().clone();
     assert_eq!(
         settled.first(),
@@ -297,5 +316,186 @@ async fn a_key_actor_that_dies_is_restarted_and_its_job_redelivered() {
     assert_eq!(results.len(), 1, "one result");
     assert_eq!(results[0].subject, "sign.completed");
     assert!(pipeline.status().ready().is_ok());
+    assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+/// One loaded backend of the pooled key: signs as incarnation `n` (the n-th load).
+struct PoolMember {
+    pair: Ed25519KeyPair,
+    identity: Arc<SignerIdentity>,
+    n: usize,
+    pool: Arc<PoolKeys>,
+}
+
+#[async_trait]
+impl KeySigner for PoolMember {
+    fn name(&self) -> &str {
+        "pooled"
+    }
+    fn identity(&self) -> Arc<SignerIdentity> {
+        self.identity.clone()
+    }
+    async fn sign(&self, message: &[u8]) -> Result<KeySignature, KeyError> {
+        // The session of incarnation `fail` is lost: its next signature fails.
+        if self
+            .pool
+            .fail
+            .compare_exchange(self.n, usize::MAX, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Err(KeyError::Unavailable("simulated: session closed".into()));
+        }
+        self.pool.signed_by.lock().unwrap().push(self.n);
+        Ok(KeySignature {
+            sig: self.pair.sign(message).as_ref().to_vec(),
+            identity: self.identity.clone(),
+            rfc3161_timestamp: None,
+        })
+    }
+}
+
+/// A key with a pool of two. Every load is a new incarnation (numbered from 0); a load
+/// waits for a permit of `gate`, so a test can hold a reload back.
+struct PoolKeys {
+    pkcs8: Vec<u8>,
+    gate: tokio::sync::Semaphore,
+    loads: AtomicUsize,
+    signed_by: Mutex<Vec<usize>>,
+    /// The incarnation whose next signature fails (`usize::MAX`: none).
+    fail: AtomicUsize,
+}
+
+/// The factory handed to the pipeline; the test keeps the `Arc<PoolKeys>`.
+struct PoolFactory(Arc<PoolKeys>);
+
+#[async_trait]
+impl KeyFactory for PoolFactory {
+    fn names(&self) -> Vec<String> {
+        vec!["pooled".into()]
+    }
+    fn pool_size(&self, name: &str) -> usize {
+        assert_eq!(name, "pooled");
+        2
+    }
+    async fn load(&self, _: &str) -> Result<Arc<dyn KeySigner>, KeyError> {
+        self.0
+            .gate
+            .acquire()
+            .await
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?
+            .forget();
+        let n = self.0.loads.fetch_add(1, Ordering::SeqCst);
+        let pair = Ed25519KeyPair::from_pkcs8(&self.0.pkcs8)
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        let public =
+            PublicKey::from_raw(KeyAlgorithm::Ed25519, pair.public_key().as_ref()).unwrap();
+        Ok(Arc::new(PoolMember {
+            pair,
+            identity: Arc::new(SignerIdentity::keyful(public, KeySource::Pkcs11)),
+            n,
+            pool: self.0.clone(),
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_two_signs_with_both_and_reloads_a_failed_member_alone() {
+    let keys = Arc::new(PoolKeys {
+        pkcs8: pkcs8(),
+        gate: tokio::sync::Semaphore::new(2),
+        loads: AtomicUsize::new(0),
+        signed_by: Mutex::new(Vec::new()),
+        fail: AtomicUsize::new(usize::MAX),
+    });
+    let (queue, publisher, pipeline) = start(Arc::new(PoolFactory(keys.clone())), "pooled").await;
+    let status = pipeline.status();
+    until("both members loaded", || status.ready().is_ok()).await;
+    assert_eq!(keys.loads.load(Ordering::SeqCst), 2, "one load per member");
+
+    // Both members sign: jobs take them in turn.
+    for seq in 1..=6 {
+        submit(&queue, seq);
+        until("job acked", || acked(&queue, seq)).await;
+    }
+    let signed = keys.signed_by.lock().unwrap().clone();
+    assert_eq!(signed.len(), 6, "{signed:?}");
+    for n in [0, 1] {
+        assert_eq!(
+            signed.iter().filter(|m| **m == n).count(),
+            3,
+            "round robin: {signed:?}"
+        );
+    }
+
+    // Member 0 loses its session; its reload is held back. The job that met the failure is
+    // NAKed and redelivered, member 1 signs it and everything else meanwhile, and the key
+    // is not ready until the pool is whole again.
+    keys.fail.store(0, Ordering::SeqCst);
+    let mut seq = 7;
+    while keys.fail.load(Ordering::SeqCst) == 0 {
+        submit(&queue, seq);
+        until("job acked", || acked(&queue, seq)).await;
+        seq += 1;
+    }
+    let failed_at = seq - 1;
+    assert!(
+        queue
+            .settled
+            .lock()
+            .unwrap()
+            .contains(&(failed_at, Settled::Nak)),
+        "the job that met the failure was NAKed for a retry"
+    );
+    until("member 0 is gone", || status.ready().is_err()).await;
+    assert_eq!(status.ready(), Err("keys not loaded: pooled".to_string()));
+    keys.signed_by.lock().unwrap().clear();
+    for _ in 0..4 {
+        submit(&queue, seq);
+        until("job acked while member 0 reloads", || acked(&queue, seq)).await;
+        seq += 1;
+    }
+    assert_eq!(
+        *keys.signed_by.lock().unwrap(),
+        vec![1; 4],
+        "member 1 alone serves while member 0 is down"
+    );
+    assert_eq!(keys.loads.load(Ordering::SeqCst), 2, "reload held back");
+    assert!(status.ready().is_err());
+
+    // Let the reload through: member 0 comes back as incarnation 2, beside member 1.
+    keys.gate.add_permits(1);
+    until("pool whole again", || status.ready().is_ok()).await;
+    assert_eq!(
+        keys.loads.load(Ordering::SeqCst),
+        3,
+        "only member 0 was reloaded"
+    );
+    keys.signed_by.lock().unwrap().clear();
+    for _ in 0..4 {
+        submit(&queue, seq);
+        until("job acked", || acked(&queue, seq)).await;
+        seq += 1;
+    }
+    let signed = keys.signed_by.lock().unwrap().clone();
+    assert_eq!(signed.iter().filter(|m| **m == 2).count(), 2, "{signed:?}");
+    assert_eq!(signed.iter().filter(|m| **m == 1).count(), 2, "{signed:?}");
+
+    // Every job: one ack, one sign.completed.
+    let jobs = seq - 1;
+    let settled = queue.settled.lock().unwrap().clone();
+    for s in 1..=jobs {
+        let acks = settled.iter().filter(|x| **x == (s, Settled::Ack)).count();
+        assert_eq!(acks, 1, "job {s}: {settled:?}");
+    }
+    let results: Vec<OutMessage> = publisher
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.subject.starts_with("sign."))
+        .cloned()
+        .collect();
+    assert_eq!(results.len() as u64, jobs, "one result per job");
+    assert!(results.iter().all(|m| m.subject == "sign.completed"));
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }

@@ -1,0 +1,360 @@
+//! `bench keys`: signatures per second of each key backend (file ECDSA, file Ed25519,
+//! PKCS#11 ECDSA on SoftHSM, keyless with a cached Fulcio certificate, keyless with a TSA
+//! timestamp per signature) through KeySigner actors, beside the raw backend call measured
+//! in the same run.
+//!
+//! "raw" calls `KeySigner::sign` in a loop on one task: the backend alone. "actor" sends the
+//! same PAE to the key's actors as the pipeline does (`KeyMsg::Sign`, 64 calls in flight),
+//! so the difference is what the actor hop costs, or, with several actors (a PKCS#11 pool),
+//! what the pool gains. SoftHSM and the offline Sigstore peer are set up by the run itself;
+//! a backend whose prerequisites are missing is reported as skipped, with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use ractor::{Actor, ActorRef};
+use signer_actors::keys::{KeyAlgorithm, KeySigner};
+use signer_actors::pipeline::{KeyActorState, KeyMsg, KeySignerActor};
+use signer_actors::ports::NoRevocations;
+
+use crate::cli::CliError;
+use crate::config::{KeyConfig, KeySourceConfig};
+use crate::keys::keyless::{KeylessKey, KeylessSettings};
+use crate::keys::pkcs11::{DEFAULT_MODULE, Pkcs11Key, create_token_key};
+
+/// Calls in flight to the actors, as the pipeline keeps many jobs running.
+const IN_FLIGHT: usize = 64;
+const PIN: &str = "1234";
+
+/// A SoftHSM token made for this run (`SOFTHSM2_CONF` points at it).
+pub struct SoftHsmSetup {
+    _dir: tempfile::TempDir,
+    token: String,
+    pin_file: PathBuf,
+}
+
+/// Creates a SoftHSM token with a P-256 key in a temporary directory and points
+/// `SOFTHSM2_CONF` at it. Call before any thread starts (it sets an environment variable).
+pub fn prepare_softhsm() -> Result<SoftHsmSetup, String> {
+    if !Path::new(DEFAULT_MODULE).exists() {
+        return Err(format!("{DEFAULT_MODULE} missing (apt install softhsm2)"));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: called from the CLI before the runtime and any other thread exist.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+    let token = "bench".to_string();
+    let out = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", &token])
+        .args(["--so-pin", PIN, "--pin", PIN])
+        .output()
+        .map_err(|e| format!("softhsm2-util: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "softhsm2-util --init-token: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    create_token_key(
+        Path::new(DEFAULT_MODULE),
+        &token,
+        PIN,
+        KeyAlgorithm::EcdsaP256Sha256,
+        "bench-ec",
+        &[1],
+    )
+    .map_err(|e| e.to_string())?;
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, PIN).map_err(|e| e.to_string())?;
+    Ok(SoftHsmSetup {
+        _dir: dir,
+        token,
+        pin_file,
+    })
+}
+
+/// The offline Sigstore peer (`mock_sigstore_server.mjs` of the conformance tools).
+struct MockSigstore {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+    token_file: PathBuf,
+}
+
+impl Drop for MockSigstore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn conformance_dir() -> PathBuf {
+    std::env::var_os("SIGNER_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/conformance"))
+}
+
+async fn start_mock_sigstore() -> Result<MockSigstore, String> {
+    let script = conformance_dir().join("node/mock_sigstore_server.mjs");
+    if !script.exists() {
+        return Err(format!(
+            "{} missing (scripts/bootstrap.sh installs it)",
+            script.display()
+        ));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let child = Command::new("node")
+        .arg(&script)
+        .args(["--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("node: {e}"))?;
+    let token_file = dir.path().join("token");
+    let mock = MockSigstore {
+        child,
+        port,
+        _dir: dir,
+        token_file,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("the Sigstore peer did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claims = serde_json::json!({
+        "iss": "https://bench.example", "sub": "https://bench.example/signer",
+        "exp": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() + 3600)
+            .unwrap_or_default(),
+    });
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let token = format!(
+        "{}.{}.x",
+        b64.encode(br#"{"alg":"none"}"#),
+        b64.encode(claims.to_string())
+    );
+    std::fs::write(&mock.token_file, token).map_err(|e| e.to_string())?;
+    Ok(mock)
+}
+
+/// Signatures/s of `key.sign` on one task, best of 3 rounds.
+async fn raw_rate(key: &dyn KeySigner, pae: &[u8], n: usize) -> Result<f64, String> {
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..n {
+            key.sign(pae).await.map_err(|e| e.to_string())?;
+        }
+        best = best.max(n as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Signatures/s through one actor per key (round-robin, [`IN_FLIGHT`] calls in flight),
+/// best of 3 rounds.
+async fn actor_rate(keys: &[Arc<dyn KeySigner>], pae: &[u8], n: usize) -> Result<f64, String> {
+    let mut actors: Vec<ActorRef<KeyMsg>> = Vec::new();
+    for key in keys {
+        let (actor, _) = Actor::spawn(
+            None,
+            KeySignerActor,
+            KeyActorState::new(key.clone(), Arc::new(NoRevocations)),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        actors.push(actor);
+    }
+    let pae: Arc<[u8]> = pae.into();
+    let mut best: f64 = 0.0;
+    let mut failure = None;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut pending = FuturesUnordered::new();
+        let mut sent = 0;
+        let mut done = 0;
+        while done < n {
+            while sent < n && pending.len() < IN_FLIGHT {
+                let actor = actors[sent % actors.len()].clone();
+                let pae = pae.clone();
+                pending.push(async move { actor.call(|r| KeyMsg::Sign(pae, r), None).await });
+                sent += 1;
+            }
+            match pending.next().await {
+                Some(Ok(ractor::rpc::CallResult::Success(Ok(_)))) => done += 1,
+                Some(other) => {
+                    failure = Some(format!("{:?}", other.map(|r| r.is_success())));
+                    break;
+                }
+                None => break,
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        best = best.max(n as f64 / start.elapsed().as_secs_f64());
+    }
+    for a in actors {
+        a.stop(None);
+    }
+    match failure {
+        Some(f) => Err(format!("an actor call failed: {f}")),
+        None => Ok(best),
+    }
+}
+
+/// One backend's figures.
+struct Row {
+    backend: String,
+    outcome: Result<(f64, f64), String>,
+}
+
+/// Runs every backend; prints the table and returns the JSON report.
+pub async fn run(
+    signatures: usize,
+    softhsm: Result<SoftHsmSetup, String>,
+) -> Result<serde_json::Value, CliError> {
+    let statement = super::sign_local::statement_of_size(1024);
+    let payload = statement
+        .canonical_bytes()
+        .map_err(|e| CliError::Unusable(e.to_string()))?;
+    let pae = signer_actors::dsse::pae(signer_actors::statement::INTOTO_PAYLOAD_TYPE, &payload);
+    println!(
+        "bench keys: {signatures} signatures of a {} B PAE per round, best of 3; actor = {IN_FLIGHT} calls in flight",
+        pae.len()
+    );
+    let mut rows = Vec::new();
+    let mut measure = async |backend: &str, keys: Result<Vec<Arc<dyn KeySigner>>, String>, n| {
+        let outcome = match keys {
+            Ok(keys) => match raw_rate(keys[0].as_ref(), &pae, n).await {
+                Ok(raw) => actor_rate(&keys, &pae, n).await.map(|a| (raw, a)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        rows.push(Row {
+            backend: backend.to_string(),
+            outcome,
+        });
+    };
+
+    for algorithm in [KeyAlgorithm::EcdsaP256Sha256, KeyAlgorithm::Ed25519] {
+        let key = super::sign_local::key(algorithm)
+            .map(|k| vec![Arc::new(k) as Arc<dyn KeySigner>])
+            .map_err(|e| e.to_string());
+        measure(&format!("file {}", algorithm.as_str()), key, signatures).await;
+    }
+
+    let hsm = softhsm.as_ref().map_err(Clone::clone);
+    let open_hsm = |n: usize| -> Result<Vec<Arc<dyn KeySigner>>, String> {
+        let setup = hsm.as_ref().map_err(|e| e.to_string())?;
+        let cfg = pkcs11_config(setup);
+        (0..n)
+            .map(|_| {
+                Pkcs11Key::open("bench-ec", &cfg)
+                    .map(|k| Arc::new(k) as Arc<dyn KeySigner>)
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    };
+    measure("pkcs11 ecdsa-p256-sha256", open_hsm(1), signatures).await;
+    measure("pkcs11 ecdsa, sessions = 2", open_hsm(2), signatures).await;
+
+    let mock = start_mock_sigstore().await;
+    for (backend, tsa, n) in [
+        ("keyless (cached certificate)", false, signatures),
+        // one HTTP round trip to the TSA per signature
+        ("keyless + TSA timestamp", true, (signatures / 40).max(20)),
+    ] {
+        let keys = match &mock {
+            Ok(m) => keyless_key(m, tsa).await.map(|k| vec![k]),
+            Err(e) => Err(e.clone()),
+        };
+        measure(backend, keys, n).await;
+    }
+    drop(mock);
+
+    println!(
+        "{:<30} {:>12} {:>12} {:>10}",
+        "backend", "raw sig/s", "actor sig/s", "actor/raw"
+    );
+    let mut report = Vec::new();
+    for row in &rows {
+        match &row.outcome {
+            Ok((raw, actor)) => {
+                println!(
+                    "{:<30} {:>12.0} {:>12.0} {:>10.2}",
+                    row.backend,
+                    raw,
+                    actor,
+                    actor / raw
+                );
+                report.push(serde_json::json!({
+                    "backend": row.backend, "rawPerSec": raw, "actorPerSec": actor,
+                    "actorToRaw": actor / raw,
+                }));
+            }
+            Err(reason) => {
+                println!("{:<30} skipped: {reason}", row.backend);
+                report.push(serde_json::json!({"backend": row.backend, "skipped": reason}));
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "signaturesPerRound": signatures,
+        "paeBytes": pae.len(),
+        "inFlight": IN_FLIGHT,
+        "backends": report,
+    }))
+}
+
+fn pkcs11_config(setup: &SoftHsmSetup) -> KeyConfig {
+    KeyConfig {
+        module: Some(PathBuf::from(DEFAULT_MODULE)),
+        token_label: Some(setup.token.clone()),
+        key_label: Some("bench-ec".into()),
+        pin_file: Some(setup.pin_file.clone()),
+        ..KeyConfig::new("bench-ec", KeySourceConfig::Pkcs11)
+    }
+}
+
+async fn keyless_key(mock: &MockSigstore, tsa: bool) -> Result<Arc<dyn KeySigner>, String> {
+    let url = format!("http://127.0.0.1:{}", mock.port);
+    let settings = KeylessSettings {
+        tsa_url: tsa.then(|| format!("{url}/api/v1/timestamp")),
+        fulcio_url: url,
+        identity_token_file: mock.token_file.clone(),
+        renew_before: Duration::from_secs(60),
+        timeout: Duration::from_secs(10),
+    };
+    KeylessKey::open("bench-keyless", settings)
+        .await
+        .map(|k| Arc::new(k) as Arc<dyn KeySigner>)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,314 @@
+//! Keyless signing through `serve` against the offline Sigstore peer (Fulcio v2 and an
+//! RFC 3161 TSA): the bundles verify with sigstore-js against the peer's trusted root and
+//! the identity in the token, one certificate serves many jobs, a certificate near its end
+//! is replaced with one for the token the file holds now, and an unreachable Fulcio fails
+//! jobs as retryable `key_unavailable`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::sigstore::{MockSigstore, write_identity_token};
+use common::stack::{ResultMsg, Stack, request};
+use common::{run, verify_bundle_peer, verify_dsse_peer, write_json};
+
+const ISSUER: &str = "https://token.actions.example.com";
+const SUBJECT: &str = "https://ci.example.com/acme/scanner/.ci/release.yml@refs/heads/main";
+
+fn keyless_key(name: &str, fulcio: &str, token: &Path, extra: &str) -> String {
+    format!(
+        "[[keys]]\nname = \"{name}\"\nsource = \"fulcio\"\nfulcio_url = \"{fulcio}\"\n\
+         identity_token_file = \"{}\"\n{extra}\n",
+        token.display()
+    )
+}
+
+/// The public key of a PEM certificate, by openssl (independent of our parsing).
+fn certificate_public_key(dir: &Path, name: &str, cert_pem: &str) -> std::path::PathBuf {
+    let cert = dir.join(format!("{name}.crt"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.args(["x509", "-noout", "-pubkey", "-in"]).arg(&cert);
+    let (code, text) = run(cmd);
+    assert_eq!(code, 0, "openssl: {text}");
+    let public = dir.join(format!("{name}.pub"));
+    std::fs::write(&public, text).unwrap();
+    public
+}
+
+/// Checks a keyless signature of `r` (index `i`) with both peers; returns its leaf PEM.
+fn verify_keyless(mock: &MockSigstore, dir: &Path, r: &ResultMsg, i: usize, san: &str) -> String {
+    let id = r.header("Signer-Request-Id").unwrap_or("?").to_string();
+    let signer = &r.body["signers"][i];
+    assert_eq!(signer["mode"], "keyless", "{id}: {signer:#}");
+    assert_eq!(signer["source"], "fulcio", "{id}");
+    assert_eq!(signer["algorithm"], "ecdsa-p256-sha256", "{id}");
+    assert!(
+        signer.get("publicKey").is_none(),
+        "{id}: keyless signers carry a certificate"
+    );
+    let chain = signer["certificateChain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2, "{id}: leaf and Fulcio root");
+    let leaf = chain[0].as_str().unwrap().to_string();
+
+    let bundle = &r.body["bundles"][i];
+    let material = &bundle["verificationMaterial"];
+    assert!(material.get("publicKey").is_none(), "{id}: {material:#}");
+    assert_eq!(material["tlogEntries"], serde_json::json!([]), "{id}");
+    assert_eq!(
+        material["timestampVerificationData"]["rfc3161Timestamps"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{id}"
+    );
+    let path = write_json(dir, &format!("{id}-{i}.bundle.json"), bundle);
+    let trusted_root = mock.trusted_root();
+    let (code, text) = verify_bundle_peer(
+        &path,
+        &[
+            "--trusted-root",
+            trusted_root.to_str().unwrap(),
+            "--tlog",
+            "0",
+            "--san",
+            san,
+            "--issuer",
+            ISSUER,
+            "--intoto",
+        ],
+    );
+    assert_eq!(code, 0, "sigstore-js on {id} bundle {i}: {text}");
+
+    // The envelope's signature also verifies, with securesystemslib, under the key the
+    // certificate names.
+    let public = certificate_public_key(dir, &format!("{id}-{i}"), &leaf);
+    let single = serde_json::json!({
+        "payloadType": r.body["envelope"]["payloadType"],
+        "payload": r.body["envelope"]["payload"],
+        "signatures": [r.body["envelope"]["signatures"][i]],
+    });
+    let envelope = write_json(dir, &format!("{id}-{i}.envelope.json"), &single);
+    let (code, text) = verify_dsse_peer(&envelope, &[&public], &["--intoto"]);
+    assert_eq!(code, 0, "securesystemslib on {id} signature {i}: {text}");
+    leaf
+}
+
+async fn publish_jobs(stack: &Stack, js: &async_nats::jetstream::Context, jobs: &[(&str, &str)]) {
+    for (id, profile) in jobs {
+        let body = serde_json::to_vec(&request(id, "acme", Some(profile))).unwrap();
+        stack
+            .publish(js, "sign.requests.acme", &[("Nats-Msg-Id", id)], body)
+            .await;
+    }
+}
+
+fn result_for<'a>(results: &'a [ResultMsg], id: &str) -> &'a ResultMsg {
+    results
+        .iter()
+        .find(|r| r.header("Signer-Request-Id") == Some(id))
+        .unwrap_or_else(|| panic!("no result for {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many_jobs() {
+    let mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n[profiles.keyless-multi]\nkeys = [\"keyless\", \"ed\"]\n",
+        keyless_key(
+            "keyless",
+            &mock.url(),
+            &token,
+            &format!("tsa_url = \"{}\"", mock.tsa_url())
+        ),
+    );
+    let mut stack = Stack::new("keyless", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(
+        0,
+        &["keyless certificate issued", SUBJECT],
+        Duration::from_secs(20),
+    );
+
+    let jobs: Vec<(String, &str)> = (0..6)
+        .map(|i| (format!("kl-{i}"), "keyless"))
+        .chain([("kl-multi".to_string(), "keyless-multi")])
+        .collect();
+    let refs: Vec<(&str, &str)> = jobs.iter().map(|(i, p)| (i.as_str(), *p)).collect();
+    publish_jobs(&stack, &js, &refs).await;
+    let results = stack
+        .results(
+            &js,
+            jobs.len(),
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert_eq!(
+        results.len(),
+        jobs.len(),
+        "{results:#?}\n{}\n{}",
+        stack.log(0),
+        mock.log()
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let mut leaves = std::collections::BTreeSet::new();
+    for (id, _) in &jobs {
+        let r = result_for(&results, id);
+        assert!(r.completed(), "{id}: {:#}\n{}", r.body, stack.log(0));
+        leaves.insert(verify_keyless(&mock, out.path(), r, 0, SUBJECT));
+    }
+    // the multi-signature job: the file key's bundle is keyful as before
+    let multi = result_for(&results, "kl-multi");
+    assert_eq!(multi.body["signers"][1]["mode"], "keyful");
+    let ed_pub = out.path().join("ed.pub");
+    std::fs::write(&ed_pub, stack.public_keys[1].to_pem()).unwrap();
+    let bundle = write_json(out.path(), "multi-1.bundle.json", &multi.body["bundles"][1]);
+    let (code, text) = verify_bundle_peer(
+        &bundle,
+        &[
+            ed_pub.to_str().unwrap(),
+            "--hint",
+            &stack.public_keys[1].keyid(),
+        ],
+    );
+    assert_eq!(code, 0, "sigstore-js on the keyful bundle: {text}");
+
+    assert_eq!(
+        leaves.len(),
+        1,
+        "one certificate for every job of its window"
+    );
+    assert_eq!(mock.certificates_issued(), 1, "{}", mock.log());
+    assert_eq!(
+        mock.timestamps_issued(),
+        jobs.len(),
+        "one timestamp per signature"
+    );
+
+    // A tampered keyless bundle is refused by the same verifier.
+    let r = result_for(&results, "kl-0");
+    let mut forged = r.body["bundles"][0].clone();
+    let other = result_for(&results, "kl-1");
+    forged["dsseEnvelope"]["payload"] = other.body["envelope"]["payload"].clone();
+    let path = write_json(out.path(), "forged.bundle.json", &forged);
+    let trusted_root = mock.trusted_root();
+    let (code, text) = verify_bundle_peer(
+        &path,
+        &[
+            "--trusted-root",
+            trusted_root.to_str().unwrap(),
+            "--tlog",
+            "0",
+        ],
+    );
+    assert_eq!(
+        code, 1,
+        "a payload from another job must not verify: {text}"
+    );
+    stack.cleanup(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_end_is_replaced_for_the_token_the_file_holds_now() {
+    let mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, "https://ci.example.com/first");
+    // Fulcio certificates live 10 minutes: renewing 10 minutes ahead means a new one for
+    // every signature, which is how this test sees renewals without waiting.
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key(
+            "keyless",
+            &mock.url(),
+            &token,
+            &format!("tsa_url = \"{}\"\nrenew_before = \"10m\"", mock.tsa_url())
+        ),
+    );
+    let mut stack = Stack::new("klrenew", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["keyless certificate issued"], Duration::from_secs(20));
+
+    let out = tempfile::tempdir().unwrap();
+    publish_jobs(&stack, &js, &[("r-1", "keyless")]).await;
+    let first = stack
+        .results(&js, 1, Duration::from_secs(30), Duration::ZERO)
+        .await;
+    assert_eq!(first.len(), 1, "{}", stack.log(0));
+    let leaf1 = verify_keyless(
+        &mock,
+        out.path(),
+        result_for(&first, "r-1"),
+        0,
+        "https://ci.example.com/first",
+    );
+
+    // The platform rotates the projected token in place; no restart.
+    write_identity_token(&token, ISSUER, "https://ci.example.com/second");
+    publish_jobs(&stack, &js, &[("r-2", "keyless")]).await;
+    let both = stack
+        .results(&js, 2, Duration::from_secs(30), Duration::ZERO)
+        .await;
+    assert_eq!(both.len(), 2, "{}", stack.log(0));
+    let r2 = result_for(&both, "r-2");
+    let leaf2 = verify_keyless(&mock, out.path(), r2, 0, "https://ci.example.com/second");
+    assert_ne!(leaf1, leaf2);
+    assert_ne!(
+        r2.body["signers"][0]["keyid"],
+        result_for(&both, "r-1").body["signers"][0]["keyid"],
+        "a new certificate comes with a new ephemeral key"
+    );
+    assert_eq!(
+        mock.certificates_issued(),
+        3,
+        "load, r-1, r-2: {}",
+        mock.log()
+    );
+    stack.cleanup(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_fulcio_fails_jobs_as_retryable_key_unavailable() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    // nothing listens there
+    let closed = format!("http://127.0.0.1:{}", common::registry::free_port());
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key("keyless", &closed, &token, "http_timeout = \"2s\"")
+    );
+    let mut stack = Stack::new("kldown", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(
+        0,
+        &["key not loaded", "keyless", "Fulcio"],
+        Duration::from_secs(20),
+    );
+    publish_jobs(&stack, &js, &[("down-1", "keyless"), ("file-1", "default")]).await;
+    let results = stack
+        .results(&js, 2, Duration::from_secs(30), Duration::from_millis(300))
+        .await;
+    assert_eq!(results.len(), 2, "{}", stack.log(0));
+    let down = result_for(&results, "down-1");
+    assert_eq!(down.code(), "key_unavailable", "{:#}", down.body);
+    assert_eq!(down.body["error"]["retryable"], true, "{:#}", down.body);
+    assert!(
+        result_for(&results, "file-1").completed(),
+        "the other keys keep signing"
+    );
+    stack.cleanup(&js).await;
+}
