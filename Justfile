@@ -19,11 +19,12 @@ test-yubikey:
 demo:
     scripts/demo.sh
 
-# Benchmarks: sign-local, then the pipeline (ARGS go to `bench pipeline`, e.g. --jobs 200000).
+# Benchmarks: sign-local, the key backends, then the pipeline (ARGS go to `bench pipeline`, e.g. --jobs 200000).
 # Figures are printed beside the raw ceilings measured in the same run; JSON in target/bench/.
 bench *ARGS:
     cargo build --release --quiet
     target/release/stella-signer bench sign-local
+    target/release/stella-signer bench keys
     target/release/stella-signer bench pipeline {{ARGS}}
 
 # Install prerequisites (apt packages, conformance peers, services).

@@ -3,10 +3,13 @@
 //! timestamp per signature) through KeySigner actors, beside the raw backend call measured
 //! in the same run.
 //!
-//! "raw" calls `KeySigner::sign` in a loop on one task: the backend alone. "actor" sends the
-//! same PAE to the key's actors as the pipeline does (`KeyMsg::Sign`, 64 calls in flight),
-//! so the difference is what the actor hop costs, or, with several actors (a PKCS#11 pool),
-//! what the pool gains. SoftHSM and the offline Sigstore peer are set up by the run itself;
+//! Three figures per backend: "direct call" is the backend's own synchronous call where it
+//! has one (ring for file keys, `C_Sign` on the session for PKCS#11); "KeySigner" awaits the
+//! port's `sign` in a loop on one task (PKCS#11 adds its hop to a blocking thread, keyless
+//! its certificate check and TSA call); "actors" sends the same PAE to the key's actors as
+//! the pipeline does (`KeyMsg::Sign`, 64 calls in flight). `actor/raw` divides the last by
+//! the first that exists: what the actor path costs, or with several actors (a PKCS#11
+//! pool) what the pool gains. SoftHSM and the offline Sigstore peer are set up by the run itself;
 //! a backend whose prerequisites are missing is reported as skipped, with the reason.
 
 use std::path::{Path, PathBuf};
@@ -229,10 +232,31 @@ async fn actor_rate(keys: &[Arc<dyn KeySigner>], pae: &[u8], n: usize) -> Result
     }
 }
 
-/// One backend's figures.
+/// The direct call into a backend (no async, no port): what "raw" measures where the
+/// backend has one.
+type Direct = Box<dyn Fn(&[u8]) -> Result<(), String>>;
+
+/// A backend to measure: its keys (one per actor) and, if it has one, its direct call.
+struct Backend {
+    keys: Vec<Arc<dyn KeySigner>>,
+    direct: Option<Direct>,
+}
+
+/// One backend's figures: (direct call, `KeySigner::sign`, actors) in signatures/s.
 struct Row {
     backend: String,
-    outcome: Result<(f64, f64), String>,
+    outcome: Result<(Option<f64>, f64, f64), String>,
+}
+
+/// Calls/s of a direct backend call, best of 3 rounds.
+fn direct_rate(direct: &Direct, pae: &[u8], n: usize) -> Result<f64, String> {
+    let mut failure = None;
+    let rate = super::ops_per_sec(3, n, || {
+        if let Err(e) = direct(pae) {
+            failure = Some(e);
+        }
+    });
+    failure.map_or(Ok(rate), Err)
 }
 
 /// Runs every backend; prints the table and returns the JSON report.
@@ -246,78 +270,102 @@ pub async fn run(
         .map_err(|e| CliError::Unusable(e.to_string()))?;
     let pae = signer_actors::dsse::pae(signer_actors::statement::INTOTO_PAYLOAD_TYPE, &payload);
     println!(
-        "bench keys: {signatures} signatures of a {} B PAE per round, best of 3; actor = {IN_FLIGHT} calls in flight",
+        "bench keys: {signatures} signatures of a {} B PAE per round, best of 3; actors: {IN_FLIGHT} calls in flight",
         pae.len()
     );
     let mut rows = Vec::new();
-    let mut measure = async |backend: &str, keys: Result<Vec<Arc<dyn KeySigner>>, String>, n| {
-        let outcome = match keys {
-            Ok(keys) => match raw_rate(keys[0].as_ref(), &pae, n).await {
-                Ok(raw) => actor_rate(&keys, &pae, n).await.map(|a| (raw, a)),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+    let mut measure = async |name: &str, backend: Result<Backend, String>, n| {
+        let outcome = async {
+            let backend = backend?;
+            let direct = match &backend.direct {
+                Some(d) => Some(direct_rate(d, &pae, n)?),
+                None => None,
+            };
+            let port = raw_rate(backend.keys[0].as_ref(), &pae, n).await?;
+            let actor = actor_rate(&backend.keys, &pae, n).await?;
+            Ok((direct, port, actor))
+        }
+        .await;
         rows.push(Row {
-            backend: backend.to_string(),
+            backend: name.to_string(),
             outcome,
         });
     };
 
     for algorithm in [KeyAlgorithm::EcdsaP256Sha256, KeyAlgorithm::Ed25519] {
-        let key = super::sign_local::key(algorithm)
-            .map(|k| vec![Arc::new(k) as Arc<dyn KeySigner>])
+        let backend = super::sign_local::key(algorithm)
+            .map(|k| {
+                let k = Arc::new(k);
+                let direct = k.clone();
+                Backend {
+                    keys: vec![k as Arc<dyn KeySigner>],
+                    direct: Some(Box::new(move |m: &[u8]| {
+                        direct.sign_now(m).map(drop).map_err(|e| e.to_string())
+                    }) as Direct),
+                }
+            })
             .map_err(|e| e.to_string());
-        measure(&format!("file {}", algorithm.as_str()), key, signatures).await;
+        measure(&format!("file {}", algorithm.as_str()), backend, signatures).await;
     }
 
     let hsm = softhsm.as_ref().map_err(Clone::clone);
-    let open_hsm = |n: usize| -> Result<Vec<Arc<dyn KeySigner>>, String> {
+    let open_hsm = |n: usize| -> Result<Backend, String> {
         let setup = hsm.as_ref().map_err(|e| e.to_string())?;
         let cfg = pkcs11_config(setup);
-        (0..n)
-            .map(|_| {
-                Pkcs11Key::open("bench-ec", &cfg)
-                    .map(|k| Arc::new(k) as Arc<dyn KeySigner>)
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+        let keys = (0..n)
+            .map(|_| Pkcs11Key::open("bench-ec", &cfg).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let direct = keys[0].clone();
+        Ok(Backend {
+            keys: keys.into_iter().map(|k| k as Arc<dyn KeySigner>).collect(),
+            direct: Some(Box::new(move |m: &[u8]| {
+                direct.sign_blocking(m).map(drop).map_err(|e| e.to_string())
+            })),
+        })
     };
     measure("pkcs11 ecdsa-p256-sha256", open_hsm(1), signatures).await;
     measure("pkcs11 ecdsa, sessions = 2", open_hsm(2), signatures).await;
 
     let mock = start_mock_sigstore().await;
-    for (backend, tsa, n) in [
+    for (name, tsa, n) in [
         ("keyless (cached certificate)", false, signatures),
         // one HTTP round trip to the TSA per signature
         ("keyless + TSA timestamp", true, (signatures / 40).max(20)),
     ] {
-        let keys = match &mock {
-            Ok(m) => keyless_key(m, tsa).await.map(|k| vec![k]),
+        let backend = match &mock {
+            Ok(m) => keyless_key(m, tsa).await.map(|k| Backend {
+                keys: vec![k],
+                direct: None,
+            }),
             Err(e) => Err(e.clone()),
         };
-        measure(backend, keys, n).await;
+        measure(name, backend, n).await;
     }
     drop(mock);
 
     println!(
-        "{:<30} {:>12} {:>12} {:>10}",
-        "backend", "raw sig/s", "actor sig/s", "actor/raw"
+        "{:<30} {:>13} {:>13} {:>12} {:>10}",
+        "backend", "direct call/s", "KeySigner/s", "actors sig/s", "actor/raw"
     );
     let mut report = Vec::new();
     for row in &rows {
         match &row.outcome {
-            Ok((raw, actor)) => {
+            Ok((direct, port, actor)) => {
+                // the raw ceiling: the direct call where there is one, else the port
+                let raw = direct.unwrap_or(*port);
+                let direct_text = direct.map_or("-".to_string(), |d| format!("{d:.0}"));
                 println!(
-                    "{:<30} {:>12.0} {:>12.0} {:>10.2}",
+                    "{:<30} {:>13} {:>13.0} {:>12.0} {:>10.2}",
                     row.backend,
-                    raw,
+                    direct_text,
+                    port,
                     actor,
                     actor / raw
                 );
                 report.push(serde_json::json!({
-                    "backend": row.backend, "rawPerSec": raw, "actorPerSec": actor,
-                    "actorToRaw": actor / raw,
+                    "backend": row.backend, "directPerSec": direct, "keySignerPerSec": port,
+                    "rawPerSec": raw, "actorPerSec": actor, "actorToRaw": actor / raw,
                 }));
             }
             Err(reason) => {

@@ -413,11 +413,21 @@ impl KeySigner for Pkcs11Key {
     }
 
     async fn sign(&self, message: &[u8]) -> Result<KeySignature, KeyError> {
-        let token = self.token.clone();
-        let message = message.to_vec();
-        let sig = tokio::task::spawn_blocking(move || token.sign(&message))
-            .await
-            .map_err(|e| KeyError::Unavailable(format!("PKCS#11 signing task: {e}")))??;
+        // The module call blocks (on a network HSM, for a round trip). On the multi-thread
+        // runtime, block in place: the worker hands its other tasks to a sibling, which
+        // costs less than moving each signature to a blocking thread and back.
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        let sig = if multi_thread {
+            tokio::task::block_in_place(|| self.token.sign(message))?
+        } else {
+            let token = self.token.clone();
+            let message = message.to_vec();
+            tokio::task::spawn_blocking(move || token.sign(&message))
+                .await
+                .map_err(|e| KeyError::Unavailable(format!("PKCS#11 signing task: {e}")))??
+        };
         Ok(KeySignature {
             sig,
             identity: self.identity.clone(),
