@@ -41,6 +41,10 @@ fn certificate_public_key(dir: &Path, name: &str, cert_pem: &str) -> std::path::
 /// Checks a keyless signature of `r` (index `i`) with both peers; returns its leaf PEM.
 fn verify_keyless(mock: &MockSigstore, dir: &Path, r: &ResultMsg, i: usize, san: &str) -> String {
     let id = r.header("Signer-Request-Id").unwrap_or("?").to_string();
+    let violations = stella_signer::schemas::SchemaKind::Completed
+        .violations(&r.body)
+        .unwrap();
+    assert!(violations.is_empty(), "{id}: {violations:#?}");
     let signer = &r.body["signers"][i];
     assert_eq!(signer["mode"], "keyless", "{id}: {signer:#}");
     assert_eq!(signer["source"], "fulcio", "{id}");
