@@ -333,3 +333,42 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     assert!(out.contains("revoked"), "{out}");
     stack.cleanup(&js).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_a_new_configuration_stops_using_is_listed_as_retired() {
+    let mut stack = Stack::new("cfgout", "");
+    stack.spawn_worker();
+    let (_client, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["key loaded", "\"ec\""], Duration::from_secs(20));
+    stack.wait_log(0, &["key loaded", "\"ed\""], Duration::from_secs(20));
+    let ec = stack.public_keys[0].keyid();
+    let ed = stack.public_keys[1].keyid();
+    assert_eq!(status_of(&stack, &ec), "active");
+
+    // the next roll-out signs everything with ed; ec stays configured (and loaded)
+    stack.signal(0, "TERM");
+    assert_eq!(stack.wait(0, Duration::from_secs(20)), Some(0));
+    let text = std::fs::read_to_string(&stack.config).unwrap();
+    let text = text
+        .replace("[profiles.default]\nkeys = [\"ec\"]", "[profiles.default]\nkeys = [\"ed\"]")
+        .replace("keys = [\"ec\", \"ed\"]", "keys = [\"ed\"]");
+    std::fs::write(&stack.config, text).unwrap();
+    stack.spawn_worker();
+    stack.wait_log(1, &["stella-signer serving"], Duration::from_secs(20));
+
+    let (_, list) = signer(&stack, &["keys", "list", "--json"]);
+    let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let entry = |keyid: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["keyid"] == keyid)
+            .cloned()
+            .unwrap_or_else(|| panic!("{keyid} not listed: {list}"))
+    };
+    assert_eq!(entry(&ec)["status"], "retired", "{list}");
+    assert!(entry(&ec)["validUntil"].is_string(), "{list}");
+    assert_eq!(entry(&ed)["status"], "active", "{list}");
+    stack.cleanup(&js).await;
+}

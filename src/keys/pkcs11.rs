@@ -416,9 +416,8 @@ impl KeySigner for Pkcs11Key {
         // The module call blocks (on a network HSM, for a round trip). On the multi-thread
         // runtime, block in place: the worker hands its other tasks to a sibling, which
         // costs less than moving each signature to a blocking thread and back.
-        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let sig = if multi_thread {
             tokio::task::block_in_place(|| self.token.sign(message))?
         } else {
