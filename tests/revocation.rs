@@ -351,7 +351,10 @@ async fn a_key_a_new_configuration_stops_using_is_listed_as_retired() {
     assert_eq!(stack.wait(0, Duration::from_secs(20)), Some(0));
     let text = std::fs::read_to_string(&stack.config).unwrap();
     let text = text
-        .replace("[profiles.default]\nkeys = [\"ec\"]", "[profiles.default]\nkeys = [\"ed\"]")
+        .replace(
+            "[profiles.default]\nkeys = [\"ec\"]",
+            "[profiles.default]\nkeys = [\"ed\"]",
+        )
         .replace("keys = [\"ec\", \"ed\"]", "keys = [\"ed\"]");
     std::fs::write(&stack.config, text).unwrap();
     stack.spawn_worker();
