@@ -316,3 +316,39 @@ async fn an_unreachable_fulcio_fails_jobs_as_retryable_key_unavailable() {
     );
     stack.cleanup(&js).await;
 }
+
+/// Fulcio down when a certificate is due for renewal: the key keeps signing with the
+/// certificate it has (it still has minutes to live) instead of failing jobs.
+#[tokio::test]
+async fn a_fulcio_outage_at_renewal_keeps_signing_with_the_current_certificate() {
+    let mut mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let settings = stella_signer::keys::keyless::KeylessSettings {
+        fulcio_url: mock.url(),
+        identity_token_file: token,
+        tsa_url: None,
+        // due for renewal at every signature
+        renew_before: Duration::from_secs(600),
+        timeout: Duration::from_secs(2),
+    };
+    use signer_actors::keys::KeySigner as _;
+    let key = stella_signer::keys::keyless::KeylessKey::open("kl", settings)
+        .await
+        .unwrap();
+    let first = key.sign(b"one").await.unwrap();
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+
+    mock.stop();
+    let second = key.sign(b"two").await.unwrap();
+    assert_eq!(
+        second.identity.keyid, first.identity.keyid,
+        "the current certificate and key are kept"
+    );
+    assert!(second.identity.public_key.verify(b"two", &second.sig));
+    assert_eq!(
+        second.identity.certificate_chain,
+        first.identity.certificate_chain
+    );
+}

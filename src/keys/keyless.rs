@@ -51,8 +51,21 @@ pub struct KeylessSettings {
 struct Certified {
     pair: EcdsaKeyPair,
     identity: Arc<SignerIdentity>,
+    not_after: SystemTime,
+}
+
+/// The certificate in use and when to try for the next one.
+struct Current {
+    cert: Arc<Certified>,
     renew_at: SystemTime,
 }
+
+/// How long before its expiry a certificate is no longer used even when no new one can be
+/// had: room for the signature and its timestamp to fall inside the validity.
+const LAST_USE_MARGIN: Duration = Duration::from_secs(10);
+/// After a failed renewal, the next attempt waits this long (the current certificate is
+/// still used meanwhile).
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// A `fulcio` key.
 pub struct KeylessKey {
@@ -60,7 +73,7 @@ pub struct KeylessKey {
     settings: KeylessSettings,
     http: reqwest::Client,
     rng: SystemRandom,
-    current: tokio::sync::Mutex<Option<Arc<Certified>>>,
+    current: tokio::sync::Mutex<Current>,
     identity: RwLock<Arc<SignerIdentity>>,
 }
 
@@ -78,29 +91,53 @@ impl KeylessKey {
             .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
         let rng = SystemRandom::new();
         let first = Arc::new(certify(name, &settings, &http, &rng).await?);
+        let renew_at = renew_time(&first, &settings.renew_before);
         Ok(KeylessKey {
             name: name.to_string(),
             settings,
             http,
             rng,
             identity: RwLock::new(first.identity.clone()),
-            current: tokio::sync::Mutex::new(Some(first)),
+            current: tokio::sync::Mutex::new(Current {
+                renew_at,
+                cert: first,
+            }),
         })
     }
 
     /// The certificate to sign with now: the cached one, or a new one once the cached one
     /// is within `renew_before` of its expiry.
+    /// A failed renewal keeps the current certificate while it has more than
+    /// [`LAST_USE_MARGIN`] to live (a short Fulcio outage does not stop signing) and tries
+    /// again after [`RENEW_RETRY`].
     async fn certificate(&self) -> Result<Arc<Certified>, KeyError> {
         let mut current = self.current.lock().await;
-        if let Some(c) = current.as_ref()
-            && SystemTime::now() < c.renew_at
-        {
-            return Ok(c.clone());
+        let now = SystemTime::now();
+        if now < current.renew_at {
+            return Ok(current.cert.clone());
         }
-        let fresh = Arc::new(certify(&self.name, &self.settings, &self.http, &self.rng).await?);
-        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = fresh.identity.clone();
-        *current = Some(fresh.clone());
-        Ok(fresh)
+        match certify(&self.name, &self.settings, &self.http, &self.rng).await {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                *self.identity.write().unwrap_or_else(|p| p.into_inner()) = fresh.identity.clone();
+                *current = Current {
+                    renew_at: renew_time(&fresh, &self.settings.renew_before),
+                    cert: fresh.clone(),
+                };
+                Ok(fresh)
+            }
+            Err(e) if now + LAST_USE_MARGIN < current.cert.not_after => {
+                tracing::warn!(
+                    key = %self.name,
+                    error = %e,
+                    retry_in_s = RENEW_RETRY.as_secs(),
+                    "renewing the keyless certificate failed; signing with the current one while it lasts"
+                );
+                current.renew_at = now + RENEW_RETRY;
+                Ok(current.cert.clone())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -209,8 +246,15 @@ async fn certify(
     Ok(Certified {
         pair,
         identity: Arc::new(identity),
-        renew_at,
+        not_after: validity.not_after,
     })
+}
+
+/// When to ask for the next certificate: `renew_before` ahead of this one's expiry.
+fn renew_time(cert: &Certified, renew_before: &Duration) -> SystemTime {
+    cert.not_after
+        .checked_sub(*renew_before)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 impl KeylessKey {

@@ -98,11 +98,25 @@ impl MockSigstore {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// How many certificates Fulcio issued.
+    /// How many certificates Fulcio issued. The peer logs a request after answering it, so
+    /// this waits up to 2 s for a count to settle.
     pub fn certificates_issued(&self) -> usize {
-        self.log()
-            .matches("POST /api/v2/signingCert -> 201")
-            .count()
+        let count = || {
+            self.log()
+                .matches("POST /api/v2/signingCert -> 201")
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut last = count();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = count();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
     }
 
     /// How many timestamps the TSA issued.
