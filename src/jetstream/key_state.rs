@@ -257,7 +257,13 @@ impl KeyState {
     ) -> tokio::task::JoinHandle<()> {
         let state = self.clone();
         tokio::spawn(async move {
-            let Ok(mut sub) = client.subscribe(subject.clone()).await else {
+            // One replica of the queue group takes each command and writes the bucket; the
+            // others follow the bucket. (Every replica applying a rotation would race on what
+            // it replaced.)
+            let Ok(mut sub) = client
+                .queue_subscribe(subject.clone(), "stella-signer-control".to_string())
+                .await
+            else {
                 tracing::error!(%subject, "cannot subscribe to the key control subject");
                 return;
             };
@@ -454,11 +460,18 @@ impl KeyState {
                 return Err(format!("key {name:?} ({}) is revoked", latest.keyid));
             }
         }
-        let previous = self
+        let existing = self
             .assignments()
             .await?
             .into_iter()
-            .find(|a| a.profile == profile && a.scope == scope)
+            .find(|a| a.profile == profile && a.scope == scope);
+        if let Some(a) = &existing
+            && a.keys == keys
+        {
+            // the same rotation again: keep the record of what it replaced, and when
+            return Ok(a.clone());
+        }
+        let previous = existing
             .map(|a| a.keys)
             .or_else(|| {
                 configured
