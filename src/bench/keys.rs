@@ -168,7 +168,7 @@ async fn start_mock_sigstore() -> Result<MockSigstore, String> {
 }
 
 /// Signatures/s of `key.sign` on one task, best of 3 rounds.
-async fn raw_rate(key: &dyn KeySigner, pae: &[u8], n: usize) -> Result<f64, String> {
+async fn key_signer_rate(key: &dyn KeySigner, pae: &[u8], n: usize) -> Result<f64, String> {
     let mut best: f64 = 0.0;
     for _ in 0..3 {
         let start = Instant::now();
@@ -281,7 +281,7 @@ pub async fn run(
                 Some(d) => Some(direct_rate(d, &pae, n)?),
                 None => None,
             };
-            let port = raw_rate(backend.keys[0].as_ref(), &pae, n).await?;
+            let port = key_signer_rate(backend.keys[0].as_ref(), &pae, n).await?;
             let actor = actor_rate(&backend.keys, &pae, n).await?;
             Ok((direct, port, actor))
         }

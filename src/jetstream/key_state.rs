@@ -77,6 +77,15 @@ fn assignment_key(profile: &str, scope: &Scope) -> String {
     format!("assign.{}", &hex::encode(Sha256::digest(id))[..32])
 }
 
+/// (profile, scope, keys) of each assignment, as [`ProfileTable::effective_key_names`]
+/// takes them.
+fn triples(assignments: &[Assignment]) -> Vec<(String, Scope, Vec<String>)> {
+    assignments
+        .iter()
+        .map(|a| (a.profile.clone(), a.scope.clone(), a.keys.clone()))
+        .collect()
+}
+
 const CONFIG_PROFILES: &str = "config.profiles";
 
 /// A key the configuration stopped using (`left.<hash>`).
@@ -372,10 +381,10 @@ impl KeyState {
         let Ok(value) = serde_json::to_vec(profiles) else {
             return;
         };
-        if let (Ok(Some(before)), Ok(assignments)) = (
-            self.configured_profiles().await,
-            self.assignment_triples().await,
-        ) {
+        if let (Ok(Some(before)), Ok(assignments)) =
+            (self.configured_profiles().await, self.assignments().await)
+        {
+            let assignments = triples(&assignments);
             let now_used = profiles.effective_key_names(&assignments);
             for name in before.effective_key_names(&assignments) {
                 if now_used.contains(name) {
@@ -400,15 +409,6 @@ impl KeyState {
         if let Err(e) = self.store.put(CONFIG_PROFILES, value.into()).await {
             tracing::warn!(error = %e, "recording the profiles in the key bucket failed");
         }
-    }
-
-    async fn assignment_triples(&self) -> Result<Vec<(String, Scope, Vec<String>)>, String> {
-        Ok(self
-            .assignments()
-            .await?
-            .into_iter()
-            .map(|a| (a.profile, a.scope, a.keys))
-            .collect())
     }
 
     async fn configured_profiles(&self) -> Result<Option<ProfileTable>, String> {
@@ -517,7 +517,7 @@ impl KeyState {
             .collect();
         let assignments = self.assignments().await?;
         let configured = self.configured_profiles().await?;
-        let triples = self.assignment_triples().await?;
+        let triples = triples(&assignments);
         let left: HashMap<String, String> = self
             .entries::<Left>("left.")
             .await?
@@ -574,11 +574,12 @@ impl KeyState {
 
 impl KeyAssignments for KeyState {
     fn assigned(&self, profile: &str, scope: &Scope) -> Option<Vec<String>> {
-        self.assigned
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(profile.to_string(), scope.clone()))
-            .cloned()
+        let assigned = self.assigned.read().unwrap_or_else(|p| p.into_inner());
+        // asked for every job: without rotations, no lookup key is built
+        if assigned.is_empty() {
+            return None;
+        }
+        assigned.get(&(profile.to_string(), scope.clone())).cloned()
     }
 }
 

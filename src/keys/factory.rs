@@ -49,7 +49,7 @@ impl KeyFactory for ConfiguredKeys {
         self.keys
             .iter()
             .find(|k| k.name == name)
-            .map_or(1, |k| k.sessions.max(1) as usize)
+            .map_or(1, |k| k.sessions as usize)
     }
 
     async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError> {

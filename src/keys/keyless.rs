@@ -91,7 +91,7 @@ impl KeylessKey {
             .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
         let rng = SystemRandom::new();
         let first = Arc::new(certify(name, &settings, &http, &rng).await?);
-        let renew_at = renew_time(&first, &settings.renew_before);
+        let renew_at = renew_time(first.not_after, settings.renew_before);
         Ok(KeylessKey {
             name: name.to_string(),
             settings,
@@ -121,7 +121,7 @@ impl KeylessKey {
                 let fresh = Arc::new(fresh);
                 *self.identity.write().unwrap_or_else(|p| p.into_inner()) = fresh.identity.clone();
                 *current = Current {
-                    renew_at: renew_time(&fresh, &self.settings.renew_before),
+                    renew_at: renew_time(fresh.not_after, self.settings.renew_before),
                     cert: fresh.clone(),
                 };
                 Ok(fresh)
@@ -172,30 +172,15 @@ async fn certify(
         "{}{SIGNING_CERT_PATH}",
         settings.fulcio_url.trim_end_matches('/')
     );
-    let response = http
-        .post(&url)
-        .header(reqwest::header::ACCEPT, "application/json")
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| {
-            unavailable(format!(
-                "Fulcio {url}: {}",
-                crate::error_text::with_causes(&e)
-            ))
-        })?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| unavailable(format!("Fulcio {url}: reading the answer: {e}")))?;
-    if !status.is_success() {
-        return Err(unavailable(format!(
-            "Fulcio {url} answered {status}: {}",
-            text.chars().take(300).collect::<String>().trim()
-        )));
-    }
-    let chain = certificate_chain(&text)
+    let answer = exchange(
+        "Fulcio",
+        &url,
+        http.post(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(&body),
+    )
+    .await?;
+    let chain = certificate_chain(&answer)
         .map_err(|e| unavailable(format!("Fulcio {url}: unusable answer: {e}")))?;
     let leaf = chain.first().ok_or_else(|| unavailable("empty chain"))?;
     let leaf_der = pem::parse(leaf)
@@ -206,22 +191,18 @@ async fn certify(
             "Fulcio {url} certified another key than the one it was asked to"
         )));
     }
-    let validity = leaf_validity(&leaf_der)
+    let not_after = leaf_not_after(&leaf_der)
         .map_err(|e| unavailable(format!("Fulcio {url}: leaf certificate: {e}")))?;
     let now = SystemTime::now();
-    if validity.not_after <= now {
+    if not_after <= now {
         return Err(unavailable(format!(
             "Fulcio {url} issued a certificate that has already expired"
         )));
     }
-    let renew_at = validity
-        .not_after
-        .checked_sub(settings.renew_before)
-        .unwrap_or(now);
-    if renew_at <= now {
+    if renew_time(not_after, settings.renew_before) <= now {
         tracing::warn!(
             key = %name,
-            lifetime_s = validity.not_after.duration_since(now).unwrap_or_default().as_secs(),
+            lifetime_s = not_after.duration_since(now).unwrap_or_default().as_secs(),
             renew_before_s = settings.renew_before.as_secs(),
             "the certificate lives shorter than renew_before: one Fulcio call per signature"
         );
@@ -239,22 +220,49 @@ async fn certify(
         keyid = %identity.keyid,
         subject = %claims.subject,
         issuer = %claims.issuer,
-        not_after = %humantime::format_rfc3339(validity.not_after),
+        not_after = %humantime::format_rfc3339(not_after),
         "keyless certificate issued"
     );
     metrics::counter!("signer_keyless_certificates_total", "key" => name.to_string()).increment(1);
     Ok(Certified {
         pair,
         identity: Arc::new(identity),
-        not_after: validity.not_after,
+        not_after,
     })
 }
 
-/// When to ask for the next certificate: `renew_before` ahead of this one's expiry.
-fn renew_time(cert: &Certified, renew_before: &Duration) -> SystemTime {
-    cert.not_after
-        .checked_sub(*renew_before)
+/// When to ask for the next certificate: `renew_before` ahead of the current one's expiry.
+fn renew_time(not_after: SystemTime, renew_before: Duration) -> SystemTime {
+    not_after
+        .checked_sub(renew_before)
         .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Sends `request` to `service` (Fulcio, the TSA) and returns the body of a success answer;
+/// anything else is `key_unavailable` naming the service, the URL and what went wrong.
+async fn exchange(
+    service: &str,
+    url: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<bytes::Bytes, KeyError> {
+    let response = request.send().await.map_err(|e| {
+        unavailable(format!(
+            "{service} {url}: {}",
+            crate::error_text::with_causes(&e)
+        ))
+    })?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unavailable(format!("{service} {url}: reading the answer: {e}")))?;
+    if !status.is_success() {
+        return Err(unavailable(format!(
+            "{service} {url} answered {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
+        )));
+    }
+    Ok(body)
 }
 
 impl KeylessKey {
@@ -269,30 +277,15 @@ impl KeylessKey {
         let nonce = (u64::from_be_bytes(nonce) & ((1 << 52) - 1)) | 1;
         let request = timestamp_request(&imprint, nonce)
             .map_err(|e| unavailable(format!("encoding the TimeStampReq: {e}")))?;
-        let response = self
-            .http
-            .post(tsa_url)
-            .header(reqwest::header::CONTENT_TYPE, "application/timestamp-query")
-            .body(request)
-            .send()
-            .await
-            .map_err(|e| {
-                unavailable(format!(
-                    "TSA {tsa_url}: {}",
-                    crate::error_text::with_causes(&e)
-                ))
-            })?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unavailable(format!("TSA {tsa_url}: reading the answer: {e}")))?;
-        if !status.is_success() {
-            return Err(unavailable(format!(
-                "TSA {tsa_url} answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
-            )));
-        }
+        let body = exchange(
+            "TSA",
+            tsa_url,
+            self.http
+                .post(tsa_url)
+                .header(reqwest::header::CONTENT_TYPE, "application/timestamp-query")
+                .body(request),
+        )
+        .await?;
         checked_timestamp_response(&body, &imprint, nonce)
             .map_err(|e| unavailable(format!("TSA {tsa_url}: {e}")))
     }
@@ -362,8 +355,8 @@ fn token_claims(token: &str, path: &Path) -> Result<TokenClaims, KeyError> {
 }
 
 /// The PEM chain (leaf first) of a Fulcio v2 answer, with or without embedded SCT.
-fn certificate_chain(answer: &str) -> Result<Vec<String>, String> {
-    let json: serde_json::Value = serde_json::from_str(answer).map_err(|e| e.to_string())?;
+fn certificate_chain(answer: &[u8]) -> Result<Vec<String>, String> {
+    let json: serde_json::Value = serde_json::from_slice(answer).map_err(|e| e.to_string())?;
     let certs = [
         "signedCertificateEmbeddedSct",
         "signedCertificateDetachedSct",
@@ -387,15 +380,10 @@ fn certificate_chain(answer: &str) -> Result<Vec<String>, String> {
     Ok(chain)
 }
 
-struct Validity {
-    not_after: SystemTime,
-}
-
-fn leaf_validity(der: &[u8]) -> Result<Validity, String> {
+/// The leaf's `notAfter`.
+fn leaf_not_after(der: &[u8]) -> Result<SystemTime, String> {
     let cert = x509_cert::Certificate::from_der(der).map_err(|e| e.to_string())?;
-    Ok(Validity {
-        not_after: cert.tbs_certificate.validity.not_after.to_system_time(),
-    })
+    Ok(cert.tbs_certificate.validity.not_after.to_system_time())
 }
 
 /// RFC 3161 `MessageImprint`.
@@ -587,12 +575,17 @@ mod tests {
             "signedCertificateDetachedSct",
         ] {
             let answer = serde_json::json!({ k: { "chain": { "certificates": [cert, cert] } } });
-            assert_eq!(certificate_chain(&answer.to_string()).unwrap().len(), 2);
+            assert_eq!(
+                certificate_chain(answer.to_string().as_bytes())
+                    .unwrap()
+                    .len(),
+                2
+            );
         }
-        assert!(certificate_chain("{}").is_err());
+        assert!(certificate_chain(b"{}").is_err());
         let key = pem::encode(&pem::Pem::new("PUBLIC KEY", vec![0x30, 0x00]));
         let answer = serde_json::json!({ "signedCertificateEmbeddedSct": { "chain": { "certificates": [key] } } });
-        assert!(certificate_chain(&answer.to_string()).is_err());
+        assert!(certificate_chain(answer.to_string().as_bytes()).is_err());
     }
 
     #[test]

@@ -246,8 +246,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
     if !shared.cfg.profiles.contains(request.profile()) {
-        let e =
-            SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()));
+        let e = unknown_profile(&request);
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
 
@@ -268,9 +267,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         Some(verdict.plan.as_str()).filter(|p| !p.is_empty()),
         shared.ports.assignments.as_ref(),
     ) else {
-        let e =
-            SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()));
-        return finish_failed(shared, d, ids, None, e, findings).await;
+        return finish_failed(shared, d, ids, None, unknown_profile(&request), findings).await;
     };
     tracing::debug!(
         profile = request.profile(),
@@ -407,6 +404,10 @@ async fn authenticate(
             Err(error)
         }
     }
+}
+
+fn unknown_profile(request: &SignRequest) -> SignerError {
+    SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()))
 }
 
 /// Provenance, then quota (last, so a job retried for an earlier reason is not charged

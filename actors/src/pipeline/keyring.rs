@@ -131,10 +131,9 @@ impl KeyPool {
     }
 
     fn set(&mut self, slot: usize, actor: ActorRef<KeyMsg>) {
-        if slot >= self.members.len() {
-            self.members.resize(slot + 1, None);
+        if let Some(member) = self.members.get_mut(slot) {
+            *member = Some(actor);
         }
-        self.members[slot] = Some(actor);
     }
 
     /// Empties `slot` if it still holds the actor `id`.
@@ -179,26 +178,18 @@ impl Actor for Keyring {
         myself: ActorRef<KeyringMsg>,
         shared: Arc<Shared>,
     ) -> Result<KeyringState, ActorProcessingErr> {
-        let pools: Vec<(String, usize)> = shared
-            .ports
-            .keys
-            .names()
-            .into_iter()
-            .map(|name| {
-                let size = shared.ports.keys.pool_size(&name).max(1);
-                (name, size)
-            })
-            .collect();
+        // every pool with all its slots empty, then one load per slot
+        let mut loads = Vec::new();
         {
             let mut refs = shared.write_refs();
-            for (name, size) in &pools {
-                refs.keys.insert(name.clone(), KeyPool::new(*size));
+            for name in shared.ports.keys.names() {
+                let pool = KeyPool::new(shared.ports.keys.pool_size(&name));
+                loads.extend((0..pool.members.len()).map(|slot| (name.clone(), slot)));
+                refs.keys.insert(name, pool);
             }
         }
-        for (name, size) in pools {
-            for slot in 0..size {
-                myself.send_message(KeyringMsg::Load(name.clone(), slot))?;
-            }
+        for (name, slot) in loads {
+            myself.send_message(KeyringMsg::Load(name, slot))?;
         }
         Ok(KeyringState {
             shared,
@@ -228,14 +219,10 @@ impl Actor for Keyring {
                 .await?;
                 state.children.insert(actor.get_id(), (name.clone(), slot));
                 state.failures.remove(&(name.clone(), slot));
-                let size = state.shared.ports.keys.pool_size(&name);
-                state
-                    .shared
-                    .write_refs()
-                    .keys
-                    .entry(name.clone())
-                    .or_insert_with(|| KeyPool::new(size))
-                    .set(slot, actor);
+                // the pools were made with every slot in pre_start
+                if let Some(pool) = state.shared.write_refs().keys.get_mut(&name) {
+                    pool.set(slot, actor);
+                }
                 tracing::info!(key = %name, pool_slot = slot, "key loaded");
             }
             Err(e) => {
