@@ -2,6 +2,7 @@
 //! Authority/licensing key pair, Redis, and a registry with signed and unsigned scanner
 //! images. Each case checks the contract code, the audit event, and that nothing was signed.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;
