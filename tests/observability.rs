@@ -32,7 +32,7 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 fn wait_status(port: u16, path: &str, want: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((status, body)) = get(port, path)
             && status == want
