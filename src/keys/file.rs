@@ -301,6 +301,18 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_public_key_stops_the_pair_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k.pub"), "someone else's").unwrap();
+        let material = KeyMaterial::generate(KeyAlgorithm::Ed25519).unwrap();
+        assert!(matches!(
+            FileKey::write_pair(&material, dir.path(), "k"),
+            Err(FileKeyError::Exists(p)) if p.ends_with("k.pub")
+        ));
+        assert!(!dir.path().join("k.key").exists());
+    }
+
+    #[test]
     fn group_or_world_readable_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let g = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "k").unwrap();

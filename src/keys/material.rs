@@ -246,12 +246,25 @@ impl KeyMaterial {
         out
     }
 
-    /// The key as a PEM `PRIVATE KEY` (PKCS#8 v1), LF line endings.
+    /// The key as a PEM `PRIVATE KEY` (PKCS#8 v1), LF line endings, 64 columns. Built by
+    /// hand into buffers sized up front, so no copy of the secret is left behind unwiped.
     pub fn to_pkcs8_v1_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(pem::encode_config(
-            &pem::Pem::new("PRIVATE KEY", self.to_pkcs8_v1_der().to_vec()),
-            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-        ))
+        use base64::Engine as _;
+        const BEGIN: &str = "-----BEGIN PRIVATE KEY-----\n";
+        const END: &str = "-----END PRIVATE KEY-----\n";
+        let der = self.to_pkcs8_v1_der();
+        let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der.as_slice()));
+        let lines = b64.len().div_ceil(64);
+        let mut out = Zeroizing::new(String::with_capacity(
+            BEGIN.len() + b64.len() + lines + END.len(),
+        ));
+        out.push_str(BEGIN);
+        for line in b64.as_bytes().chunks(64) {
+            out.extend(line.iter().map(|&b| char::from(b)));
+            out.push('\n');
+        }
+        out.push_str(END);
+        out
     }
 }
 
