@@ -25,7 +25,7 @@ pub enum KeysCommand {
         name: String,
     },
     /// Import a cosign key pair (`cosign generate-key-pair`): decrypts the cosign key and
-    /// writes DIR/NAME.key (PKCS#8 PEM, mode 0600) and DIR/NAME.pub (SPKI PEM). The password
+    /// writes DIR/NAME.key (PKCS#8 v1 PEM, mode 0600) and DIR/NAME.pub (SPKI PEM). The password
     /// comes from COSIGN_PASSWORD, or is asked for on the terminal. Prints the keyid.
     Import {
         /// The cosign private key (PEM `ENCRYPTED SIGSTORE PRIVATE KEY`, or the older

@@ -106,8 +106,9 @@ impl std::fmt::Debug for KeyMaterial {
 
 impl KeyMaterial {
     /// Reads the first private key of a PEM text: `PRIVATE KEY` (PKCS#8) or `EC PRIVATE KEY`
-    /// (SEC1). Other blocks before it (`EC PARAMETERS`, as `openssl ecparam -genkey` writes
-    /// without `-noout`) are skipped.
+    /// (SEC1). Other blocks before it are skipped, such as the `EC PARAMETERS` block that
+    /// `openssl ecparam -genkey` writes without `-noout`; with no key at all, the error names
+    /// the labels that were there.
     pub fn from_pem(text: &str) -> Result<Self, KeyFormatError> {
         let blocks = pem::parse_many(text)?;
         if blocks.is_empty() {
@@ -122,7 +123,6 @@ impl KeyMaterial {
                     return Err(KeyFormatError::Cosign(block.tag().to_string()));
                 }
                 "ENCRYPTED PRIVATE KEY" => return Err(KeyFormatError::Encrypted),
-                "EC PARAMETERS" => {}
                 other => labels.push(other.to_string()),
             }
         }
