@@ -4,7 +4,8 @@
 #   - Debian packages: softhsm2 (HSM for tests), docker-registry (OCI registry for
 #     provenance tests), libpcsclite-dev + pkg-config (the `yubikey` feature)
 #   - just (from PyPI's rust-just wheel)
-#   - the independent verifiers of ../shared/conformance into target/conformance
+#   - the independent verifiers of ../shared/conformance into target/conformance, and
+#     PyNaCl in their venv (tests/tools/make_cosign_key.py writes cosign keys with it)
 #   - NATS with JetStream on 127.0.0.1:4222 and Redis on 127.0.0.1:6379
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,6 +30,11 @@ if ! command -v just >/dev/null 2>&1; then
 fi
 
 bash "$shared/conformance/setup.sh" "$root/target/conformance"
+conf_py="$root/target/conformance/venv/bin/python"
+if ! "$conf_py" -c 'import nacl' 2>/dev/null; then
+  echo "bootstrap: installing PyNaCl into the conformance venv"
+  "$conf_py" -m pip install -q --disable-pip-version-check 'pynacl==1.6.2'
+fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {

@@ -11,8 +11,28 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-[ -d target/conformance/node/node_modules/@sigstore/verify ] || scripts/bootstrap.sh
-cargo build --release --quiet
+started=$SECONDS
+# Each step says what it does before it runs, so a first run (minutes of compiling) is
+# never silent. Messages go to stderr; the summary table goes to stdout.
+steps=6
+step() { printf '\n==> [%s/%s] %s (%ss)\n' "$1" "$steps" "$2" "$((SECONDS - started))" >&2; }
+say() { printf '    %s\n' "$*" >&2; }
+
+step 1 "independent verifiers (securesystemslib, sigstore-js)"
+if [ -d target/conformance/node/node_modules/@sigstore/verify ]; then
+  say "already installed in target/conformance"
+else
+  say "not installed yet: running scripts/bootstrap.sh (Debian packages, Python venv, npm)"
+  scripts/bootstrap.sh
+fi
+
+step 2 "building stella-signer (release)"
+if [ -x target/release/stella-signer ]; then
+  say "an earlier build exists: cargo only rebuilds what changed"
+else
+  say "first build on this machine: expect several minutes on 2 cores; cargo's progress follows"
+fi
+cargo build --release
 bin="$root/target/release/stella-signer"
 conf="$root/target/conformance"
 state="$root/target/demo-state"
@@ -26,6 +46,9 @@ export SIGNER_NATS__CONSUMER="demo-signer"
 export SIGNER_IDEMPOTENCY__BUCKET="DEMO_SIGNER_IDEMPOTENCY"
 export SIGNER_HTTP__LISTEN="127.0.0.1:9465"
 
+step 3 "starting a worker: stella-signer serve --dev"
+say "dev keys, Authority, licensing and release keys in $state (made on the first run)"
+say "every gate enforces: OpTok + DPoP, licence, quota, scanner release; log: $work/serve.log"
 "$bin" serve --dev --state "$state" >"$work/serve.log" 2>&1 &
 pid=$!
 cleanup() {
@@ -35,31 +58,43 @@ cleanup() {
 }
 trap cleanup EXIT
 
+say "waiting for http://127.0.0.1:9465/readyz (NATS streams provisioned, keys loaded)"
 for _ in $(seq 1 100); do
   if curl -sf http://127.0.0.1:9465/readyz >/dev/null 2>&1; then break; fi
   if ! kill -0 "$pid" 2>/dev/null; then cat "$work/serve.log"; echo "demo: the worker did not start" >&2; exit 1; fi
   sleep 0.2
 done
 curl -sf http://127.0.0.1:9465/readyz >/dev/null || { cat "$work/serve.log"; echo "demo: worker not ready" >&2; exit 1; }
+say "ready"
 
-# name|statement|profile|encoding|expected outcome
+# name|statement|profile|encoding|expected outcome|what it shows
 jobs=(
-  "scan-report|docs/examples/statement.json|default|json|completed"
-  "two-keys|docs/examples/statement.json|multi|json|completed"
-  "provenance-cbor|docs/examples/statement-provenance.json|multi|cbor|completed"
-  "bad-digest|docs/examples/statement-bad-digest.json|default|json|failed"
-  "bearer-token|docs/examples/statement.json|default|json|failed"
+  "scan-report|docs/examples/statement.json|default|json|completed|a scan report, signed by the default profile's ECDSA key"
+  "two-keys|docs/examples/statement.json|multi|json|completed|one envelope with two signatures (profile multi: ECDSA + Ed25519)"
+  "provenance-cbor|docs/examples/statement-provenance.json|multi|cbor|completed|SLSA provenance sent as CBOR instead of JSON"
+  "bad-digest|docs/examples/statement-bad-digest.json|default|json|failed|a subject digest that is not hex: refused with a contract error code"
+  "bearer-token|docs/examples/statement.json|default|json|failed|an OpTok without its DPoP proof: the auth gate refuses it"
 )
+step 4 "publishing ${#jobs[@]} jobs on demo.sign.requests (stella-signer submit) and awaiting each result"
 for job in "${jobs[@]}"; do
-  IFS='|' read -r name statement profile encoding _ <<<"$job"
+  IFS='|' read -r name statement profile encoding expected what <<<"$job"
+  say "$name: $what (expect $expected)"
   flags=(--dev-state "$state" --statement "$statement" --tenant acme --profile "$profile" --wait --json --timeout 30s)
   [ "$encoding" = cbor ] && flags+=(--cbor)
   [ "$name" = bearer-token ] && flags+=(--bearer)
   "$bin" submit "${flags[@]}" >"$work/$name.result.json" 2>"$work/$name.submit.log" || true
+  outcome="$(python3 -c 'import json,sys
+try: r = json.load(open(sys.argv[1]))
+except Exception: print("no result (see the summary)"); sys.exit()
+print("completed, %d signature(s)" % len(r["envelope"]["signatures"]) if "envelope" in r else "failed: " + r["error"]["code"])' "$work/$name.result.json")"
+  say "  -> $outcome"
 done
 
+step 5 "walking the audit chain (stella-signer audit verify): every decision, hash-linked"
 "$bin" audit verify --dev-state "$state" >"$work/audit.txt" 2>&1 || true
+say "$(head -c 200 "$work/audit.txt" | head -n 1)"
 
+step 6 "verifying every envelope and bundle: stella-signer verify, securesystemslib, sigstore-js (pinned keys)"
 python3 - "$bin" "$conf" "$state" "$work" "${jobs[@]}" <<'PY'
 import base64, hashlib, json, os, subprocess, sys
 bin_, conf, state, work, jobs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
@@ -78,7 +113,7 @@ def run(cmd):
 
 rows, ok_all = [], True
 for job in jobs:
-    name, statement, profile, encoding, expected = job.split("|")
+    name, statement, profile, encoding, expected, _what = job.split("|")
     try:
         result = json.load(open(os.path.join(work, name + ".result.json")))
     except Exception:

@@ -7,6 +7,7 @@ use signer_actors::keys::KeyAlgorithm;
 
 use super::CliError;
 use crate::keys::file::FileKey;
+use crate::keys::material::KeyMaterial;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -22,6 +23,35 @@ pub enum KeysCommand {
         /// File name stem.
         #[arg(long, default_value = "signing")]
         name: String,
+    },
+    /// Import a cosign key pair (`cosign generate-key-pair`): decrypts the cosign key and
+    /// writes DIR/NAME.key (PKCS#8 v1 PEM, mode 0600) and DIR/NAME.pub (SPKI PEM). The password
+    /// comes from COSIGN_PASSWORD, or is asked for on the terminal. Prints the keyid.
+    Import {
+        /// The cosign private key (PEM `ENCRYPTED SIGSTORE PRIVATE KEY`, or the older
+        /// `ENCRYPTED COSIGN PRIVATE KEY`).
+        #[arg(long, value_name = "KEY")]
+        cosign: PathBuf,
+        /// The pair's public key (cosign.pub): the import fails unless it is the private
+        /// key's.
+        #[arg(long, value_name = "PUB")]
+        public: Option<PathBuf>,
+        /// Directory to write the key files to (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// File name stem.
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+    /// Print the public key of a private key file as PEM `PUBLIC KEY` (SPKI): the form
+    /// `cosign verify --key`, `openssl pkey -pubin` and `stella-signer verify --key` take.
+    /// Reads PKCS#8, SEC1 `EC PRIVATE KEY` and cosign keys (password as for `import`).
+    ExportPublic {
+        /// The private key file.
+        key: PathBuf,
+        /// Write the PEM to this file (never overwritten) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Revoke a key on every replica: from now on it signs nothing (jobs get key_revoked).
     Revoke {
@@ -76,9 +106,111 @@ async fn key_state(
         .map_err(|e| CliError::Unusable(e.to_string()))
 }
 
+/// cosign's password: `COSIGN_PASSWORD` (as cosign reads it: set, even empty, wins), else
+/// asked on the terminal. Without either there is no one to ask, so it is an error rather
+/// than a hang.
+fn cosign_password() -> Result<zeroize::Zeroizing<Vec<u8>>, CliError> {
+    use std::io::IsTerminal as _;
+    use std::os::unix::ffi::OsStringExt as _;
+    if let Some(p) = std::env::var_os("COSIGN_PASSWORD") {
+        return Ok(zeroize::Zeroizing::new(p.into_vec()));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Unusable(
+            "no password: set COSIGN_PASSWORD (standard input is not a terminal to ask on)".into(),
+        ));
+    }
+    rpassword::prompt_password("Enter password for private key: ")
+        .map(|p| zeroize::Zeroizing::new(p.into_bytes()))
+        .map_err(|e| CliError::Unusable(format!("reading the password: {e}")))
+}
+
+/// Decrypts a cosign key file. A wrong password is a verdict (exit 1); anything else about
+/// the file makes it unusable (exit 2).
+fn read_cosign_key(path: &std::path::Path, text: &str) -> Result<KeyMaterial, CliError> {
+    use crate::keys::cosign::{CosignKeyError, decrypt};
+    let password = cosign_password()?;
+    decrypt(text, &password).map_err(|e| match e {
+        CosignKeyError::WrongPassword => CliError::Invalid(format!("{}: {e}", path.display())),
+        other => CliError::Unusable(format!("{}: {other}", path.display())),
+    })
+}
+
+/// Reads any private key file `keys export-public` takes: a cosign key (decrypted), or a
+/// plain PEM key (which must be mode 0600, as everywhere).
+fn read_any_key(path: &std::path::Path) -> Result<KeyMaterial, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
+    if crate::keys::cosign::is_cosign_key(&text) {
+        return read_cosign_key(path, &text);
+    }
+    crate::keys::file::read_material(path).map_err(|e| CliError::Unusable(e.to_string()))
+}
+
 impl KeysCommand {
     pub fn run(self) -> Result<(), CliError> {
         match self {
+            KeysCommand::Import {
+                cosign,
+                public,
+                out,
+                name,
+            } => {
+                if name.is_empty() || name.contains('/') {
+                    return Err(CliError::Unusable(format!(
+                        "--name {name:?} must be a plain file name"
+                    )));
+                }
+                let text = std::fs::read_to_string(&cosign)
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", cosign.display())))?;
+                let material = read_cosign_key(&cosign, &text)?;
+                if let Some(public) = &public {
+                    let given = std::fs::read_to_string(public)
+                        .map_err(|e| CliError::Unusable(format!("{}: {e}", public.display())))
+                        .and_then(|t| {
+                            signer_actors::keys::PublicKey::from_pem(&t).map_err(|e| {
+                                CliError::Unusable(format!("{}: {e}", public.display()))
+                            })
+                        })?;
+                    let ours = FileKey::from_material(&material, &name, &cosign)
+                        .map_err(|e| CliError::Unusable(e.to_string()))?;
+                    if given.keyid() != ours.public_key().keyid() {
+                        return Err(CliError::Invalid(format!(
+                            "{} is not the public key of {}",
+                            public.display(),
+                            cosign.display()
+                        )));
+                    }
+                }
+                let g = FileKey::write_pair(&material, &out, &name)
+                    .map_err(|e| CliError::Unusable(e.to_string()))?;
+                eprintln!(
+                    "imported {} ({}): wrote {} and {}",
+                    cosign.display(),
+                    material.algorithm().as_str(),
+                    g.private_key.display(),
+                    g.public_key.display()
+                );
+                println!("{}", g.keyid);
+                Ok(())
+            }
+            KeysCommand::ExportPublic { key, out } => {
+                let material = read_any_key(&key)?;
+                let public = FileKey::from_material(&material, "export", &key)
+                    .map_err(|e| CliError::Unusable(e.to_string()))?
+                    .public_key()
+                    .clone();
+                let pem = public.to_pem();
+                match out {
+                    Some(path) => {
+                        crate::keys::file::write_new(&path, pem.as_bytes(), 0o644)
+                            .map_err(|e| CliError::Unusable(e.to_string()))?;
+                        eprintln!("wrote {} (keyid {})", path.display(), public.keyid());
+                    }
+                    None => print!("{pem}"),
+                }
+                Ok(())
+            }
             KeysCommand::Generate {
                 algorithm,
                 out,

@@ -1,4 +1,7 @@
-//! File keys: PKCS#8 PEM private keys on disk (ECDSA P-256 or Ed25519).
+//! File keys: PEM private keys on disk (ECDSA P-256 or Ed25519).
+//!
+//! Read: PKCS#8 v1 or v2 `PRIVATE KEY` and SEC1 `EC PRIVATE KEY` (see [`super::material`]).
+//! Written: PKCS#8 v1, which OpenSSL, Python `cryptography`, Go and cosign all read.
 //!
 //! A private key file must not be readable by group or others (mode 0600, as ssh
 //! insists): a signing key that any local user can read is not a key worth trusting.
@@ -11,11 +14,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use signer_actors::keys::{
     KeyAlgorithm, KeyError, KeySignature, KeySigner, KeySource, PublicKey, PublicKeyError,
     SignerIdentity,
 };
+
+use super::material::{KeyFormatError, KeyMaterial};
 
 /// Why a key file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,14 +32,17 @@ pub enum FileKeyError {
     },
     #[error("{path}: private key is readable by group or others (mode {mode:o}); chmod 600 it")]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("{path}: not a PEM PRIVATE KEY: {reason}")]
-    Pem { path: PathBuf, reason: String },
-    #[error("{path}: unsupported private key (PKCS#8 ECDSA P-256 or Ed25519 expected)")]
-    Unsupported { path: PathBuf },
+    #[error("{path}: {source}")]
+    Format {
+        path: PathBuf,
+        source: KeyFormatError,
+    },
+    #[error("{path}: ring refused the key: {reason}")]
+    Rejected { path: PathBuf, reason: String },
     #[error("{0} already exists; refusing to overwrite a key")]
     Exists(PathBuf),
-    #[error("key generation failed")]
-    Generate,
+    #[error("key generation failed: {0}")]
+    Generate(KeyFormatError),
     #[error("public key: {0}")]
     PublicKey(#[from] PublicKeyError),
 }
@@ -61,7 +69,7 @@ impl std::fmt::Debug for FileKey {
     }
 }
 
-/// Paths and keyid of a freshly generated key.
+/// Paths and keyid of a freshly written key.
 #[derive(Debug, Clone)]
 pub struct GeneratedKey {
     pub private_key: PathBuf,
@@ -76,63 +84,84 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FileKeyError + '_ {
     }
 }
 
+/// Reads a private key file's material, refusing files that group or others can access.
+pub fn read_material(path: &Path) -> Result<KeyMaterial, FileKeyError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(FileKeyError::Permissions {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    KeyMaterial::from_pem(&text).map_err(|source| FileKeyError::Format {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl FileKey {
-    /// Loads a PKCS#8 PEM private key, refusing files that group or others can access.
+    /// Loads a PEM private key (PKCS#8 or SEC1), refusing files that group or others can
+    /// access.
     pub fn load(path: &Path, name: impl Into<String>) -> Result<Self, FileKeyError> {
-        let mode = std::fs::metadata(path)
-            .map_err(io_err(path))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(FileKeyError::Permissions {
-                path: path.to_path_buf(),
-                mode: mode & 0o777,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        Self::from_pkcs8_pem(&text, name, path)
+        let material = read_material(path)?;
+        Self::from_material(&material, name, path)
     }
 
-    /// Parses a PKCS#8 PEM private key (`path` is only used in error messages).
-    pub fn from_pkcs8_pem(
+    /// Parses a PEM private key (`path` is only used in error messages).
+    pub fn from_pem(
         text: &str,
         name: impl Into<String>,
         path: &Path,
     ) -> Result<Self, FileKeyError> {
-        let block = pem::parse(text).map_err(|e| FileKeyError::Pem {
+        let material = KeyMaterial::from_pem(text).map_err(|source| FileKeyError::Format {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })?;
-        if block.tag() != "PRIVATE KEY" {
-            return Err(FileKeyError::Pem {
-                path: path.to_path_buf(),
-                reason: format!("PEM tag is {}", block.tag()),
-            });
-        }
-        Self::from_pkcs8_der(block.contents(), name).map_err(|e| match e {
-            FileKeyError::Unsupported { .. } => FileKeyError::Unsupported {
-                path: path.to_path_buf(),
-            },
-            other => other,
-        })
+        Self::from_material(&material, name, path)
     }
 
-    /// Parses PKCS#8 DER.
+    /// Parses PKCS#8 DER (v1 or v2).
     pub fn from_pkcs8_der(der: &[u8], name: impl Into<String>) -> Result<Self, FileKeyError> {
+        let path = Path::new("(PKCS#8 DER)");
+        let material = KeyMaterial::from_pkcs8_der(der).map_err(|source| FileKeyError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_material(&material, name, path)
+    }
+
+    /// Builds the ring key pair. ring checks once more that the public half is the private
+    /// half's (`path` is only used in error messages).
+    pub fn from_material(
+        material: &KeyMaterial,
+        name: impl Into<String>,
+        path: &Path,
+    ) -> Result<Self, FileKeyError> {
         let rng = SystemRandom::new();
-        let (pair, public_key) = if let Ok(k) =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng)
-        {
-            let pk = PublicKey::from_raw(KeyAlgorithm::EcdsaP256Sha256, k.public_key().as_ref())?;
-            (KeyPair::Ecdsa(k), pk)
-        } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
-            let pk = PublicKey::from_raw(KeyAlgorithm::Ed25519, k.public_key().as_ref())?;
-            (KeyPair::Ed25519(k), pk)
-        } else {
-            return Err(FileKeyError::Unsupported {
-                path: PathBuf::new(),
-            });
+        let rejected = |e: ring::error::KeyRejected| FileKeyError::Rejected {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
         };
+        let pair = match material {
+            KeyMaterial::EcdsaP256 { scalar, public } => KeyPair::Ecdsa(
+                EcdsaKeyPair::from_private_key_and_public_key(
+                    &ECDSA_P256_SHA256_ASN1_SIGNING,
+                    scalar.as_ref(),
+                    public,
+                    &rng,
+                )
+                .map_err(rejected)?,
+            ),
+            KeyMaterial::Ed25519 { seed, public } => KeyPair::Ed25519(
+                Ed25519KeyPair::from_seed_and_public_key(seed.as_ref(), public)
+                    .map_err(rejected)?,
+            ),
+        };
+        let public_key = PublicKey::from_raw(material.algorithm(), material.public_raw())?;
         Ok(Self {
             name: name.into(),
             identity: Arc::new(SignerIdentity::keyful(public_key, KeySource::File)),
@@ -141,30 +170,35 @@ impl FileKey {
         })
     }
 
-    /// Generates a key pair and writes `DIR/NAME.key` (PKCS#8 PEM, mode 0600, never
-    /// overwritten) and `DIR/NAME.pub` (SPKI PEM).
+    /// Generates a key pair and writes it with [`FileKey::write_pair`].
     pub fn generate(
         algorithm: KeyAlgorithm,
         dir: &Path,
         name: &str,
     ) -> Result<GeneratedKey, FileKeyError> {
-        let rng = SystemRandom::new();
-        let pkcs8 = match algorithm {
-            KeyAlgorithm::EcdsaP256Sha256 => {
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            }
-            KeyAlgorithm::Ed25519 => Ed25519KeyPair::generate_pkcs8(&rng),
-        }
-        .map_err(|_| FileKeyError::Generate)?;
-        let key = Self::from_pkcs8_der(pkcs8.as_ref(), name)?;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let material = KeyMaterial::generate(algorithm).map_err(FileKeyError::Generate)?;
+        Self::write_pair(&material, dir, name)
+    }
+
+    /// Writes `DIR/NAME.key` (PKCS#8 v1 PEM, mode 0600) and `DIR/NAME.pub` (SPKI PEM, the
+    /// form `cosign verify --key` and `openssl pkey -pubin` take). Neither file may exist:
+    /// a key is never overwritten.
+    pub fn write_pair(
+        material: &KeyMaterial,
+        dir: &Path,
+        name: &str,
+    ) -> Result<GeneratedKey, FileKeyError> {
         let private_key = dir.join(format!("{name}.key"));
         let public_key = dir.join(format!("{name}.pub"));
-        let pem_text = pem::encode_config(
-            &pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()),
-            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-        );
-        write_new(&private_key, pem_text.as_bytes(), 0o600)?;
+        let key = Self::from_material(material, name, &private_key)?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // Checked before writing either, so a refusal leaves no half-written pair behind.
+        for path in [&private_key, &public_key] {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(FileKeyError::Exists(path.clone()));
+            }
+        }
+        write_new(&private_key, material.to_pkcs8_v1_pem().as_bytes(), 0o600)?;
         write_new(
             &public_key,
             key.identity.public_key.to_pem().as_bytes(),
@@ -175,6 +209,11 @@ impl FileKey {
             public_key,
             keyid: key.identity.keyid.clone(),
         })
+    }
+
+    /// The key's public half and keyid.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.identity.public_key
     }
 
     /// Signs synchronously (file keys never block on I/O).
@@ -189,7 +228,8 @@ impl FileKey {
     }
 }
 
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileKeyError> {
+/// Creates `path` with `mode` and writes `bytes`; an existing file is [`FileKeyError::Exists`].
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileKeyError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -258,6 +298,18 @@ mod tests {
                 Err(FileKeyError::Exists(_))
             ));
         }
+    }
+
+    #[test]
+    fn an_existing_public_key_stops_the_pair_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k.pub"), "someone else's").unwrap();
+        let material = KeyMaterial::generate(KeyAlgorithm::Ed25519).unwrap();
+        assert!(matches!(
+            FileKey::write_pair(&material, dir.path(), "k"),
+            Err(FileKeyError::Exists(p)) if p.ends_with("k.pub")
+        ));
+        assert!(!dir.path().join("k.key").exists());
     }
 
     #[test]
