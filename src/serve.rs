@@ -152,6 +152,7 @@ pub fn pipeline_config(
     ack_wait: Duration,
 ) -> PipelineConfig {
     let mut p = PipelineConfig::new(worker_id, cfg.profile_table());
+    p.requests_subject = cfg.nats.subject("sign.requests");
     p.completed_subject = cfg.nats.subject("sign.completed");
     p.failed_subject = cfg.nats.subject("sign.failed");
     p.audit_subject_prefix = cfg.nats.subject("signer.audit");

@@ -20,7 +20,8 @@ pub struct PortError(pub String);
 /// One message taken from the request stream, with the means to settle it.
 #[async_trait]
 pub trait Delivery: Send + Sync {
-    /// The subject it was published on (`sign.requests` or `sign.requests.<tenant>`).
+    /// The subject it was published on (`sign.requests`, or `sign.requests.<tenant>` and
+    /// anything under it).
     fn subject(&self) -> &str;
     /// A header value, if present.
     fn header(&self, name: &str) -> Option<&str>;
@@ -153,7 +154,7 @@ pub trait KeyFactory: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct GateInput {
     pub request: Arc<crate::request::SignRequest>,
-    /// The tenant named by the subject (`sign.requests.<tenant>`), if any.
+    /// The tenant named by the subject (`sign.requests.<tenant>[.…]`), if any.
     pub subject_tenant: Option<String>,
     /// The size of the payload to sign.
     pub payload_bytes: usize,
@@ -205,13 +206,20 @@ pub enum QuotaGrant {
 }
 
 /// Plan quotas. `release` ends a concurrency slot taken by `acquire`.
+///
+/// Quota is charged per signature: a job signed by `signatures` keys takes that many units
+/// of the tenant's rate bucket and daily cap, all or nothing in one atomic step, and one
+/// concurrency slot (a slot counts jobs in flight, whatever their key count).
 #[async_trait]
 pub trait QuotaStore: Send + Sync {
+    /// Admits a job of `tenant` on `plan` that signs `payload_bytes` with `signatures` keys
+    /// (values below 1 count as 1), or says which limit refuses it. A refusal takes nothing.
     async fn acquire(
         &self,
         tenant: &str,
         plan: &str,
         payload_bytes: usize,
+        signatures: u32,
     ) -> Result<QuotaGrant, SignerError>;
     async fn release(&self, tenant: &str, plan: &str);
 }

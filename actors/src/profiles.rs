@@ -5,8 +5,12 @@
 //! names keys wins: `P` for tenant `t`, then `P` for plan `p`, then `P` itself. At each of
 //! the three scopes a runtime assignment replaces what the configuration says, so rotating
 //! the shared key of `P` leaves a tenant with keys of its own alone.
+//!
+//! A profile is also an entitlement: it may name the tenants (`allow_tenants`) and the plans
+//! (`allow_plans`) that may use it. [`ProfileTable::permit`] decides that once the plan is
+//! known (from the verified licence), before anything is claimed or charged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -58,9 +62,51 @@ pub struct ProfileKeys {
     /// Plan -> the keys for this profile's jobs on that plan.
     #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub plans: HashMap<String, Vec<String>>,
+    /// The tenants that may use the profile; `None`: every tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_tenants: Option<BTreeSet<String>>,
+    /// The plans whose tenants may use the profile; `None`: every plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plans: Option<BTreeSet<String>>,
+}
+
+/// Why a job may not use the profile it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileRefusal {
+    /// No such profile (the request is wrong, not the caller's entitlement).
+    #[error("unknown signing profile {0:?}")]
+    Unknown(String),
+    /// The profile names the tenants that may use it, and this one is not among them.
+    #[error("signing profile {profile:?} is not available to tenant {tenant:?}")]
+    Tenant { profile: String, tenant: String },
+    /// The profile names the plans that may use it, and the job's plan is not among them.
+    #[error("signing profile {profile:?} is not available on plan {plan:?}")]
+    Plan { profile: String, plan: String },
 }
 
 impl ProfileKeys {
+    /// Whether a job of `tenant` on `plan` may use the profile: each allow list that is set
+    /// must name it (both set: the tenant must be listed *and* its plan must be).
+    fn admits(&self, profile: &str, tenant: &str, plan: &str) -> Result<(), ProfileRefusal> {
+        if let Some(tenants) = &self.allow_tenants
+            && !tenants.contains(tenant)
+        {
+            return Err(ProfileRefusal::Tenant {
+                profile: profile.to_owned(),
+                tenant: tenant.to_owned(),
+            });
+        }
+        if let Some(plans) = &self.allow_plans
+            && !plans.contains(plan)
+        {
+            return Err(ProfileRefusal::Plan {
+                profile: profile.to_owned(),
+                plan: plan.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     fn at(&self, scope: &Scope) -> Option<&Vec<String>> {
         match scope {
             Scope::Tenant(t) => self.tenants.get(t),
@@ -148,8 +194,18 @@ impl ProfileTable {
         names
     }
 
+    /// Whether a job of `tenant` on `plan` (the plan of its verified licence) may use
+    /// `profile`. Runtime key assignments do not change who may use a profile.
+    pub fn permit(&self, profile: &str, tenant: &str, plan: &str) -> Result<(), ProfileRefusal> {
+        self.profiles
+            .get(profile)
+            .ok_or_else(|| ProfileRefusal::Unknown(profile.to_owned()))?
+            .admits(profile, tenant, plan)
+    }
+
     /// The keys that sign a job of `tenant` (on `plan`) asking for `profile`; `None` for a
-    /// profile that does not exist.
+    /// profile that does not exist. Who may use the profile is [`permit`](Self::permit)'s
+    /// question, asked first.
     pub fn select(
         &self,
         profile: &str,
@@ -216,6 +272,7 @@ mod tests {
             keys: names(&["shared"]),
             tenants: [("acme".to_string(), names(&["acme-hsm"]))].into(),
             plans: [("enterprise".to_string(), names(&["ent", "shared"]))].into(),
+            ..ProfileKeys::default()
         };
         ProfileTable::new([("default".to_string(), default)].into())
     }
@@ -278,5 +335,124 @@ mod tests {
                 .keys,
             names(&["acme-2027"])
         );
+    }
+
+    fn set(v: &[&str]) -> Option<BTreeSet<String>> {
+        Some(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn restricted() -> ProfileTable {
+        let open = ProfileKeys {
+            keys: names(&["shared"]),
+            ..ProfileKeys::default()
+        };
+        let by_plan = ProfileKeys {
+            keys: names(&["shared", "ent"]),
+            allow_plans: set(&["enterprise"]),
+            ..ProfileKeys::default()
+        };
+        let by_tenant = ProfileKeys {
+            keys: names(&["acme-hsm"]),
+            allow_tenants: set(&["acme"]),
+            ..ProfileKeys::default()
+        };
+        let both = ProfileKeys {
+            keys: names(&["acme-hsm", "ent"]),
+            allow_tenants: set(&["acme", "initech"]),
+            allow_plans: set(&["enterprise"]),
+            ..ProfileKeys::default()
+        };
+        ProfileTable::new(
+            [
+                ("default".to_string(), open),
+                ("multi".to_string(), by_plan),
+                ("acme-only".to_string(), by_tenant),
+                ("both".to_string(), both),
+            ]
+            .into(),
+        )
+    }
+
+    #[test]
+    fn a_profile_without_allow_lists_is_open_to_everyone() {
+        let t = restricted();
+        assert_eq!(t.permit("default", "anyone", "free"), Ok(()));
+        assert_eq!(t.permit("default", "anyone", ""), Ok(()));
+    }
+
+    #[test]
+    fn allow_plans_admits_listed_plans_only() {
+        let t = restricted();
+        assert_eq!(t.permit("multi", "globex", "enterprise"), Ok(()));
+        assert_eq!(
+            t.permit("multi", "globex", "team"),
+            Err(ProfileRefusal::Plan {
+                profile: "multi".into(),
+                plan: "team".into()
+            })
+        );
+        // no plan (e.g. one the licence did not name) is not a listed plan
+        assert!(t.permit("multi", "globex", "").is_err());
+        // plan names are compared exactly
+        assert!(t.permit("multi", "globex", "Enterprise").is_err());
+    }
+
+    #[test]
+    fn allow_tenants_admits_listed_tenants_only() {
+        let t = restricted();
+        assert_eq!(t.permit("acme-only", "acme", "free"), Ok(()));
+        assert_eq!(
+            t.permit("acme-only", "globex", "enterprise"),
+            Err(ProfileRefusal::Tenant {
+                profile: "acme-only".into(),
+                tenant: "globex".into()
+            })
+        );
+    }
+
+    #[test]
+    fn both_lists_must_admit_the_job() {
+        let t = restricted();
+        assert_eq!(t.permit("both", "initech", "enterprise"), Ok(()));
+        assert!(matches!(
+            t.permit("both", "initech", "team"),
+            Err(ProfileRefusal::Plan { .. })
+        ));
+        assert!(matches!(
+            t.permit("both", "globex", "enterprise"),
+            Err(ProfileRefusal::Tenant { .. })
+        ));
+        assert_eq!(
+            t.permit("nope", "acme", "enterprise"),
+            Err(ProfileRefusal::Unknown("nope".into()))
+        );
+    }
+
+    #[test]
+    fn a_rotation_does_not_open_a_restricted_profile() {
+        // Runtime assignments change the keys, never who may use the profile: permit does
+        // not look at them, and select still picks the assigned keys for permitted jobs.
+        let t = restricted();
+        let rt = Runtime::default();
+        rt.0.lock()
+            .unwrap()
+            .insert(("multi".into(), Scope::Profile), names(&["shared-2027"]));
+        assert!(t.permit("multi", "globex", "team").is_err());
+        let s = t
+            .select("multi", "globex", Some("enterprise"), &rt)
+            .unwrap();
+        assert_eq!(s.keys, names(&["shared-2027"]));
+    }
+
+    #[test]
+    fn allow_lists_survive_the_key_bucket_round_trip() {
+        // The table is stored as JSON in the key bucket for other replicas and the CLI.
+        let t = restricted();
+        let json = serde_json::to_string(&t).unwrap();
+        let back: ProfileTable = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        // a table written before allow lists existed still reads, open to everyone
+        let old: ProfileTable = serde_json::from_str(r#"{"default":{"keys":["k"]}}"#).unwrap();
+        assert_eq!(old.permit("default", "x", "y"), Ok(()));
     }
 }

@@ -139,21 +139,27 @@ impl Default for QuotaGate {
     }
 }
 
-/// One plan's limits.
+/// One plan's limits. Rates and the daily cap count **signatures**: a job signed by a
+/// profile of two keys takes two units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
-    /// Sustained requests per second (token bucket refill rate).
+    /// Sustained signatures per second (token bucket refill rate). The name predates
+    /// per-signature charging; a one-key job is one request and one signature.
     pub requests_per_second: f64,
-    /// Bucket size: requests that may arrive at once.
+    /// Bucket size: signatures that may be made at once.
     pub burst: u32,
-    /// Jobs of one tenant signing at the same time.
+    /// Jobs of one tenant signing at the same time (one slot per job, whatever its keys).
     pub max_concurrent: u32,
     /// Largest payload to sign.
     pub max_payload_bytes: u64,
-    /// Requests per UTC day (0: no cap).
+    /// Signatures per UTC day (0: no cap).
     #[serde(default)]
     pub daily_cap: u64,
+    /// Most signatures (keys of the profile) one request may ask for; none: no cap beyond
+    /// `burst` and `daily_cap`. A request over it is refused with `entitlement_denied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_signatures_per_request: Option<u32>,
 }
 
 /// Scanner release provenance.

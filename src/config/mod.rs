@@ -5,7 +5,7 @@
 //! `SIGNER_NATS__URL=nats://nats:4222`, `SIGNER_WORKER__MAX_INFLIGHT=512`. A value is read
 //! as a TOML literal when it parses as one (`512`, `true`, `["a","b"]`), else as a string.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -350,6 +350,14 @@ pub struct ProfileConfig {
     /// Plan -> the keys that sign this profile's jobs on that plan (a tenant entry wins).
     #[serde(default)]
     pub plans: BTreeMap<String, Vec<String>>,
+    /// The tenants that may use this profile (absent: every tenant). Others naming it are
+    /// refused with `entitlement_denied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_tenants: Option<BTreeSet<String>>,
+    /// The plans (of the verified licence) whose tenants may use this profile (absent: every
+    /// plan). With both lists, a job must be admitted by both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plans: Option<BTreeSet<String>>,
 }
 
 impl Config {
@@ -566,6 +574,57 @@ impl Config {
             if let Some(k) = all.find(|k| !names.contains(k.as_str())) {
                 return invalid(format!("profile {name:?} names unknown key {k:?}"));
             }
+            self.validate_access(name, profile)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a profile's allow lists: not empty (a profile no one may use is a mistake),
+    /// tenant names well formed, plans known to the quota gate when it enforces, and no
+    /// tenant or plan refinement for someone the lists shut out (keys no job could use).
+    fn validate_access(&self, name: &str, profile: &ProfileConfig) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(tenants) = &profile.allow_tenants {
+            if tenants.is_empty() {
+                return invalid(format!(
+                    "profile {name:?}: allow_tenants is empty (no one could use the profile; \
+                     remove the list to open it to every tenant)"
+                ));
+            }
+            if let Some(t) = tenants
+                .iter()
+                .find(|t| !signer_actors::request::is_valid_tenant(t))
+            {
+                return invalid(format!(
+                    "profile {name:?}: allow_tenants: tenant {t:?} must be 1 to 64 characters of [A-Za-z0-9_-]"
+                ));
+            }
+            if let Some(t) = profile.tenants.keys().find(|t| !tenants.contains(*t)) {
+                return invalid(format!(
+                    "profile {name:?}: tenant {t:?} has keys but is not in allow_tenants"
+                ));
+            }
+        }
+        if let Some(plans) = &profile.allow_plans {
+            if plans.is_empty() {
+                return invalid(format!(
+                    "profile {name:?}: allow_plans is empty (no one could use the profile; \
+                     remove the list to open it to every plan)"
+                ));
+            }
+            let quota = &self.gates.quota;
+            if quota.mode == GateMode::Enforce
+                && let Some(p) = plans.iter().find(|p| !quota.plans.contains_key(*p))
+            {
+                return invalid(format!(
+                    "profile {name:?}: allow_plans names plan {p:?}, which is not in [gates.quota.plans]"
+                ));
+            }
+            if let Some(p) = profile.plans.keys().find(|p| !plans.contains(*p)) {
+                return invalid(format!(
+                    "profile {name:?}: plan {p:?} has keys but is not in allow_plans"
+                ));
+            }
         }
         Ok(())
     }
@@ -583,6 +642,8 @@ impl Config {
                         keys: p.keys.clone(),
                         tenants: map(&p.tenants),
                         plans: map(&p.plans),
+                        allow_tenants: p.allow_tenants.clone(),
+                        allow_plans: p.allow_plans.clone(),
                     };
                     (name.clone(), keys)
                 })
@@ -767,6 +828,77 @@ mod profile_and_keyless_tests {
         assert!(err("[profiles.default.tenants]\nacme = [\"x\"]\n").contains("unknown key \"x\""));
         assert!(err("[profiles.default.plans]\nfree = []\n").contains("\"free\" has no keys"));
         assert!(err("[profiles.default.tenants]\n\"a b\" = [\"k\"]\n").contains("tenant \"a b\""));
+    }
+
+    const PLANS: &str = "[gates.quota.plans.team]\nrequests_per_second = 1.0\nburst = 1\n\
+        max_concurrent = 1\nmax_payload_bytes = 1024\n\
+        [gates.quota.plans.enterprise]\nrequests_per_second = 1.0\nburst = 4\n\
+        max_concurrent = 1\nmax_payload_bytes = 1024\nmax_signatures_per_request = 2\n";
+
+    #[test]
+    fn profiles_name_who_may_use_them() {
+        let cfg = with(&format!(
+            "{PLANS}[profiles.default]\nkeys = [\"k\"]\n\
+             [profiles.multi]\nkeys = [\"k\"]\nallow_plans = [\"enterprise\"]\n\
+             allow_tenants = [\"acme\", \"globex\"]\n\
+             [profiles.multi.tenants]\nacme = [\"k\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.gates.quota.plans["enterprise"].max_signatures_per_request,
+            Some(2)
+        );
+        assert_eq!(
+            cfg.gates.quota.plans["team"].max_signatures_per_request,
+            None
+        );
+        let table = cfg.profile_table();
+        assert!(table.permit("multi", "acme", "enterprise").is_ok());
+        assert!(table.permit("multi", "acme", "team").is_err());
+        assert!(table.permit("multi", "initech", "enterprise").is_err());
+        assert!(table.permit("default", "initech", "team").is_ok());
+
+        let err = |extra: &str| {
+            with(&format!(
+                "{PLANS}[profiles.default]\nkeys = [\"k\"]\n{extra}"
+            ))
+            .unwrap_err()
+        };
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_plans = []\n");
+        assert!(e.contains("allow_plans is empty"), "{e}");
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_tenants = []\n");
+        assert!(e.contains("allow_tenants is empty"), "{e}");
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_tenants = [\"a b\"]\n");
+        assert!(e.contains("tenant \"a b\""), "{e}");
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_plans = [\"gold\"]\n");
+        assert!(
+            e.contains("plan \"gold\", which is not in [gates.quota.plans]"),
+            "{e}"
+        );
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_tenants = [\"acme\"]\n\
+             [profiles.p.tenants]\nglobex = [\"k\"]\n");
+        assert!(
+            e.contains("\"globex\" has keys but is not in allow_tenants"),
+            "{e}"
+        );
+        let e = err(
+            "[profiles.p]\nkeys = [\"k\"]\nallow_plans = [\"enterprise\"]\n\
+             [profiles.p.plans]\nteam = [\"k\"]\n",
+        );
+        assert!(
+            e.contains("\"team\" has keys but is not in allow_plans"),
+            "{e}"
+        );
+        let e = err("[profiles.p]\nkeys = [\"k\"]\nallow_planz = [\"team\"]\n");
+        assert!(e.contains("unknown field `allow_planz`"), "{e}");
+        // with the quota gate disabled there are no plans to check against
+        assert!(
+            with(
+                "[gates.quota]\nmode = \"disabled\"\n[profiles.default]\nkeys = [\"k\"]\n\
+                 allow_plans = [\"anything\"]\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -51,8 +51,11 @@ impl QuotaStore for MemoryQuota {
         tenant: &str,
         plan: &str,
         payload_bytes: usize,
+        signatures: u32,
     ) -> Result<QuotaGrant, SignerError> {
-        let limits = admit(&self.plans, plan, payload_bytes)?;
+        let signatures = signatures.max(1);
+        let limits = admit(&self.plans, plan, payload_bytes, signatures)?;
+        let units = f64::from(signatures);
         let now = Instant::now();
         let now_ms = unix_ms();
         let today = now_ms / DAY_MS;
@@ -80,12 +83,12 @@ impl QuotaStore for MemoryQuota {
         if state.held >= limits.max_concurrent {
             refuse(Reason::Concurrency, CONCURRENCY_RETRY_MS);
         }
-        if limits.daily_cap > 0 && used >= limits.daily_cap {
+        if limits.daily_cap > 0 && used + u64::from(signatures) > limits.daily_cap {
             refuse(Reason::Daily, (today + 1) * DAY_MS - now_ms);
         }
-        if tokens < 1.0 {
+        if tokens < units {
             // The plan's rate is finite and positive; the cap (about 31 years) matches Redis.
-            let ms = ((1.0 - tokens) * 1000.0 / limits.requests_per_second)
+            let ms = ((units - tokens) * 1000.0 / limits.requests_per_second)
                 .ceil()
                 .min(1e12) as u64;
             refuse(Reason::Rate, ms);
@@ -95,10 +98,11 @@ impl QuotaStore for MemoryQuota {
             return Err(exceeded(tenant, plan, limits, reason, wait));
         }
 
-        state.tokens = tokens - 1.0;
+        // All units at once, under the lock: a job is never half charged.
+        state.tokens = tokens - units;
         state.refilled = now;
         state.day = today;
-        state.used = used + 1;
+        state.used = used + u64::from(signatures);
         state.held += 1;
         Ok(QuotaGrant::Allowed)
     }

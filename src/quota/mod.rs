@@ -6,19 +6,26 @@
 //!    `entitlement_denied` (not retryable): the licence names a plan this deployment does not sell.
 //! 2. **Payload size**: `payload_bytes > max_payload_bytes` is refused with `payload_too_large`
 //!    (not retryable). Checked locally, before the store is asked: nothing is charged.
-//! 3. **Concurrency**: at most `max_concurrent` jobs of one tenant hold a slot at the same time.
-//!    A slot is taken by a granted `acquire` and given back by `release`.
-//! 4. **Daily cap**: at most `daily_cap` granted requests per tenant per UTC day (0: no cap).
-//! 5. **Rate**: a token bucket per tenant, refilled continuously at `requests_per_second`,
-//!    holding at most `burst` tokens; a request takes one token. A tenant seen for the first time
-//!    (or idle long enough for its bucket to be full again) starts with a full bucket.
+//! 3. **Signatures per request**: a job makes one signature per key of its profile, and is
+//!    charged one unit per signature. More than `max_signatures_per_request`, or more than the
+//!    plan could ever grant at once (`burst`, a non-zero `daily_cap`), is refused with
+//!    `entitlement_denied` (not retryable). Checked locally too: nothing is charged.
+//! 4. **Concurrency**: at most `max_concurrent` jobs of one tenant hold a slot at the same time.
+//!    A slot is taken by a granted `acquire` and given back by `release`; a job takes one slot
+//!    whatever its number of signatures (its keys sign concurrently, within the one job).
+//! 5. **Daily cap**: at most `daily_cap` signatures per tenant per UTC day (0: no cap).
+//! 6. **Rate**: a token bucket per tenant, refilled continuously at `requests_per_second`
+//!    tokens a second, holding at most `burst` tokens; a job takes one token per signature. A
+//!    tenant seen for the first time (or idle long enough for its bucket to be full again)
+//!    starts with a full bucket.
 //!
-//! Checks 3 to 5 are made together and are all-or-nothing: a refused request takes nothing (no
-//! token, no daily count, no slot). When several of them refuse, the one with the longest wait is
-//! reported, so `retryAfterMs` never invites a retry that is bound to fail again:
-//! `quota_exceeded` with `retryAfterMs` = time until one token is back (rate), until UTC midnight
-//! (daily cap), or a fixed 100 ms (concurrency). Every refusal increments
-//! `signer_quota_exceeded_total{tenant,plan,reason}` with reason `rate`, `concurrency` or `daily`.
+//! Checks 4 to 6 are made together and are all-or-nothing: a refused request takes nothing (no
+//! token, no daily count, no slot), and a two-signature job is never half charged. When several
+//! of them refuse, the one with the longest wait is reported, so `retryAfterMs` never invites a
+//! retry that is bound to fail again: `quota_exceeded` with `retryAfterMs` = time until enough
+//! tokens for the job are back (rate), until UTC midnight (daily cap), or a fixed 100 ms
+//! (concurrency). Every refusal increments `signer_quota_exceeded_total{tenant,plan,reason}`
+//! with reason `rate`, `concurrency` or `daily`.
 //!
 //! # Stores
 //!
@@ -136,6 +143,21 @@ pub fn validate(plans: &BTreeMap<String, Plan>) -> Result<(), QuotaSetupError> {
         if plan.max_payload_bytes == 0 {
             return invalid("max_payload_bytes must be at least 1");
         }
+        if let Some(cap) = plan.max_signatures_per_request {
+            if cap == 0 {
+                return invalid("max_signatures_per_request must be at least 1");
+            }
+            if cap > plan.burst {
+                return invalid(
+                    "max_signatures_per_request must not exceed burst (a request that large could never be granted)",
+                );
+            }
+            if plan.daily_cap > 0 && u64::from(cap) > plan.daily_cap {
+                return invalid(
+                    "max_signatures_per_request must not exceed daily_cap (a request that large could never be granted)",
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -167,11 +189,17 @@ impl Reason {
     }
 }
 
-/// The plan of a request, once its name and payload size are acceptable.
+/// The plan of a request, once its name, payload size and number of signatures are
+/// acceptable. Checked locally, before any store is asked: a refusal here charges nothing.
+///
+/// A request for more signatures than the plan's `burst` (or a non-zero `daily_cap`) could
+/// never be granted however long it waited, so it is refused as not covered by the plan
+/// (`entitlement_denied`, not retryable) rather than with a `retryAfterMs` that would lie.
 pub(crate) fn admit<'a>(
     plans: &'a BTreeMap<String, Plan>,
     plan: &str,
     payload_bytes: usize,
+    signatures: u32,
 ) -> Result<&'a Plan, SignerError> {
     let Some(limits) = plans.get(plan) else {
         return Err(SignerError::EntitlementDenied(format!(
@@ -183,6 +211,22 @@ pub(crate) fn admit<'a>(
             "payload of {payload_bytes} bytes exceeds the {} bytes allowed by plan '{plan}'",
             limits.max_payload_bytes
         )));
+    }
+    let too_many = |limit: String| {
+        Err(SignerError::EntitlementDenied(format!(
+            "the profile makes {signatures} signatures; plan '{plan}' allows {limit}"
+        )))
+    };
+    if let Some(cap) = limits.max_signatures_per_request
+        && signatures > cap
+    {
+        return too_many(format!("{cap} per request"));
+    }
+    if signatures > limits.burst {
+        return too_many(format!("a burst of {}", limits.burst));
+    }
+    if limits.daily_cap > 0 && u64::from(signatures) > limits.daily_cap {
+        return too_many(format!("{} per UTC day", limits.daily_cap));
     }
     Ok(limits)
 }
@@ -204,7 +248,7 @@ pub(crate) fn exceeded(
     .increment(1);
     let message = match reason {
         Reason::Rate => format!(
-            "plan '{plan}' allows {} requests/s",
+            "plan '{plan}' allows {} signatures/s",
             limits.requests_per_second
         ),
         Reason::Concurrency => format!(
@@ -212,7 +256,7 @@ pub(crate) fn exceeded(
             limits.max_concurrent
         ),
         Reason::Daily => format!(
-            "plan '{plan}' allows {} requests per UTC day",
+            "plan '{plan}' allows {} signatures per UTC day",
             limits.daily_cap
         ),
     };

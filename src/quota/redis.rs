@@ -18,9 +18,10 @@ use crate::config::{Plan, QuotaGate};
 
 /// KEYS: 1 bucket hash {tokens, ts}, 2 daily hash {day, n}, 3 slots sorted set (member -> lease
 /// end). ARGV: 1 requests/s, 2 burst, 3 max concurrent, 4 daily cap (0 none), 5 slot lease ms,
-/// 6 slot member, 7 concurrency retry ms, 8 daily margin ms.
+/// 6 slot member, 7 concurrency retry ms, 8 daily margin ms, 9 units (signatures, at least 1).
 /// Returns {1, 'ok', 0} or {0, reason, retry after ms}; a refusal writes nothing but the
-/// removal of expired slots.
+/// removal of expired slots. The units come off the bucket and onto the daily count together,
+/// all or nothing.
 const ACQUIRE: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -30,6 +31,7 @@ local burst = tonumber(ARGV[2])
 local max_conc = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
+local units = tonumber(ARGV[9])
 local DAY = 86400000
 -- Waits and TTLs are capped (about 31 years), so a tiny rate still gives valid numbers.
 local MAX_MS = 1e12
@@ -55,7 +57,7 @@ if cap > 0 then
   if tonumber(d[1]) == day then
     used = tonumber(d[2]) or 0
   end
-  if used >= cap then
+  if used + units > cap then
     refuse('daily', (day + 1) * DAY - now)
   end
 end
@@ -70,19 +72,19 @@ end
 local elapsed = now - ts
 if elapsed < 0 then elapsed = 0 end
 tokens = math.min(burst, tokens + elapsed * rate / 1000)
-if tokens < 1 then
-  refuse('rate', math.ceil((1 - tokens) * 1000 / rate))
+if tokens < units then
+  refuse('rate', math.ceil((units - tokens) * 1000 / rate))
 end
 
 if reason ~= nil then
   return {0, reason, string.format('%.0f', math.min(MAX_MS, math.max(1, math.ceil(wait))))}
 end
 
-tokens = tokens - 1
+tokens = tokens - units
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.0f', now))
 redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.min(MAX_MS, math.ceil((burst - tokens) * 1000 / rate) + 1000)))
 if cap > 0 then
-  redis.call('HSET', KEYS[2], 'day', string.format('%.0f', day), 'n', string.format('%.0f', used + 1))
+  redis.call('HSET', KEYS[2], 'day', string.format('%.0f', day), 'n', string.format('%.0f', used + units))
   redis.call('PEXPIREAT', KEYS[2], string.format('%.0f', (day + 1) * DAY + tonumber(ARGV[8])))
 end
 redis.call('ZADD', KEYS[3], string.format('%.0f', now + lease), ARGV[6])
@@ -146,7 +148,13 @@ impl RedisQuota {
         format!("{}{{{tenant}}}:{what}", self.gate.redis_prefix)
     }
 
-    async fn run(&self, tenant: &str, plan: &Plan, member: &str) -> Result<Outcome, String> {
+    async fn run(
+        &self,
+        tenant: &str,
+        plan: &Plan,
+        member: &str,
+        units: u32,
+    ) -> Result<Outcome, String> {
         let mut conn = self.pool.clone();
         let (granted, reason, wait): (i64, String, u64) = self
             .acquire
@@ -161,6 +169,7 @@ impl RedisQuota {
             .arg(member)
             .arg(CONCURRENCY_RETRY_MS)
             .arg(millis(DAILY_MARGIN))
+            .arg(units)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
@@ -215,14 +224,18 @@ impl QuotaStore for RedisQuota {
         tenant: &str,
         plan: &str,
         payload_bytes: usize,
+        signatures: u32,
     ) -> Result<QuotaGrant, SignerError> {
-        let limits = admit(&self.gate.plans, plan, payload_bytes)?;
+        let signatures = signatures.max(1);
+        let limits = admit(&self.gate.plans, plan, payload_bytes, signatures)?;
         let member = format!(
             "{}:{}",
             self.replica,
             self.next_slot.fetch_add(1, Ordering::Relaxed)
         );
-        match tokio::time::timeout(self.timeout, self.run(tenant, limits, &member)).await {
+        match tokio::time::timeout(self.timeout, self.run(tenant, limits, &member, signatures))
+            .await
+        {
             Ok(Ok(Outcome::Allowed)) => {
                 lock(&self.held)
                     .entry(tenant.to_owned())

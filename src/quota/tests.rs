@@ -20,6 +20,7 @@ fn plan(rps: f64, burst: u32, max_concurrent: u32, daily_cap: u64) -> Plan {
         max_concurrent,
         max_payload_bytes: 1024,
         daily_cap,
+        max_signatures_per_request: None,
     }
 }
 
@@ -105,59 +106,59 @@ async fn burst_then_refused(q: &dyn QuotaStore) {
     // 1 request/s, burst 5.
     for i in 0..5 {
         assert_eq!(
-            q.acquire("acme", "team", 10).await.unwrap(),
+            q.acquire("acme", "team", 10, 1).await.unwrap(),
             QuotaGrant::Allowed,
             "request {i}"
         );
         q.release("acme", "team").await;
     }
-    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
-    assert_eq!(message, "plan 'team' allows 1 requests/s");
+    let (message, wait) = refused(q.acquire("acme", "team", 10, 1).await);
+    assert_eq!(message, "plan 'team' allows 1 signatures/s");
     assert!((500..=1000).contains(&wait), "retryAfterMs {wait}");
 }
 
 async fn refills(q: &dyn QuotaStore) {
     // 2 requests/s, burst 2.
     for _ in 0..2 {
-        q.acquire("acme", "team", 10).await.unwrap();
+        q.acquire("acme", "team", 10, 1).await.unwrap();
         q.release("acme", "team").await;
     }
-    let (_, wait) = refused(q.acquire("acme", "team", 10).await);
+    let (_, wait) = refused(q.acquire("acme", "team", 10, 1).await);
     assert!((1..=500).contains(&wait), "retryAfterMs {wait}");
     tokio::time::sleep(Duration::from_millis(wait + 30)).await;
     assert_eq!(
-        q.acquire("acme", "team", 10).await.unwrap(),
+        q.acquire("acme", "team", 10, 1).await.unwrap(),
         QuotaGrant::Allowed
     );
     q.release("acme", "team").await;
-    refused(q.acquire("acme", "team", 10).await);
+    refused(q.acquire("acme", "team", 10, 1).await);
 }
 
 async fn concurrency(q: &dyn QuotaStore) {
     // 2 concurrent jobs, plenty of rate.
     assert_eq!(
-        q.acquire("acme", "team", 10).await.unwrap(),
+        q.acquire("acme", "team", 10, 1).await.unwrap(),
         QuotaGrant::Allowed
     );
-    q.acquire("acme", "team", 10).await.unwrap();
-    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    let (message, wait) = refused(q.acquire("acme", "team", 10, 1).await);
     assert_eq!(message, "plan 'team' allows 2 concurrent jobs per tenant");
     assert_eq!(wait, CONCURRENCY_RETRY_MS);
     // Another tenant has slots of its own.
-    q.acquire("other", "team", 10).await.unwrap();
+    q.acquire("other", "team", 10, 1).await.unwrap();
     q.release("other", "team").await;
 
     q.release("acme", "team").await;
-    q.acquire("acme", "team", 10).await.unwrap();
-    refused(q.acquire("acme", "team", 10).await);
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    refused(q.acquire("acme", "team", 10, 1).await);
 
     // Surplus releases never take the count below zero.
     for _ in 0..5 {
         q.release("acme", "team").await;
     }
-    q.acquire("acme", "team", 10).await.unwrap();
-    q.acquire("acme", "team", 10).await.unwrap();
-    refused(q.acquire("acme", "team", 10).await);
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    refused(q.acquire("acme", "team", 10, 1).await);
     q.release("acme", "team").await;
     q.release("acme", "team").await;
 }
@@ -165,42 +166,182 @@ async fn concurrency(q: &dyn QuotaStore) {
 async fn daily_cap(q: &dyn QuotaStore) {
     // cap 3 a day, plenty of rate and slots.
     for _ in 0..3 {
-        q.acquire("acme", "team", 10).await.unwrap();
+        q.acquire("acme", "team", 10, 1).await.unwrap();
         q.release("acme", "team").await;
     }
-    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
-    assert_eq!(message, "plan 'team' allows 3 requests per UTC day");
+    let (message, wait) = refused(q.acquire("acme", "team", 10, 1).await);
+    assert_eq!(message, "plan 'team' allows 3 signatures per UTC day");
     let expected = ms_to_utc_midnight();
     assert!(
         wait.abs_diff(expected) < 5_000,
         "retryAfterMs {wait}, ms to UTC midnight {expected}"
     );
-    q.acquire("other", "team", 10).await.unwrap();
+    q.acquire("other", "team", 10, 1).await.unwrap();
 }
 
 async fn payload_and_plan(q: &dyn QuotaStore) {
     // burst 1: a refused payload takes no token.
-    let e = q.acquire("acme", "team", 1025).await.unwrap_err();
+    let e = q.acquire("acme", "team", 1025, 1).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::PayloadTooLarge);
     assert!(!e.code().retryable());
     assert_eq!(
         e.message(),
         "payload of 1025 bytes exceeds the 1024 bytes allowed by plan 'team'"
     );
-    let e = q.acquire("acme", "gold", 10).await.unwrap_err();
+    let e = q.acquire("acme", "gold", 10, 1).await.unwrap_err();
     assert_eq!(
         e,
         SignerError::EntitlementDenied("plan 'gold' is not configured".into())
     );
     assert_eq!(
-        q.acquire("acme", "team", 1024).await.unwrap(),
+        q.acquire("acme", "team", 1024, 1).await.unwrap(),
         QuotaGrant::Allowed
     );
     q.release("acme", "team").await;
-    refused(q.acquire("acme", "team", 10).await);
+    refused(q.acquire("acme", "team", 10, 1).await);
+}
+
+/// `quota_exceeded` never comes for a request the plan can never grant: that is
+/// `entitlement_denied`, with the limit in the message.
+fn denied(r: Result<QuotaGrant, SignerError>, limit: &str) {
+    match r {
+        Err(SignerError::EntitlementDenied(m)) => {
+            assert!(m.contains(limit), "{m}");
+            assert!(!ErrorCode::EntitlementDenied.retryable());
+        }
+        other => panic!("expected entitlement_denied, got {other:?}"),
+    }
+}
+
+async fn signatures_are_units(q: &dyn QuotaStore) {
+    // One token per 100 s, burst 3: nothing refills during the test.
+    assert_eq!(
+        q.acquire("acme", "team", 10, 2).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    q.release("acme", "team").await;
+    // One token left: a second two-signature job is refused, and takes nothing...
+    let (message, wait) = refused(q.acquire("acme", "team", 10, 2).await);
+    assert_eq!(message, "plan 'team' allows 0.01 signatures/s");
+    assert!(wait > 90_000, "retryAfterMs {wait} (one more token)");
+    // ...so the last token is still there for a one-signature job.
+    assert_eq!(
+        q.acquire("acme", "team", 10, 1).await.unwrap(),
+        QuotaGrant::Allowed
+    );
+    q.release("acme", "team").await;
+    refused(q.acquire("acme", "team", 10, 1).await);
+    // More signatures than the bucket holds could never be granted.
+    denied(
+        q.acquire("globex", "team", 10, 4).await,
+        "the profile makes 4 signatures; plan 'team' allows a burst of 3",
+    );
+    // and took nothing: globex still has its whole burst; 0 counts as 1
+    q.acquire("globex", "team", 10, 0).await.unwrap();
+    q.acquire("globex", "team", 10, 2).await.unwrap();
+    refused(q.acquire("globex", "team", 10, 1).await);
+}
+
+async fn daily_cap_counts_signatures(q: &dyn QuotaStore) {
+    // cap 5 signatures a day, plenty of rate and slots.
+    for _ in 0..2 {
+        q.acquire("acme", "team", 10, 2).await.unwrap();
+        q.release("acme", "team").await;
+    }
+    let (message, _) = refused(q.acquire("acme", "team", 10, 2).await);
+    assert_eq!(message, "plan 'team' allows 5 signatures per UTC day");
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    q.release("acme", "team").await;
+    refused(q.acquire("acme", "team", 10, 1).await);
+    denied(
+        q.acquire("other", "team", 10, 6).await,
+        "allows 5 per UTC day",
+    );
+}
+
+async fn signature_cap_and_one_slot_per_job(q: &dyn QuotaStore) {
+    // at most 2 signatures per request, burst 3, one job at a time.
+    denied(
+        q.acquire("acme", "team", 10, 3).await,
+        "the profile makes 3 signatures; plan 'team' allows 2 per request",
+    );
+    // the refusal took nothing: the whole burst is still there
+    q.acquire("acme", "team", 10, 2).await.unwrap();
+    // a two-signature job holds one slot, not two
+    let (message, _) = refused(q.acquire("acme", "team", 10, 1).await);
+    assert_eq!(message, "plan 'team' allows 1 concurrent jobs per tenant");
+    q.release("acme", "team").await;
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    q.release("acme", "team").await;
+    refused(q.acquire("acme", "team", 10, 1).await);
+}
+
+fn capped(rps: f64, burst: u32, max_concurrent: u32, cap: u32) -> Plan {
+    Plan {
+        max_signatures_per_request: Some(cap),
+        ..plan(rps, burst, max_concurrent, 0)
+    }
 }
 
 // ---- Redis ----
+
+#[tokio::test]
+async fn redis_charges_one_unit_per_signature() {
+    let s = Space::new();
+    signatures_are_units(&s.replica(plan(0.01, 3, 100, 0))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_daily_cap_counts_signatures() {
+    let s = Space::new();
+    daily_cap_counts_signatures(&s.replica(plan(1000.0, 100, 100, 5))).await;
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_signature_cap_and_one_slot_per_job() {
+    let s = Space::new();
+    signature_cap_and_one_slot_per_job(&s.replica(capped(0.01, 3, 1, 2))).await;
+    // the refused request wrote nothing for its tenant
+    let q = s.replica(capped(0.01, 3, 1, 2));
+    denied(q.acquire("initech", "team", 10, 3).await, "per request");
+    assert!(
+        !s.keys().await.iter().any(|k| k.contains("{initech}")),
+        "{:?}",
+        s.keys().await
+    );
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_multi_signature_charges_are_atomic_across_replicas() {
+    let s = Space::new();
+    // burst 10, nothing refills: 40 concurrent three-signature jobs from two replicas
+    // get exactly three grants (9 units), and no refused job takes a partial charge.
+    let p = plan(0.01, 10, 1000, 0);
+    let replicas = [Arc::new(s.replica(p.clone())), Arc::new(s.replica(p))];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let q = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            q.acquire("acme", "team", 10, 3).await
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(QuotaGrant::Allowed) => allowed += 1,
+            r => {
+                refused(r);
+            }
+        }
+    }
+    assert_eq!(allowed, 3);
+    replicas[0].acquire("acme", "team", 10, 1).await.unwrap();
+    refused(replicas[1].acquire("acme", "team", 10, 1).await);
+    s.clean().await;
+}
 
 #[tokio::test]
 async fn redis_burst_then_quota_exceeded() {
@@ -225,9 +366,9 @@ async fn redis_replicas_share_one_budget() {
     let mut tasks = Vec::new();
     for i in 0..40 {
         let q = replicas[i % 2].clone();
-        tasks.push(tokio::spawn(
-            async move { q.acquire("acme", "team", 10).await },
-        ));
+        tasks.push(tokio::spawn(async move {
+            q.acquire("acme", "team", 10, 1).await
+        }));
     }
     let mut allowed = 0;
     for t in tasks {
@@ -235,7 +376,7 @@ async fn redis_replicas_share_one_budget() {
             Ok(QuotaGrant::Allowed) => allowed += 1,
             r => {
                 let (message, wait) = refused(r);
-                assert_eq!(message, "plan 'team' allows 0.01 requests/s");
+                assert_eq!(message, "plan 'team' allows 0.01 signatures/s");
                 assert!(wait > 90_000, "retryAfterMs {wait}");
             }
         }
@@ -248,10 +389,10 @@ async fn redis_replicas_share_one_budget() {
 async fn redis_tenants_are_independent() {
     let s = Space::new();
     let q = s.replica(plan(0.01, 1, 100, 0));
-    q.acquire("acme", "team", 10).await.unwrap();
-    refused(q.acquire("acme", "team", 10).await);
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    refused(q.acquire("acme", "team", 10, 1).await);
     assert_eq!(
-        q.acquire("globex", "team", 10).await.unwrap(),
+        q.acquire("globex", "team", 10, 1).await.unwrap(),
         QuotaGrant::Allowed
     );
     s.clean().await;
@@ -271,21 +412,21 @@ async fn redis_slots_of_a_crashed_replica_expire() {
     let crashed = s
         .replica(p.clone())
         .with_slot_lease(Duration::from_millis(300));
-    crashed.acquire("acme", "team", 10).await.unwrap();
+    crashed.acquire("acme", "team", 10, 1).await.unwrap();
     drop(crashed); // never releases
     let q = s.replica(p);
-    refused(q.acquire("acme", "team", 10).await);
+    refused(q.acquire("acme", "team", 10, 1).await);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
-        q.acquire("acme", "team", 10).await.unwrap(),
+        q.acquire("acme", "team", 10, 1).await.unwrap(),
         QuotaGrant::Allowed
     );
     // Releasing on one replica never frees another's slot.
     let other = s.replica(plan(1000.0, 100, 1, 0));
     other.release("acme", "team").await;
-    refused(other.acquire("acme", "team", 10).await);
+    refused(other.acquire("acme", "team", 10, 1).await);
     q.release("acme", "team").await;
-    other.acquire("acme", "team", 10).await.unwrap();
+    other.acquire("acme", "team", 10, 1).await.unwrap();
     s.clean().await;
 }
 
@@ -328,14 +469,14 @@ async fn redis_longest_wait_wins() {
     let s = Space::new();
     // Daily cap 1 and burst 1: both refuse; the cap's wait (until midnight) is reported.
     let q = s.replica(plan(0.01, 1, 100, 1));
-    q.acquire("acme", "team", 10).await.unwrap();
-    let (message, wait) = refused(q.acquire("acme", "team", 10).await);
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    let (message, wait) = refused(q.acquire("acme", "team", 10, 1).await);
     let midnight = ms_to_utc_midnight();
     if midnight > 100_000 {
-        assert_eq!(message, "plan 'team' allows 1 requests per UTC day");
+        assert_eq!(message, "plan 'team' allows 1 signatures per UTC day");
         assert!(wait.abs_diff(midnight) < 5_000);
     } else {
-        assert_eq!(message, "plan 'team' allows 0.01 requests/s");
+        assert_eq!(message, "plan 'team' allows 0.01 signatures/s");
     }
     s.clean().await;
 }
@@ -347,13 +488,13 @@ async fn redis_unreachable_fails_closed() {
         ..QuotaGate::default()
     };
     let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
-    let e = q.acquire("acme", "team", 10).await.unwrap_err();
+    let e = q.acquire("acme", "team", 10, 1).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Internal);
     assert!(e.code().retryable());
     assert!(e.message().starts_with("quota store unavailable: "), "{e}");
     // Plan and payload checks need no Redis.
     assert_eq!(
-        q.acquire("acme", "team", 2000).await.unwrap_err().code(),
+        q.acquire("acme", "team", 2000, 1).await.unwrap_err().code(),
         ErrorCode::PayloadTooLarge
     );
     q.release("acme", "team").await;
@@ -369,7 +510,7 @@ async fn redis_unreachable_fails_open() {
     let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
     for _ in 0..3 {
         assert_eq!(
-            q.acquire("acme", "team", 10).await.unwrap(),
+            q.acquire("acme", "team", 10, 1).await.unwrap(),
             QuotaGrant::FailOpen
         );
         q.release("acme", "team").await;
@@ -397,7 +538,7 @@ async fn redis_that_never_answers_fails_open_in_time() {
         .with_timeout(Duration::from_millis(300));
     let started = Instant::now();
     assert_eq!(
-        q.acquire("acme", "team", 10).await.unwrap(),
+        q.acquire("acme", "team", 10, 1).await.unwrap(),
         QuotaGrant::FailOpen
     );
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -434,9 +575,25 @@ async fn memory_payload_too_large_and_unknown_plan() {
 #[tokio::test]
 async fn memory_tenants_are_independent() {
     let q = MemoryQuota::new(plans(plan(0.01, 1, 100, 0))).unwrap();
-    q.acquire("acme", "team", 10).await.unwrap();
-    refused(q.acquire("acme", "team", 10).await);
-    q.acquire("globex", "team", 10).await.unwrap();
+    q.acquire("acme", "team", 10, 1).await.unwrap();
+    refused(q.acquire("acme", "team", 10, 1).await);
+    q.acquire("globex", "team", 10, 1).await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_charges_one_unit_per_signature() {
+    signatures_are_units(&MemoryQuota::new(plans(plan(0.01, 3, 100, 0))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_daily_cap_counts_signatures() {
+    daily_cap_counts_signatures(&MemoryQuota::new(plans(plan(1000.0, 100, 100, 5))).unwrap()).await;
+}
+
+#[tokio::test]
+async fn memory_signature_cap_and_one_slot_per_job() {
+    signature_cap_and_one_slot_per_job(&MemoryQuota::new(plans(capped(0.01, 3, 1, 2))).unwrap())
+        .await;
 }
 
 // ---- configuration ----
@@ -463,6 +620,21 @@ async fn invalid_configurations_are_refused() {
             },
             "max_payload_bytes",
         ),
+        (
+            capped(1.0, 5, 1, 0),
+            "max_signatures_per_request must be at least 1",
+        ),
+        (
+            capped(1.0, 2, 1, 3),
+            "max_signatures_per_request must not exceed burst",
+        ),
+        (
+            Plan {
+                daily_cap: 2,
+                ..capped(1.0, 5, 1, 3)
+            },
+            "max_signatures_per_request must not exceed daily_cap",
+        ),
     ] {
         match err(Some(bad)) {
             QuotaSetupError::InvalidPlan { plan, reason } => {
@@ -484,7 +656,7 @@ async fn from_config_picks_the_store() {
     };
     let q = from_config(&disabled, None).unwrap();
     assert_eq!(
-        q.acquire("acme", "anything", usize::MAX).await.unwrap(),
+        q.acquire("acme", "anything", usize::MAX, 1).await.unwrap(),
         QuotaGrant::Disabled
     );
 
@@ -492,11 +664,11 @@ async fn from_config_picks_the_store() {
     let gate = s.gate(plan(0.01, 1, 10, 0));
     let memory = from_config(&gate, None).unwrap();
     let redis = from_config(&gate, Some(pool(REDIS_URL))).unwrap();
-    memory.acquire("acme", "team", 10).await.unwrap();
+    memory.acquire("acme", "team", 10, 1).await.unwrap();
     assert!(s.keys().await.is_empty(), "the memory store wrote to Redis");
-    redis.acquire("acme", "team", 10).await.unwrap();
+    redis.acquire("acme", "team", 10, 1).await.unwrap();
     assert_eq!(s.keys().await.len(), 2, "bucket and slots");
-    refused(redis.acquire("acme", "team", 10).await);
+    refused(redis.acquire("acme", "team", 10, 1).await);
     s.clean().await;
 }
 
@@ -507,8 +679,8 @@ async fn a_tiny_rate_still_refuses_with_a_wait() {
     let redis = s.replica(p.clone());
     let memory = MemoryQuota::new(plans(p)).unwrap();
     for q in [&redis as &dyn QuotaStore, &memory] {
-        q.acquire("acme", "team", 10).await.unwrap();
-        let (_, wait) = refused(q.acquire("acme", "team", 10).await);
+        q.acquire("acme", "team", 10, 1).await.unwrap();
+        let (_, wait) = refused(q.acquire("acme", "team", 10, 1).await);
         assert_eq!(wait, 1_000_000_000_000);
     }
     s.clean().await;

@@ -36,7 +36,7 @@ pub struct DisabledQuota;
 
 #[async_trait]
 impl QuotaStore for DisabledQuota {
-    async fn acquire(&self, _: &str, _: &str, _: usize) -> Result<QuotaGrant, SignerError> {
+    async fn acquire(&self, _: &str, _: &str, _: usize, _: u32) -> Result<QuotaGrant, SignerError> {
         Ok(QuotaGrant::Disabled)
     }
     async fn release(&self, _: &str, _: &str) {}

@@ -29,6 +29,8 @@ pub enum QuotaMsg {
         tenant: String,
         plan: String,
         payload_bytes: usize,
+        /// Signatures the job makes (the units charged).
+        signatures: u32,
         reply: RpcReplyPort<Result<QuotaGrant, SignerError>>,
     },
     Release {
@@ -120,12 +122,16 @@ impl Actor for Quota {
                 tenant,
                 plan,
                 payload_bytes,
+                signatures,
                 reply,
             } => {
                 let port = port.clone();
                 spawn_reply(
                     reply,
-                    async move { port.acquire(&tenant, &plan, payload_bytes).await },
+                    async move {
+                        port.acquire(&tenant, &plan, payload_bytes, signatures)
+                            .await
+                    },
                     failer(&myself, QuotaMsg::Failed),
                 );
                 Ok(())

@@ -1,6 +1,7 @@
 //! One job, from the delivered message to its single result:
-//! decode -> idempotency lease -> entitlement -> quota -> provenance -> sign (every key of
-//! the profile) -> audit event stored -> result stored -> idempotency record -> ack.
+//! decode -> entitlement -> profile permission -> idempotency lease -> provenance -> quota
+//! (one unit per signature) -> sign (every key of the profile) -> audit event stored ->
+//! result stored -> idempotency record -> ack.
 //! Retryable failures NAK with backoff until the last delivery, which publishes them.
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::ports::{
     Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, ProvenanceGrant,
     QuotaGrant,
 };
+use crate::profiles::ProfileRefusal;
 use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
 
 /// Tenant recorded when a message names none we can trust.
@@ -102,10 +104,44 @@ fn trace_id(traceparent: &str) -> Option<String> {
     .then(|| id.to_string())
 }
 
-/// The tenant named by a `sign.requests.<tenant>` subject.
-fn subject_tenant(subject: &str) -> Option<&str> {
-    let (rest, last) = subject.rsplit_once('.')?;
-    rest.ends_with("sign.requests").then_some(last)
+/// What a job's subject says about its tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubjectTenant<'a> {
+    /// The bare requests subject: no tenant is named.
+    Unnamed,
+    /// `<requests>.<tenant>` or anything under it: the token right after the requests
+    /// subject. The body must name the same tenant, so that publish rights on a tenant's
+    /// subjects bind its jobs to it.
+    Named(&'a str),
+    /// Not the requests subject nor under it (a stream provisioned with other subjects): the
+    /// tenant cannot be read, so the job is refused rather than left unbound.
+    Foreign,
+}
+
+impl<'a> SubjectTenant<'a> {
+    /// Reads `subject` against the requests subject `requests` (with its prefix).
+    fn of(requests: &str, subject: &'a str) -> Self {
+        if subject == requests {
+            return SubjectTenant::Unnamed;
+        }
+        let Some(rest) = subject
+            .strip_prefix(requests)
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return SubjectTenant::Foreign;
+        };
+        match rest.split('.').next() {
+            Some(tenant) if !tenant.is_empty() => SubjectTenant::Named(tenant),
+            _ => SubjectTenant::Foreign,
+        }
+    }
+
+    fn named(self) -> Option<&'a str> {
+        match self {
+            SubjectTenant::Named(t) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 fn backoff(shared: &Shared, delivered: u64, error: &SignerError) -> Duration {
@@ -137,7 +173,8 @@ fn call_failed(e: CallError) -> SignerError {
 async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let traceparent = d.header("traceparent").map(str::to_owned);
     let content_type = ContentType::from_header(d.header("Content-Type"));
-    let subject_tenant = subject_tenant(d.subject()).map(str::to_owned);
+    let subject = SubjectTenant::of(&shared.cfg.requests_subject, d.subject());
+    let subject_tenant = subject.named().map(str::to_owned);
     // Who a refusal is addressed to when the body is not a valid request: Nats-Msg-Id, else
     // the body's requestId if it can be read, else `seq-<n>`; the subject's tenant, else the
     // body's, else `_unknown`.
@@ -236,13 +273,20 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         Err(e) => return finish_failed(shared, d, ids, None, e, findings).await,
     };
     findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
-    if let Some(t) = &subject_tenant
-        && *t != request.tenant
-    {
-        let e = SignerError::TenantMismatch(format!(
+    let mismatch = match subject {
+        SubjectTenant::Named(t) if t != request.tenant => Some(format!(
             "subject names tenant {t:?}, body names {:?}",
             request.tenant
-        ));
+        )),
+        SubjectTenant::Foreign => Some(format!(
+            "subject {:?} is not under {:?}: its tenant cannot be checked",
+            d.subject(),
+            shared.cfg.requests_subject
+        )),
+        _ => None,
+    };
+    if let Some(m) = mismatch {
+        let e = SignerError::TenantMismatch(m);
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
     if !shared.cfg.profiles.contains(request.profile()) {
@@ -259,6 +303,26 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
             Ok(v) => v,
             Err(e) => return retry_or_fail(shared, d, ids, None, e, findings).await,
         };
+
+    // A profile is an entitlement: whether this tenant, on the plan of its verified
+    // licence, may use it. Decided before the claim and the quota, so a refusal uses up
+    // no requestId and is charged nothing.
+    if let Err(refusal) =
+        shared
+            .cfg
+            .profiles
+            .permit(request.profile(), &request.tenant, &verdict.plan)
+    {
+        let e = match refusal {
+            ProfileRefusal::Unknown(_) => SignerError::InvalidRequest(refusal.to_string()),
+            ProfileRefusal::Tenant { .. } | ProfileRefusal::Plan { .. } => {
+                metrics::counter!("signer_profile_denied_total", "profile" => request.profile().to_owned())
+                    .increment(1);
+                SignerError::EntitlementDenied(refusal.to_string())
+            }
+        };
+        return finish_failed(shared, d, ids, None, e, findings).await;
+    }
 
     // The keys: the profile's, refined for the tenant and its plan, as rotated at runtime.
     let Some(selection) = shared.cfg.profiles.select(
@@ -450,10 +514,13 @@ async fn admit_and_sign(
         verdict.plan.clone(),
         prepared.bytes.len(),
     );
+    // Quota is charged per signature: one unit per key that signs.
+    let signatures = u32::try_from(key_names.len()).unwrap_or(u32::MAX);
     let grant = call_actor(quota.clone(), "quota", timeout, |reply| QuotaMsg::Acquire {
         tenant,
         plan,
         payload_bytes: bytes,
+        signatures,
         reply,
     })
     .await
@@ -882,9 +949,26 @@ mod tests {
 
     #[test]
     fn subject_tenant_and_trace_id_parsing() {
-        assert_eq!(subject_tenant("sign.requests.acme"), Some("acme"));
-        assert_eq!(subject_tenant("t1.sign.requests.acme"), Some("acme"));
-        assert_eq!(subject_tenant("sign.requests"), None);
+        use SubjectTenant::*;
+        let of = |s| SubjectTenant::of("sign.requests", s);
+        assert_eq!(of("sign.requests.acme"), Named("acme"));
+        assert_eq!(of("sign.requests"), Unnamed);
+        // the tenant is the token right after the requests subject, however deep
+        assert_eq!(of("sign.requests.acme.x"), Named("acme"));
+        assert_eq!(of("sign.requests.acme.x.y.z"), Named("acme"));
+        // with the configured prefix
+        let prefixed = |s| SubjectTenant::of("t1.sign.requests", s);
+        assert_eq!(prefixed("t1.sign.requests.acme"), Named("acme"));
+        assert_eq!(prefixed("t1.sign.requests.acme.x"), Named("acme"));
+        assert_eq!(prefixed("t1.sign.requests"), Unnamed);
+        // anything else cannot be read, and is not taken as unbound
+        assert_eq!(prefixed("sign.requests.acme"), Foreign);
+        assert_eq!(prefixed("t2.sign.requests.acme"), Foreign);
+        assert_eq!(of("sign.requestsacme"), Foreign);
+        assert_eq!(of("x.sign.requests.acme"), Foreign);
+        assert_eq!(of("sign.requests."), Foreign);
+        assert_eq!(Named("acme").named(), Some("acme"));
+        assert_eq!(Foreign.named(), None);
         assert_eq!(
             trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")

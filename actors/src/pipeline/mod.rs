@@ -46,6 +46,9 @@ use crate::ports::{
 pub struct PipelineConfig {
     /// This replica's name in logs, audit events and idempotency leases.
     pub worker_id: String,
+    /// The requests subject with its prefix (`sign.requests`): a job published under it,
+    /// on `<requests_subject>.<tenant>[.…]`, must name that tenant in its body.
+    pub requests_subject: String,
     /// Subject for completed results (`sign.completed`).
     pub completed_subject: String,
     /// Subject for failed results (`sign.failed`).
@@ -83,6 +86,7 @@ impl PipelineConfig {
     ) -> Self {
         PipelineConfig {
             worker_id: worker_id.into(),
+            requests_subject: "sign.requests".into(),
             completed_subject: "sign.completed".into(),
             failed_subject: "sign.failed".into(),
             audit_subject_prefix: "signer.audit".into(),

@@ -30,6 +30,7 @@ struct Queue {
 
 struct MemDelivery {
     queue: Arc<Queue>,
+    subject: String,
     body: Vec<u8>,
     seq: u64,
     delivered: u64,
@@ -38,7 +39,7 @@ struct MemDelivery {
 #[async_trait]
 impl Delivery for MemDelivery {
     fn subject(&self) -> &str {
-        "sign.requests"
+        &self.subject
     }
     fn header(&self, _: &str) -> Option<&str> {
         None
@@ -71,6 +72,7 @@ impl Delivery for MemDelivery {
             .push((self.seq, Settled::Nak));
         let again = MemDelivery {
             queue: self.queue.clone(),
+            subject: self.subject.clone(),
             body: self.body.clone(),
             seq: self.seq,
             delivered: self.delivered + 1,
@@ -258,6 +260,7 @@ fn submit(queue: &Arc<Queue>, seq: u64) {
         .tx
         .send(MemDelivery {
             queue: queue.clone(),
+            subject: "sign.requests".into(),
             body: request_body(&format!("r-{seq}")),
             seq,
             delivered: 1,
@@ -498,4 +501,301 @@ async fn a_pool_of_two_signs_with_both_and_reloads_a_failed_member_alone() {
     assert_eq!(results.len() as u64, jobs, "one result per job");
     assert!(results.iter().all(|m| m.subject == "sign.completed"));
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+// ---- profiles as an entitlement, quota per signature, subject binding ----
+
+/// An entitlement gate that authenticates every job as its body's tenant on `plan` (the
+/// real gate is tested in `stella-signer`; here the plan is what matters).
+struct OnPlan(String);
+
+#[async_trait]
+impl EntitlementVerifier for OnPlan {
+    async fn verify(&self, _: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+        Ok(EntitlementVerdict {
+            caller: None,
+            auth: crate::audit::AuthState::Valid,
+            poe: crate::audit::PoeState::Valid,
+            plan: self.0.clone(),
+        })
+    }
+}
+
+/// A quota store that grants everything and remembers each charge
+/// (tenant, plan, signatures).
+#[derive(Default)]
+struct Ledger(Mutex<Vec<(String, String, u32)>>);
+
+#[async_trait]
+impl QuotaStore for Ledger {
+    async fn acquire(
+        &self,
+        tenant: &str,
+        plan: &str,
+        _: usize,
+        signatures: u32,
+    ) -> Result<QuotaGrant, crate::error::SignerError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((tenant.into(), plan.into(), signatures));
+        Ok(QuotaGrant::Allowed)
+    }
+    async fn release(&self, _: &str, _: &str) {}
+}
+
+/// An Ed25519 key that always signs.
+struct EdKey {
+    name: String,
+    pair: Ed25519KeyPair,
+    identity: Arc<SignerIdentity>,
+}
+
+#[async_trait]
+impl KeySigner for EdKey {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn identity(&self) -> Arc<SignerIdentity> {
+        self.identity.clone()
+    }
+    async fn sign(&self, message: &[u8]) -> Result<KeySignature, KeyError> {
+        Ok(KeySignature {
+            sig: self.pair.sign(message).as_ref().to_vec(),
+            identity: self.identity.clone(),
+            rfc3161_timestamp: None,
+        })
+    }
+}
+
+/// Two Ed25519 keys, `a` and `b`.
+struct TwoKeys;
+
+#[async_trait]
+impl KeyFactory for TwoKeys {
+    fn names(&self) -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+    async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8())
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        let public =
+            PublicKey::from_raw(KeyAlgorithm::Ed25519, pair.public_key().as_ref()).unwrap();
+        Ok(Arc::new(EdKey {
+            name: name.into(),
+            pair,
+            identity: Arc::new(SignerIdentity::keyful(public, KeySource::File)),
+        }))
+    }
+}
+
+struct Deployment {
+    queue: Arc<Queue>,
+    publisher: Arc<MemPublisher>,
+    idempotency: Arc<MemIdempotency>,
+    ledger: Arc<Ledger>,
+    pipeline: Pipeline,
+}
+
+/// Profiles `default` = [a] (open to all) and `multi` = [a, b] (plan `enterprise` only),
+/// with every job authenticated on `plan`.
+async fn start_profiles(plan: &str) -> Deployment {
+    use crate::profiles::{ProfileKeys, ProfileTable};
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = Arc::new(Queue {
+        tx,
+        settled: Mutex::new(Vec::new()),
+    });
+    let publisher = Arc::new(MemPublisher::default());
+    let idempotency = Arc::new(MemIdempotency::default());
+    let ledger = Arc::new(Ledger::default());
+    let profiles = ProfileTable::new(HashMap::from([
+        (
+            "default".to_string(),
+            ProfileKeys {
+                keys: vec!["a".into()],
+                ..ProfileKeys::default()
+            },
+        ),
+        (
+            "multi".to_string(),
+            ProfileKeys {
+                keys: vec!["a".into(), "b".into()],
+                allow_plans: Some(["enterprise".to_string()].into()),
+                ..ProfileKeys::default()
+            },
+        ),
+    ]));
+    let mut cfg = PipelineConfig::new("test-worker", profiles);
+    cfg.backoff_base = Duration::from_millis(10);
+    cfg.backoff_max = Duration::from_millis(100);
+    let ports = Ports {
+        source: Arc::new(MemSource(Arc::new(Mutex::new(Some(rx))))),
+        publisher: publisher.clone(),
+        idempotency: idempotency.clone(),
+        keys: Arc::new(TwoKeys),
+        revocations: Arc::new(NoRevocations),
+        assignments: Arc::new(crate::profiles::NoAssignments),
+        entitlement: Arc::new(OnPlan(plan.into())),
+        quota: ledger.clone(),
+        provenance: Arc::new(DisabledProvenance),
+    };
+    let pipeline = Pipeline::start(cfg, ports).await.unwrap();
+    let status = pipeline.status();
+    until("keys loaded", || status.ready().is_ok()).await;
+    Deployment {
+        queue,
+        publisher,
+        idempotency,
+        ledger,
+        pipeline,
+    }
+}
+
+impl Deployment {
+    /// Publishes job `seq` (requestId `r-<seq>`, tenant acme) on `subject` for `profile`.
+    fn submit(&self, seq: u64, subject: &str, profile: &str) {
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&request_body(&format!("r-{seq}"))).unwrap();
+        body["options"] = serde_json::json!({ "profile": profile });
+        self.queue
+            .tx
+            .send(MemDelivery {
+                queue: self.queue.clone(),
+                subject: subject.into(),
+                body: serde_json::to_vec(&body).unwrap(),
+                seq,
+                delivered: 1,
+            })
+            .unwrap();
+    }
+
+    /// The result of `r-<seq>`, once the job is acked.
+    async fn result(&self, seq: u64) -> (String, serde_json::Value) {
+        until("job acked", || acked(&self.queue, seq)).await;
+        let id = format!("r-{seq}");
+        let results: Vec<OutMessage> = self
+            .publisher
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                m.subject.starts_with("sign.") && m.header("Signer-Request-Id") == Some(&id)
+            })
+            .cloned()
+            .collect();
+        assert_eq!(results.len(), 1, "one result for {id}");
+        let body = serde_json::from_slice(&results[0].body).unwrap();
+        (results[0].subject.clone(), body)
+    }
+
+    /// The audit events of `r-<seq>`.
+    fn audit(&self, seq: u64) -> Vec<serde_json::Value> {
+        let id = format!("r-{seq}");
+        self.publisher
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.subject.starts_with("signer.audit."))
+            .flat_map(
+                |m| match serde_json::from_slice::<serde_json::Value>(&m.body).unwrap() {
+                    serde_json::Value::Array(events) => events,
+                    event => vec![event],
+                },
+            )
+            .filter(|e| e["requestId"] == id.as_str())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_the_plan_may_not_use_is_refused_audited_and_not_charged() {
+    let d = start_profiles("team").await;
+    d.submit(1, "sign.requests", "multi");
+    let (subject, body) = d.result(1).await;
+    assert_eq!(subject, "sign.failed", "{body}");
+    assert_eq!(body["error"]["code"], "entitlement_denied", "{body}");
+    assert_eq!(body["error"]["retryable"], false);
+    assert_eq!(
+        body["error"]["message"],
+        "signing profile \"multi\" is not available on plan \"team\"",
+    );
+    let events = d.audit(1);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(
+        (&e["decision"], &e["errorCode"], &e["poe"]["plan"]),
+        (
+            &serde_json::json!("denied"),
+            &serde_json::json!("entitlement_denied"),
+            &serde_json::json!("team")
+        )
+    );
+    assert_eq!(e["quota"]["outcome"], "not_checked");
+    assert_eq!(e["auth"]["state"], "valid", "decided after authentication");
+    assert!(e.get("keys").is_none(), "nothing signed: {e}");
+    // not charged, and the requestId was not claimed (no idempotency record)
+    assert!(d.ledger.0.lock().unwrap().is_empty());
+    assert!(d.idempotency.0.lock().unwrap().is_empty());
+
+    // the open profile is still the tenant's: charged one unit
+    d.submit(2, "sign.requests", "default");
+    let (subject, body) = d.result(2).await;
+    assert_eq!(subject, "sign.completed", "{body}");
+    assert_eq!(
+        *d.ledger.0.lock().unwrap(),
+        vec![("acme".to_string(), "team".to_string(), 1)]
+    );
+    assert_eq!(d.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_key_profile_is_charged_two_units() {
+    let d = start_profiles("enterprise").await;
+    d.submit(1, "sign.requests", "multi");
+    let (subject, body) = d.result(1).await;
+    assert_eq!(subject, "sign.completed", "{body}");
+    assert_eq!(body["envelope"]["signatures"].as_array().unwrap().len(), 2);
+    d.submit(2, "sign.requests", "default");
+    assert_eq!(d.result(2).await.0, "sign.completed");
+    assert_eq!(
+        *d.ledger.0.lock().unwrap(),
+        vec![
+            ("acme".to_string(), "enterprise".to_string(), 2),
+            ("acme".to_string(), "enterprise".to_string(), 1)
+        ]
+    );
+    assert_eq!(d.audit(1)[0]["quota"]["outcome"], "allowed");
+    assert_eq!(d.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subject_under_a_tenant_binds_the_job_to_it() {
+    let d = start_profiles("team").await;
+    // the body names acme
+    d.submit(1, "sign.requests.globex.x", "default");
+    d.submit(2, "sign.requests.globex", "default");
+    d.submit(3, "sign.requests.acme.x.y", "default");
+    d.submit(4, "sign.requests", "default");
+    d.submit(5, "other.sign.requests.acme", "default");
+    for seq in [1, 2, 5] {
+        let (subject, body) = d.result(seq).await;
+        assert_eq!(subject, "sign.failed", "{body}");
+        assert_eq!(body["error"]["code"], "tenant_mismatch", "{body}");
+        let events = d.audit(seq);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["errorCode"], "tenant_mismatch");
+    }
+    assert_eq!(
+        d.result(1).await.1["error"]["message"],
+        "subject names tenant \"globex\", body names \"acme\""
+    );
+    for seq in [3, 4] {
+        assert_eq!(d.result(seq).await.0, "sign.completed");
+    }
+    // refused before anything was charged
+    assert_eq!(d.ledger.0.lock().unwrap().len(), 2);
+    assert_eq!(d.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
