@@ -3,6 +3,7 @@
 pub mod certified;
 pub mod factory;
 pub mod file;
+pub mod fulcio_trust;
 pub mod keyless;
 pub mod pin;
 pub mod pkcs11;
