@@ -17,11 +17,13 @@ use common::{run, verify_bundle_peer, verify_dsse_peer, write_json};
 const ISSUER: &str = "https://token.actions.example.com";
 const SUBJECT: &str = "https://ci.example.com/acme/scanner/.ci/release.yml@refs/heads/main";
 
-fn keyless_key(name: &str, fulcio: &str, token: &Path, extra: &str) -> String {
+/// A `fulcio` key for Fulcio at `fulcio`, whose certificates must chain to `roots`.
+fn keyless_key(name: &str, fulcio: &str, token: &Path, roots: &Path, extra: &str) -> String {
     format!(
         "[[keys]]\nname = \"{name}\"\nsource = \"fulcio\"\nfulcio_url = \"{fulcio}\"\n\
-         identity_token_file = \"{}\"\n{extra}\n",
-        token.display()
+         identity_token_file = \"{}\"\nfulcio_roots = \"{}\"\n{extra}\n",
+        token.display(),
+        roots.display()
     )
 }
 
@@ -128,6 +130,7 @@ async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many
             "keyless",
             &mock.url(),
             &token,
+            &mock.trusted_root(),
             &format!("tsa_url = \"{}\"", mock.tsa_url())
         ),
     );
@@ -235,6 +238,7 @@ async fn a_certificate_near_its_end_is_replaced_for_the_token_the_file_holds_now
             "keyless",
             &mock.url(),
             &token,
+            &mock.trusted_root(),
             &format!("tsa_url = \"{}\"\nrenew_before = \"10m\"", mock.tsa_url())
         ),
     );
@@ -289,9 +293,17 @@ async fn an_unreachable_fulcio_fails_jobs_as_retryable_key_unavailable() {
     write_identity_token(&token, ISSUER, SUBJECT);
     // nothing listens there
     let closed = format!("http://127.0.0.1:{}", common::registry::free_port());
+    // any valid roots file: Fulcio never answers
+    let mock = MockSigstore::start();
     let extra = format!(
         "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key("keyless", &closed, &token, "http_timeout = \"2s\"")
+        keyless_key(
+            "keyless",
+            &closed,
+            &token,
+            &mock.trusted_root(),
+            "http_timeout = \"2s\""
+        )
     );
     let mut stack = Stack::new("kldown", &extra);
     stack.spawn_worker();
@@ -332,9 +344,10 @@ async fn a_fulcio_outage_at_renewal_keeps_signing_with_the_current_certificate()
         // due for renewal at every signature
         renew_before: Duration::from_secs(600),
         timeout: Duration::from_secs(2),
+        fulcio_roots: mock.trusted_root(),
     };
     use signer_actors::keys::KeySigner as _;
-    let key = stella_signer::keys::keyless::KeylessKey::open("kl", settings)
+    let key = stella_signer::keys::keyless::KeylessKey::open("kl", settings, None)
         .await
         .unwrap();
     let first = key.sign(b"one").await.unwrap();
