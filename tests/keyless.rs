@@ -365,3 +365,223 @@ async fn a_fulcio_outage_at_renewal_keeps_signing_with_the_current_certificate()
         first.identity.certificate_chain
     );
 }
+
+/// `stella-signer ARGS --config` of `stack`: exit code and output.
+fn signer(stack: &Stack, args: &[&str]) -> (i32, String) {
+    let mut cmd = common::signer();
+    cmd.args(args).arg("--config").arg(&stack.config);
+    run(cmd)
+}
+
+/// `keys list --json`.
+fn keys_list(stack: &Stack) -> Vec<serde_json::Value> {
+    let (code, list) = signer(stack, &["keys", "list", "--json"]);
+    assert_eq!(code, 0, "{list}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap_or_else(|e| panic!("{e}: {list}"))
+}
+
+fn listed<'a>(keys: &'a [serde_json::Value], keyid: &str) -> &'a serde_json::Value {
+    keys.iter()
+        .find(|k| k["keyid"] == keyid)
+        .unwrap_or_else(|| panic!("{keyid} is not listed: {keys:#?}"))
+}
+
+/// Publishes one job and waits for its result (the `n`th result of the stack).
+async fn sign_one(
+    stack: &Stack,
+    js: &async_nats::jetstream::Context,
+    id: &str,
+    n: usize,
+) -> ResultMsg {
+    publish_jobs(stack, js, &[(id, "keyless")]).await;
+    let results = stack
+        .results(js, n, Duration::from_secs(30), Duration::ZERO)
+        .await;
+    results
+        .into_iter()
+        .find(|r| r.header("Signer-Request-Id") == Some(id))
+        .unwrap_or_else(|| panic!("no result for {id}: {}", stack.log(0)))
+}
+
+/// Fulcio answers, but with certificates of another CA than the configured root: the key is
+/// not loaded, jobs fail as retryable `key_unavailable` and nothing is signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_chain_to_the_configured_root_is_not_used() {
+    let fulcio = MockSigstore::start();
+    let other = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key("keyless", &fulcio.url(), &token, &other.trusted_root(), "")
+    );
+    let mut stack = Stack::new("klroot", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(
+        0,
+        &["key not loaded", "keyless", "fails the fulcio_roots check"],
+        Duration::from_secs(20),
+    );
+    assert!(
+        fulcio.certificates_issued() >= 1,
+        "Fulcio did answer: {}",
+        fulcio.log()
+    );
+    publish_jobs(
+        &stack,
+        &js,
+        &[("untrusted-1", "keyless"), ("file-1", "default")],
+    )
+    .await;
+    let results = stack
+        .results(&js, 2, Duration::from_secs(30), Duration::from_millis(300))
+        .await;
+    assert_eq!(results.len(), 2, "{}", stack.log(0));
+    let refused = result_for(&results, "untrusted-1");
+    assert!(!refused.completed(), "signed with an untrusted certificate");
+    assert_eq!(refused.code(), "key_unavailable", "{:#}", refused.body);
+    assert_eq!(
+        refused.body["error"]["retryable"], true,
+        "{:#}",
+        refused.body
+    );
+    assert!(result_for(&results, "file-1").completed());
+    // the refused certificates are not listed as keys either
+    assert!(
+        keys_list(&stack).iter().all(|k| k["source"] != "fulcio"),
+        "an unused certificate was recorded"
+    );
+    assert!(
+        stack
+            .log(0)
+            .contains("does not lead to a configured Fulcio root")
+            || stack.log(0).contains("not a configured Fulcio root"),
+        "{}",
+        stack.log(0)
+    );
+    stack.cleanup(&js).await;
+}
+
+/// Every certificate the key obtains is listed; revoking the one in use makes the key get a
+/// new one for the next job; revoking the identity makes it refuse (`key_revoked`) without
+/// asking Fulcio again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity() {
+    let mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key(
+            "keyless",
+            &mock.url(),
+            &token,
+            &mock.trusted_root(),
+            &format!("tsa_url = \"{}\"", mock.tsa_url())
+        ),
+    );
+    let mut stack = Stack::new("klrevoke", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["keyless certificate issued"], Duration::from_secs(20));
+    let out = tempfile::tempdir().unwrap();
+
+    let first = sign_one(&stack, &js, "rk-1", 1).await;
+    assert!(first.completed(), "{:#}\n{}", first.body, stack.log(0));
+    let leaf1 = verify_keyless(&mock, out.path(), &first, 0, SUBJECT);
+    let keyid1 = first.body["signers"][0]["keyid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // listed: the ephemeral keyid, the certificate, its identity and validity
+    let keys = keys_list(&stack);
+    let entry = listed(&keys, &keyid1);
+    assert_eq!(entry["source"], "fulcio", "{entry:#}");
+    assert_eq!(entry["name"], "keyless");
+    assert_eq!(entry["status"], "active", "{entry:#}");
+    assert_eq!(entry["certificateChain"][0], leaf1.as_str());
+    let cert = &entry["certificate"];
+    assert_eq!(cert["san"], SUBJECT, "{entry:#}");
+    assert_eq!(cert["issuer"], ISSUER, "{entry:#}");
+    let der = pem::parse(&leaf1).unwrap().into_contents();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der));
+    assert_eq!(cert["sha256"], sha.as_str(), "{entry:#}");
+    assert_eq!(entry["validFrom"], cert["notBefore"]);
+    assert_eq!(entry["validUntil"], cert["notAfter"]);
+
+    // revoke the certificate in use, by its SHA-256: the next job gets a new one
+    let (code, text) = signer(
+        &stack,
+        &["keys", "revoke", &sha, "--reason", "certificate leaked"],
+    );
+    assert_eq!(code, 0, "{text}");
+    stack.wait_log(0, &["key revoked", &keyid1], Duration::from_secs(20));
+    let second = sign_one(&stack, &js, "rk-2", 2).await;
+    assert!(second.completed(), "{:#}\n{}", second.body, stack.log(0));
+    let leaf2 = verify_keyless(&mock, out.path(), &second, 0, SUBJECT);
+    let keyid2 = second.body["signers"][0]["keyid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(keyid2, keyid1, "a new ephemeral key");
+    assert_ne!(leaf2, leaf1, "a new certificate");
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    let keys = keys_list(&stack);
+    let revoked = listed(&keys, &keyid1);
+    assert_eq!(revoked["status"], "revoked", "{revoked:#}");
+    assert_eq!(revoked["revocationReason"], "certificate leaked");
+    assert_eq!(listed(&keys, &keyid2)["status"], "active");
+
+    // revoke the identity: the key refuses while it is revoked, and asks Fulcio for nothing
+    let (code, text) = signer(&stack, &["keys", "revoke", "--issuer", ISSUER]);
+    assert_ne!(code, 0, "--issuer needs --san: {text}");
+    let (code, text) = signer(
+        &stack,
+        &[
+            "keys",
+            "revoke",
+            "--issuer",
+            ISSUER,
+            "--san",
+            SUBJECT,
+            "--reason",
+            "workflow compromised",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    stack.wait_log(
+        0,
+        &["keyless identity revoked", SUBJECT],
+        Duration::from_secs(20),
+    );
+    for i in 3..6 {
+        let r = sign_one(&stack, &js, &format!("rk-{i}"), i).await;
+        assert!(!r.completed(), "a revoked identity signed: {:#}", r.body);
+        assert_eq!(r.code(), "key_revoked", "{:#}", r.body);
+        assert_eq!(r.body["error"]["retryable"], false, "{:#}", r.body);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(SUBJECT)),
+            "{:#}",
+            r.body
+        );
+    }
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    let keys = keys_list(&stack);
+    let entry = listed(&keys, &keyid2);
+    assert_eq!(entry["status"], "revoked", "{entry:#}");
+    assert!(
+        entry["revocationReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("workflow compromised")),
+        "{entry:#}"
+    );
+    stack.cleanup(&js).await;
+}
