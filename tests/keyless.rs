@@ -585,3 +585,106 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
     );
     stack.cleanup(&js).await;
 }
+
+/// A ledger in memory: what `serve`'s key bucket answers, set by the test.
+#[derive(Default)]
+struct TestLedger {
+    recorded: std::sync::Mutex<Vec<(String, String)>>,
+    revoked_keyids: std::sync::Mutex<Vec<String>>,
+    revoked_identity: std::sync::Mutex<Option<(String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl stella_signer::keys::keyless::KeylessLedger for TestLedger {
+    async fn record_certificate(
+        &self,
+        _name: &str,
+        identity: &signer_actors::keys::SignerIdentity,
+        leaf: &stella_signer::keys::fulcio_trust::VerifiedLeaf,
+    ) {
+        self.recorded
+            .lock()
+            .unwrap()
+            .push((identity.keyid.clone(), leaf.san.clone()));
+    }
+
+    fn certificate_revoked(&self, keyid: &str) -> Option<String> {
+        let revoked = self.revoked_keyids.lock().unwrap();
+        revoked.iter().any(|k| k == keyid).then(|| "test".into())
+    }
+
+    fn identity_revoked(&self, issuer: &str, san: &str) -> Option<String> {
+        let revoked = self.revoked_identity.lock().unwrap();
+        (revoked.as_ref() == Some(&(issuer.to_string(), san.to_string()))).then(|| "test".into())
+    }
+}
+
+/// A revoked certificate is never used again, not even while Fulcio is down (unlike a
+/// certificate merely due for renewal); a revoked identity refuses without calling Fulcio.
+#[tokio::test]
+async fn a_revoked_certificate_is_never_used_again_even_when_fulcio_is_down() {
+    use signer_actors::keys::{KeyError, KeySigner as _};
+    let mut mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let settings = stella_signer::keys::keyless::KeylessSettings {
+        fulcio_url: mock.url(),
+        identity_token_file: token,
+        tsa_url: None,
+        renew_before: Duration::from_secs(60),
+        timeout: Duration::from_secs(2),
+        fulcio_roots: mock.trusted_root(),
+    };
+    let ledger = std::sync::Arc::new(TestLedger::default());
+    let key = stella_signer::keys::keyless::KeylessKey::open(
+        "kl",
+        settings.clone(),
+        Some(ledger.clone()),
+    )
+    .await
+    .unwrap();
+    let first = key.sign(b"one").await.unwrap();
+    assert_eq!(
+        *ledger.recorded.lock().unwrap(),
+        [(first.identity.keyid.clone(), SUBJECT.to_string())],
+        "the certificate is recorded with its identity"
+    );
+
+    // revoked: the next signature is under a new certificate, which is recorded too
+    ledger
+        .revoked_keyids
+        .lock()
+        .unwrap()
+        .push(first.identity.keyid.clone());
+    let second = key.sign(b"two").await.unwrap();
+    assert_ne!(second.identity.keyid, first.identity.keyid);
+    assert_eq!(ledger.recorded.lock().unwrap().len(), 2);
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+
+    // the identity revoked: refused, and Fulcio is not asked
+    *ledger.revoked_identity.lock().unwrap() = Some((ISSUER.into(), SUBJECT.into()));
+    let err = key.sign(b"three").await.err().unwrap();
+    assert!(matches!(err, KeyError::Revoked(_)), "{err:?}");
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    *ledger.revoked_identity.lock().unwrap() = None;
+    assert!(key.sign(b"four").await.is_ok(), "signs again once lifted");
+
+    // the current certificate revoked while Fulcio is down: unavailable, nothing signed
+    mock.stop();
+    ledger
+        .revoked_keyids
+        .lock()
+        .unwrap()
+        .push(second.identity.keyid.clone());
+    let err = key.sign(b"five").await.err().unwrap();
+    let KeyError::Unavailable(message) = &err else {
+        panic!("expected Unavailable, got {err:?}")
+    };
+    assert!(message.contains("is revoked"), "{message}");
+    // and it stays so: the revoked certificate is not kept for later either
+    assert!(matches!(
+        key.sign(b"six").await,
+        Err(KeyError::Unavailable(_))
+    ));
+}

@@ -849,3 +849,83 @@ impl RevocationList for KeyState {
             .cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(not_after: &str) -> CertificateRecord {
+        CertificateRecord {
+            sha256: "ab".repeat(32),
+            issuer: "https://issuer".into(),
+            san: "https://ci/release".into(),
+            not_before: "2026-01-01T00:00:00Z".into(),
+            not_after: not_after.into(),
+        }
+    }
+
+    fn entry(
+        c: &CertificateRecord,
+        revoked: Option<&Revocation>,
+        identity: Option<&IdentityRevocation>,
+        rotated_out: bool,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        keyless_entry(&mut v, c, revoked, identity, rotated_out);
+        v
+    }
+
+    #[test]
+    fn keyless_certificates_are_listed_with_their_validity_and_revocations() {
+        let live = certificate("2999-01-01T00:00:00Z");
+        let v = entry(&live, None, None, false);
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["validFrom"], "2026-01-01T00:00:00Z");
+        assert_eq!(v["validUntil"], "2999-01-01T00:00:00Z");
+        assert_eq!(entry(&live, None, None, true)["status"], "retired");
+        let gone = certificate("2026-01-01T00:10:00Z");
+        assert_eq!(entry(&gone, None, None, false)["status"], "expired");
+
+        let revocation = Revocation {
+            keyid: "k".into(),
+            reason: "leaked".into(),
+            revoked_at: "2026-06-01T00:00:00.000Z".into(),
+            certificate_sha256: Some(live.sha256.clone()),
+        };
+        let v = entry(&live, Some(&revocation), None, false);
+        assert_eq!(v["status"], "revoked");
+        assert_eq!(v["validUntil"], "2026-06-01T00:00:00.000Z");
+        assert_eq!(v["revocationReason"], "leaked");
+        // revoked after it expired: valid until its notAfter
+        assert_eq!(
+            entry(&gone, Some(&revocation), None, false)["validUntil"],
+            "2026-01-01T00:10:00Z"
+        );
+        let identity = IdentityRevocation {
+            issuer: live.issuer.clone(),
+            san: live.san.clone(),
+            reason: "workflow compromised".into(),
+            revoked_at: "2026-06-01T00:00:00.000Z".into(),
+        };
+        let v = entry(&live, None, Some(&identity), false);
+        assert_eq!(v["status"], "revoked");
+        assert_eq!(
+            v["revocationReason"],
+            "identity revoked: workflow compromised"
+        );
+    }
+
+    #[test]
+    fn identity_entries_are_valid_bucket_keys_distinct_per_identity() {
+        let a = identity_key("https://issuer", "https://ci/a");
+        assert!(a.starts_with(IDENTITY_REVOKED) && a.len() == IDENTITY_REVOKED.len() + 32);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        );
+        assert_ne!(a, identity_key("https://issuer", "https://ci/b"));
+        // the pair is hashed as a pair: no ambiguity from concatenation
+        assert_ne!(identity_key("ab", "c"), identity_key("a", "bc"));
+        assert!(!a.starts_with("revoked."), "not read as a key revocation");
+    }
+}
