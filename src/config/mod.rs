@@ -512,14 +512,17 @@ impl Config {
                         &format!("key {name:?}: fulcio_url"),
                     )?;
                     // Mandatory: without a root the signer would sign with whatever
-                    // certificate the network answered with.
-                    if key.fulcio_roots.is_none() {
+                    // certificate the network answered with. Read now so a wrong path or
+                    // file stops startup (the key reads it again whenever it loads).
+                    let Some(roots) = &key.fulcio_roots else {
                         return invalid(format!(
                             "key {name:?}: source \"fulcio\" needs fulcio_roots, the Fulcio \
                              trusted_root.json (or a PEM bundle of its roots) its certificates \
                              must chain to"
                         ));
-                    }
+                    };
+                    crate::keys::fulcio_trust::FulcioTrust::load(roots)
+                        .map_err(|e| ConfigError::Invalid(format!("key {name:?}: {e}")))?;
                     if let Some(tsa) = &key.tsa_url {
                         check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
                     }
@@ -741,6 +744,8 @@ mod profile_and_keyless_tests {
     use super::*;
     use signer_actors::profiles::{NoAssignments, Scope};
 
+    /// A configuration with a file key `k` and `extra`, where `@ROOTS@` is the path of a
+    /// PEM file holding a (generated) Fulcio root.
     fn with(extra: &str) -> Result<Config, String> {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::keys::file::FileKey::generate(
@@ -749,6 +754,9 @@ mod profile_and_keyless_tests {
             "k",
         )
         .unwrap();
+        let roots = dir.path().join("fulcio.pem");
+        std::fs::write(&roots, crate::keys::fulcio_trust::test_root_pem()).unwrap();
+        let extra = extra.replace("@ROOTS@", &roots.display().to_string());
         let text = format!(
             "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"{}\"\n\n{extra}",
             key.private_key.display()
@@ -762,7 +770,7 @@ mod profile_and_keyless_tests {
     fn profiles_refine_per_tenant_and_plan() {
         let cfg = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
-             fulcio_roots = \"/trusted_root.json\"\n\
+             fulcio_roots = \"@ROOTS@\"\n\
              [profiles.default]\nkeys = [\"k\"]\n\
              [profiles.default.tenants]\nacme = [\"kl\"]\n\
              [profiles.default.plans]\nenterprise = [\"kl\", \"k\"]\n"
@@ -790,7 +798,7 @@ mod profile_and_keyless_tests {
     fn keyless_keys_need_fulcio_and_a_token_and_nothing_of_keyful_keys() {
         let ok = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
-             fulcio_roots = \"/trusted_root.json\"\n\
+             fulcio_roots = \"@ROOTS@\"\n\
              tsa_url = \"https://tsa.example/api/v1/timestamp\"\nrenew_before = \"2m\"\n\
              [profiles.default]\nkeys = [\"kl\"]\n"
         ))
@@ -799,7 +807,7 @@ mod profile_and_keyless_tests {
         assert_eq!(settings.renew_before, Duration::from_secs(120));
         assert_eq!(settings.timeout, KEYLESS_HTTP_TIMEOUT);
         assert!(settings.tsa_url.is_some());
-        assert_eq!(settings.fulcio_roots, Path::new("/trusted_root.json"));
+        assert!(settings.fulcio_roots.ends_with("fulcio.pem"));
 
         let err = |k: &str| {
             with(&format!("{FULCIO}{k}[profiles.default]\nkeys = [\"kl\"]\n")).unwrap_err()
@@ -808,7 +816,7 @@ mod profile_and_keyless_tests {
             err("fulcio_url = \"https://f\"\n")
                 .contains("needs fulcio_url and identity_token_file")
         );
-        const ROOTS: &str = "fulcio_roots = \"/r.json\"\n";
+        const ROOTS: &str = "fulcio_roots = \"@ROOTS@\"\n";
         assert!(
             err(&format!(
                 "fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n{ROOTS}"
@@ -819,6 +827,13 @@ mod profile_and_keyless_tests {
             err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n")
                 .contains("needs fulcio_roots"),
             "the Fulcio root is mandatory"
+        );
+        let unreadable = err(
+            "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\nfulcio_roots = \"/nonexistent/r.json\"\n",
+        );
+        assert!(
+            unreadable.contains("fulcio_roots /nonexistent/r.json"),
+            "read at startup: {unreadable}"
         );
         assert!(
             err(&format!(

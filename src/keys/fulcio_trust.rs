@@ -504,6 +504,13 @@ pub fn leaf_issuer(leaf: &Certificate) -> Option<String> {
     String::from_utf8(ext.extn_value.as_bytes().to_vec()).ok()
 }
 
+/// A PEM self-signed P-256 CA certificate, for tests of configurations that need a
+/// `fulcio_roots` file.
+#[cfg(test)]
+pub(crate) fn test_root_pem() -> String {
+    tests::root_pem()
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr as _;
@@ -706,6 +713,18 @@ mod tests {
             ephemeral,
             leaf,
         }
+    }
+
+    pub(super) fn root_pem() -> String {
+        let key = TestKey::new(false);
+        let der = certificate(
+            ROOT,
+            &key.spki(),
+            (ROOT, &key),
+            (-YEAR, YEAR),
+            ca_extensions(true),
+        );
+        pem::encode(&pem::Pem::new("CERTIFICATE", der))
     }
 
     fn verify(
