@@ -17,11 +17,13 @@ use common::{run, verify_bundle_peer, verify_dsse_peer, write_json};
 const ISSUER: &str = "https://token.actions.example.com";
 const SUBJECT: &str = "https://ci.example.com/acme/scanner/.ci/release.yml@refs/heads/main";
 
-fn keyless_key(name: &str, fulcio: &str, token: &Path, extra: &str) -> String {
+/// A `fulcio` key for Fulcio at `fulcio`, whose certificates must chain to `roots`.
+fn keyless_key(name: &str, fulcio: &str, token: &Path, roots: &Path, extra: &str) -> String {
     format!(
         "[[keys]]\nname = \"{name}\"\nsource = \"fulcio\"\nfulcio_url = \"{fulcio}\"\n\
-         identity_token_file = \"{}\"\n{extra}\n",
-        token.display()
+         identity_token_file = \"{}\"\nfulcio_roots = \"{}\"\n{extra}\n",
+        token.display(),
+        roots.display()
     )
 }
 
@@ -128,6 +130,7 @@ async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many
             "keyless",
             &mock.url(),
             &token,
+            &mock.trusted_root(),
             &format!("tsa_url = \"{}\"", mock.tsa_url())
         ),
     );
@@ -235,6 +238,7 @@ async fn a_certificate_near_its_end_is_replaced_for_the_token_the_file_holds_now
             "keyless",
             &mock.url(),
             &token,
+            &mock.trusted_root(),
             &format!("tsa_url = \"{}\"\nrenew_before = \"10m\"", mock.tsa_url())
         ),
     );
@@ -289,9 +293,17 @@ async fn an_unreachable_fulcio_fails_jobs_as_retryable_key_unavailable() {
     write_identity_token(&token, ISSUER, SUBJECT);
     // nothing listens there
     let closed = format!("http://127.0.0.1:{}", common::registry::free_port());
+    // any valid roots file: Fulcio never answers
+    let mock = MockSigstore::start();
     let extra = format!(
         "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key("keyless", &closed, &token, "http_timeout = \"2s\"")
+        keyless_key(
+            "keyless",
+            &closed,
+            &token,
+            &mock.trusted_root(),
+            "http_timeout = \"2s\""
+        )
     );
     let mut stack = Stack::new("kldown", &extra);
     stack.spawn_worker();
@@ -332,9 +344,10 @@ async fn a_fulcio_outage_at_renewal_keeps_signing_with_the_current_certificate()
         // due for renewal at every signature
         renew_before: Duration::from_secs(600),
         timeout: Duration::from_secs(2),
+        fulcio_roots: mock.trusted_root(),
     };
     use signer_actors::keys::KeySigner as _;
-    let key = stella_signer::keys::keyless::KeylessKey::open("kl", settings)
+    let key = stella_signer::keys::keyless::KeylessKey::open("kl", settings, None)
         .await
         .unwrap();
     let first = key.sign(b"one").await.unwrap();
@@ -351,4 +364,327 @@ async fn a_fulcio_outage_at_renewal_keeps_signing_with_the_current_certificate()
         second.identity.certificate_chain,
         first.identity.certificate_chain
     );
+}
+
+/// `stella-signer ARGS --config` of `stack`: exit code and output.
+fn signer(stack: &Stack, args: &[&str]) -> (i32, String) {
+    let mut cmd = common::signer();
+    cmd.args(args).arg("--config").arg(&stack.config);
+    run(cmd)
+}
+
+/// `keys list --json`.
+fn keys_list(stack: &Stack) -> Vec<serde_json::Value> {
+    let (code, list) = signer(stack, &["keys", "list", "--json"]);
+    assert_eq!(code, 0, "{list}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap_or_else(|e| panic!("{e}: {list}"))
+}
+
+fn listed<'a>(keys: &'a [serde_json::Value], keyid: &str) -> &'a serde_json::Value {
+    keys.iter()
+        .find(|k| k["keyid"] == keyid)
+        .unwrap_or_else(|| panic!("{keyid} is not listed: {keys:#?}"))
+}
+
+/// Publishes one job and waits for its result (the `n`th result of the stack).
+async fn sign_one(
+    stack: &Stack,
+    js: &async_nats::jetstream::Context,
+    id: &str,
+    n: usize,
+) -> ResultMsg {
+    publish_jobs(stack, js, &[(id, "keyless")]).await;
+    let results = stack
+        .results(js, n, Duration::from_secs(30), Duration::ZERO)
+        .await;
+    results
+        .into_iter()
+        .find(|r| r.header("Signer-Request-Id") == Some(id))
+        .unwrap_or_else(|| panic!("no result for {id}: {}", stack.log(0)))
+}
+
+/// Fulcio answers, but with certificates of another CA than the configured root: the key is
+/// not loaded, jobs fail as retryable `key_unavailable` and nothing is signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_chain_to_the_configured_root_is_not_used() {
+    let fulcio = MockSigstore::start();
+    let other = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key("keyless", &fulcio.url(), &token, &other.trusted_root(), "")
+    );
+    let mut stack = Stack::new("klroot", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(
+        0,
+        &["key not loaded", "keyless", "fails the fulcio_roots check"],
+        Duration::from_secs(20),
+    );
+    assert!(
+        fulcio.certificates_issued() >= 1,
+        "Fulcio did answer: {}",
+        fulcio.log()
+    );
+    publish_jobs(
+        &stack,
+        &js,
+        &[("untrusted-1", "keyless"), ("file-1", "default")],
+    )
+    .await;
+    let results = stack
+        .results(&js, 2, Duration::from_secs(30), Duration::from_millis(300))
+        .await;
+    assert_eq!(results.len(), 2, "{}", stack.log(0));
+    let refused = result_for(&results, "untrusted-1");
+    assert!(!refused.completed(), "signed with an untrusted certificate");
+    assert_eq!(refused.code(), "key_unavailable", "{:#}", refused.body);
+    assert_eq!(
+        refused.body["error"]["retryable"], true,
+        "{:#}",
+        refused.body
+    );
+    assert!(result_for(&results, "file-1").completed());
+    // the refused certificates are not listed as keys either
+    assert!(
+        keys_list(&stack).iter().all(|k| k["source"] != "fulcio"),
+        "an unused certificate was recorded"
+    );
+    assert!(
+        stack
+            .log(0)
+            .contains("does not lead to a configured Fulcio root")
+            || stack.log(0).contains("not a configured Fulcio root"),
+        "{}",
+        stack.log(0)
+    );
+    stack.cleanup(&js).await;
+}
+
+/// Every certificate the key obtains is listed; revoking the one in use makes the key get a
+/// new one for the next job; revoking the identity makes it refuse (`key_revoked`) without
+/// asking Fulcio again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity() {
+    let mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let extra = format!(
+        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
+        keyless_key(
+            "keyless",
+            &mock.url(),
+            &token,
+            &mock.trusted_root(),
+            &format!("tsa_url = \"{}\"", mock.tsa_url())
+        ),
+    );
+    let mut stack = Stack::new("klrevoke", &extra);
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["keyless certificate issued"], Duration::from_secs(20));
+    let out = tempfile::tempdir().unwrap();
+
+    let first = sign_one(&stack, &js, "rk-1", 1).await;
+    assert!(first.completed(), "{:#}\n{}", first.body, stack.log(0));
+    let leaf1 = verify_keyless(&mock, out.path(), &first, 0, SUBJECT);
+    let keyid1 = first.body["signers"][0]["keyid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // listed: the ephemeral keyid, the certificate, its identity and validity
+    let keys = keys_list(&stack);
+    let entry = listed(&keys, &keyid1);
+    assert_eq!(entry["source"], "fulcio", "{entry:#}");
+    assert_eq!(entry["name"], "keyless");
+    assert_eq!(entry["status"], "active", "{entry:#}");
+    assert_eq!(entry["certificateChain"][0], leaf1.as_str());
+    let cert = &entry["certificate"];
+    assert_eq!(cert["san"], SUBJECT, "{entry:#}");
+    assert_eq!(cert["issuer"], ISSUER, "{entry:#}");
+    let der = pem::parse(&leaf1).unwrap().into_contents();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der));
+    assert_eq!(cert["sha256"], sha.as_str(), "{entry:#}");
+    assert_eq!(entry["validFrom"], cert["notBefore"]);
+    assert_eq!(entry["validUntil"], cert["notAfter"]);
+
+    // revoke the certificate in use, by its SHA-256: the next job gets a new one
+    let (code, text) = signer(
+        &stack,
+        &["keys", "revoke", &sha, "--reason", "certificate leaked"],
+    );
+    assert_eq!(code, 0, "{text}");
+    stack.wait_log(0, &["key revoked", &keyid1], Duration::from_secs(20));
+    let second = sign_one(&stack, &js, "rk-2", 2).await;
+    assert!(second.completed(), "{:#}\n{}", second.body, stack.log(0));
+    let leaf2 = verify_keyless(&mock, out.path(), &second, 0, SUBJECT);
+    let keyid2 = second.body["signers"][0]["keyid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(keyid2, keyid1, "a new ephemeral key");
+    assert_ne!(leaf2, leaf1, "a new certificate");
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    let keys = keys_list(&stack);
+    let revoked = listed(&keys, &keyid1);
+    assert_eq!(revoked["status"], "revoked", "{revoked:#}");
+    assert_eq!(revoked["revocationReason"], "certificate leaked");
+    assert_eq!(listed(&keys, &keyid2)["status"], "active");
+
+    // revoke the identity: the key refuses while it is revoked, and asks Fulcio for nothing
+    let (code, text) = signer(&stack, &["keys", "revoke", "--issuer", ISSUER]);
+    assert_ne!(code, 0, "--issuer needs --san: {text}");
+    let (code, text) = signer(
+        &stack,
+        &[
+            "keys",
+            "revoke",
+            "--issuer",
+            ISSUER,
+            "--san",
+            SUBJECT,
+            "--reason",
+            "workflow compromised",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    stack.wait_log(
+        0,
+        &["keyless identity revoked", SUBJECT],
+        Duration::from_secs(20),
+    );
+    for i in 3..6 {
+        let r = sign_one(&stack, &js, &format!("rk-{i}"), i).await;
+        assert!(!r.completed(), "a revoked identity signed: {:#}", r.body);
+        assert_eq!(r.code(), "key_revoked", "{:#}", r.body);
+        assert_eq!(r.body["error"]["retryable"], false, "{:#}", r.body);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(SUBJECT)),
+            "{:#}",
+            r.body
+        );
+    }
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    let keys = keys_list(&stack);
+    let entry = listed(&keys, &keyid2);
+    assert_eq!(entry["status"], "revoked", "{entry:#}");
+    assert!(
+        entry["revocationReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("workflow compromised")),
+        "{entry:#}"
+    );
+    stack.cleanup(&js).await;
+}
+
+/// A ledger in memory: what `serve`'s key bucket answers, set by the test.
+#[derive(Default)]
+struct TestLedger {
+    recorded: std::sync::Mutex<Vec<(String, String)>>,
+    revoked_keyids: std::sync::Mutex<Vec<String>>,
+    revoked_identity: std::sync::Mutex<Option<(String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl stella_signer::keys::keyless::KeylessLedger for TestLedger {
+    async fn record_certificate(
+        &self,
+        _name: &str,
+        identity: &signer_actors::keys::SignerIdentity,
+        leaf: &stella_signer::keys::fulcio_trust::VerifiedLeaf,
+    ) {
+        self.recorded
+            .lock()
+            .unwrap()
+            .push((identity.keyid.clone(), leaf.san.clone()));
+    }
+
+    fn certificate_revoked(&self, keyid: &str) -> Option<String> {
+        let revoked = self.revoked_keyids.lock().unwrap();
+        revoked.iter().any(|k| k == keyid).then(|| "test".into())
+    }
+
+    fn identity_revoked(&self, issuer: &str, san: &str) -> Option<String> {
+        let revoked = self.revoked_identity.lock().unwrap();
+        (revoked.as_ref() == Some(&(issuer.to_string(), san.to_string()))).then(|| "test".into())
+    }
+}
+
+/// A revoked certificate is never used again, not even while Fulcio is down (unlike a
+/// certificate merely due for renewal); a revoked identity refuses without calling Fulcio.
+#[tokio::test]
+async fn a_revoked_certificate_is_never_used_again_even_when_fulcio_is_down() {
+    use signer_actors::keys::{KeyError, KeySigner as _};
+    let mut mock = MockSigstore::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token = secrets.path().join("token");
+    write_identity_token(&token, ISSUER, SUBJECT);
+    let settings = stella_signer::keys::keyless::KeylessSettings {
+        fulcio_url: mock.url(),
+        identity_token_file: token,
+        tsa_url: None,
+        renew_before: Duration::from_secs(60),
+        timeout: Duration::from_secs(2),
+        fulcio_roots: mock.trusted_root(),
+    };
+    let ledger = std::sync::Arc::new(TestLedger::default());
+    let key = stella_signer::keys::keyless::KeylessKey::open(
+        "kl",
+        settings.clone(),
+        Some(ledger.clone()),
+    )
+    .await
+    .unwrap();
+    let first = key.sign(b"one").await.unwrap();
+    assert_eq!(
+        *ledger.recorded.lock().unwrap(),
+        [(first.identity.keyid.clone(), SUBJECT.to_string())],
+        "the certificate is recorded with its identity"
+    );
+
+    // revoked: the next signature is under a new certificate, which is recorded too
+    ledger
+        .revoked_keyids
+        .lock()
+        .unwrap()
+        .push(first.identity.keyid.clone());
+    let second = key.sign(b"two").await.unwrap();
+    assert_ne!(second.identity.keyid, first.identity.keyid);
+    assert_eq!(ledger.recorded.lock().unwrap().len(), 2);
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+
+    // the identity revoked: refused, and Fulcio is not asked
+    *ledger.revoked_identity.lock().unwrap() = Some((ISSUER.into(), SUBJECT.into()));
+    let err = key.sign(b"three").await.err().unwrap();
+    assert!(matches!(err, KeyError::Revoked(_)), "{err:?}");
+    assert_eq!(mock.certificates_issued(), 2, "{}", mock.log());
+    *ledger.revoked_identity.lock().unwrap() = None;
+    assert!(key.sign(b"four").await.is_ok(), "signs again once lifted");
+
+    // the current certificate revoked while Fulcio is down: unavailable, nothing signed
+    mock.stop();
+    ledger
+        .revoked_keyids
+        .lock()
+        .unwrap()
+        .push(second.identity.keyid.clone());
+    let err = key.sign(b"five").await.err().unwrap();
+    let KeyError::Unavailable(message) = &err else {
+        panic!("expected Unavailable, got {err:?}")
+    };
+    assert!(message.contains("is revoked"), "{message}");
+    // and it stays so: the revoked certificate is not kept for later either
+    assert!(matches!(
+        key.sign(b"six").await,
+        Err(KeyError::Unavailable(_))
+    ));
 }

@@ -96,6 +96,8 @@ struct MockSigstore {
     port: u16,
     _dir: tempfile::TempDir,
     token_file: PathBuf,
+    /// The peer's `trusted_root.json` (written before it listens): the key's `fulcio_roots`.
+    trusted_root: PathBuf,
 }
 
 impl Drop for MockSigstore {
@@ -124,9 +126,12 @@ async fn start_mock_sigstore() -> Result<MockSigstore, String> {
         .map_err(|e| e.to_string())?
         .port();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let trusted_root = dir.path().join("trusted_root.json");
     let child = Command::new("node")
         .arg(&script)
         .args(["--port", &port.to_string()])
+        .arg("--trusted-root-out")
+        .arg(&trusted_root)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -138,6 +143,7 @@ async fn start_mock_sigstore() -> Result<MockSigstore, String> {
         port,
         _dir: dir,
         token_file,
+        trusted_root,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -400,8 +406,9 @@ async fn keyless_key(mock: &MockSigstore, tsa: bool) -> Result<Arc<dyn KeySigner
         identity_token_file: mock.token_file.clone(),
         renew_before: Duration::from_secs(60),
         timeout: Duration::from_secs(10),
+        fulcio_roots: mock.trusted_root.clone(),
     };
-    KeylessKey::open("bench-keyless", settings)
+    KeylessKey::open("bench-keyless", settings, None)
         .await
         .map(|k| Arc::new(k) as Arc<dyn KeySigner>)
         .map_err(|e| e.to_string())

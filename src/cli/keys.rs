@@ -54,9 +54,20 @@ pub enum KeysCommand {
         out: Option<PathBuf>,
     },
     /// Revoke a key on every replica: from now on it signs nothing (jobs get key_revoked).
+    /// A keyless certificate (by its keyid or certificate SHA-256, see `keys list`) is
+    /// dropped and replaced with a new one; a keyless identity (`--issuer` and `--san`)
+    /// makes the keys certified for it refuse to sign while it is revoked.
     Revoke {
-        /// The keyid (lowercase hex SHA-256 of the key's SubjectPublicKeyInfo).
-        keyid: String,
+        /// The keyid (lowercase hex SHA-256 of the key's SubjectPublicKeyInfo), or the
+        /// SHA-256 of a keyless certificate.
+        #[arg(required_unless_present = "san", conflicts_with_all = ["issuer", "san"])]
+        keyid: Option<String>,
+        /// With --san: the OIDC issuer of the keyless identity to revoke.
+        #[arg(long, requires = "san")]
+        issuer: Option<String>,
+        /// With --issuer: the identity (certificate SAN) to revoke.
+        #[arg(long, requires = "issuer")]
+        san: Option<String>,
         /// Why (recorded with the revocation).
         #[arg(long, default_value = "")]
         reason: String,
@@ -233,15 +244,37 @@ impl KeysCommand {
             }
             KeysCommand::Revoke {
                 keyid,
+                issuer,
+                san,
                 reason,
                 nats,
             } => super::nats_client::runtime()?.block_on(async {
                 let state = key_state(&nats).await?;
-                state
-                    .revoke(&keyid, &reason)
-                    .await
-                    .map_err(CliError::Unusable)?;
-                println!("revoked {keyid}");
+                match (keyid, issuer, san) {
+                    (Some(keyid), _, _) => {
+                        state
+                            .revoke(&keyid, &reason)
+                            .await
+                            .map_err(CliError::Unusable)?;
+                        println!("revoked {keyid}");
+                    }
+                    (None, Some(issuer), Some(san)) => {
+                        use crate::jetstream::key_state::RevokeError;
+                        let r = state
+                            .revoke_identity(&issuer, &san, &reason)
+                            .await
+                            .map_err(|e| match e {
+                                RevokeError::Invalid(m) => CliError::Invalid(m),
+                                RevokeError::Bucket(m) => CliError::Unusable(m),
+                            })?;
+                        println!("revoked the identity {} of {}", r.san, r.issuer);
+                    }
+                    _ => {
+                        return Err(CliError::Invalid(
+                            "name a keyid, a certificate SHA-256, or --issuer and --san".into(),
+                        ));
+                    }
+                }
                 Ok(())
             }),
             KeysCommand::Rotate {

@@ -287,6 +287,10 @@ pub struct KeyConfig {
     /// `fulcio`: timeout of each Fulcio and TSA request (default 10s).
     #[serde(default, with = "duration::option")]
     pub http_timeout: Option<Duration>,
+    /// `fulcio` (required): the Fulcio roots every certificate must chain to, a Sigstore
+    /// `trusted_root.json` (its `certificateAuthorities`) or a PEM bundle of root and
+    /// intermediate certificates. A certificate that does not chain to them is not used.
+    pub fulcio_roots: Option<PathBuf>,
 }
 
 /// Default of a `fulcio` key's `renew_before`.
@@ -317,14 +321,16 @@ impl KeyConfig {
             tsa_url: None,
             renew_before: None,
             http_timeout: None,
+            fulcio_roots: None,
         }
     }
 
-    /// The settings of a `fulcio` key (validated: both required fields are present).
+    /// The settings of a `fulcio` key (validated: the required fields are present).
     pub fn keyless(&self) -> Option<crate::keys::keyless::KeylessSettings> {
         Some(crate::keys::keyless::KeylessSettings {
             fulcio_url: self.fulcio_url.clone()?,
             identity_token_file: self.identity_token_file.clone()?,
+            fulcio_roots: self.fulcio_roots.clone()?,
             tsa_url: self.tsa_url.clone(),
             renew_before: self.renew_before.unwrap_or(KEYLESS_RENEW_BEFORE),
             timeout: self.http_timeout.unwrap_or(KEYLESS_HTTP_TIMEOUT),
@@ -513,6 +519,18 @@ impl Config {
                         &["http", "https"],
                         &format!("key {name:?}: fulcio_url"),
                     )?;
+                    // Mandatory: without a root the signer would sign with whatever
+                    // certificate the network answered with. Read now so a wrong path or
+                    // file stops startup (the key reads it again whenever it loads).
+                    let Some(roots) = &key.fulcio_roots else {
+                        return invalid(format!(
+                            "key {name:?}: source \"fulcio\" needs fulcio_roots, the Fulcio \
+                             trusted_root.json (or a PEM bundle of its roots) its certificates \
+                             must chain to"
+                        ));
+                    };
+                    crate::keys::fulcio_trust::FulcioTrust::load(roots)
+                        .map_err(|e| ConfigError::Invalid(format!("key {name:?}: {e}")))?;
                     if let Some(tsa) = &key.tsa_url {
                         check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
                     }
@@ -533,11 +551,12 @@ impl Config {
                 || key.identity_token_file.is_some()
                 || key.tsa_url.is_some()
                 || key.renew_before.is_some()
-                || key.http_timeout.is_some();
+                || key.http_timeout.is_some()
+                || key.fulcio_roots.is_some();
             if keyless_only && key.source != KeySourceConfig::Fulcio {
                 return invalid(format!(
-                    "key {:?}: fulcio_url, identity_token_file, tsa_url, renew_before and \
-                     http_timeout belong to source \"fulcio\"",
+                    "key {:?}: fulcio_url, identity_token_file, fulcio_roots, tsa_url, \
+                     renew_before and http_timeout belong to source \"fulcio\"",
                     key.name
                 ));
             }
@@ -786,6 +805,8 @@ mod profile_and_keyless_tests {
     use super::*;
     use signer_actors::profiles::{NoAssignments, Scope};
 
+    /// A configuration with a file key `k` and `extra`, where `@ROOTS@` is the path of a
+    /// PEM file holding a (generated) Fulcio root.
     fn with(extra: &str) -> Result<Config, String> {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::keys::file::FileKey::generate(
@@ -794,6 +815,9 @@ mod profile_and_keyless_tests {
             "k",
         )
         .unwrap();
+        let roots = dir.path().join("fulcio.pem");
+        std::fs::write(&roots, crate::keys::fulcio_trust::test_root_pem()).unwrap();
+        let extra = extra.replace("@ROOTS@", &roots.display().to_string());
         let text = format!(
             "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"{}\"\n\n{extra}",
             key.private_key.display()
@@ -807,6 +831,7 @@ mod profile_and_keyless_tests {
     fn profiles_refine_per_tenant_and_plan() {
         let cfg = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
+             fulcio_roots = \"@ROOTS@\"\n\
              [profiles.default]\nkeys = [\"k\"]\n\
              [profiles.default.tenants]\nacme = [\"kl\"]\n\
              [profiles.default.plans]\nenterprise = [\"kl\", \"k\"]\n"
@@ -905,6 +930,7 @@ mod profile_and_keyless_tests {
     fn keyless_keys_need_fulcio_and_a_token_and_nothing_of_keyful_keys() {
         let ok = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
+             fulcio_roots = \"@ROOTS@\"\n\
              tsa_url = \"https://tsa.example/api/v1/timestamp\"\nrenew_before = \"2m\"\n\
              [profiles.default]\nkeys = [\"kl\"]\n"
         ))
@@ -913,6 +939,7 @@ mod profile_and_keyless_tests {
         assert_eq!(settings.renew_before, Duration::from_secs(120));
         assert_eq!(settings.timeout, KEYLESS_HTTP_TIMEOUT);
         assert!(settings.tsa_url.is_some());
+        assert!(settings.fulcio_roots.ends_with("fulcio.pem"));
 
         let err = |k: &str| {
             with(&format!("{FULCIO}{k}[profiles.default]\nkeys = [\"kl\"]\n")).unwrap_err()
@@ -921,16 +948,36 @@ mod profile_and_keyless_tests {
             err("fulcio_url = \"https://f\"\n")
                 .contains("needs fulcio_url and identity_token_file")
         );
+        const ROOTS: &str = "fulcio_roots = \"@ROOTS@\"\n";
         assert!(
-            err("fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n").contains("fulcio_url")
+            err(&format!(
+                "fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n{ROOTS}"
+            ))
+            .contains("fulcio_url")
         );
         assert!(
-            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\ntsa_url = \"x\"\n")
-                .contains("tsa_url")
+            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n")
+                .contains("needs fulcio_roots"),
+            "the Fulcio root is mandatory"
+        );
+        let unreadable = err(
+            "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\nfulcio_roots = \"/nonexistent/r.json\"\n",
         );
         assert!(
-            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\npin_env = \"P\"\n")
-                .contains("Fulcio issues the certificate")
+            unreadable.contains("fulcio_roots /nonexistent/r.json"),
+            "read at startup: {unreadable}"
+        );
+        assert!(
+            err(&format!(
+                "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}tsa_url = \"x\"\n"
+            ))
+            .contains("tsa_url")
+        );
+        assert!(
+            err(&format!(
+                "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}pin_env = \"P\"\n"
+            ))
+            .contains("Fulcio issues the certificate")
         );
         let keyful = with("[profiles.default]\nkeys = [\"k\"]\n");
         assert!(keyful.is_ok());

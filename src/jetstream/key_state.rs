@@ -3,7 +3,11 @@
 //! - `key.<keyid>`: each public key a replica has loaded (name, algorithm, source, PEM, first
 //!   seen), kept after the key leaves the configuration so verifiers can still find it;
 //! - `revoked.<keyid>`: revoked keys, with reason and time. Every replica watches these and
-//!   its key actors refuse a revoked keyid (`key_revoked`) from the moment the entry arrives;
+//!   its key actors refuse a revoked keyid (`key_revoked`) from the moment the entry arrives.
+//!   For a keyless key the keyid is that of one certificate's ephemeral key (also found by
+//!   the certificate's SHA-256): the key drops that certificate and obtains a new one;
+//! - `identity-revoked.<hash>`: revoked keyless identities (OIDC issuer + SAN). A keyless key
+//!   whose certificate names one refuses to sign (`key_revoked`) while the entry exists;
 //! - `assign.<hash>`: runtime key assignments (`keys rotate`): which keys sign a profile, for
 //!   one tenant, one plan or the whole profile. Every replica watches these too and the next
 //!   job it selects keys for uses them;
@@ -43,6 +47,24 @@ pub struct KeyRecord {
     pub certificate_chain: Vec<String>,
     /// When a replica first loaded it (RFC 3339): the start of its validity for verifiers.
     pub first_seen: String,
+    /// Keyless keys: the Fulcio certificate that certified this ephemeral key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateRecord>,
+}
+
+/// What a keyless key's certificate says (its PEM is in [`KeyRecord::certificate_chain`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRecord {
+    /// Lowercase hex SHA-256 of the leaf's DER; `keys revoke` takes it as well as the keyid.
+    pub sha256: String,
+    /// The OIDC issuer Fulcio recorded.
+    pub issuer: String,
+    /// The identity (SAN) Fulcio certified.
+    pub san: String,
+    /// The certificate's validity (RFC 3339).
+    pub not_before: String,
+    pub not_after: String,
 }
 
 /// A revocation.
@@ -52,7 +74,42 @@ pub struct Revocation {
     pub keyid: String,
     pub reason: String,
     pub revoked_at: String,
+    /// When revoked by certificate: the certificate's SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
 }
+
+/// A revoked keyless identity: certificates for it are not used to sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityRevocation {
+    pub issuer: String,
+    pub san: String,
+    pub reason: String,
+    pub revoked_at: String,
+}
+
+/// Why a revocation was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// The command names nothing revocable (fix the command).
+    #[error("{0}")]
+    Invalid(String),
+    /// The key bucket could not be read or written (retry).
+    #[error("key bucket: {0}")]
+    Bucket(String),
+}
+
+/// The bucket key of a revoked identity: issuers and SANs are URLs, not key tokens.
+fn identity_key(issuer: &str, san: &str) -> String {
+    let id = serde_json::to_vec(&(issuer, san)).unwrap_or_default();
+    format!(
+        "{IDENTITY_REVOKED}{}",
+        &hex::encode(Sha256::digest(id))[..32]
+    )
+}
+
+const IDENTITY_REVOKED: &str = "identity-revoked.";
 
 /// A runtime key assignment (`keys rotate`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +206,8 @@ fn is_keyid(s: &str) -> bool {
 pub struct KeyState {
     store: kv::Store,
     revoked: RwLock<HashMap<String, String>>,
+    /// Revoked keyless identities, by bucket key.
+    revoked_identities: RwLock<HashMap<String, IdentityRevocation>>,
     assigned: RwLock<HashMap<(String, Scope), Vec<String>>>,
 }
 
@@ -159,6 +218,7 @@ impl KeyState {
         let state = Arc::new(KeyState {
             store,
             revoked: RwLock::new(HashMap::new()),
+            revoked_identities: RwLock::new(HashMap::new()),
             assigned: RwLock::new(HashMap::new()),
         });
         let failed = |reason| NatsError::Bucket {
@@ -171,7 +231,45 @@ impl KeyState {
         for a in state.assignments().await.map_err(failed)? {
             state.set_assigned(a);
         }
+        for r in state.identity_revocations().await.map_err(failed)? {
+            state.set_identity_revoked(r);
+        }
         Ok(state)
+    }
+
+    fn set_identity_revoked(&self, r: IdentityRevocation) {
+        self.revoked_identities
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(identity_key(&r.issuer, &r.san), r);
+    }
+
+    /// Applies a put or delete of an `identity-revoked.` entry.
+    fn apply_identity_revocation(&self, entry: &kv::Entry) {
+        match entry.operation {
+            kv::Operation::Put => {
+                match serde_json::from_slice::<IdentityRevocation>(&entry.value) {
+                    Ok(r) => {
+                        tracing::warn!(
+                            issuer = %r.issuer,
+                            san = %r.san,
+                            reason = %r.reason,
+                            "keyless identity revoked: its certificates sign nothing more"
+                        );
+                        self.set_identity_revoked(r);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "unreadable identity revocation")
+                    }
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.revoked_identities
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry.key);
+            }
+        }
     }
 
     fn set_assigned(&self, a: Assignment) {
@@ -200,6 +298,10 @@ impl KeyState {
                             let Ok(entry) = entry else { break };
                             if entry.key.starts_with("assign.") {
                                 state.apply_assignment(&entry);
+                                continue;
+                            }
+                            if entry.key.starts_with(IDENTITY_REVOKED) {
+                                state.apply_identity_revocation(&entry);
                                 continue;
                             }
                             let Some(keyid) = entry.key.strip_prefix("revoked.") else {
@@ -313,7 +415,41 @@ impl KeyState {
             public_key: identity.public_key.to_pem(),
             certificate_chain: identity.certificate_chain.clone(),
             first_seen: now(),
+            certificate: None,
         };
+        self.create_record(name, record).await;
+    }
+
+    /// Records a certificate a keyless key obtained: its ephemeral keyid, the chain, the
+    /// identity and the validity, so `keys list` shows it and `keys revoke` finds it.
+    pub async fn record_certificate(
+        &self,
+        name: &str,
+        identity: &SignerIdentity,
+        leaf: &crate::keys::fulcio_trust::VerifiedLeaf,
+    ) {
+        let time = |t| humantime::format_rfc3339(t).to_string();
+        let record = KeyRecord {
+            keyid: identity.keyid.clone(),
+            name: name.to_string(),
+            algorithm: identity.algorithm.as_str().into(),
+            source: identity.source.as_str().into(),
+            public_key: identity.public_key.to_pem(),
+            certificate_chain: identity.certificate_chain.clone(),
+            first_seen: now(),
+            certificate: Some(CertificateRecord {
+                sha256: leaf.sha256.clone(),
+                issuer: leaf.issuer.clone(),
+                san: leaf.san.clone(),
+                not_before: time(leaf.not_before),
+                not_after: time(leaf.not_after),
+            }),
+        };
+        self.create_record(name, record).await;
+    }
+
+    /// Writes `key.<keyid>` unless it exists.
+    async fn create_record(&self, name: &str, record: KeyRecord) {
         let Ok(value) = serde_json::to_vec(&record) else {
             return;
         };
@@ -330,11 +466,23 @@ impl KeyState {
         }
     }
 
-    /// Revokes `keyid` for every replica.
+    /// Revokes `keyid` for every replica. `keyid` may also be the SHA-256 of a keyless
+    /// certificate the replicas recorded: its ephemeral key is revoked then.
     pub async fn revoke(&self, keyid: &str, reason: &str) -> Result<(), String> {
         if !is_keyid(keyid) {
-            return Err(format!("{keyid:?} is not a keyid (64 lowercase hex)"));
+            return Err(format!(
+                "{keyid:?} is not a keyid or certificate SHA-256 (64 lowercase hex)"
+            ));
         }
+        let records: Vec<KeyRecord> = self.entries("key.").await?;
+        let by_certificate = records
+            .iter()
+            .filter(|r| r.keyid != keyid)
+            .find(|r| r.certificate.as_ref().is_some_and(|c| c.sha256 == keyid));
+        let (keyid, certificate_sha256) = match by_certificate {
+            Some(r) => (r.keyid.as_str(), Some(keyid.to_string())),
+            None => (keyid, None),
+        };
         let r = Revocation {
             keyid: keyid.into(),
             reason: if reason.is_empty() {
@@ -343,6 +491,7 @@ impl KeyState {
                 reason.into()
             },
             revoked_at: now(),
+            certificate_sha256,
         };
         let value = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
         self.store
@@ -504,10 +653,49 @@ impl KeyState {
         self.entries("revoked.").await
     }
 
+    /// Revokes the keyless identity `san` of the OIDC issuer `issuer` for every replica:
+    /// keyless keys whose certificate names it refuse to sign (`key_revoked`) until the
+    /// entry is deleted. Returns what was written.
+    pub async fn revoke_identity(
+        &self,
+        issuer: &str,
+        san: &str,
+        reason: &str,
+    ) -> Result<IdentityRevocation, RevokeError> {
+        if issuer.is_empty() || san.is_empty() {
+            return Err(RevokeError::Invalid(
+                "an identity is an OIDC issuer and a SAN, both non-empty".into(),
+            ));
+        }
+        let r = IdentityRevocation {
+            issuer: issuer.into(),
+            san: san.into(),
+            reason: if reason.is_empty() {
+                "unspecified".into()
+            } else {
+                reason.into()
+            },
+            revoked_at: now(),
+        };
+        let value = serde_json::to_vec(&r).map_err(|e| RevokeError::Bucket(e.to_string()))?;
+        self.store
+            .put(identity_key(issuer, san), value.into())
+            .await
+            .map_err(|e| RevokeError::Bucket(e.to_string()))?;
+        self.set_identity_revoked(r.clone());
+        Ok(r)
+    }
+
+    /// Every revoked keyless identity in the bucket.
+    pub async fn identity_revocations(&self) -> Result<Vec<IdentityRevocation>, String> {
+        self.entries(IDENTITY_REVOKED).await
+    }
+
     /// Every key ever loaded, with its state, for `keys list`: `revoked`, `retired` (no
     /// profile signs with it any more: rotated or configured out, or its name now loads
     /// another key), `staged` (loaded, in no profile yet) or `active`, with `validFrom` and,
-    /// when it stopped signing, `validUntil`.
+    /// when it stopped signing, `validUntil`. Keyless certificates are listed too, with
+    /// their identity and validity ([`keyless_entry`]).
     pub async fn list(&self) -> Result<Vec<serde_json::Value>, String> {
         let revoked: HashMap<String, Revocation> = self
             .revocations()
@@ -525,6 +713,12 @@ impl KeyState {
             .map(|l| (l.name, l.left_at))
             .collect();
         let in_use = configured.as_ref().map(|t| t.effective_key_names(&triples));
+        let identities: HashMap<String, IdentityRevocation> = self
+            .identity_revocations()
+            .await?
+            .into_iter()
+            .map(|r| (identity_key(&r.issuer, &r.san), r))
+            .collect();
         let mut keys: Vec<KeyRecord> = self.entries("key.").await?;
         keys.sort_by(|a, b| a.first_seen.cmp(&b.first_seen).then(a.name.cmp(&b.name)));
         Ok(keys
@@ -532,14 +726,21 @@ impl KeyState {
             .map(|k| {
                 let mut v = serde_json::to_value(k).unwrap_or_default();
                 v["validFrom"] = k.first_seen.clone().into();
-                // a later key loaded under the same name replaced this one
-                let replaced_at = keys
-                    .iter()
-                    .find(|o| o.name == k.name && o.first_seen > k.first_seen)
-                    .map(|o| o.first_seen.clone());
                 let rotated_out = in_use
                     .as_ref()
                     .is_some_and(|names| !names.contains(k.name.as_str()));
+                if let Some(c) = &k.certificate {
+                    let identity = identities.get(&identity_key(&c.issuer, &c.san));
+                    keyless_entry(&mut v, c, revoked.get(&k.keyid), identity, rotated_out);
+                    return v;
+                }
+                // a later key loaded under the same name replaced this one
+                let replaced_at = keys
+                    .iter()
+                    .find(|o| {
+                        o.certificate.is_none() && o.name == k.name && o.first_seen > k.first_seen
+                    })
+                    .map(|o| o.first_seen.clone());
                 if let Some(r) = revoked.get(&k.keyid) {
                     v["status"] = "revoked".into();
                     v["validUntil"] = r.revoked_at.clone().into();
@@ -572,6 +773,62 @@ impl KeyState {
     }
 }
 
+/// The `keys list` state of a keyless certificate: `revoked` (the certificate, or its
+/// identity while that is revoked), `expired` (past its notAfter), `retired` (its key name
+/// is in no profile any more) or `active`; valid from its notBefore until its notAfter or
+/// its revocation.
+fn keyless_entry(
+    v: &mut serde_json::Value,
+    c: &CertificateRecord,
+    revoked: Option<&Revocation>,
+    identity: Option<&IdentityRevocation>,
+    rotated_out: bool,
+) {
+    v["validFrom"] = c.not_before.clone().into();
+    v["validUntil"] = c.not_after.clone().into();
+    let expired =
+        humantime::parse_rfc3339(&c.not_after).is_ok_and(|t| t < std::time::SystemTime::now());
+    if let Some(r) = revoked {
+        v["status"] = "revoked".into();
+        v["validUntil"] = r.revoked_at.clone().min(c.not_after.clone()).into();
+        v["revocationReason"] = r.reason.clone().into();
+    } else if let Some(r) = identity {
+        v["status"] = "revoked".into();
+        v["validUntil"] = r.revoked_at.clone().min(c.not_after.clone()).into();
+        v["revocationReason"] = format!("identity revoked: {}", r.reason).into();
+    } else if expired {
+        v["status"] = "expired".into();
+    } else if rotated_out {
+        v["status"] = "retired".into();
+    } else {
+        v["status"] = "active".into();
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::keys::keyless::KeylessLedger for KeyState {
+    async fn record_certificate(
+        &self,
+        name: &str,
+        identity: &SignerIdentity,
+        leaf: &crate::keys::fulcio_trust::VerifiedLeaf,
+    ) {
+        KeyState::record_certificate(self, name, identity, leaf).await;
+    }
+
+    fn certificate_revoked(&self, keyid: &str) -> Option<String> {
+        self.revoked(keyid)
+    }
+
+    fn identity_revoked(&self, issuer: &str, san: &str) -> Option<String> {
+        self.revoked_identities
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&identity_key(issuer, san))
+            .map(|r| r.reason.clone())
+    }
+}
+
 impl KeyAssignments for KeyState {
     fn assigned(&self, profile: &str, scope: &Scope) -> Option<Vec<String>> {
         let assigned = self.assigned.read().unwrap_or_else(|p| p.into_inner());
@@ -590,5 +847,85 @@ impl RevocationList for KeyState {
             .unwrap_or_else(|p| p.into_inner())
             .get(keyid)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(not_after: &str) -> CertificateRecord {
+        CertificateRecord {
+            sha256: "ab".repeat(32),
+            issuer: "https://issuer".into(),
+            san: "https://ci/release".into(),
+            not_before: "2026-01-01T00:00:00Z".into(),
+            not_after: not_after.into(),
+        }
+    }
+
+    fn entry(
+        c: &CertificateRecord,
+        revoked: Option<&Revocation>,
+        identity: Option<&IdentityRevocation>,
+        rotated_out: bool,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        keyless_entry(&mut v, c, revoked, identity, rotated_out);
+        v
+    }
+
+    #[test]
+    fn keyless_certificates_are_listed_with_their_validity_and_revocations() {
+        let live = certificate("2999-01-01T00:00:00Z");
+        let v = entry(&live, None, None, false);
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["validFrom"], "2026-01-01T00:00:00Z");
+        assert_eq!(v["validUntil"], "2999-01-01T00:00:00Z");
+        assert_eq!(entry(&live, None, None, true)["status"], "retired");
+        let gone = certificate("2026-01-01T00:10:00Z");
+        assert_eq!(entry(&gone, None, None, false)["status"], "expired");
+
+        let revocation = Revocation {
+            keyid: "k".into(),
+            reason: "leaked".into(),
+            revoked_at: "2026-06-01T00:00:00.000Z".into(),
+            certificate_sha256: Some(live.sha256.clone()),
+        };
+        let v = entry(&live, Some(&revocation), None, false);
+        assert_eq!(v["status"], "revoked");
+        assert_eq!(v["validUntil"], "2026-06-01T00:00:00.000Z");
+        assert_eq!(v["revocationReason"], "leaked");
+        // revoked after it expired: valid until its notAfter
+        assert_eq!(
+            entry(&gone, Some(&revocation), None, false)["validUntil"],
+            "2026-01-01T00:10:00Z"
+        );
+        let identity = IdentityRevocation {
+            issuer: live.issuer.clone(),
+            san: live.san.clone(),
+            reason: "workflow compromised".into(),
+            revoked_at: "2026-06-01T00:00:00.000Z".into(),
+        };
+        let v = entry(&live, None, Some(&identity), false);
+        assert_eq!(v["status"], "revoked");
+        assert_eq!(
+            v["revocationReason"],
+            "identity revoked: workflow compromised"
+        );
+    }
+
+    #[test]
+    fn identity_entries_are_valid_bucket_keys_distinct_per_identity() {
+        let a = identity_key("https://issuer", "https://ci/a");
+        assert!(a.starts_with(IDENTITY_REVOKED) && a.len() == IDENTITY_REVOKED.len() + 32);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        );
+        assert_ne!(a, identity_key("https://issuer", "https://ci/b"));
+        // the pair is hashed as a pair: no ambiguity from concatenation
+        assert_ne!(identity_key("ab", "c"), identity_key("a", "bc"));
+        assert!(!a.starts_with("revoked."), "not read as a key revocation");
     }
 }

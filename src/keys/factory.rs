@@ -97,7 +97,11 @@ impl KeyFactory for ConfiguredKeys {
                 let settings = cfg.keyless().ok_or_else(|| {
                     KeyError::Unavailable(format!("key {name} lacks its Fulcio settings"))
                 })?;
-                Arc::new(KeylessKey::open(name, settings).await?)
+                let ledger = self
+                    .registry
+                    .clone()
+                    .map(|r| r as Arc<dyn crate::keys::keyless::KeylessLedger>);
+                Arc::new(KeylessKey::open(name, settings, ledger).await?)
             }
         };
         let key: Arc<dyn KeySigner> = match &cfg.certificate_chain {
@@ -108,7 +112,7 @@ impl KeyFactory for ConfiguredKeys {
             }
             None => key,
         };
-        // Keyless keys are ephemeral: verifiers find them by their certificate, not here.
+        // Keyless keys record each certificate they obtain themselves (KeylessLedger).
         if let Some(registry) = &self.registry
             && key.identity().mode == KeyMode::Keyful
         {

@@ -8,6 +8,13 @@
 //! token file is read again for every new certificate, so a projected workload token that
 //! the platform rotates in place is picked up without a restart.
 //!
+//! Before a certificate is used it must chain to the configured Fulcio roots
+//! (`fulcio_roots`, [`FulcioTrust`]) and certify our ephemeral key; one that does not leaves
+//! the key unavailable and nothing is signed. Every certificate obtained is recorded in the
+//! key bucket ([`KeylessLedger`]) so `keys list` shows it, and before every signature the key
+//! asks the ledger whether its certificate (by keyid) or its identity (OIDC issuer + SAN) was
+//! revoked: a revoked certificate is replaced at once, a revoked identity refuses to sign.
+//!
 //! The Fulcio v2 call is plain JSON over the HTTP client the service already uses; the
 //! `sigstore` crate's client would bring its own crypto stack (about 118 crates, DESIGN.md)
 //! for one POST.
@@ -27,7 +34,7 @@ use signer_actors::keys::{
     KeyAlgorithm, KeyError, KeyMode, KeySignature, KeySigner, KeySource, PublicKey, SignerIdentity,
 };
 
-use crate::keys::certified::leaf_certifies;
+use crate::keys::fulcio_trust::{FulcioTrust, VerifiedLeaf};
 
 /// Fulcio's v2 certificate endpoint, under the configured base URL.
 const SIGNING_CERT_PATH: &str = "/api/v2/signingCert";
@@ -45,13 +52,29 @@ pub struct KeylessSettings {
     pub renew_before: Duration,
     /// Timeout of each Fulcio and TSA request.
     pub timeout: Duration,
+    /// The Fulcio roots (a Sigstore `trusted_root.json` or a PEM bundle) every certificate
+    /// must chain to; read when the key is loaded.
+    pub fulcio_roots: PathBuf,
+}
+
+/// Where a keyless key records the certificates it obtains and learns which are revoked:
+/// the shared key bucket (`SIGNER_KEYS`) in `serve`.
+#[async_trait]
+pub trait KeylessLedger: Send + Sync {
+    /// Records a certificate `name` obtained (its ephemeral key, chain, identity, validity).
+    async fn record_certificate(&self, name: &str, identity: &SignerIdentity, leaf: &VerifiedLeaf);
+    /// Why the certificate of the ephemeral key `keyid` was revoked, if it was.
+    fn certificate_revoked(&self, keyid: &str) -> Option<String>;
+    /// Why the identity `san` from the OIDC issuer `issuer` was revoked, if it was.
+    fn identity_revoked(&self, issuer: &str, san: &str) -> Option<String>;
 }
 
 /// A certificate and the ephemeral key it certifies.
 struct Certified {
     pair: EcdsaKeyPair,
     identity: Arc<SignerIdentity>,
-    not_after: SystemTime,
+    /// What the verified leaf certifies (identity, validity, fingerprint).
+    leaf: VerifiedLeaf,
 }
 
 /// The certificate in use and when to try for the next one.
@@ -71,6 +94,8 @@ const RENEW_RETRY: Duration = Duration::from_secs(5);
 pub struct KeylessKey {
     name: String,
     settings: KeylessSettings,
+    trust: FulcioTrust,
+    ledger: Option<Arc<dyn KeylessLedger>>,
     http: reqwest::Client,
     rng: SystemRandom,
     current: tokio::sync::Mutex<Current>,
@@ -83,18 +108,33 @@ fn unavailable(m: impl Into<String>) -> KeyError {
 
 impl KeylessKey {
     /// Builds the key and gets its first certificate, so a key that loads can sign (and
-    /// `/readyz` says so only when Fulcio answered).
-    pub async fn open(name: &str, settings: KeylessSettings) -> Result<Self, KeyError> {
+    /// `/readyz` says so only when Fulcio answered with a certificate we trust). Reads the
+    /// Fulcio roots each time, so a reload picks up a changed `fulcio_roots` file.
+    /// Certificates are recorded in, and revocations read from, `ledger` when given.
+    pub async fn open(
+        name: &str,
+        settings: KeylessSettings,
+        ledger: Option<Arc<dyn KeylessLedger>>,
+    ) -> Result<Self, KeyError> {
+        let trust = FulcioTrust::load(&settings.fulcio_roots)
+            .map_err(|e| unavailable(format!("key {name}: {e}")))?;
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .build()
             .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
         let rng = SystemRandom::new();
-        let first = Arc::new(certify(name, &settings, &http, &rng).await?);
-        let renew_at = renew_time(first.not_after, settings.renew_before);
+        let first = Arc::new(certify(name, &settings, &trust, &http, &rng).await?);
+        if let Some(ledger) = &ledger {
+            ledger
+                .record_certificate(name, &first.identity, &first.leaf)
+                .await;
+        }
+        let renew_at = renew_time(first.leaf.not_after, settings.renew_before);
         Ok(KeylessKey {
             name: name.to_string(),
             settings,
+            trust,
+            ledger,
             http,
             rng,
             identity: RwLock::new(first.identity.clone()),
@@ -106,27 +146,57 @@ impl KeylessKey {
     }
 
     /// The certificate to sign with now: the cached one, or a new one once the cached one
-    /// is within `renew_before` of its expiry.
+    /// is within `renew_before` of its expiry or has been revoked.
     /// A failed renewal keeps the current certificate while it has more than
     /// [`LAST_USE_MARGIN`] to live (a short Fulcio outage does not stop signing) and tries
-    /// again after [`RENEW_RETRY`].
+    /// again after [`RENEW_RETRY`]; a revoked certificate is never kept.
+    /// Whatever certificate results is refused (`key_revoked`) while its identity is revoked.
     async fn certificate(&self) -> Result<Arc<Certified>, KeyError> {
         let mut current = self.current.lock().await;
         let now = SystemTime::now();
-        if now < current.renew_at {
-            return Ok(current.cert.clone());
+        let revoked = self
+            .ledger
+            .as_ref()
+            .and_then(|l| l.certificate_revoked(&current.cert.identity.keyid));
+        if let Some(reason) = &revoked {
+            tracing::warn!(
+                key = %self.name,
+                keyid = %current.cert.identity.keyid,
+                %reason,
+                "the keyless certificate was revoked: dropping it and asking Fulcio for a new one"
+            );
         }
-        match certify(&self.name, &self.settings, &self.http, &self.rng).await {
+        if revoked.is_none() && now < current.renew_at {
+            return self.usable(current.cert.clone());
+        }
+        match certify(
+            &self.name,
+            &self.settings,
+            &self.trust,
+            &self.http,
+            &self.rng,
+        )
+        .await
+        {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
+                if let Some(ledger) = &self.ledger {
+                    ledger
+                        .record_certificate(&self.name, &fresh.identity, &fresh.leaf)
+                        .await;
+                }
                 *self.identity.write().unwrap_or_else(|p| p.into_inner()) = fresh.identity.clone();
                 *current = Current {
-                    renew_at: renew_time(fresh.not_after, self.settings.renew_before),
+                    renew_at: renew_time(fresh.leaf.not_after, self.settings.renew_before),
                     cert: fresh.clone(),
                 };
-                Ok(fresh)
+                self.usable(fresh)
             }
-            Err(e) if now + LAST_USE_MARGIN < current.cert.not_after => {
+            Err(e) if revoked.is_some() => Err(unavailable(format!(
+                "key {}: its certificate ({}) is revoked and no new one could be had: {e}",
+                self.name, current.cert.identity.keyid
+            ))),
+            Err(e) if now + LAST_USE_MARGIN < current.cert.leaf.not_after => {
                 tracing::warn!(
                     key = %self.name,
                     error = %e,
@@ -134,17 +204,35 @@ impl KeylessKey {
                     "renewing the keyless certificate failed; signing with the current one while it lasts"
                 );
                 current.renew_at = now + RENEW_RETRY;
-                Ok(current.cert.clone())
+                self.usable(current.cert.clone())
             }
             Err(e) => Err(e),
         }
     }
+
+    /// `cert`, unless the identity it certifies is revoked (`key_revoked`).
+    fn usable(&self, cert: Arc<Certified>) -> Result<Arc<Certified>, KeyError> {
+        let leaf = &cert.leaf;
+        if let Some(reason) = self
+            .ledger
+            .as_ref()
+            .and_then(|l| l.identity_revoked(&leaf.issuer, &leaf.san))
+        {
+            return Err(KeyError::Revoked(format!(
+                "key {}: the keyless identity {} (issuer {}) is revoked: {reason}",
+                self.name, leaf.san, leaf.issuer
+            )));
+        }
+        Ok(cert)
+    }
 }
 
 /// A new ephemeral key and its Fulcio certificate.
+/// The certificate is used only when it chains to `trust` and certifies the new key.
 async fn certify(
     name: &str,
     settings: &KeylessSettings,
+    trust: &FulcioTrust,
     http: &reqwest::Client,
     rng: &SystemRandom,
 ) -> Result<Certified, KeyError> {
@@ -182,23 +270,20 @@ async fn certify(
     .await?;
     let chain = certificate_chain(&answer)
         .map_err(|e| unavailable(format!("Fulcio {url}: unusable answer: {e}")))?;
-    let leaf = chain.first().ok_or_else(|| unavailable("empty chain"))?;
-    let leaf_der = pem::parse(leaf)
-        .map_err(|e| unavailable(format!("Fulcio {url}: leaf certificate: {e}")))?
-        .into_contents();
-    if !leaf_certifies(&leaf_der, &public_key) {
-        return Err(unavailable(format!(
-            "Fulcio {url} certified another key than the one it was asked to"
-        )));
-    }
-    let not_after = leaf_not_after(&leaf_der)
-        .map_err(|e| unavailable(format!("Fulcio {url}: leaf certificate: {e}")))?;
+    let ders = chain
+        .iter()
+        .map(|c| pem::parse(c).map(pem::Pem::into_contents))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(format!("Fulcio {url}: certificate: {e}")))?;
     let now = SystemTime::now();
-    if not_after <= now {
-        return Err(unavailable(format!(
-            "Fulcio {url} issued a certificate that has already expired"
-        )));
-    }
+    let leaf = trust.verify(&ders, &public_key, now).map_err(|e| {
+        metrics::counter!("signer_keyless_certificates_refused_total", "key" => name.to_string())
+            .increment(1);
+        unavailable(format!(
+            "Fulcio {url}: certificate not used, it fails the fulcio_roots check: {e}"
+        ))
+    })?;
+    let not_after = leaf.not_after;
     if renew_time(not_after, settings.renew_before) <= now {
         tracing::warn!(
             key = %name,
@@ -218,8 +303,11 @@ async fn certify(
     tracing::info!(
         key = %name,
         keyid = %identity.keyid,
-        subject = %claims.subject,
-        issuer = %claims.issuer,
+        san = %leaf.san,
+        issuer = %leaf.issuer,
+        token_subject = %claims.subject,
+        token_issuer = %claims.issuer,
+        certificate_sha256 = %leaf.sha256,
         not_after = %humantime::format_rfc3339(not_after),
         "keyless certificate issued"
     );
@@ -227,7 +315,7 @@ async fn certify(
     Ok(Certified {
         pair,
         identity: Arc::new(identity),
-        not_after,
+        leaf,
     })
 }
 
@@ -378,12 +466,6 @@ fn certificate_chain(answer: &[u8]) -> Result<Vec<String>, String> {
         return Err("empty certificate chain".into());
     }
     Ok(chain)
-}
-
-/// The leaf's `notAfter`.
-fn leaf_not_after(der: &[u8]) -> Result<SystemTime, String> {
-    let cert = x509_cert::Certificate::from_der(der).map_err(|e| e.to_string())?;
-    Ok(cert.tbs_certificate.validity.not_after.to_system_time())
 }
 
 /// RFC 3161 `MessageImprint`.

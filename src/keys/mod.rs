@@ -4,6 +4,7 @@ pub mod certified;
 pub mod cosign;
 pub mod factory;
 pub mod file;
+pub mod fulcio_trust;
 pub mod keyless;
 pub mod material;
 pub mod pin;

@@ -67,9 +67,13 @@ impl Actor for KeySignerActor {
         let KeyMsg::Sign(message, reply) = msg;
         let key = &state.key;
         // Checked before every signature: a revocation reaches every replica's keys
-        // through the shared list, without a restart.
-        let keyid = key.identity().keyid.clone();
-        if let Some(reason) = state.revocations.revoked(&keyid) {
+        // through the shared list, without a restart. A keyless key checks its own
+        // certificate (by the same list): it replaces a revoked one instead of refusing.
+        let identity = key.identity();
+        let keyid = identity.keyid.clone();
+        if identity.mode == crate::keys::KeyMode::Keyful
+            && let Some(reason) = state.revocations.revoked(&keyid)
+        {
             let _ = reply.send(Err(KeyError::Revoked(format!(
                 "key {} ({keyid}) is revoked: {reason}",
                 key.name()
