@@ -151,6 +151,11 @@ pub struct WorkerConfig {
     pub audit_batch_max: usize,
     #[serde(with = "duration")]
     pub audit_flush_interval: Duration,
+    /// A job published longer ago than this when a worker takes it is refused with
+    /// `request_expired` instead of being judged (its credentials are judged as of its
+    /// publish time, so this bounds how far back that may be).
+    #[serde(with = "duration")]
+    pub max_queue_age: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -164,6 +169,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(30),
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
+            max_queue_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -400,6 +406,9 @@ impl Config {
         }
         if self.worker.max_inflight == 0 {
             return invalid("worker.max_inflight must be at least 1".into());
+        }
+        if self.worker.max_queue_age < Duration::from_secs(1) {
+            return invalid("worker.max_queue_age must be at least 1s".into());
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());
