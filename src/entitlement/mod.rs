@@ -14,6 +14,8 @@
 
 mod cache;
 pub mod dpop;
+#[cfg(test)]
+mod freshness_tests;
 pub mod jwks;
 pub mod jws;
 pub mod mint;
