@@ -351,8 +351,9 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
 }
 
 /// A retryable failure is NAKed with backoff while deliveries remain and the wait is within
-/// `backoff_max`; otherwise (last delivery, or a quota wait longer than that, which would
-/// outlive the caller's DPoP proof) it is published, with `retryAfterMs` for the caller.
+/// `backoff_max`; otherwise (last delivery, or a quota wait longer than that, which is
+/// better left to the caller than parked in the queue) it is published, with
+/// `retryAfterMs` for the caller.
 async fn retry_or_fail(
     shared: &Arc<Shared>,
     d: &dyn Delivery,
