@@ -701,6 +701,23 @@ mod tests {
     }
 
     #[test]
+    fn max_queue_age_defaults_to_a_day_parses_humantime_and_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.worker.max_queue_age, Duration::from_secs(24 * 3600));
+        let env = |v: &str| [("SIGNER_WORKER__MAX_QUEUE_AGE".to_string(), v.to_string())];
+        let cfg = Config::from_toml(&text, env("90m")).unwrap();
+        assert_eq!(cfg.worker.max_queue_age, Duration::from_secs(90 * 60));
+        let err = Config::from_toml(&text, env("0s")).unwrap_err().to_string();
+        assert!(err.contains("worker.max_queue_age"), "{err}");
+        let err = Config::from_toml(&text, env("soon"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
     fn mistakes_are_reported_with_a_clear_message() {
         let dir = tempfile::tempdir().unwrap();
         let text = base(dir.path());

@@ -129,3 +129,18 @@ impl Delivery for JsDelivery {
             .map_err(|e| PortError(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_metadata_falls_back_to_the_delivery_time_and_says_so_once() {
+        let before = SystemTime::now();
+        let first = delivery_time_fallback(&"no reply subject");
+        let second = delivery_time_fallback(&"no reply subject");
+        let after = SystemTime::now();
+        assert!(before <= first && first <= second && second <= after);
+        assert!(FALLBACK_LOGGED.load(Ordering::Relaxed), "logged (once)");
+    }
+}
