@@ -698,3 +698,39 @@ async fn a_job_retried_past_the_queue_age_limit_expires_on_redelivery() {
     );
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
+
+/// Records the publish time of every job it is asked about; lets every job through.
+#[derive(Default)]
+struct RecordingEntitlement(Mutex<Vec<SystemTime>>);
+
+#[async_trait]
+impl EntitlementVerifier for RecordingEntitlement {
+    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+        self.0.lock().unwrap().push(input.published);
+        DisabledEntitlement.verify(input).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_is_given_the_publish_time_on_every_delivery() {
+    // Published an hour ago; the key's first signature fails, so the job is redelivered and
+    // judged again (more than once while the key reloads).
+    let keys = Arc::new(Keys {
+        pkcs8: pkcs8(),
+        armed: Arc::new(AtomicBool::new(true)),
+        loads: AtomicUsize::new(0),
+    });
+    let gate = Arc::new(RecordingEntitlement::default());
+    let g = gate.clone();
+    let (queue, _publisher, pipeline) = start_with(keys, "panicky", move |_, ports| {
+        ports.entitlement = g;
+    })
+    .await;
+    let published = SystemTime::now() - Duration::from_secs(3600);
+    submit_published(&queue, 1, published);
+    until("job 1 acked", || acked(&queue, 1)).await;
+    let seen = gate.0.lock().unwrap().clone();
+    assert!(seen.len() >= 2, "judged on each delivery: {seen:?}");
+    assert!(seen.iter().all(|t| *t == published), "{seen:?}");
+    assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
