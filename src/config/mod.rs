@@ -151,6 +151,11 @@ pub struct WorkerConfig {
     pub audit_batch_max: usize,
     #[serde(with = "duration")]
     pub audit_flush_interval: Duration,
+    /// A job published longer ago than this when a worker takes it is refused with
+    /// `request_expired` instead of being judged (its credentials are judged as of its
+    /// publish time, so this bounds how far back that may be).
+    #[serde(with = "duration")]
+    pub max_queue_age: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -164,6 +169,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(30),
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
+            max_queue_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -414,6 +420,9 @@ impl Config {
         }
         if self.worker.max_inflight == 0 {
             return invalid("worker.max_inflight must be at least 1".into());
+        }
+        if self.worker.max_queue_age < Duration::from_secs(1) {
+            return invalid("worker.max_queue_age must be at least 1s".into());
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());
@@ -769,6 +778,23 @@ mod tests {
         assert_eq!(cfg.nats.url, "nats://nats:4222");
         assert_eq!(cfg.worker.max_inflight, 7);
         assert_eq!(cfg.nats.ack_wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn max_queue_age_defaults_to_a_day_parses_humantime_and_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.worker.max_queue_age, Duration::from_secs(24 * 3600));
+        let env = |v: &str| [("SIGNER_WORKER__MAX_QUEUE_AGE".to_string(), v.to_string())];
+        let cfg = Config::from_toml(&text, env("90m")).unwrap();
+        assert_eq!(cfg.worker.max_queue_age, Duration::from_secs(90 * 60));
+        let err = Config::from_toml(&text, env("0s")).unwrap_err().to_string();
+        assert!(err.contains("worker.max_queue_age"), "{err}");
+        let err = Config::from_toml(&text, env("soon"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
     }
 
     #[test]

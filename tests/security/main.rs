@@ -4,6 +4,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod freshness;
 mod profiles;
 
 use std::collections::HashMap;
