@@ -161,6 +161,11 @@ keys = ["ec", "ed"]
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SIGNER_WORKER__ID", format!("{}-w{n}", self.id))
+            // this deployment's DPoP replay records (the gates' table belongs to the caller)
+            .env(
+                "SIGNER_GATES__ENTITLEMENT__DPOP_REPLAY_BUCKET",
+                self.stream("DPOP"),
+            )
             .env("SIGNER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -374,12 +379,11 @@ keys = ["ec", "ed"]
         for s in ["REQ", "RES", "AUD"] {
             let _ = js.delete_stream(self.stream(s)).await;
         }
-        let _ = js
-            .delete_stream(format!("KV_{}", self.stream("IDEM")))
-            .await;
-        let _ = js
-            .delete_stream(format!("KV_{}", self.stream("KEYS")))
-            .await;
+        for bucket in ["IDEM", "KEYS", "DPOP"] {
+            let _ = js
+                .delete_stream(format!("KV_{}", self.stream(bucket)))
+                .await;
+        }
     }
 }
 
