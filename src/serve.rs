@@ -207,6 +207,7 @@ pub fn pipeline_config(
         .max(Duration::from_secs(1));
     p.audit_batch_max = cfg.worker.audit_batch_max;
     p.audit_flush_interval = cfg.worker.audit_flush_interval;
+    p.max_queue_age = cfg.worker.max_queue_age;
     p
 }
 

@@ -29,12 +29,13 @@ pub enum ErrorCode {
     KeyRevoked,
     KeyUnavailable,
     SigningFailed,
+    RequestExpired,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, in the contract's order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnsupportedApiVersion,
@@ -56,6 +57,7 @@ impl ErrorCode {
         Self::KeyRevoked,
         Self::KeyUnavailable,
         Self::SigningFailed,
+        Self::RequestExpired,
         Self::Internal,
     ];
 
@@ -83,6 +85,7 @@ impl ErrorCode {
             Self::KeyRevoked => "key_revoked",
             Self::KeyUnavailable => "key_unavailable",
             Self::SigningFailed => "signing_failed",
+            Self::RequestExpired => "request_expired",
             Self::Internal => "internal",
         }
     }
@@ -155,6 +158,10 @@ pub enum SignerError {
     KeyUnavailable(String),
     #[error("signing failed: {0}")]
     SigningFailed(String),
+    /// The job waited in the queue longer than `worker.max_queue_age`. Not retryable:
+    /// publishing it again makes a new job, with fresh credentials.
+    #[error("request expired: {0}")]
+    RequestExpired(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -184,6 +191,7 @@ impl SignerError {
             Self::KeyRevoked(_) => ErrorCode::KeyRevoked,
             Self::KeyUnavailable(_) => ErrorCode::KeyUnavailable,
             Self::SigningFailed(_) => ErrorCode::SigningFailed,
+            Self::RequestExpired(_) => ErrorCode::RequestExpired,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -212,6 +220,7 @@ impl SignerError {
             | Self::KeyRevoked(m)
             | Self::KeyUnavailable(m)
             | Self::SigningFailed(m)
+            | Self::RequestExpired(m)
             | Self::Internal(m) => m,
         }
     }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -30,6 +30,11 @@ pub trait Delivery: Send + Sync {
     fn stream_sequence(&self) -> u64;
     /// How many times it has been delivered (1 the first time).
     fn delivered(&self) -> u64;
+    /// When the broker stored the message (the JetStream message timestamp): the moment
+    /// the request was made. A job is judged as of this time, not the time a worker gets
+    /// to it, so a backlog does not turn fresh credentials stale (CONTRACT.md, "Freshness").
+    /// The same on every redelivery.
+    fn published(&self) -> SystemTime;
     /// Acknowledges: the job is finished and must not come back.
     async fn ack(&self) -> Result<(), PortError>;
     /// Negative acknowledgement: redeliver after `delay`.
@@ -157,6 +162,9 @@ pub struct GateInput {
     pub subject_tenant: Option<String>,
     /// The size of the payload to sign.
     pub payload_bytes: usize,
+    /// When the request was published ([`Delivery::published`]): the time its tokens,
+    /// proof and licence are judged at.
+    pub published: SystemTime,
 }
 
 /// What the entitlement gate (OpTok, DPoP, PoE) established.

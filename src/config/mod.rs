@@ -152,6 +152,11 @@ pub struct WorkerConfig {
     pub audit_batch_max: usize,
     #[serde(with = "duration")]
     pub audit_flush_interval: Duration,
+    /// A job published longer ago than this when a worker takes it is refused with
+    /// `request_expired` instead of being judged (its credentials are judged as of its
+    /// publish time, so this bounds how far back that may be).
+    #[serde(with = "duration")]
+    pub max_queue_age: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -165,6 +170,7 @@ impl Default for WorkerConfig {
             backoff_max: Duration::from_secs(30),
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
+            max_queue_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -421,6 +427,9 @@ impl Config {
         if self.worker.max_inflight == 0 {
             return invalid("worker.max_inflight must be at least 1".into());
         }
+        if self.worker.max_queue_age < Duration::from_secs(1) {
+            return invalid("worker.max_queue_age must be at least 1s".into());
+        }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());
         }
@@ -620,10 +629,9 @@ impl Config {
 
     /// How long a DPoP replay record lives (see [`EntitlementGate::replay_lifetime`]).
     pub fn dpop_replay_lifetime(&self) -> Duration {
-        // TODO(fresh): self.worker.max_queue_age once the `fresh` branch is merged.
         self.gates
             .entitlement
-            .replay_lifetime(Duration::from_secs(24 * 3600))
+            .replay_lifetime(self.worker.max_queue_age)
     }
 }
 
@@ -781,6 +789,13 @@ mod tests {
         assert_eq!(
             cfg.dpop_replay_lifetime(),
             e.dpop_max_age * 2 + Duration::from_secs(24 * 3600) + e.clock_skew
+        );
+        let short_queue =
+            Config::from_toml(&format!("{text}[worker]\nmax_queue_age = \"1h\"\n"), []).unwrap();
+        assert_eq!(
+            short_queue.dpop_replay_lifetime(),
+            e.dpop_max_age * 2 + Duration::from_secs(3600) + e.clock_skew,
+            "follows worker.max_queue_age"
         );
 
         let err = |extra: &str| {

@@ -10,8 +10,11 @@
 //!   (EC P-256 or OKP Ed25519, no private members), signed with that key's algorithm;
 //! - have `jwk`'s thumbprint equal to the token's `cnf.jkt`;
 //! - carry `htm`, `htu`, `ath` (base64url SHA-256 of the OpTok), `iat` within
-//!   ±`dpop_max_age` of now, and a `jti` this key has not used before for another request
-//!   (see [`super::replay`]: records are per proof key, so one client cannot burn another's).
+//!   ±`dpop_max_age` of the moment the job was published (the broker's timestamp, not the
+//!   time a worker gets to it: a proof is made for publishing, and a backlog must not make
+//!   fresh proofs stale), and a `jti` this key has not used before for another request
+//!   (see [`super::replay`]: records are per proof key, so one client cannot burn another's,
+//!   and outlive every copy's wait in the stream).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +56,7 @@ pub enum DpopError {
     WrongTarget(String),
     #[error("ath does not match the OpTok")]
     WrongAth,
-    #[error("iat {iat} is more than {max_age}s from now ({now})")]
+    #[error("iat {iat} is more than {max_age}s from the job's publish time ({now})")]
     Stale { iat: u64, now: u64, max_age: u64 },
     #[error("jti was already used with another request")]
     Replayed,
@@ -96,7 +99,7 @@ pub struct ProofContext<'a> {
     pub jkt: &'a str,
     /// Identifies the request (see [`super::replay`]): a redelivery presents the same.
     pub binding: &'a str,
-    /// Unix seconds.
+    /// When the job was published (unix seconds): `iat` is judged against this.
     pub now: u64,
 }
 

@@ -14,6 +14,8 @@
 
 mod cache;
 pub mod dpop;
+#[cfg(test)]
+mod freshness_tests;
 pub mod jwks;
 pub mod jws;
 pub mod mint;
@@ -119,10 +121,9 @@ pub struct EntitlementGateImpl {
     authority_keys: Arc<JwksStore>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// `t` in whole unix seconds (0 before the epoch), the unit of JWT dates.
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn check_url(setting: &'static str, url: &str) -> Result<(), EntitlementSetupError> {
@@ -398,8 +399,11 @@ impl EntitlementGateImpl {
 
 #[async_trait]
 impl EntitlementVerifier for EntitlementGateImpl {
+    /// Judges the job as of its publish time (CONTRACT.md, "Freshness"): a token, proof or
+    /// licence that was valid when the request was made is honoured however long the job
+    /// waited in the queue (the pipeline bounds that wait with `worker.max_queue_age`).
     async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
-        let result = self.check(input, unix_now()).await;
+        let result = self.check(input, unix_seconds(input.published)).await;
         if let Err(denial) = &result {
             metrics::counter!("signer_auth_failures_total", "code" => denial.error.code().as_str())
                 .increment(1);

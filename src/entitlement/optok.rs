@@ -6,7 +6,10 @@
 //! whose DPoP proofs must accompany it). Publishers reuse one token for thousands of jobs, so
 //! verified tokens are cached until they expire (keyed by the SHA-256 of the token text):
 //! one signature check per token, not per job. What depends on the job (the tenant binding)
-//! or on time (`exp`) is checked on every use, cached or not.
+//! or on time (`exp`, `nbf`, `iat`) is checked on every use, cached or not: jobs are judged at
+//! their publish time, which is not monotonic across jobs (a job published before a token's
+//! `nbf` may be processed after one published later), so a cache hit proves nothing about
+//! time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,8 +129,18 @@ pub struct OpTokPolicy {
     pub skew: u64,
 }
 
+/// The dates of a token that are judged against the job's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenDates {
+    exp: u64,
+    nbf: Option<u64>,
+    iat: Option<u64>,
+}
+
 struct CachedToken {
     token: Verified<OpTok>,
+    /// Re-checked on every hit, at that job's time.
+    dates: TokenDates,
     /// The key that verified it: a cache hit counts only while that key is still published.
     key: Arc<PublicKey>,
 }
@@ -162,14 +175,14 @@ impl OpTokVerifier {
         self.cache_hits.load(Ordering::Relaxed)
     }
 
-    /// Verifies `raw` at `now` (unix seconds). Does not check the tenant binding: that
-    /// depends on the job, see [`check_tenant`].
+    /// Verifies `raw` as of `now` (unix seconds: the job's publish time). Does not check
+    /// the tenant binding: that depends on the job, see [`check_tenant`].
     pub async fn verify(&self, raw: &str, now: u64) -> Result<Verified<OpTok>, OpTokError> {
         let id: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
         if let Some(hit) = self.cache.get(&id, now) {
             if self.keys.keys().contains(&hit.key) {
-                // Time moves on between uses of a cached token.
-                self.check_exp(hit.token.exp, now)?;
+                // Every job has its own time: the dates are judged again for this one.
+                self.check_dates(hit.dates, now)?;
                 self.cache_hits.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("signer_auth_cache_hits_total").increment(1);
                 return Ok(hit.token.clone());
@@ -196,13 +209,14 @@ impl OpTokVerifier {
             })?;
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let claims: RawClaims = jws::verify(raw, &header, &key)?;
-        let token = self.check_claims(claims, now)?;
+        let (token, dates) = self.check_claims(claims, now)?;
         let expires = token.exp.saturating_add(self.policy.skew).saturating_add(1);
         let token = Verified(token);
         self.cache.insert(
             id,
             Arc::new(CachedToken {
                 token: token.clone(),
+                dates,
                 key,
             }),
             expires,
@@ -211,14 +225,26 @@ impl OpTokVerifier {
         Ok(token)
     }
 
-    fn check_exp(&self, exp: u64, now: u64) -> Result<(), OpTokError> {
-        if exp.saturating_add(self.policy.skew) < now {
-            return Err(OpTokError::Expired { exp, now });
+    /// `exp`, `nbf` and `iat` as of `now` (the job's publish time), with the clock skew.
+    fn check_dates(&self, d: TokenDates, now: u64) -> Result<(), OpTokError> {
+        let skew = self.policy.skew;
+        if d.exp.saturating_add(skew) < now {
+            return Err(OpTokError::Expired { exp: d.exp, now });
+        }
+        if let Some(nbf) = d.nbf
+            && nbf > now.saturating_add(skew)
+        {
+            return Err(OpTokError::NotYetValid { nbf, now });
+        }
+        if let Some(iat) = d.iat
+            && iat > now.saturating_add(skew)
+        {
+            return Err(OpTokError::IssuedInFuture { iat, now });
         }
         Ok(())
     }
 
-    fn check_claims(&self, c: RawClaims, now: u64) -> Result<OpTok, OpTokError> {
+    fn check_claims(&self, c: RawClaims, now: u64) -> Result<(OpTok, TokenDates), OpTokError> {
         let p = &self.policy;
         if c.iss.as_deref() != Some(p.issuer.as_str()) {
             return Err(OpTokError::WrongIssuer { found: c.iss });
@@ -227,18 +253,12 @@ impl OpTokVerifier {
             v.map(|v| numeric_date(&v).ok_or(OpTokError::BadClaim(name)))
                 .transpose()
         };
-        let exp = date(c.exp, "exp")?.ok_or(OpTokError::MissingClaim("exp"))?;
-        self.check_exp(exp, now)?;
-        if let Some(nbf) = date(c.nbf, "nbf")?
-            && nbf > now.saturating_add(p.skew)
-        {
-            return Err(OpTokError::NotYetValid { nbf, now });
-        }
-        if let Some(iat) = date(c.iat, "iat")?
-            && iat > now.saturating_add(p.skew)
-        {
-            return Err(OpTokError::IssuedInFuture { iat, now });
-        }
+        let dates = TokenDates {
+            exp: date(c.exp, "exp")?.ok_or(OpTokError::MissingClaim("exp"))?,
+            nbf: date(c.nbf, "nbf")?,
+            iat: date(c.iat, "iat")?,
+        };
+        self.check_dates(dates, now)?;
         let audience_ok = match &c.aud {
             Some(Audience::One(a)) => *a == p.audience,
             Some(Audience::Many(list)) => list.contains(&p.audience),
@@ -273,14 +293,15 @@ impl OpTokVerifier {
                 None => return Err(OpTokError::UnsupportedConfirmation),
             },
         };
-        Ok(OpTok {
+        let token = OpTok {
             iss: p.issuer.clone(),
             sub,
             tid,
             scope,
-            exp,
+            exp: dates.exp,
             jkt,
-        })
+        };
+        Ok((token, dates))
     }
 }
 

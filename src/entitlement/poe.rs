@@ -28,6 +28,12 @@
 //!   Answers are cached per value and tenant for `cache_ttl`. During an outage a cached answer
 //!   up to `cache_ttl + grace` old is used; without one the job fails with the retryable
 //!   `entitlement_unavailable`, so that a licensing outage delays jobs instead of failing them.
+//!   The cache and the grace are measured by the current time (they are about the licensing
+//!   service's availability, and its answer is its view now); the answer's `exp` is judged at
+//!   the job's publish time, like every other date.
+//!
+//! Licence dates (`exp`, `nbf`, with the clock skew) are judged at the job's publish time
+//! (CONTRACT.md, "Freshness"), on every use: cached licences are re-judged per job.
 //!
 //! `bypass = true` skips all of this (an emergency switch): every decision is recorded as
 //! `bypassed` with `bypass_plan`, and logged.
@@ -65,6 +71,8 @@ pub struct Licence {
     pub plan: String,
     pub features: Vec<String>,
     pub exp: u64,
+    /// Not valid before (unix seconds), when the licence says.
+    pub nbf: Option<u64>,
     pub revoked: bool,
 }
 
@@ -158,16 +166,20 @@ struct Terms<'a> {
     plan: Option<&'a str>,
     features: &'a [String],
     exp: Option<u64>,
+    nbf: Option<u64>,
     revoked: bool,
 }
 
-/// Whether `terms` let `tenant` sign at `now`, with the contract code when they do not.
+/// Whether `terms` let `tenant` sign at `now` (the job's publish time), with the contract
+/// code when they do not. Cached and fresh licences both come through here, so a cache hit
+/// is judged at its own job's time.
 fn evaluate(terms: Terms<'_>, tenant: &str, now: u64, skew: u64) -> Result<PoeGrant, PoeError> {
     let Terms {
         tid,
         plan,
         features,
         exp,
+        nbf,
         revoked,
     } = terms;
     if tid != Some(tenant) {
@@ -183,6 +195,11 @@ fn evaluate(terms: Terms<'_>, tenant: &str, now: u64, skew: u64) -> Result<PoeGr
             exp,
             plan: plan.map(str::to_owned),
         });
+    }
+    if let Some(nbf) = nbf
+        && nbf > now.saturating_add(skew)
+    {
+        return Err(PoeError::NotYetValid { nbf });
     }
     let plan = plan
         .filter(|p| !p.is_empty())
@@ -232,7 +249,8 @@ impl JwtLicences {
         }
     }
 
-    /// Verifies the licence's signature and claim types (cached until it expires).
+    /// Verifies the licence's signature and claim types (cached until it expires). Its
+    /// dates are judged by the caller, for each job (`evaluate`).
     pub async fn licence(&self, raw: &str, now: u64) -> Result<Verified<Licence>, PoeError> {
         let id: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
         if let Some(hit) = self.cache.get(&id, now) {
@@ -260,16 +278,13 @@ impl JwtLicences {
                 .transpose()
         };
         let exp = date(c.exp, "exp")?.ok_or(PoeError::BadClaim("exp"))?;
-        if let Some(nbf) = date(c.nbf, "nbf")?
-            && nbf > now.saturating_add(self.skew)
-        {
-            return Err(PoeError::NotYetValid { nbf });
-        }
+        let nbf = date(c.nbf, "nbf")?;
         let licence = Licence {
             tid: c.tid.ok_or(PoeError::BadClaim("tid"))?,
             plan: c.plan.ok_or(PoeError::BadClaim("plan"))?,
             features: c.features.unwrap_or_default(),
             exp,
+            nbf,
             revoked: c.revoked.unwrap_or(false),
         };
         let licence = Verified(licence);
@@ -295,6 +310,7 @@ impl JwtLicences {
             plan: Some(&l.plan),
             features: &l.features,
             exp: Some(l.exp),
+            nbf: l.nbf,
             revoked: l.revoked,
         };
         evaluate(terms, tenant, now, self.skew)
@@ -427,6 +443,7 @@ impl Introspector {
                     plan: a.plan.as_deref(),
                     features: &a.features,
                     exp: a.exp,
+                    nbf: None,
                     revoked: false,
                 };
                 evaluate(terms, tenant, now, self.skew)

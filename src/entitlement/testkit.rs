@@ -24,7 +24,7 @@ fn next() -> u64 {
 }
 
 pub(crate) fn now() -> u64 {
-    super::unix_now()
+    super::unix_seconds(std::time::SystemTime::now())
 }
 
 /// A Redis key prefix no other test (or run) uses.
@@ -173,6 +173,7 @@ impl Fixture {
             request: Arc::new(request),
             subject_tenant: Some(TENANT.into()),
             payload_bytes: 10,
+            published: std::time::SystemTime::now(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The job source: the durable pull consumer shared by every replica.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use async_trait::async_trait;
@@ -40,14 +41,19 @@ impl JobSource for PullSource {
         let next = self.messages.next().await?;
         Some(match next {
             Ok(message) => {
-                let (seq, delivered) = message
-                    .info()
-                    .map(|i| (i.stream_sequence, u64::try_from(i.delivered).unwrap_or(1)))
-                    .unwrap_or((0, 1));
+                let (seq, delivered, published) = match message.info() {
+                    Ok(i) => (
+                        i.stream_sequence,
+                        u64::try_from(i.delivered).unwrap_or(1),
+                        SystemTime::from(i.published),
+                    ),
+                    Err(e) => (0, 1, delivery_time_fallback(&e)),
+                };
                 Ok(Box::new(JsDelivery {
                     message,
                     seq,
                     delivered,
+                    published,
                 }) as Box<dyn Delivery>)
             }
             Err(e) => Err(PortError(e.to_string())),
@@ -55,10 +61,25 @@ impl JobSource for PullSource {
     }
 }
 
+/// Set once the fallback below has been logged: one line says the broker's metadata is
+/// missing, not one per job.
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// The publish time of a message whose JetStream metadata (the `$JS.ACK` reply subject)
+/// cannot be read: the time of delivery, which judges the job as strictly as before the
+/// broker's timestamp was used. Logged once per process.
+fn delivery_time_fallback(error: &dyn std::fmt::Display) -> SystemTime {
+    if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(%error, "JetStream message metadata unreadable: judging jobs at delivery time instead of publish time (logged once)");
+    }
+    SystemTime::now()
+}
+
 struct JsDelivery {
     message: jetstream::Message,
     seq: u64,
     delivered: u64,
+    published: SystemTime,
 }
 
 #[async_trait]
@@ -81,6 +102,10 @@ impl Delivery for JsDelivery {
 
     fn delivered(&self) -> u64 {
         self.delivered
+    }
+
+    fn published(&self) -> SystemTime {
+        self.published
     }
 
     async fn ack(&self) -> Result<(), PortError> {

@@ -109,6 +109,7 @@ issuer = "{ISSUER}"
 jwks_file = "{authority_jwks}"
 dpop_htu = "{HTU}"
 dpop_max_age = "{dpop_max_age}"
+clock_skew = "1s"
 [gates.entitlement.poe]
 licensing_jwks_file = "{licensing_jwks}"
 [gates.quota.plans.big]
@@ -336,8 +337,9 @@ async fn a_copy_of_a_proof_that_waited_past_twice_its_max_age_is_still_a_replay(
          this run proves nothing",
         t0.elapsed()
     );
-    // ...waits twice the proof's max age in the stream, then a worker takes it
-    tokio::time::sleep(Duration::from_secs(2 * max_age + 1)).await;
+    // ...waits in the stream past every window but max_queue_age (2 × max_age + skew from
+    // the first use), then a worker takes it
+    tokio::time::sleep(Duration::from_secs(2 * max_age + 2)).await;
     stack.spawn_worker();
     let out = results(&stack, &js, 2).await;
     let copy = of(&out, "rw-2");

@@ -4,7 +4,7 @@
 //! Retryable failures NAK with backoff until the last delivery, which publishes them.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::gates::{EntitlementMsg, ProvenanceMsg, QuotaMsg};
 use super::keyring::KeyMsg;
@@ -231,6 +231,11 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         scanner_digest: Some(request.scanner.image_digest.clone()),
         ..Findings::default()
     };
+    // Before anything that costs or records something (payload, gates, the requestId's
+    // claim, quota): a job older than the queue age limit is answered and forgotten.
+    if let Err(e) = check_queue_age(d.published(), SystemTime::now(), shared.cfg.max_queue_age) {
+        return finish_failed(shared, d, ids, None, e, findings).await;
+    }
     let prepared = match request.validate().and_then(|_| request.prepare_payload()) {
         Ok(p) => p,
         Err(e) => return finish_failed(shared, d, ids, None, e, findings).await,
@@ -254,11 +259,16 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let t_gates = Instant::now();
     // Authentication first: a request that does not authenticate must not use up a
     // requestId (its refusal is answered, not remembered).
-    let verdict =
-        match authenticate(shared, &request, &subject_tenant, &prepared, &mut findings).await {
-            Ok(v) => v,
-            Err(e) => return retry_or_fail(shared, d, ids, None, e, findings).await,
-        };
+    let gate_input = GateInput {
+        request: request.clone(),
+        subject_tenant: subject_tenant.clone(),
+        payload_bytes: prepared.bytes.len(),
+        published: d.published(),
+    };
+    let verdict = match authenticate(shared, gate_input, &mut findings).await {
+        Ok(v) => v,
+        Err(e) => return retry_or_fail(shared, d, ids, None, e, findings).await,
+    };
 
     // The keys: the profile's, refined for the tenant and its plan, as rotated at runtime.
     let Some(selection) = shared.cfg.profiles.select(
@@ -366,16 +376,9 @@ async fn retry_or_fail(
 /// The entitlement gate: OpTok, DPoP, Proof-of-Entitlement.
 async fn authenticate(
     shared: &Arc<Shared>,
-    request: &Arc<SignRequest>,
-    subject_tenant: &Option<String>,
-    prepared: &PreparedPayload,
+    input: GateInput,
     findings: &mut Findings,
 ) -> Result<EntitlementVerdict, SignerError> {
-    let input = GateInput {
-        request: request.clone(),
-        subject_tenant: subject_tenant.clone(),
-        payload_bytes: prepared.bytes.len(),
-    };
     let entitlement = shared.read_refs().entitlement.clone();
     let verdict = call_actor(entitlement, "entitlement", shared.cfg.call_timeout, |r| {
         EntitlementMsg::Verify(input, r)
@@ -404,6 +407,25 @@ async fn authenticate(
             Err(error)
         }
     }
+}
+
+/// Refuses a job that was `published` longer than `max_age` before `now` with
+/// `request_expired`. A publish time after `now` (the broker's clock ahead of ours) counts
+/// as no wait at all.
+fn check_queue_age(
+    published: SystemTime,
+    now: SystemTime,
+    max_age: Duration,
+) -> Result<(), SignerError> {
+    let waited = now.duration_since(published).unwrap_or(Duration::ZERO);
+    if waited > max_age {
+        return Err(SignerError::RequestExpired(format!(
+            "the job waited {} in the queue, the limit is {}",
+            humantime::format_duration(Duration::from_secs(waited.as_secs())),
+            humantime::format_duration(max_age)
+        )));
+    }
+    Ok(())
 }
 
 fn unknown_profile(request: &SignRequest) -> SignerError {
@@ -890,5 +912,22 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert_eq!(trace_id("garbage"), None);
+    }
+
+    #[test]
+    fn queue_age_is_measured_from_the_publish_time() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let limit = Duration::from_secs(60);
+        assert_eq!(check_queue_age(t0, t0, limit), Ok(()));
+        assert_eq!(
+            check_queue_age(t0, t0 + limit, limit),
+            Ok(()),
+            "at the limit"
+        );
+        let e = check_queue_age(t0, t0 + limit + Duration::from_millis(1), limit).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RequestExpired);
+        assert!(!e.code().retryable());
+        // The broker's clock ahead of ours: no wait.
+        assert_eq!(check_queue_age(t0 + limit * 10, t0, limit), Ok(()));
     }
 }

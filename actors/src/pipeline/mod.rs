@@ -73,6 +73,10 @@ pub struct PipelineConfig {
     pub audit_flush_interval: Duration,
     /// Time limit of one call to an actor.
     pub call_timeout: Duration,
+    /// A job published longer ago than this when a worker takes it is refused with
+    /// `request_expired` (unclaimed, uncharged): credentials are judged at publish time,
+    /// and this bounds how old that time may be.
+    pub max_queue_age: Duration,
 }
 
 impl PipelineConfig {
@@ -97,6 +101,7 @@ impl PipelineConfig {
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
             call_timeout: Duration::from_secs(30),
+            max_queue_age: Duration::from_secs(24 * 3600),
         }
     }
 }

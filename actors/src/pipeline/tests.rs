@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
@@ -33,6 +33,8 @@ struct MemDelivery {
     body: Vec<u8>,
     seq: u64,
     delivered: u64,
+    /// When the job was "published" (kept across redeliveries, as JetStream does).
+    published: SystemTime,
 }
 
 #[async_trait]
@@ -51,6 +53,9 @@ impl Delivery for MemDelivery {
     }
     fn delivered(&self) -> u64 {
         self.delivered
+    }
+    fn published(&self) -> SystemTime {
+        self.published
     }
     async fn ack(&self) -> Result<(), PortError> {
         self.queue
@@ -74,6 +79,7 @@ impl Delivery for MemDelivery {
             body: self.body.clone(),
             seq: self.seq,
             delivered: self.delivered + 1,
+            published: self.published,
         };
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -261,6 +267,7 @@ fn submit(queue: &Arc<Queue>, seq: u64) {
             body: request_body(&format!("r-{seq}")),
             seq,
             delivered: 1,
+            published: SystemTime::now(),
         })
         .unwrap();
 }
