@@ -137,10 +137,20 @@ keys = ["ec", "ed"]
 
     /// Adds `line` at the start of the `[worker]` table (before any worker is started).
     pub fn worker_setting(&self, line: &str) {
+        self.setting("worker", line);
+    }
+
+    /// Adds `line` at the start of the template's `[table]` (`worker`, `idempotency`, `nats`).
+    pub fn setting(&self, table: &str, line: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
+        let header = format!("[{table}]\n");
+        assert!(
+            text.contains(&header),
+            "no [{table}] in the stack's configuration"
+        );
         std::fs::write(
             &self.config,
-            text.replacen("[worker]\n", &format!("[worker]\n{line}\n"), 1),
+            text.replacen(&header, &format!("{header}{line}\n"), 1),
         )
         .unwrap();
     }
