@@ -8,7 +8,7 @@ use signer_actors::pipeline::{Pipeline, PipelineConfig, PipelineStatus, Ports};
 use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
 
 use crate::config::{Config, GateMode, IdempotencyBackend, ReplayBackend};
-use crate::entitlement::replay::{RedisReplayCache, ReplayCache};
+use crate::entitlement::replay::{DeferredReplayCache, RedisReplayCache, ReplayCache};
 use crate::jetstream::{
     self, idempotency::KvIdempotency, provision, publisher::JsPublisher, replay::KvReplayCache,
     source::PullSourceFactory,
@@ -102,11 +102,12 @@ async fn replay_store(
 }
 
 /// Builds the three gates. A disabled gate is loud at startup; an enforcing gate whose
-/// configuration is incomplete stops the service here, before it takes a job.
+/// configuration is incomplete stops the service here, before it waits for NATS or takes a
+/// job. `replay` is filled with the replay store once NATS is provisioned.
 async fn gates(
     cfg: &Config,
     redis: Option<crate::redis::Redis>,
-    js: &async_nats::jetstream::Context,
+    replay: Arc<DeferredReplayCache>,
 ) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
@@ -125,7 +126,7 @@ async fn gates(
         GateMode::Enforce => Arc::new(
             crate::entitlement::EntitlementGateImpl::from_config(
                 &cfg.gates.entitlement,
-                Some(replay_store(cfg, redis.clone(), js).await?),
+                Some(replay),
             )
             .await
             .map_err(|e| ServeError::Setup(format!("gate entitlement: {e}")))?,
@@ -224,6 +225,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         .map(crate::redis::connect)
         .transpose()
         .map_err(ServeError::Setup)?;
+    let replay = Arc::new(DeferredReplayCache::default());
+    let GatePorts {
+        entitlement,
+        quota,
+        provenance,
+    } = gates(&cfg, redis.clone(), replay.clone()).await?;
     let health = Arc::new(Health {
         running: std::sync::OnceLock::new(),
         metrics,
@@ -251,11 +258,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
-    let GatePorts {
-        entitlement,
-        quota,
-        provenance,
-    } = gates(&cfg, redis.clone(), &js).await?;
+    if cfg.gates.entitlement.mode == GateMode::Enforce {
+        replay.set(replay_store(&cfg, redis.clone(), &js).await?);
+    }
     let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
         IdempotencyBackend::Redis => {
             tracing::warn!(

@@ -202,6 +202,34 @@ impl ReplayCache for MemoryReplayCache {
     }
 }
 
+/// A store that is opened later: the service builds (and so checks) its gates before it waits
+/// for NATS, and opens the JetStream bucket once NATS is there. Until [`Self::set`], every
+/// record is refused as unavailable (retryable), never let through.
+#[derive(Default)]
+pub struct DeferredReplayCache {
+    store: std::sync::OnceLock<std::sync::Arc<dyn ReplayCache>>,
+}
+
+impl DeferredReplayCache {
+    /// Installs the store; a second call is ignored (returns `false`).
+    pub fn set(&self, store: std::sync::Arc<dyn ReplayCache>) -> bool {
+        self.store.set(store).is_ok()
+    }
+}
+
+#[async_trait]
+impl ReplayCache for DeferredReplayCache {
+    async fn record(&self, key: &ReplayKey, binding: &str) -> Result<ReplayOutcome, ReplayError> {
+        match self.store.get() {
+            Some(store) => store.record(key, binding).await,
+            None => Err(ReplayError::unavailable(
+                "deferred",
+                "the replay store is not open yet",
+            )),
+        }
+    }
+}
+
 /// 1: recorded now; 2: recorded before with the same binding; 0: replay.
 const RECORD: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -349,6 +377,24 @@ mod tests {
             full.map_err(|e| e.kind),
             Err(ReplayErrorKind::Full),
             "full: refuse, never forget"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deferred_store_refuses_until_it_is_set() {
+        let deferred = DeferredReplayCache::default();
+        let key = ReplayKey::new("k", "j");
+        assert_eq!(
+            deferred.record(&key, "a").await.map_err(|e| e.kind),
+            Err(ReplayErrorKind::Unavailable)
+        );
+        let memory = std::sync::Arc::new(MemoryReplayCache::new(10, Duration::from_secs(60)));
+        assert!(deferred.set(memory.clone()));
+        assert!(!deferred.set(memory), "set once");
+        assert_eq!(deferred.record(&key, "a").await, Ok(ReplayOutcome::First));
+        assert_eq!(
+            deferred.record(&key, "b").await,
+            Ok(ReplayOutcome::Replayed)
         );
     }
 
