@@ -231,6 +231,15 @@ fn pkcs8() -> Vec<u8> {
 
 /// A pipeline over in-memory ports whose `default` profile signs with `key`.
 async fn start(keys: Arc<dyn KeyFactory>, key: &str) -> (Arc<Queue>, Arc<MemPublisher>, Pipeline) {
+    start_with(keys, key, |_, _| {}).await
+}
+
+/// The same, with `change` applied to the configuration and ports before starting.
+async fn start_with(
+    keys: Arc<dyn KeyFactory>,
+    key: &str,
+    change: impl FnOnce(&mut PipelineConfig, &mut Ports),
+) -> (Arc<Queue>, Arc<MemPublisher>, Pipeline) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queue = Arc::new(Queue {
         tx,
@@ -243,7 +252,7 @@ async fn start(keys: Arc<dyn KeyFactory>, key: &str) -> (Arc<Queue>, Arc<MemPubl
     );
     cfg.backoff_base = Duration::from_millis(10);
     cfg.backoff_max = Duration::from_millis(100);
-    let ports = Ports {
+    let mut ports = Ports {
         source: Arc::new(MemSource(Arc::new(Mutex::new(Some(rx))))),
         publisher: publisher.clone(),
         idempotency: Arc::new(MemIdempotency::default()),
@@ -254,12 +263,18 @@ async fn start(keys: Arc<dyn KeyFactory>, key: &str) -> (Arc<Queue>, Arc<MemPubl
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
     };
+    change(&mut cfg, &mut ports);
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
     (queue, publisher, pipeline)
 }
 
 /// Publishes job `seq` (requestId `r-<seq>`).
 fn submit(queue: &Arc<Queue>, seq: u64) {
+    submit_published(queue, seq, SystemTime::now());
+}
+
+/// Publishes job `seq` as if the broker had stored it at `published`.
+fn submit_published(queue: &Arc<Queue>, seq: u64, published: SystemTime) {
     queue
         .tx
         .send(MemDelivery {
@@ -267,7 +282,7 @@ fn submit(queue: &Arc<Queue>, seq: u64) {
             body: request_body(&format!("r-{seq}")),
             seq,
             delivered: 1,
-            published: SystemTime::now(),
+            published,
         })
         .unwrap();
 }
@@ -504,5 +519,182 @@ async fn a_pool_of_two_signs_with_both_and_reloads_a_failed_member_alone() {
         .collect();
     assert_eq!(results.len() as u64, jobs, "one result per job");
     assert!(results.iter().all(|m| m.subject == "sign.completed"));
+    assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+/// Counts idempotency claims (otherwise the in-memory store).
+#[derive(Default)]
+struct CountingIdempotency {
+    inner: MemIdempotency,
+    claims: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl IdempotencyStore for CountingIdempotency {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError> {
+        self.claims.lock().unwrap().push(key.into());
+        self.inner.claim(key, owner, lease).await
+    }
+    async fn complete(&self, key: &str, seq: u64) -> Result<(), PortError> {
+        self.inner.complete(key, seq).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
+        self.inner.release(key, owner).await
+    }
+}
+
+/// Counts quota charges; refuses the first `refuse` of them with `quota_exceeded`
+/// (`retry_after`), then allows.
+struct CountingQuota {
+    charges: AtomicUsize,
+    refuse: usize,
+    retry_after: Duration,
+}
+
+#[async_trait]
+impl QuotaStore for CountingQuota {
+    async fn acquire(
+        &self,
+        _: &str,
+        _: &str,
+        _: usize,
+    ) -> Result<QuotaGrant, crate::error::SignerError> {
+        let n = self.charges.fetch_add(1, Ordering::SeqCst);
+        if n < self.refuse {
+            return Err(crate::error::SignerError::QuotaExceeded {
+                message: "test: rate".into(),
+                retry_after_ms: self.retry_after.as_millis() as u64,
+            });
+        }
+        Ok(QuotaGrant::Allowed)
+    }
+    async fn release(&self, _: &str, _: &str) {}
+}
+
+/// The results (`sign.*`) and audit events (`signer.audit.*`) published so far, as JSON.
+fn published_json(publisher: &MemPublisher, prefix: &str) -> Vec<serde_json::Value> {
+    let stored = publisher.0.lock().unwrap();
+    let mut out = Vec::new();
+    for m in stored.iter().filter(|m| m.subject.starts_with(prefix)) {
+        match serde_json::from_slice(&m.body).unwrap() {
+            serde_json::Value::Array(batch) => out.extend(batch),
+            one => out.push(one),
+        }
+    }
+    out
+}
+
+/// `request_expired` pipeline: a queue age limit of `limit`, counting quota (refusing the
+/// first `refuse` charges) and idempotency stores.
+async fn start_expiring(
+    limit: Duration,
+    refuse: usize,
+    retry_after: Duration,
+) -> (
+    Arc<Queue>,
+    Arc<MemPublisher>,
+    Pipeline,
+    Arc<CountingQuota>,
+    Arc<CountingIdempotency>,
+) {
+    let keys = Arc::new(Keys {
+        pkcs8: pkcs8(),
+        armed: Arc::new(AtomicBool::new(false)),
+        loads: AtomicUsize::new(0),
+    });
+    let quota = Arc::new(CountingQuota {
+        charges: AtomicUsize::new(0),
+        refuse,
+        retry_after,
+    });
+    let idem = Arc::new(CountingIdempotency::default());
+    let (q, i) = (quota.clone(), idem.clone());
+    let (queue, publisher, pipeline) = start_with(keys, "panicky", move |cfg, ports| {
+        cfg.max_queue_age = limit;
+        cfg.backoff_max = Duration::from_secs(10);
+        ports.quota = q;
+        ports.idempotency = i;
+    })
+    .await;
+    (queue, publisher, pipeline, quota, idem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_older_than_the_queue_age_limit_is_refused_unclaimed_and_uncharged() {
+    let limit = Duration::from_secs(3600);
+    let (queue, publisher, pipeline, quota, idem) = start_expiring(limit, 0, Duration::ZERO).await;
+    let now = SystemTime::now();
+    submit_published(&queue, 1, now - limit - Duration::from_secs(5));
+    until("job 1 acked", || acked(&queue, 1)).await;
+    // One just within the limit is signed.
+    submit_published(&queue, 2, now - limit + Duration::from_secs(60));
+    until("job 2 acked", || acked(&queue, 2)).await;
+
+    let results = published_json(&publisher, "sign.");
+    assert_eq!(results.len(), 2, "{results:?}");
+    let expired = results.iter().find(|r| r["requestId"] == "r-1").unwrap();
+    assert_eq!(expired["error"]["code"], "request_expired", "{expired}");
+    assert_eq!(expired["error"]["retryable"], false);
+    let signed = results.iter().find(|r| r["requestId"] == "r-2").unwrap();
+    assert!(signed["envelope"].is_object(), "{signed}");
+
+    let events = published_json(&publisher, "signer.audit.");
+    let event = events.iter().find(|e| e["requestId"] == "r-1").unwrap();
+    assert_eq!(
+        (&event["decision"], &event["errorCode"]),
+        (&"failed".into(), &"request_expired".into()),
+        "{event}"
+    );
+    assert_eq!(event["quota"]["outcome"], "not_checked");
+    assert!(expired["audit"]["seq"].as_u64().is_some());
+
+    assert_eq!(
+        *idem.claims.lock().unwrap(),
+        vec!["acme/r-2".to_string()],
+        "the expired job's requestId was never claimed"
+    );
+    assert_eq!(
+        quota.charges.load(Ordering::SeqCst),
+        1,
+        "only job 2 was charged"
+    );
+    let settled = queue.settled.lock().unwrap().clone();
+    assert_eq!(settled, vec![(1, Settled::Ack), (2, Settled::Ack)]);
+    assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_retried_past_the_queue_age_limit_expires_on_redelivery() {
+    // Published 1 s ago with a 4 s limit; the quota refuses the first charge and asks for a
+    // 3.5 s wait, so the redelivery comes when the job is at least 4.5 s old. The publish
+    // time is the broker's: a redelivery keeps it.
+    let limit = Duration::from_secs(4);
+    let (queue, publisher, pipeline, quota, idem) =
+        start_expiring(limit, 1, Duration::from_millis(3500)).await;
+    submit_published(&queue, 1, SystemTime::now() - Duration::from_secs(1));
+    until("job 1 NAKed for the quota", || {
+        queue.settled.lock().unwrap().contains(&(1, Settled::Nak))
+    })
+    .await;
+    tokio::time::sleep(limit).await;
+    until("job 1 acked", || acked(&queue, 1)).await;
+
+    let results = published_json(&publisher, "sign.");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(
+        results[0]["error"]["code"], "request_expired",
+        "{}",
+        results[0]
+    );
+    assert_eq!(
+        quota.charges.load(Ordering::SeqCst),
+        1,
+        "charged (refused) once, on delivery 1"
+    );
+    assert_eq!(
+        idem.claims.lock().unwrap().len(),
+        1,
+        "claimed on delivery 1 only"
+    );
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
