@@ -7,9 +7,11 @@ use std::time::Duration;
 use signer_actors::pipeline::{Pipeline, PipelineConfig, PipelineStatus, Ports};
 use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
 
-use crate::config::{Config, GateMode, IdempotencyBackend};
+use crate::config::{Config, GateMode, IdempotencyBackend, ReplayBackend};
+use crate::entitlement::replay::{DeferredReplayCache, RedisReplayCache, ReplayCache};
 use crate::jetstream::{
-    self, idempotency::KvIdempotency, provision, publisher::JsPublisher, source::PullSourceFactory,
+    self, idempotency::KvIdempotency, provision, publisher::JsPublisher, replay::KvReplayCache,
+    source::PullSourceFactory,
 };
 use crate::keys::factory::ConfiguredKeys;
 
@@ -65,9 +67,48 @@ struct GatePorts {
     provenance: Arc<dyn ReleaseVerifier>,
 }
 
+/// The DPoP replay records: by default in a JetStream bucket beside the jobs, so that losing
+/// Redis cannot let a replay through; Redis when chosen explicitly.
+async fn replay_store(
+    cfg: &Config,
+    redis: Option<crate::redis::Redis>,
+    js: &async_nats::jetstream::Context,
+) -> Result<Arc<dyn ReplayCache>, ServeError> {
+    let gate = &cfg.gates.entitlement;
+    let lifetime = cfg.dpop_replay_lifetime();
+    Ok(match gate.dpop_replay_backend {
+        ReplayBackend::Jetstream => {
+            let store = KvReplayCache::open(js, &gate.dpop_replay_bucket, lifetime).await?;
+            tracing::info!(bucket = %gate.dpop_replay_bucket, lifetime_s = lifetime.as_secs(), "DPoP replay records in JetStream");
+            Arc::new(store)
+        }
+        ReplayBackend::Redis => {
+            let pool = redis.ok_or_else(|| {
+                ServeError::Setup(
+                    "gates.entitlement.dpop_replay_backend = \"redis\" needs [redis]".into(),
+                )
+            })?;
+            tracing::warn!(
+                lifetime_s = lifetime.as_secs(),
+                "DPoP replay records in Redis: a Redis restart without persistence forgets them and lets proofs be replayed"
+            );
+            Arc::new(RedisReplayCache::new(
+                pool,
+                gate.dpop_replay_prefix.clone(),
+                lifetime,
+            ))
+        }
+    })
+}
+
 /// Builds the three gates. A disabled gate is loud at startup; an enforcing gate whose
-/// configuration is incomplete stops the service here, before it takes a job.
-async fn gates(cfg: &Config, redis: Option<crate::redis::Redis>) -> Result<GatePorts, ServeError> {
+/// configuration is incomplete stops the service here, before it waits for NATS or takes a
+/// job. `replay` is filled with the replay store once NATS is provisioned.
+async fn gates(
+    cfg: &Config,
+    redis: Option<crate::redis::Redis>,
+    replay: Arc<DeferredReplayCache>,
+) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
     };
@@ -85,7 +126,7 @@ async fn gates(cfg: &Config, redis: Option<crate::redis::Redis>) -> Result<GateP
         GateMode::Enforce => Arc::new(
             crate::entitlement::EntitlementGateImpl::from_config(
                 &cfg.gates.entitlement,
-                redis.clone(),
+                Some(replay),
             )
             .await
             .map_err(|e| ServeError::Setup(format!("gate entitlement: {e}")))?,
@@ -185,11 +226,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         .map(crate::redis::connect)
         .transpose()
         .map_err(ServeError::Setup)?;
+    let replay = Arc::new(DeferredReplayCache::default());
     let GatePorts {
         entitlement,
         quota,
         provenance,
-    } = gates(&cfg, redis.clone()).await?;
+    } = gates(&cfg, redis.clone(), replay.clone()).await?;
     let health = Arc::new(Health {
         running: std::sync::OnceLock::new(),
         metrics,
@@ -217,8 +259,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
+    if cfg.gates.entitlement.mode == GateMode::Enforce {
+        replay.set(replay_store(&cfg, redis.clone(), &js).await?);
+    }
     let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
         IdempotencyBackend::Redis => {
+            tracing::warn!(
+                "idempotency records in Redis: a Redis restart without persistence forgets which requests were signed, and republished ones are signed again"
+            );
             let conn = redis
                 .clone()
                 .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;

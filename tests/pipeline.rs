@@ -294,6 +294,7 @@ async fn retryable_failures_back_off_and_end_as_failed_at_max_deliveries() {
     // Idempotency in a Redis that does not answer: every attempt fails with a retryable
     // `internal`; the third (max_deliver = 3) publishes it.
     let mut stack = Stack::new("r", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
+    stack.setting("idempotency", "backend = \"redis\"");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

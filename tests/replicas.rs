@@ -10,7 +10,7 @@ use common::stack::{Stack, request, verify_completed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_midway_loses_and_duplicates_nothing() {
-    // idempotency records in Redis, shared by the replicas
+    // idempotency records in JetStream KV (the default, even with [redis]), shared by the replicas
     let mut stack = Stack::new("k", "[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
     stack.worker_setting("max_inflight = 64");
     for _ in 0..3 {

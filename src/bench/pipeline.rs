@@ -94,6 +94,9 @@ struct Names {
     keys: String,
     consumer: String,
     idem: String,
+    /// Key-value buckets of this run's idempotency and DPoP replay records.
+    idem_bucket: String,
+    dpop_bucket: String,
 }
 
 impl Names {
@@ -110,6 +113,8 @@ impl Names {
             keys: format!("{up}_KEYS"),
             consumer: id.clone(),
             idem: format!("{id}:idem:"),
+            idem_bucket: format!("{up}_IDEM"),
+            dpop_bucket: format!("{up}_DPOP"),
         }
     }
 
@@ -117,7 +122,9 @@ impl Names {
         for s in [&self.req, &self.res, &self.aud] {
             let _ = js.delete_stream(s).await;
         }
-        let _ = js.delete_stream(format!("KV_{}", self.keys)).await;
+        for bucket in [&self.keys, &self.idem_bucket, &self.dpop_bucket] {
+            let _ = js.delete_stream(format!("KV_{bucket}")).await;
+        }
     }
 }
 
@@ -285,13 +292,19 @@ impl Drop for Worker {
     }
 }
 
-fn start_worker(config: &Path, dir: &Path) -> Result<Worker, CliError> {
+/// Starts `serve`; the run's DPoP bucket comes from the environment because the gates'
+/// `[gates.entitlement]` table belongs to the variant's configuration.
+fn start_worker(config: &Path, dir: &Path, names: &Names) -> Result<Worker, CliError> {
     let exe = std::env::current_exe().map_err(bench_err)?;
     let log = std::fs::File::create(dir.join("worker.log")).map_err(bench_err)?;
     let child = Command::new(exe)
         .args(["serve", "--config"])
         .arg(config)
         .env("SIGNER_LOG", "warn")
+        .env(
+            "SIGNER_GATES__ENTITLEMENT__DPOP_REPLAY_BUCKET",
+            &names.dpop_bucket,
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -324,6 +337,7 @@ max_inflight = {inflight}
 url = "{redis}"
 [idempotency]
 redis_prefix = "{idem}"
+bucket = "{idem_bucket}"
 [http]
 listen = ""
 [[keys]]
@@ -344,6 +358,7 @@ keys = ["bench"]
         inflight = b.max_inflight,
         redis = b.redis,
         idem = names.idem,
+        idem_bucket = names.idem_bucket,
         key = key.private_key.display(),
         extra = b.extra_config,
     );
@@ -363,7 +378,7 @@ keys = ["bench"]
     let stream_subject = format!("{}sign.requests.acme", names.prefix);
     // a first worker provisions streams and the consumer, then stops
     {
-        let w = start_worker(&config, dir.path())?;
+        let w = start_worker(&config, dir.path(), &names)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while js.get_stream(&names.req).await.is_err() || js.get_stream(&names.res).await.is_err() {
             if Instant::now() > deadline {
@@ -380,7 +395,7 @@ keys = ["bench"]
     let t = Instant::now();
     publish_jobs(&js, &stream_subject, 0, b.jobs, b.identity.as_ref()).await?;
     let publish_rate = b.jobs as f64 / t.elapsed().as_secs_f64();
-    let worker = start_worker(&config, dir.path())?;
+    let worker = start_worker(&config, dir.path(), &names)?;
     let pid = worker.child.id();
     let started = Instant::now();
     let (cpu0, _) = proc_usage(pid).unwrap_or((0.0, 0));

@@ -56,7 +56,11 @@ pub struct EntitlementGate {
     /// How old (or how far in the future) a DPoP proof's `iat` may be.
     #[serde(with = "duration")]
     pub dpop_max_age: Duration,
-    /// Redis key prefix of the DPoP replay cache (memory when no [redis]).
+    /// Where the DPoP replay records live: `jetstream` (default) or `redis`.
+    pub dpop_replay_backend: ReplayBackend,
+    /// Key-value bucket of the replay records (backend `jetstream`).
+    pub dpop_replay_bucket: String,
+    /// Redis key prefix of the replay records (backend `redis`).
     pub dpop_replay_prefix: String,
     pub poe: PoeConfig,
 }
@@ -75,9 +79,36 @@ impl Default for EntitlementGate {
             allow_bearer: false,
             dpop_htu: "nats:sign.requests".into(),
             dpop_max_age: Duration::from_secs(60),
+            dpop_replay_backend: ReplayBackend::default(),
+            dpop_replay_bucket: "SIGNER_DPOP".into(),
             dpop_replay_prefix: "signer:dpop:".into(),
             poe: PoeConfig::default(),
         }
+    }
+}
+
+/// Where the DPoP replay records live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayBackend {
+    /// A JetStream key-value bucket: replicated and on disk like the jobs (default).
+    #[default]
+    Jetstream,
+    /// Redis (`[redis]` must be set): only as durable as its persistence.
+    Redis,
+}
+
+impl EntitlementGate {
+    /// How long a replay record must live so that no copy of a proof can outwait it: a copy
+    /// may be published up to `iat + dpop_max_age` and wait `max_queue_age` in the stream,
+    /// while the first use may come as early as `iat - dpop_max_age`. See
+    /// [`crate::entitlement::replay::record_lifetime`].
+    pub fn replay_lifetime(&self, max_queue_age: Duration) -> Duration {
+        crate::entitlement::replay::record_lifetime(
+            self.dpop_max_age,
+            max_queue_age,
+            self.clock_skew,
+        )
     }
 }
 

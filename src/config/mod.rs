@@ -32,6 +32,7 @@ pub mod gates;
 
 pub use gates::{
     EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate, QuotaGate,
+    ReplayBackend,
 };
 
 pub(crate) mod duration {
@@ -178,16 +179,17 @@ impl Default for WorkerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IdempotencyBackend {
-    /// Redis (`[redis]` must be set), shared by all replicas.
+    /// Redis (`[redis]` must be set), shared by all replicas; only as durable as its
+    /// persistence.
     Redis,
-    /// A JetStream key-value bucket.
+    /// A JetStream key-value bucket, replicated and on disk like the jobs (the default).
     Jetstream,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdempotencyConfig {
-    /// `redis` or `jetstream`; default: redis when `[redis]` is configured.
+    /// `jetstream` (default, also when `[redis]` is configured) or `redis`.
     pub backend: Option<IdempotencyBackend>,
     /// How long a finished request is remembered.
     #[serde(with = "duration")]
@@ -417,6 +419,24 @@ impl Config {
         }
         if self.idempotency.backend == Some(IdempotencyBackend::Redis) && self.redis.is_none() {
             return invalid("idempotency.backend = \"redis\" needs a [redis] section".into());
+        }
+        let entitlement = &self.gates.entitlement;
+        if entitlement.mode == GateMode::Enforce {
+            match entitlement.dpop_replay_backend {
+                ReplayBackend::Redis if self.redis.is_none() => {
+                    return invalid(
+                        "gates.entitlement.dpop_replay_backend = \"redis\" needs a [redis] section"
+                            .into(),
+                    );
+                }
+                ReplayBackend::Jetstream if !is_bucket_name(&entitlement.dpop_replay_bucket) => {
+                    return invalid(format!(
+                        "gates.entitlement.dpop_replay_bucket {:?} must be 1 to 64 characters of [A-Za-z0-9_-]",
+                        entitlement.dpop_replay_bucket
+                    ));
+                }
+                _ => {}
+            }
         }
         if self.worker.max_inflight == 0 {
             return invalid("worker.max_inflight must be at least 1".into());
@@ -679,14 +699,28 @@ impl Config {
         )
     }
 
-    /// The idempotency backend in effect.
+    /// The idempotency backend in effect: JetStream unless Redis is chosen explicitly (a
+    /// Redis without persistence would forget, on restart, which requests were signed).
     pub fn idempotency_backend(&self) -> IdempotencyBackend {
-        self.idempotency.backend.unwrap_or(if self.redis.is_some() {
-            IdempotencyBackend::Redis
-        } else {
-            IdempotencyBackend::Jetstream
-        })
+        self.idempotency
+            .backend
+            .unwrap_or(IdempotencyBackend::Jetstream)
     }
+
+    /// How long a DPoP replay record lives (see [`EntitlementGate::replay_lifetime`]).
+    pub fn dpop_replay_lifetime(&self) -> Duration {
+        self.gates
+            .entitlement
+            .replay_lifetime(self.worker.max_queue_age)
+    }
+}
+
+/// A JetStream key-value bucket name (the server allows `[A-Za-z0-9_-]`).
+fn is_bucket_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn check_url(url: &str, schemes: &[&str], field: &str) -> Result<(), ConfigError> {
@@ -822,6 +856,58 @@ mod tests {
                 vec![]
             )
             .contains("[redis]")
+        );
+    }
+
+    #[test]
+    fn replay_and_idempotency_records_default_to_jetstream_even_with_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = base(dir.path());
+        let text = format!("{plain}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.idempotency_backend(), IdempotencyBackend::Jetstream);
+        assert_eq!(
+            cfg.gates.entitlement.dpop_replay_backend,
+            ReplayBackend::Jetstream
+        );
+        assert_eq!(cfg.gates.entitlement.dpop_replay_bucket, "SIGNER_DPOP");
+        let explicit = Config::from_toml(
+            &format!("{text}[idempotency]\nbackend = \"redis\"\n[gates.entitlement]\ndpop_replay_backend = \"redis\"\n"),
+            [],
+        )
+        .unwrap();
+        assert_eq!(explicit.idempotency_backend(), IdempotencyBackend::Redis);
+        assert_eq!(
+            explicit.gates.entitlement.dpop_replay_backend,
+            ReplayBackend::Redis
+        );
+        // 2 × dpop_max_age + max_queue_age + clock_skew
+        let e = &cfg.gates.entitlement;
+        assert_eq!(
+            cfg.dpop_replay_lifetime(),
+            e.dpop_max_age * 2 + Duration::from_secs(24 * 3600) + e.clock_skew
+        );
+        let short_queue =
+            Config::from_toml(&format!("{text}[worker]\nmax_queue_age = \"1h\"\n"), []).unwrap();
+        assert_eq!(
+            short_queue.dpop_replay_lifetime(),
+            e.dpop_max_age * 2 + Duration::from_secs(3600) + e.clock_skew,
+            "follows worker.max_queue_age"
+        );
+
+        let err = |extra: &str| {
+            Config::from_toml(&format!("{plain}\n{extra}"), [])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[gates.entitlement]\ndpop_replay_backend = \"redis\"\n").contains("[redis]"));
+        assert!(
+            err("[gates.entitlement]\ndpop_replay_bucket = \"a.b\"\n")
+                .contains("dpop_replay_bucket")
+        );
+        assert!(
+            err("[gates.entitlement]\ndpop_replay_backend = \"memory\"\n")
+                .contains("dpop_replay_backend")
         );
     }
 }

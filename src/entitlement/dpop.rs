@@ -12,8 +12,9 @@
 //! - carry `htm`, `htu`, `ath` (base64url SHA-256 of the OpTok), `iat` within
 //!   ±`dpop_max_age` of the moment the job was published (the broker's timestamp, not the
 //!   time a worker gets to it: a proof is made for publishing, and a backlog must not make
-//!   fresh proofs stale), and a `jti` not used before for another request
-//!   (see [`super::replay`]).
+//!   fresh proofs stale), and a `jti` this key has not used before for another request
+//!   (see [`super::replay`]: records are per proof key, so one client cannot burn another's,
+//!   and outlive every copy's wait in the stream).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use signer_actors::error::SignerError;
 
 use super::jwks::PublicKey;
 use super::jws::{self, JwsError, b64url, numeric_date};
-use super::replay::{ReplayCache, ReplayError, ReplayOutcome};
+use super::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
 
 /// The `htm` of a proof for publishing a job.
 pub const DPOP_HTM: &str = "PUBLISH";
@@ -102,25 +103,18 @@ pub struct ProofContext<'a> {
     pub now: u64,
 }
 
-/// Verifies proofs and records their `jti`s.
+/// Verifies proofs and records their `jti`s (per proof key, for the store's lifetime).
 pub struct DpopVerifier {
     htu: String,
     max_age: Duration,
-    replay_prefix: String,
     replay: Arc<dyn ReplayCache>,
 }
 
 impl DpopVerifier {
-    pub fn new(
-        htu: impl Into<String>,
-        max_age: Duration,
-        replay_prefix: impl Into<String>,
-        replay: Arc<dyn ReplayCache>,
-    ) -> Self {
+    pub fn new(htu: impl Into<String>, max_age: Duration, replay: Arc<dyn ReplayCache>) -> Self {
         DpopVerifier {
             htu: htu.into(),
             max_age,
-            replay_prefix: replay_prefix.into(),
             replay,
         }
     }
@@ -174,14 +168,10 @@ impl DpopVerifier {
                 max_age,
             });
         }
-        let key = format!(
-            "{}{}",
-            self.replay_prefix,
-            hex::encode(Sha256::digest(jti.as_bytes()))
-        );
+        // Scoped by the thumbprint checked above (equal to the token's cnf.jkt).
         match self
             .replay
-            .record(&key, ctx.binding, self.max_age.saturating_mul(2))
+            .record(&ReplayKey::new(ctx.jkt, &jti), ctx.binding)
             .await?
         {
             ReplayOutcome::First | ReplayOutcome::SameRequest => Ok(()),
@@ -199,7 +189,9 @@ mod tests {
 
     use super::super::EntitlementGateImpl;
     use super::super::mint::{self, MintAlg};
+    use super::super::replay::RedisReplayCache;
     use super::super::testkit::{self, Fixture, KeyPair, code, deny, now};
+    use super::*;
 
     fn job(fx: &Fixture, optok: &str, proof: Option<&str>) -> GateInput {
         let licence = fx.licence(&fx.licence_claims());
@@ -398,23 +390,64 @@ mod tests {
         replay_is_refused(&gate, &gate, &fx).await;
     }
 
+    fn redis_records(fx: &Fixture, pool: crate::redis::Redis) -> Option<Arc<dyn ReplayCache>> {
+        Some(Arc::new(RedisReplayCache::new(
+            pool,
+            fx.cfg.dpop_replay_prefix.clone(),
+            Duration::from_secs(120),
+        )))
+    }
+
     #[tokio::test]
     async fn replayed_jti_in_redis_across_replicas() {
         let fx = Fixture::new(); // its replay prefix is unique to this test
-        let a = EntitlementGateImpl::from_config(&fx.cfg, Some(testkit::redis_pool()))
-            .await
-            .unwrap();
-        let b = EntitlementGateImpl::from_config(&fx.cfg, Some(testkit::redis_pool()))
-            .await
-            .unwrap();
+        let a =
+            EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, testkit::redis_pool()))
+                .await
+                .unwrap();
+        let b =
+            EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, testkit::redis_pool()))
+                .await
+                .unwrap();
         replay_is_refused(&a, &b, &fx).await;
+    }
+
+    /// RFC 9449 makes a `jti` unique per key: the same `jti` from another client's key is
+    /// another proof, not a replay (records keyed by `jti` alone let one tenant burn another's).
+    #[tokio::test]
+    async fn the_same_jti_from_another_proof_key_is_not_a_replay() {
+        let fx = Fixture::new();
+        let mut other = Fixture::new();
+        other.client = KeyPair::new(MintAlg::EdDsa);
+        let gate = fx.gate().await;
+        let mine = fx.optok(&fx.optok_claims());
+        let theirs = fx.optok(&{
+            let mut c = fx.optok_claims();
+            c["cnf"]["jkt"] = mint::jkt_of(&other.client.jwk).into();
+            c
+        });
+        let jti = "jti-predictable-1";
+        gate.verify(&job(
+            &fx,
+            &mine,
+            Some(&fx.dpop_with(&mine, &fx.cfg.dpop_htu, now(), jti)),
+        ))
+        .await
+        .unwrap();
+        let their_proof = other.dpop_with(&theirs, &fx.cfg.dpop_htu, now(), jti);
+        gate.verify(&job(&fx, &theirs, Some(&their_proof)))
+            .await
+            .unwrap();
+        // ...while each key's own reuse still is a replay.
+        let d = deny(&gate, &job(&fx, &theirs, Some(&their_proof))).await;
+        assert_eq!(d.error.code(), ErrorCode::DpopReplayed);
     }
 
     #[tokio::test]
     async fn replay_cache_outage_is_retryable() {
         let fx = Fixture::new();
         let pool = crate::redis::connect_url("redis://127.0.0.1:1").unwrap();
-        let gate = EntitlementGateImpl::from_config(&fx.cfg, Some(pool))
+        let gate = EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, pool))
             .await
             .unwrap();
         let optok = fx.optok(&fx.optok_claims());

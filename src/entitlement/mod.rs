@@ -41,7 +41,7 @@ use dpop::{DpopError, DpopVerifier, ProofContext};
 use jwks::{JwksError, JwksSource, JwksStore, UNKNOWN_KID_REFRESH_INTERVAL};
 use optok::{OpTokError, OpTokPolicy, OpTokVerifier};
 use poe::{Introspector, JwtLicences, PoeVerifier};
-use replay::{MemoryReplayCache, RedisReplayCache, ReplayCache};
+use replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 
 /// A value that passed verification. Only the verifiers of this module can make one (the
 /// field is private), so code that takes a `Verified<OpTok>` cannot be handed claims that
@@ -161,22 +161,23 @@ fn denial(
 
 impl EntitlementGateImpl {
     /// Builds the gate: checks the configuration, loads the Authority's (and licensing)
-    /// keys, and starts their periodic refresh. With `redis`, the DPoP replay cache is shared
-    /// by every replica; without, it is in memory (fine for one replica).
+    /// keys, and starts their periodic refresh. `replay` holds the DPoP replay records (the
+    /// service passes the configured store, see `crate::serve`); without one they are kept in
+    /// memory for `2 × dpop_max_age + clock_skew` (tests, a single process).
     ///
     /// `cfg.mode` is the caller's business: for `disabled` it uses
     /// `signer_actors::pipeline::disabled::DisabledEntitlement` instead of calling this.
     /// Must run inside a tokio runtime (the key refresh runs as a task).
     pub async fn from_config(
         cfg: &EntitlementGate,
-        redis: Option<crate::redis::Redis>,
+        replay: Option<Arc<dyn ReplayCache>>,
     ) -> Result<Self, EntitlementSetupError> {
-        Self::build(cfg, redis, UNKNOWN_KID_REFRESH_INTERVAL).await
+        Self::build(cfg, replay, UNKNOWN_KID_REFRESH_INTERVAL).await
     }
 
     async fn build(
         cfg: &EntitlementGate,
-        redis: Option<crate::redis::Redis>,
+        replay: Option<Arc<dyn ReplayCache>>,
         unknown_kid_interval: Duration,
     ) -> Result<Self, EntitlementSetupError> {
         use EntitlementSetupError as E;
@@ -261,15 +262,12 @@ impl EntitlementGateImpl {
             .map(|url| Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew));
         let bypass_plan = poe_cfg.bypass.then(|| poe_cfg.bypass_plan.clone());
 
-        let replay: Arc<dyn ReplayCache> = match redis {
-            Some(pool) => Arc::new(RedisReplayCache::new(pool)),
-            None => {
-                tracing::info!(
-                    "DPoP replay cache in memory: proofs are checked per replica; configure [redis] when running several"
-                );
-                Arc::new(MemoryReplayCache::default())
-            }
-        };
+        let replay = replay.unwrap_or_else(|| {
+            tracing::info!("DPoP replay records in memory: proofs are checked per process");
+            let lifetime =
+                replay::record_lifetime(cfg.dpop_max_age, Duration::ZERO, cfg.clock_skew);
+            Arc::new(MemoryReplayCache::new(MEMORY_REPLAY_CAPACITY, lifetime))
+        });
 
         if cfg.allow_bearer {
             tracing::warn!(
@@ -293,12 +291,7 @@ impl EntitlementGateImpl {
                     skew,
                 },
             ),
-            dpop: DpopVerifier::new(
-                cfg.dpop_htu.clone(),
-                cfg.dpop_max_age,
-                cfg.dpop_replay_prefix.clone(),
-                replay,
-            ),
+            dpop: DpopVerifier::new(cfg.dpop_htu.clone(), cfg.dpop_max_age, replay),
             poe: PoeVerifier::new(bypass_plan, jwt, introspect),
             allow_bearer: cfg.allow_bearer,
             authority_keys,

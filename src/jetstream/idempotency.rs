@@ -1,4 +1,6 @@
-//! Idempotency records in a JetStream key-value bucket (when no Redis is configured).
+//! Idempotency records in a JetStream key-value bucket (the default, also when Redis is
+//! configured: the records live beside the jobs, replicated and on disk like them, so a Redis
+//! restart cannot make a republished request be signed again).
 //!
 //! Value: `lease <owner> <expiry unix ms>` while a replica works on the request, then
 //! `done <result sequence>`. Compare-and-set on the entry revision makes a take-over of an
@@ -127,5 +129,97 @@ impl IdempotencyStore for KvIdempotency {
             self.store.delete(&key).await.map_err(port)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn bucket(tag: &str) -> (jetstream::Context, String) {
+        let client = async_nats::connect("nats://127.0.0.1:4222")
+            .await
+            .expect("NATS on 127.0.0.1:4222");
+        let mut rnd = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
+        let name = format!(
+            "TEST_IDEM_{tag}_{}_{}",
+            std::process::id(),
+            hex::encode(rnd)
+        );
+        (jetstream::new(client), name)
+    }
+
+    #[tokio::test]
+    async fn kv_leases_complete_release_and_busy() {
+        let (js, name) = bucket("LEASE").await;
+        let ttl = Duration::from_secs(600);
+        let a = KvIdempotency::open(&js, &name, ttl).await.unwrap();
+        let b = KvIdempotency::open(&js, &name, ttl).await.unwrap();
+        let lease = Duration::from_secs(30);
+        let key = "acme/req:1";
+        assert_eq!(a.claim(key, "w1", lease).await.unwrap(), Claim::Acquired);
+        assert_eq!(
+            a.claim(key, "w1", lease).await.unwrap(),
+            Claim::Acquired,
+            "the holder may renew its lease"
+        );
+        assert!(
+            matches!(b.claim(key, "w2", lease).await.unwrap(), Claim::Busy { retry_after } if retry_after <= lease),
+            "another worker waits for a live lease"
+        );
+        // Release by someone else changes nothing; by the holder frees the request.
+        b.release(key, "w2").await.unwrap();
+        assert!(matches!(
+            b.claim(key, "w2", lease).await.unwrap(),
+            Claim::Busy { .. }
+        ));
+        a.release(key, "w1").await.unwrap();
+        assert_eq!(b.claim(key, "w2", lease).await.unwrap(), Claim::Acquired);
+        b.complete(key, 42).await.unwrap();
+        for (store, owner) in [(&a, "w1"), (&b, "w2")] {
+            assert_eq!(
+                store.claim(key, owner, lease).await.unwrap(),
+                Claim::Done {
+                    result_sequence: 42
+                }
+            );
+        }
+        // A store opened later (a restarted replica) still knows it.
+        let c = KvIdempotency::open(&js, &name, ttl).await.unwrap();
+        assert_eq!(
+            c.claim(key, "w3", lease).await.unwrap(),
+            Claim::Done {
+                result_sequence: 42
+            }
+        );
+        let _ = js.delete_stream(format!("KV_{name}")).await;
+    }
+
+    #[tokio::test]
+    async fn kv_expired_lease_is_taken_over_once() {
+        let (js, name) = bucket("TAKEOVER").await;
+        let a = KvIdempotency::open(&js, &name, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let key = "acme/req:2";
+        assert_eq!(
+            a.claim(key, "dead", Duration::from_millis(200))
+                .await
+                .unwrap(),
+            Claim::Acquired
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let lease = Duration::from_secs(30);
+        let (x, y) = tokio::join!(a.claim(key, "w1", lease), a.claim(key, "w2", lease));
+        let won = [x.unwrap(), y.unwrap()]
+            .iter()
+            .filter(|c| **c == Claim::Acquired)
+            .count();
+        assert_eq!(
+            won, 1,
+            "compare-and-set: one worker takes an expired lease over"
+        );
+        let _ = js.delete_stream(format!("KV_{name}")).await;
     }
 }

@@ -1,10 +1,12 @@
 //! NATS JetStream adapters: provisioning of the contract's streams and consumer, the job
-//! source (durable pull consumer), the publisher and the key-value idempotency store.
+//! source (durable pull consumer), the publisher, and the key-value idempotency and DPoP
+//! replay stores.
 
 pub mod idempotency;
 pub mod key_state;
 pub mod provision;
 pub mod publisher;
+pub mod replay;
 pub mod source;
 
 use crate::config::NatsConfig;

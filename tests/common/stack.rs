@@ -137,10 +137,20 @@ keys = ["ec", "ed"]
 
     /// Adds `line` at the start of the `[worker]` table (before any worker is started).
     pub fn worker_setting(&self, line: &str) {
+        self.setting("worker", line);
+    }
+
+    /// Adds `line` at the start of the template's `[table]` (`worker`, `idempotency`, `nats`).
+    pub fn setting(&self, table: &str, line: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
+        let header = format!("[{table}]\n");
+        assert!(
+            text.contains(&header),
+            "no [{table}] in the stack's configuration"
+        );
         std::fs::write(
             &self.config,
-            text.replacen("[worker]\n", &format!("[worker]\n{line}\n"), 1),
+            text.replacen(&header, &format!("{header}{line}\n"), 1),
         )
         .unwrap();
     }
@@ -161,6 +171,11 @@ keys = ["ec", "ed"]
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SIGNER_WORKER__ID", format!("{}-w{n}", self.id))
+            // this deployment's DPoP replay records (the gates' table belongs to the caller)
+            .env(
+                "SIGNER_GATES__ENTITLEMENT__DPOP_REPLAY_BUCKET",
+                self.stream("DPOP"),
+            )
             .env("SIGNER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -374,12 +389,11 @@ keys = ["ec", "ed"]
         for s in ["REQ", "RES", "AUD"] {
             let _ = js.delete_stream(self.stream(s)).await;
         }
-        let _ = js
-            .delete_stream(format!("KV_{}", self.stream("IDEM")))
-            .await;
-        let _ = js
-            .delete_stream(format!("KV_{}", self.stream("KEYS")))
-            .await;
+        for bucket in ["IDEM", "KEYS", "DPOP"] {
+            let _ = js
+                .delete_stream(format!("KV_{}", self.stream(bucket)))
+                .await;
+        }
     }
 }
 

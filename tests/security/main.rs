@@ -6,6 +6,7 @@
 mod common;
 mod freshness;
 mod profiles;
+mod replay;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
