@@ -5,6 +5,8 @@
 //! - `authority/`: a dev Authority key (EdDSA) and its JWKS, which OpToks are checked against;
 //! - `licensing/`: a dev licensing key (ES256) and its JWKS, for Proof-of-Entitlement JWTs;
 //! - `release/`: a dev scanner release key; the dev scanner digest is allowlisted (offline kit);
+//! - `operator/`: a dev operator key (EdDSA) and its JWKS, configured as `[gates.control]`:
+//!   `stella-signer keys revoke --dev-state DIR` signs key commands with it;
 //! - `signer.toml`: written at every start from the files above, gates enforcing.
 //!
 //! `stella-signer dev token` mints OpToks, DPoP proofs and licences for this setup.
@@ -104,6 +106,7 @@ pub fn prepare(dir: &Path) -> Result<DevState, String> {
     }
     issuer_key(dir, "authority", MintAlg::EdDsa)?;
     issuer_key(dir, "licensing", MintAlg::Es256)?;
+    issuer_key(dir, "operator", MintAlg::EdDsa)?;
     let release = dir.join("release");
     if !release.join("release.key").exists() {
         FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, &release, "release")
@@ -143,6 +146,9 @@ max_concurrent = 16
 max_payload_bytes = 262144
 daily_cap = 100000
 
+[gates.control]
+jwks_file = "{operator}"
+
 [gates.provenance]
 trusted_keys = ["{release_pub}"]
 allowlist = ["{scanner}"]
@@ -168,6 +174,7 @@ keys = ["dev-ecdsa", "dev-ed25519"]
         authority = p("authority/jwks.json"),
         htu = DEV_HTU,
         licensing = p("licensing/jwks.json"),
+        operator = p("operator/jwks.json"),
         release_pub = p("release/release.pub"),
         scanner = dev_scanner_digest(),
         ec = p("keys/dev-ecdsa.key"),
@@ -178,6 +185,11 @@ keys = ["dev-ecdsa", "dev-ed25519"]
         dir: dir.to_path_buf(),
         config,
     })
+}
+
+/// The dev operator's private key in a state directory (signs key commands).
+pub fn operator_key_path(dir: &Path) -> PathBuf {
+    dir.join("operator").join("operator.key")
 }
 
 fn now() -> u64 {
