@@ -278,7 +278,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         authority: operators,
         audit: pipeline.audit_sink(),
     }
-    .spawn(client.clone(), cfg.nats.subject("signer.control.keys"));
+    .spawn(client.clone(), cfg.nats.subject("signer.control.keys"))
+    .await
+    .map_err(|e| ServeError::Setup(format!("subscribing to the key control subject: {e}")))?;
     if let Some(c) = &cfg.gates.control {
         tracing::info!(
             required_signatures = c.required_signatures,

@@ -18,15 +18,15 @@ pub struct OperatorArgs {
     /// replicas' [gates.control] key set; repeat for dual control. Default with --dev-state:
     /// the dev operator key.
     #[arg(long = "operator-key")]
-    pub keys: Vec<PathBuf>,
+    pub operator_keys: Vec<PathBuf>,
     /// The kid of each --operator-key in the operator key set, in the same order
     /// (default: the key's RFC 7638 JWK thumbprint).
     #[arg(long = "operator-kid")]
-    pub kids: Vec<String>,
+    pub operator_kids: Vec<String>,
     /// The operator identity (`sub`) of each --operator-key, in the same order
     /// (default: `operator-<first 16 characters of the kid>`).
     #[arg(long = "operator-sub")]
-    pub subs: Vec<String>,
+    pub operator_subs: Vec<String>,
     /// How long the signatures stay valid (at most the replicas' max_token_life).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
@@ -38,7 +38,7 @@ pub struct OperatorArgs {
 impl OperatorArgs {
     /// The operator keys, with their kids and subs.
     fn load(&self, dev_state: Option<&Path>) -> Result<Vec<OperatorKey>, CliError> {
-        let mut paths = self.keys.clone();
+        let mut paths = self.operator_keys.clone();
         if paths.is_empty()
             && let Some(dir) = dev_state
         {
@@ -49,7 +49,7 @@ impl OperatorArgs {
                 "name an operator key: --operator-key FILE (repeat for dual control)".into(),
             ));
         }
-        if self.kids.len() > paths.len() || self.subs.len() > paths.len() {
+        if self.operator_kids.len() > paths.len() || self.operator_subs.len() > paths.len() {
             return Err(CliError::Unusable(
                 "more --operator-kid or --operator-sub than --operator-key".into(),
             ));
@@ -60,10 +60,10 @@ impl OperatorArgs {
             .map(|(i, path)| {
                 let pem = std::fs::read_to_string(path)
                     .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
-                let key = OperatorKey::new(pem, self.kids.get(i).cloned(), String::new())
+                let key = OperatorKey::new(pem, self.operator_kids.get(i).cloned(), String::new())
                     .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
                 let sub =
-                    self.subs.get(i).cloned().unwrap_or_else(|| {
+                    self.operator_subs.get(i).cloned().unwrap_or_else(|| {
                         format!("operator-{}", &key.kid[..16.min(key.kid.len())])
                     });
                 Ok(OperatorKey { sub, ..key })
@@ -341,7 +341,7 @@ impl KeysCommand {
                 let mut envelope: ControlEnvelope = serde_json::from_slice(&text).map_err(|e| {
                     CliError::Unusable(format!("{}: not a signed command: {e}", file.display()))
                 })?;
-                if !operator.keys.is_empty() || nats.dev_state.is_some() {
+                if !operator.operator_keys.is_empty() || nats.dev_state.is_some() {
                     operator.sign(&mut envelope, nats.dev_state.as_deref())?;
                 }
                 if now {

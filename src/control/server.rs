@@ -68,20 +68,19 @@ fn event(payload: &[u8], record: ControlRecord, decision: Decision) -> AuditEven
 }
 
 impl ControlServer {
-    /// Serves `subject` for as long as the process runs.
-    pub fn spawn(self, client: async_nats::Client, subject: String) -> tokio::task::JoinHandle<()> {
+    /// Subscribes to `subject` (in the replicas' queue group: one replica takes each
+    /// command; the others follow the bucket, and each command is audited once), then
+    /// serves it for as long as the process runs.
+    pub async fn spawn(
+        self,
+        client: async_nats::Client,
+        subject: String,
+    ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
+        let mut sub = client
+            .queue_subscribe(subject, "stella-signer-control".to_string())
+            .await?;
         let server = Arc::new(self);
-        tokio::spawn(async move {
-            // One replica of the queue group takes each command and writes the bucket; the
-            // others follow the bucket (every replica applying a rotation would race on
-            // what it replaced, and each command would be audited N times).
-            let Ok(mut sub) = client
-                .queue_subscribe(subject.clone(), "stella-signer-control".to_string())
-                .await
-            else {
-                tracing::error!(%subject, "cannot subscribe to the key control subject");
-                return;
-            };
+        Ok(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let reply = server.handle(&msg.payload).await;
                 if let Some(to) = msg.reply {
@@ -89,7 +88,7 @@ impl ControlServer {
                     let _ = client.publish(to, body.into()).await;
                 }
             }
-        })
+        }))
     }
 
     /// Decides, audits, applies: the reply to one message.
