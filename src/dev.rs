@@ -272,3 +272,31 @@ pub fn request_identity(dir: &Path, tenant: &str, dpop: bool) -> Result<Value, S
         "scanner": {"repository": DEV_SCANNER_REPOSITORY, "imageDigest": dev_scanner_digest()},
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dev setup configures key control with the operator key it holds: the key's kid
+    /// (what `keys revoke --dev-state` signs with) is in the configured operator key set.
+    #[test]
+    fn dev_state_holds_an_operator_key_configured_for_key_control() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = prepare(dir.path()).unwrap();
+        let cfg = crate::config::Config::load(&state.config, std::iter::empty()).unwrap();
+        let control = cfg
+            .gates
+            .control
+            .expect("[gates.control] in the dev config");
+        assert_eq!(control.required_signatures, 1);
+        let jwks = std::fs::read(control.jwks_file.unwrap()).unwrap();
+        let (set, _) = crate::entitlement::jwks::KeySet::parse(&jwks).unwrap();
+        let pem = std::fs::read_to_string(operator_key_path(dir.path())).unwrap();
+        let key = crate::control::sign::OperatorKey::new(pem, None, "dev".into()).unwrap();
+        assert!(set.find(Some(&key.kid)).is_some(), "kid {}", key.kid);
+        // a second start reuses the key
+        prepare(dir.path()).unwrap();
+        let again = std::fs::read_to_string(operator_key_path(dir.path())).unwrap();
+        assert_eq!(key.pem, again);
+    }
+}
