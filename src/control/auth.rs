@@ -105,6 +105,38 @@ fn now() -> u64 {
         .unwrap_or_default()
 }
 
+/// A bucket created earlier with a shorter life (a smaller `max_token_life` then) would forget
+/// `jti`s of tokens that are still acceptable: lengthen it.
+async fn keep_at_least(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<(), crate::jetstream::NatsError> {
+    let failed = |e: String| crate::jetstream::NatsError::Bucket {
+        bucket: bucket.into(),
+        reason: e,
+    };
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let config = stream
+        .info()
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .config
+        .clone();
+    if !config.max_age.is_zero() && config.max_age < max_age {
+        tracing::warn!(bucket, from = ?config.max_age, to = ?max_age, "lengthening the jti bucket's max_age");
+        let mut longer = config;
+        longer.max_age = max_age;
+        js.update_stream(&longer)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(())
+}
+
 impl OperatorAuthority {
     /// Loads the operator keys and opens the `jti` bucket (entries live `max_token_life` plus
     /// twice the skew: longer than any token that could carry them stays acceptable).
@@ -134,6 +166,7 @@ impl OperatorAuthority {
         keys.spawn_periodic_refresh(cfg.jwks_refresh);
         let remember = cfg.max_token_life + cfg.clock_skew * 2;
         let jtis = crate::jetstream::open_bucket(js, &cfg.jti_bucket, remember).await?;
+        keep_at_least(js, &cfg.jti_bucket, remember).await?;
         Ok(Arc::new(OperatorAuthority {
             keys,
             jtis,

@@ -22,6 +22,18 @@ use crate::jetstream::key_state::KeyState;
 /// Largest control message read (a command with a few signatures is a few kilobytes).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 
+/// Why an authorised command was not applied (`invalid_command`).
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Scope(#[from] super::command::BothTenantAndPlan),
+    #[error(transparent)]
+    Restore(#[from] crate::jetstream::key_state::RestoreError),
+    /// The key state refused it (unknown or revoked key, bad keyid, bucket error).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// What the server needs.
 pub struct ControlServer {
     pub state: Arc<KeyState>,
@@ -149,7 +161,8 @@ impl ControlServer {
                     audit_seq,
                 }
             }
-            Err(detail) => {
+            Err(e) => {
+                let detail = e.to_string();
                 tracing::warn!(action, %detail, "authorised key control command not applied");
                 record.refusal = Some(ControlRefusal::InvalidCommand);
                 record.detail = Some(detail.clone());
@@ -245,11 +258,14 @@ impl ControlServer {
     }
 
     /// Applies an authorised command to the key bucket; what changed, or why not.
-    async fn apply(&self, command: &ControlCommand) -> Result<String, String> {
-        let scope = command.scope().map_err(|e| e.to_string())?;
+    async fn apply(&self, command: &ControlCommand) -> Result<String, ApplyError> {
+        let scope = command.scope()?;
         match command {
             ControlCommand::Revoke { keyid, reason } => {
-                self.state.revoke(keyid, reason).await?;
+                self.state
+                    .revoke(keyid, reason)
+                    .await
+                    .map_err(ApplyError::Refused)?;
                 Ok(format!("revoked {keyid}"))
             }
             ControlCommand::Rotate {
@@ -261,7 +277,8 @@ impl ControlServer {
                 let a = self
                     .state
                     .rotate(profile, scope, keys.clone(), reason)
-                    .await?;
+                    .await
+                    .map_err(ApplyError::Refused)?;
                 Ok(format!(
                     "profile {} ({}): [{}] -> [{}] at {}",
                     a.profile,

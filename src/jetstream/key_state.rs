@@ -120,6 +120,19 @@ fn is_keyid(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Why a `restore` changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The scope signs with its configured keys already.
+    #[error(
+        "profile {profile:?} ({scope}) has no rotation to undo: it signs with its configured keys"
+    )]
+    NoRotation { profile: String, scope: String },
+    /// The key bucket could not be read or written.
+    #[error("key bucket: {0}")]
+    Bucket(String),
+}
+
 /// The bucket, and this replica's view of the revocations in it.
 pub struct KeyState {
     store: kv::Store,
@@ -431,27 +444,30 @@ impl KeyState {
     /// Gives `profile`'s `scope` back to its configured keys (deletes the rotation; every
     /// replica's watch drops it). The keys the rotation had put in are recorded as left, so
     /// `keys list` dates their retirement. Returns the rotation undone.
-    pub async fn restore(&self, profile: &str, scope: &Scope) -> Result<Assignment, String> {
+    pub async fn restore(&self, profile: &str, scope: &Scope) -> Result<Assignment, RestoreError> {
         let Some(existing) = self
             .assignments()
-            .await?
+            .await
+            .map_err(RestoreError::Bucket)?
             .into_iter()
             .find(|a| a.profile == profile && &a.scope == scope)
         else {
-            return Err(format!(
-                "profile {profile:?} ({scope}) has no rotation to undo: it signs with its configured keys"
-            ));
+            return Err(RestoreError::NoRotation {
+                profile: profile.to_string(),
+                scope: scope.to_string(),
+            });
         };
         self.store
             .delete(assignment_key(profile, scope))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| RestoreError::Bucket(e.to_string()))?;
         self.assigned
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(profile.to_string(), scope.clone()));
-        let assignments = triples(&self.assignments().await?);
-        if let Some(table) = self.configured_profiles().await? {
+        // best effort from here: the rotation is undone; only `keys list` dating depends on it
+        let assignments = triples(&self.assignments().await.unwrap_or_default());
+        if let Ok(Some(table)) = self.configured_profiles().await {
             let used = table.effective_key_names(&assignments);
             for name in existing.keys.iter().filter(|n| !used.contains(n.as_str())) {
                 let left = Left {
