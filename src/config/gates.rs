@@ -266,3 +266,61 @@ impl Default for ProvenanceGate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_gate_needs_one_key_source_and_sane_limits() {
+        let ok = ControlGate {
+            jwks_file: Some("operators.json".into()),
+            ..ControlGate::default()
+        };
+        ok.validate().unwrap();
+        let bad = [
+            ControlGate::default(),
+            ControlGate {
+                jwks_url: Some("https://keys.example/jwks.json".into()),
+                ..ok.clone()
+            },
+            ControlGate {
+                required_signatures: 0,
+                ..ok.clone()
+            },
+            ControlGate {
+                required_signatures: MAX_CONTROL_SIGNATURES + 1,
+                ..ok.clone()
+            },
+            ControlGate {
+                max_token_life: Duration::ZERO,
+                ..ok.clone()
+            },
+            ControlGate {
+                max_token_life: Duration::from_secs(2 * 24 * 3600),
+                ..ok.clone()
+            },
+            ControlGate {
+                scope: "signer.admin extra".into(),
+                ..ok.clone()
+            },
+            ControlGate {
+                jti_bucket: "a.b".into(),
+                ..ok.clone()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+        let parsed: GatesConfig = toml::from_str(
+            "[control]\njwks_file = \"ops.json\"\nrequired_signatures = 2\nmax_token_life = \"5m\"\n",
+        )
+        .unwrap();
+        let c = parsed.control.unwrap();
+        assert_eq!(
+            (c.required_signatures, c.max_token_life),
+            (2, Duration::from_secs(300))
+        );
+        assert!(toml::from_str::<GatesConfig>("[control]\njwks_fil = \"x\"\n").is_err());
+    }
+}

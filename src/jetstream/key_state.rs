@@ -102,16 +102,6 @@ fn left_key(name: &str) -> String {
     )
 }
 
-/// The scope named by an optional tenant or plan (not both).
-pub fn scope_of(tenant: Option<String>, plan: Option<String>) -> Result<Scope, String> {
-    match (tenant, plan) {
-        (Some(_), Some(_)) => Err("name a tenant or a plan, not both".into()),
-        (Some(t), None) => Ok(Scope::Tenant(t)),
-        (None, Some(p)) => Ok(Scope::Plan(p)),
-        (None, None) => Ok(Scope::Profile),
-    }
-}
-
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
