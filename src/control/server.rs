@@ -103,8 +103,21 @@ impl ControlServer {
         }))
     }
 
-    /// Decides, audits, applies: the reply to one message.
+    /// Decides, audits, applies: the reply to one message (counted in
+    /// `signer_control_commands_total{outcome, code}`).
     pub async fn handle(&self, payload: &[u8]) -> ControlReply {
+        let reply = self.handle_inner(payload).await;
+        let (outcome, code) = match &reply {
+            ControlReply::Accepted { .. } => ("accepted", ""),
+            ControlReply::Refused { code, .. } => ("refused", code.as_str()),
+            ControlReply::Failed { code, .. } => ("failed", code.as_str()),
+        };
+        metrics::counter!("signer_control_commands_total", "outcome" => outcome, "code" => code)
+            .increment(1);
+        reply
+    }
+
+    async fn handle_inner(&self, payload: &[u8]) -> ControlReply {
         let decided = self.decide(payload).await;
         let Decided {
             action,

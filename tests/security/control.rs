@@ -409,3 +409,42 @@ async fn without_gates_control_every_command_is_refused() {
     assert_eq!(events[0]["control"]["refusal"], "control_disabled");
     stack.cleanup(&js).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_command_is_single_use_across_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = Operators::new(dir.path(), 1);
+    let mut stack = stack_with("once", &ops, 1);
+    stack.spawn_worker();
+    stack.spawn_worker();
+    let (client, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["stella-signer serving"], Duration::from_secs(30));
+    stack.wait_log(1, &["stella-signer serving"], Duration::from_secs(30));
+    let ed = stack.public_keys[1].keyid();
+    let signed = ops.signed(json!({"action": "revoke", "keyid": ed}), &[0]);
+    let subject = stack.subject("signer.control.keys");
+    let mut outcomes = Vec::new();
+    for _ in 0..8 {
+        let reply = send(&client, subject.clone(), signed.clone()).await;
+        outcomes.push(reply["code"].as_str().unwrap_or("accepted").to_string());
+    }
+    // whichever replica of the queue group takes a copy, the jti is spent for all
+    assert_eq!(outcomes[0], "accepted", "{outcomes:?}");
+    assert!(
+        outcomes[1..].iter().all(|o| o == "replayed"),
+        "{outcomes:?}"
+    );
+    let events = control_events(&stack, &js).await;
+    assert_eq!(events.len(), 8);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["decision"] == "accepted")
+            .count(),
+        1
+    );
+    let (code, out) = stack.audit_verify();
+    assert_eq!(code, Some(0), "{out}");
+    stack.cleanup(&js).await;
+}
