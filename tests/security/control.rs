@@ -448,3 +448,47 @@ async fn a_signed_command_is_single_use_across_replicas() {
     assert_eq!(code, Some(0), "{out}");
     stack.cleanup(&js).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_be_audited_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = Operators::new(dir.path(), 1);
+    let mut stack = stack_with("noaud", &ops, 1);
+    stack.spawn_worker();
+    let (client, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    stack.wait_log(0, &["stella-signer serving"], Duration::from_secs(30));
+    stack.wait_log(0, &["key loaded", "\"ec\""], Duration::from_secs(30));
+    let ec = stack.public_keys[0].keyid();
+    // the audit stream is gone: nothing can be audited
+    js.delete_stream(stack.stream("AUD")).await.unwrap();
+    let reply = send(
+        &client,
+        stack.subject("signer.control.keys"),
+        ops.signed(json!({"action": "revoke", "keyid": ec}), &[0]),
+    )
+    .await;
+    assert_eq!(refusal(&reply), "unavailable", "{reply}");
+    assert!(
+        reply["detail"].as_str().unwrap().starts_with("not applied: audit"),
+        "{reply}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+        .args(["keys", "list", "--json", "--config"])
+        .arg(&stack.config)
+        .output()
+        .unwrap();
+    let keys: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["keyid"] == ec.as_str())
+        .map(|k| k["status"].clone());
+    assert_eq!(
+        status,
+        Some(json!("active")),
+        "unaudited, so not revoked: {keys:#}"
+    );
+    stack.cleanup(&js).await;
+}
