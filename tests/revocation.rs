@@ -10,12 +10,11 @@ use std::time::Duration;
 use common::operators::{Operators, send as send_control};
 use common::stack::{Stack, request};
 
-/// One operator key, configured as the stack's `[gates.control]`.
-fn operators(tag: &str) -> (tempfile::TempDir, Operators, String) {
+/// One operator key (configure it with [`Operators::stack`]).
+fn operators() -> (tempfile::TempDir, Operators) {
     let dir = tempfile::tempdir().unwrap();
     let ops = Operators::new(dir.path(), 1);
-    let config = ops.config(1, &format!("{tag}_JTI_{}", common::operators::rand_hex()));
-    (dir, ops, config)
+    (dir, ops)
 }
 
 /// `args` plus the operator key.
@@ -66,8 +65,8 @@ async fn replicas_whose_audit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
-    let (_ops_dir, ops, control) = operators("RV");
-    let mut stack = Stack::new("rv", &control);
+    let (_ops_dir, ops) = operators();
+    let mut stack = ops.stack("rv", "", 1);
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
@@ -228,8 +227,8 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
         "[profiles.default.tenants]\nglobex = [\"ed\"]\n\n[[keys]]\nname = \"next\"\nsource = \"file\"\npath = \"{}\"\n",
         next.private_key.display()
     );
-    let (_ops_dir, ops, control) = operators("ROT");
-    let mut stack = Stack::new("rot", &format!("{extra}{control}"));
+    let (_ops_dir, ops) = operators();
+    let mut stack = ops.stack("rot", &extra, 1);
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;

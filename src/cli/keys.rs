@@ -17,21 +17,21 @@ pub struct OperatorArgs {
     /// An operator private key (PKCS#8 PEM, P-256 or Ed25519) whose public key is in the
     /// replicas' [gates.control] key set; repeat for dual control. Default with --dev-state:
     /// the dev operator key.
-    #[arg(long = "operator-key")]
+    #[arg(long = "operator-key", value_name = "FILE")]
     pub operator_keys: Vec<PathBuf>,
     /// The kid of each --operator-key in the operator key set, in the same order
     /// (default: the key's RFC 7638 JWK thumbprint).
-    #[arg(long = "operator-kid")]
+    #[arg(long = "operator-kid", value_name = "KID")]
     pub operator_kids: Vec<String>,
     /// The operator identity (`sub`) of each --operator-key, in the same order
     /// (default: `operator-<first 16 characters of the kid>`).
-    #[arg(long = "operator-sub")]
+    #[arg(long = "operator-sub", value_name = "SUB")]
     pub operator_subs: Vec<String>,
     /// How long the signatures stay valid (at most the replicas' max_token_life).
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
     /// Write the signed command to this file (for `keys cosign`) instead of sending it.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }
 

@@ -10,6 +10,8 @@ use stella_signer::control::sign::{OperatorKey, add_signature};
 use stella_signer::control::{CONTROL_TOKEN_TYPE, ControlEnvelope};
 use stella_signer::entitlement::mint::{self, MintAlg};
 
+use super::stack::Stack;
+
 /// One operator: private key file, kid, sub.
 #[derive(Clone)]
 pub struct Operator {
@@ -59,12 +61,18 @@ impl Operators {
         Operators { all, jwks: path }
     }
 
-    /// The `[gates.control]` table for the stack's TOML.
-    pub fn config(&self, required: u32, jti_bucket: &str) -> String {
-        format!(
-            "\n[gates.control]\njwks_file = \"{}\"\nrequired_signatures = {required}\njti_bucket = \"{jti_bucket}\"\n",
+    /// A test stack (see [`Stack::new`]) whose `[gates.control]` trusts these operators and
+    /// needs `required` of them; its jti bucket is the stack's `<ID>_JTI` (deleted by
+    /// [`Stack::cleanup`]).
+    pub fn stack(&self, tag: &str, extra: &str, required: u32) -> Stack {
+        let control = format!(
+            "\n[gates.control]\njwks_file = \"{}\"\nrequired_signatures = {required}\njti_bucket = \"@JTI@\"\n",
             self.jwks.display()
-        )
+        );
+        let stack = Stack::new(tag, &format!("{extra}{control}"));
+        let text = std::fs::read_to_string(&stack.config).unwrap();
+        std::fs::write(&stack.config, text.replace("@JTI@", &stack.stream("JTI"))).unwrap();
+        stack
     }
 
     /// `command` signed by the operators at `who`.

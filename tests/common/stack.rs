@@ -380,6 +380,8 @@ keys = ["ec", "ed"]
         let _ = js
             .delete_stream(format!("KV_{}", self.stream("KEYS")))
             .await;
+        // the used-jti bucket of [gates.control], when the test configured one
+        let _ = js.delete_stream(format!("KV_{}", self.stream("JTI"))).await;
     }
 }
 

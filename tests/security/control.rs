@@ -57,8 +57,7 @@ fn refusal(reply: &Value) -> &str {
 }
 
 fn stack_with(tag: &str, ops: &Operators, required: u32) -> Stack {
-    let jti = format!("{}_JTI_{}", tag.to_uppercase(), operators::rand_hex());
-    Stack::new(tag, &ops.config(required, &jti))
+    ops.stack(tag, "", required)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +469,10 @@ async fn a_command_that_cannot_be_audited_is_not_applied() {
     .await;
     assert_eq!(refusal(&reply), "unavailable", "{reply}");
     assert!(
-        reply["detail"].as_str().unwrap().starts_with("not applied: audit"),
+        reply["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("not applied: audit"),
         "{reply}"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
