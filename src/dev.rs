@@ -5,6 +5,8 @@
 //! - `authority/`: a dev Authority key (EdDSA) and its JWKS, which OpToks are checked against;
 //! - `licensing/`: a dev licensing key (ES256) and its JWKS, for Proof-of-Entitlement JWTs;
 //! - `release/`: a dev scanner release key; the dev scanner digest is allowlisted (offline kit);
+//! - `operator/`: a dev operator key (EdDSA) and its JWKS, configured as `[gates.control]`:
+//!   `stella-signer keys revoke --dev-state DIR` signs key commands with it;
 //! - `signer.toml`: written at every start from the files above, gates enforcing.
 //!
 //! `stella-signer dev token` mints OpToks, DPoP proofs and licences for this setup.
@@ -104,6 +106,7 @@ pub fn prepare(dir: &Path) -> Result<DevState, String> {
     }
     issuer_key(dir, "authority", MintAlg::EdDsa)?;
     issuer_key(dir, "licensing", MintAlg::Es256)?;
+    issuer_key(dir, "operator", MintAlg::EdDsa)?;
     let release = dir.join("release");
     if !release.join("release.key").exists() {
         FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, &release, "release")
@@ -143,6 +146,9 @@ max_concurrent = 16
 max_payload_bytes = 262144
 daily_cap = 100000
 
+[gates.control]
+jwks_file = "{operator}"
+
 [gates.provenance]
 trusted_keys = ["{release_pub}"]
 allowlist = ["{scanner}"]
@@ -168,6 +174,7 @@ keys = ["dev-ecdsa", "dev-ed25519"]
         authority = p("authority/jwks.json"),
         htu = DEV_HTU,
         licensing = p("licensing/jwks.json"),
+        operator = p("operator/jwks.json"),
         release_pub = p("release/release.pub"),
         scanner = dev_scanner_digest(),
         ec = p("keys/dev-ecdsa.key"),
@@ -178,6 +185,11 @@ keys = ["dev-ecdsa", "dev-ed25519"]
         dir: dir.to_path_buf(),
         config,
     })
+}
+
+/// The dev operator's private key in a state directory (signs key commands).
+pub fn operator_key_path(dir: &Path) -> PathBuf {
+    dir.join("operator").join("operator.key")
 }
 
 fn now() -> u64 {
@@ -259,4 +271,32 @@ pub fn request_identity(dir: &Path, tenant: &str, dpop: bool) -> Result<Value, S
         "poe": {"format": "jwt", "value": t["poe"]},
         "scanner": {"repository": DEV_SCANNER_REPOSITORY, "imageDigest": dev_scanner_digest()},
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dev setup configures key control with the operator key it holds: the key's kid
+    /// (what `keys revoke --dev-state` signs with) is in the configured operator key set.
+    #[test]
+    fn dev_state_holds_an_operator_key_configured_for_key_control() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = prepare(dir.path()).unwrap();
+        let cfg = crate::config::Config::load(&state.config, std::iter::empty()).unwrap();
+        let control = cfg
+            .gates
+            .control
+            .expect("[gates.control] in the dev config");
+        assert_eq!(control.required_signatures, 1);
+        let jwks = std::fs::read(control.jwks_file.unwrap()).unwrap();
+        let (set, _) = crate::entitlement::jwks::KeySet::parse(&jwks).unwrap();
+        let pem = std::fs::read_to_string(operator_key_path(dir.path())).unwrap();
+        let key = crate::control::sign::OperatorKey::new(pem, None, "dev".into()).unwrap();
+        assert!(set.find(Some(&key.kid)).is_some(), "kid {}", key.kid);
+        // a second start reuses the key
+        prepare(dir.path()).unwrap();
+        let again = std::fs::read_to_string(operator_key_path(dir.path())).unwrap();
+        assert_eq!(key.pem, again);
+    }
 }

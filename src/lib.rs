@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dev;
 pub mod entitlement;
 pub mod error_text;

@@ -283,7 +283,19 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
     key_state.record_profiles(&cfg.profile_table()).await;
     let watcher = key_state.watch();
-    let control = key_state.serve_control(client.clone(), cfg.nats.subject("signer.control.keys"));
+    let operators = match &cfg.gates.control {
+        Some(c) => Some(
+            crate::control::auth::OperatorAuthority::open(c, &js)
+                .await
+                .map_err(|e| ServeError::Setup(e.to_string()))?,
+        ),
+        None => {
+            tracing::warn!(
+                "KEY CONTROL DISABLED: no [gates.control]; every command on signer.control.keys is refused (control_disabled)"
+            );
+            None
+        }
+    };
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
             consumer: provisioned.consumer,
@@ -310,6 +322,21 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;
+    // after the pipeline: control decisions go into its audit chain
+    let control = crate::control::server::ControlServer {
+        state: key_state.clone(),
+        authority: operators,
+        audit: pipeline.audit_sink(),
+    }
+    .spawn(client.clone(), cfg.nats.subject("signer.control.keys"))
+    .await
+    .map_err(|e| ServeError::Setup(format!("subscribing to the key control subject: {e}")))?;
+    if let Some(c) = &cfg.gates.control {
+        tracing::info!(
+            required_signatures = c.required_signatures,
+            "key control: commands need operator signatures"
+        );
+    }
     let _ = health.running.set((pipeline.status(), client.clone()));
     tracing::info!(worker = %worker_id, requests = %cfg.nats.requests_stream, consumer = %cfg.nats.consumer,
         http = %cfg.http.listen, max_inflight = cfg.worker.max_inflight, "stella-signer serving");

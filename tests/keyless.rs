@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::operators::Operators;
 use common::sigstore::{MockSigstore, write_identity_token};
 use common::stack::{ResultMsg, Stack, request};
 use common::{run, verify_bundle_peer, verify_dsse_peer, write_json};
@@ -484,7 +485,11 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
             &format!("tsa_url = \"{}\"", mock.tsa_url())
         ),
     );
-    let mut stack = Stack::new("klrevoke", &extra);
+    // key commands are operator-signed ([gates.control] trusts this operator)
+    let operator_dir = tempfile::tempdir().unwrap();
+    let ops = Operators::new(operator_dir.path(), 1);
+    let operator_key = ops.all[0].key_file.to_str().unwrap().to_string();
+    let mut stack = ops.stack("klrevoke", &extra, 1);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -518,7 +523,15 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
     // revoke the certificate in use, by its SHA-256: the next job gets a new one
     let (code, text) = signer(
         &stack,
-        &["keys", "revoke", &sha, "--reason", "certificate leaked"],
+        &[
+            "keys",
+            "revoke",
+            &sha,
+            "--reason",
+            "certificate leaked",
+            "--operator-key",
+            &operator_key,
+        ],
     );
     assert_eq!(code, 0, "{text}");
     stack.wait_log(0, &["key revoked", &keyid1], Duration::from_secs(20));
@@ -539,7 +552,17 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
     assert_eq!(listed(&keys, &keyid2)["status"], "active");
 
     // revoke the identity: the key refuses while it is revoked, and asks Fulcio for nothing
-    let (code, text) = signer(&stack, &["keys", "revoke", "--issuer", ISSUER]);
+    let (code, text) = signer(
+        &stack,
+        &[
+            "keys",
+            "revoke",
+            "--issuer",
+            ISSUER,
+            "--operator-key",
+            &operator_key,
+        ],
+    );
     assert_ne!(code, 0, "--issuer needs --san: {text}");
     let (code, text) = signer(
         &stack,
@@ -552,6 +575,8 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
             SUBJECT,
             "--reason",
             "workflow compromised",
+            "--operator-key",
+            &operator_key,
         ],
     );
     assert_eq!(code, 0, "{text}");

@@ -1,12 +1,29 @@
 //! Revoking and rotating keys: every replica stops signing with a revoked key and starts
 //! signing with a rotated-in one within seconds, without a restart; tenants can have keys
-//! of their own; and every key stays listed (with its validity) for verifiers.
+//! of their own; and every key stays listed (with its validity) for verifiers. Every command
+//! is signed by an operator key (`[gates.control]`), by the CLI or by hand.
 
 mod common;
 
 use std::time::Duration;
 
+use common::operators::{Operators, send as send_control};
 use common::stack::{Stack, request};
+
+/// One operator key (configure it with [`Operators::stack`]).
+fn operators() -> (tempfile::TempDir, Operators) {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = Operators::new(dir.path(), 1);
+    (dir, ops)
+}
+
+/// `args` plus the operator key.
+fn signed<'a>(args: &[&'a str], ops: &'a Operators) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    v.push("--operator-key");
+    v.push(ops.all[0].key_file.to_str().unwrap());
+    v
+}
 
 fn signer(stack: &Stack, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
@@ -48,7 +65,8 @@ async fn replicas_whose_audit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
-    let mut stack = Stack::new("rv", "");
+    let (_ops_dir, ops) = operators();
+    let mut stack = ops.stack("rv", "", 1);
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
@@ -91,11 +109,18 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
             .all(|k| k["status"] == "active")
     );
 
+    // without an operator key the CLI sends nothing
+    let (code, out) = signer(&stack, &["keys", "revoke", &ec]);
+    assert_eq!(code, 2, "{out}");
     let (code, out) = signer(
         &stack,
-        &["keys", "revoke", &ec, "--reason", "key file leaked"],
+        &signed(
+            &["keys", "revoke", &ec, "--reason", "key file leaked"],
+            &ops,
+        ),
     );
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("revoked {ec}")), "{out}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..12 {
         let r = send(format!("after-{i}"), "default").await;
@@ -109,18 +134,16 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
     );
 
     // the control subject reaches the same state through any replica
-    let answer = client
-        .request(
-            stack.subject("signer.control.keys"),
-            serde_json::to_vec(
-                &serde_json::json!({"action": "revoke", "keyid": ed, "reason": "rotated out"}),
-            )
-            .unwrap()
-            .into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&answer.payload), "ok");
+    let answer = send_control(
+        &client,
+        stack.subject("signer.control.keys"),
+        ops.signed(
+            serde_json::json!({"action": "revoke", "keyid": ed, "reason": "rotated out"}),
+            &[0],
+        ),
+    )
+    .await;
+    assert_eq!(answer["outcome"], "accepted", "{answer}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(send("ed-after".into(), "ed").await.code(), "key_revoked");
 
@@ -204,7 +227,8 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
         "[profiles.default.tenants]\nglobex = [\"ed\"]\n\n[[keys]]\nname = \"next\"\nsource = \"file\"\npath = \"{}\"\n",
         next.private_key.display()
     );
-    let mut stack = Stack::new("rot", &extra);
+    let (_ops_dir, ops) = operators();
+    let mut stack = ops.stack("rot", &extra, 1);
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
@@ -231,16 +255,19 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
 
     let (code, out) = signer(
         &stack,
-        &[
-            "keys",
-            "rotate",
-            "--profile",
-            "default",
-            "--to",
-            "next",
-            "--reason",
-            "yearly rotation",
-        ],
+        &signed(
+            &[
+                "keys",
+                "rotate",
+                "--profile",
+                "default",
+                "--to",
+                "next",
+                "--reason",
+                "yearly rotation",
+            ],
+            &ops,
+        ),
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("[ec] -> [next]"), "{out}");
@@ -270,16 +297,19 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     assert_eq!(status_of(&stack, &ec), "active");
     let (code, out) = signer(
         &stack,
-        &[
-            "keys",
-            "rotate",
-            "--profile",
-            "multi",
-            "--to",
-            "next",
-            "--to",
-            "ed",
-        ],
+        &signed(
+            &[
+                "keys",
+                "rotate",
+                "--profile",
+                "multi",
+                "--to",
+                "next",
+                "--to",
+                "ed",
+            ],
+            &ops,
+        ),
     );
     assert_eq!(code, 0, "{out}");
     let (_, list) = signer(&stack, &["keys", "list", "--json"]);
@@ -298,18 +328,18 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     assert_eq!(status(&ed)["status"], "active");
 
     // one tenant, through the control subject
-    let answer = client
-        .request(
-            stack.subject("signer.control.keys"),
-            serde_json::to_vec(&serde_json::json!({
+    let answer = send_control(
+        &client,
+        stack.subject("signer.control.keys"),
+        ops.signed(
+            serde_json::json!({
                 "action": "rotate", "profile": "default", "tenant": "globex", "keys": ["next", "ed"],
-            }))
-            .unwrap()
-            .into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&answer.payload), "ok");
+            }),
+            &[0],
+        ),
+    )
+    .await;
+    assert_eq!(answer["outcome"], "accepted", "{answer}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let r = sign_one(&stack, &js, &mut sent, "g-2", "globex").await;
     assert_eq!(signed_by(&r), next.keyid);
@@ -320,17 +350,59 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     );
 
     // a key no replica has loaded, or a revoked one, cannot be rotated in
-    let (code, out) = signer(&stack, &["keys", "rotate", "--to", "nope"]);
+    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "nope"], &ops));
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("no replica has loaded a key named \"nope\""),
         "{out}"
     );
-    let (code, out) = signer(&stack, &["keys", "revoke", &ec, "--reason", "retired"]);
+    let (code, out) = signer(
+        &stack,
+        &signed(&["keys", "revoke", &ec, "--reason", "retired"], &ops),
+    );
     assert_eq!(code, 0, "{out}");
-    let (code, out) = signer(&stack, &["keys", "rotate", "--to", "ec"]);
+    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "ec"], &ops));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("revoked"), "{out}");
+
+    // restore: globex signs with its configured key (ed) again
+    let (code, out) = signer(
+        &stack,
+        &signed(
+            &[
+                "keys",
+                "restore",
+                "--profile",
+                "default",
+                "--tenant",
+                "globex",
+            ],
+            &ops,
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("undone"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = sign_one(&stack, &js, &mut sent, "g-3", "globex").await;
+    assert_eq!(signed_by(&r), ed, "restored to its configured key");
+    assert_eq!(r.body["signers"].as_array().unwrap().len(), 1);
+    // nothing left to restore
+    let (code, out) = signer(
+        &stack,
+        &signed(
+            &[
+                "keys",
+                "restore",
+                "--profile",
+                "default",
+                "--tenant",
+                "globex",
+            ],
+            &ops,
+        ),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("invalid_command"), "{out}");
     stack.cleanup(&js).await;
 }
 

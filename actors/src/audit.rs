@@ -3,6 +3,11 @@
 //! Each writer (one per replica) chains its events: `prevHash` is the previous event's
 //! `hash`, and `hash` is the SHA-256 of the RFC 8785 form of the event without `hash`.
 //! Removing, reordering or altering an event breaks the chain at that point.
+//!
+//! Two families of events share a chain: job decisions (`kind` `dsse`, `export`, `unknown`;
+//! decision `signed`, `denied`, `failed`) and key control decisions (`kind: control`, tenant
+//! [`CONTROL_TENANT`], a [`ControlRecord`]; decision `accepted`, `refused` or `failed`). Job
+//! events carry no `control` member, so their JSON (and hash) is what it always was.
 
 use std::collections::HashMap;
 
@@ -24,7 +29,7 @@ pub struct AuditEvent {
     pub writer_seq: u64,
     pub request_id: String,
     pub tenant: String,
-    pub kind: crate::messages::ResultKind,
+    pub kind: AuditKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<Caller>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -39,6 +44,9 @@ pub struct AuditEvent {
     pub provenance: Option<ProvenanceRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<KeyRecord>,
+    /// Only on `kind: control` events: who asked for what, and what was decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlRecord>,
     pub decision: Decision,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<ErrorCode>,
@@ -49,6 +57,9 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
 }
+
+/// `tenant` of control events (their subject is `<audit prefix>._control`).
+pub const CONTROL_TENANT: &str = "_control";
 
 /// `iss` and `sub` of the caller's OpTok.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +81,99 @@ macro_rules! wire_enum {
     };
 }
 pub(crate) use wire_enum;
+
+wire_enum!(
+    /// `kind` of an audit event: a job's request kind, or `control` for a key command.
+    AuditKind { Dsse = "dsse", Export = "export", Unknown = "unknown", Control = "control" }
+);
+
+impl From<crate::messages::ResultKind> for AuditKind {
+    fn from(k: crate::messages::ResultKind) -> Self {
+        use crate::messages::ResultKind;
+        match k {
+            ResultKind::Dsse => Self::Dsse,
+            ResultKind::Export => Self::Export,
+            ResultKind::Unknown => Self::Unknown,
+        }
+    }
+}
+
+wire_enum!(
+    /// Why a command on the key control subject was refused (stable codes, also sent in the
+    /// reply).
+    ControlRefusal {
+        /// No `[gates.control]` is configured: the subject refuses everything.
+        Disabled = "control_disabled",
+        /// Not a control envelope (`{"command": {...}, "signatures": [...]}`), or an unknown action.
+        Malformed = "malformed",
+        /// No signature at all.
+        Unsigned = "unsigned",
+        /// Not a compact JWS, an algorithm other than the key's, or a signature that does not verify.
+        BadSignature = "bad_signature",
+        /// The `kid` is not in the operator key set.
+        UnknownKey = "unknown_key",
+        /// `exp` has passed (beyond the clock skew).
+        Expired = "expired",
+        /// `nbf` or `iat` is in the future (beyond the clock skew).
+        NotYetValid = "not_yet_valid",
+        /// `exp - iat` is longer than the accepted token life, or a time claim is missing.
+        LifetimeTooLong = "lifetime_too_long",
+        /// `scope` does not contain `signer.admin`.
+        WrongScope = "wrong_scope",
+        /// The token signs another command (its `cmd` digest differs), or has no `jti`/`sub`.
+        CommandMismatch = "command_mismatch",
+        /// A `jti` was used before (on any replica).
+        Replayed = "replayed",
+        /// Fewer distinct operators signed than `required_signatures`.
+        NotEnoughSignatures = "not_enough_signatures",
+        /// Authorised, but the command cannot be applied (unknown key, revoked key, bad scope).
+        InvalidCommand = "invalid_command",
+        /// The operator key set, the jti store, the key bucket or the audit stream is unreachable.
+        Unavailable = "unavailable",
+    }
+);
+
+/// What a key command asked for and how it was decided (`kind: control` events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlRecord {
+    /// `revoke`, `rotate`, `restore`, or `unknown` when the command could not be read.
+    pub action: String,
+    /// The command's arguments as received (without `action`); absent when unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    /// SHA-256 (hex) of the RFC 8785 form of the command: what the operators signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_sha256: Option<String>,
+    /// Every signature the command carried, in order, with who it names and its verdict.
+    pub signatures: Vec<ControlSignature>,
+    /// Why it was refused (or failed); absent when accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<ControlRefusal>,
+    /// Human-readable detail of the refusal or the change made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One operator signature of a key command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlSignature {
+    /// `kid` of the JWS header (as claimed, when the signature was refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// `sub` claim: the operator (only read from a verified signature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// `jti` claim (only from a verified signature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// `true` when it verified and counted towards `required_signatures`.
+    pub counted: bool,
+    /// Why it did not count, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<ControlRefusal>,
+}
 
 wire_enum!(
     /// How the OpTok gate decided.
@@ -133,13 +237,16 @@ pub struct KeyRecord {
     pub mode: crate::keys::KeyMode,
 }
 
-/// What the signer decided.
+/// What the signer decided. Jobs: `signed`, `denied`, `failed`; key commands: `accepted`,
+/// `refused`, `failed` (authorised but not applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     Signed,
     Denied,
     Failed,
+    Accepted,
+    Refused,
 }
 
 impl AuditEvent {
@@ -175,6 +282,33 @@ impl AuditEvent {
             crate::messages::is_hex(&self.hash, 64),
             "hash must be 64 lowercase hex",
         )?;
+        if self.kind == AuditKind::Control {
+            check(
+                self.tenant == CONTROL_TENANT,
+                "control events have tenant _control",
+            )?;
+            check(
+                self.control.is_some(),
+                "control events carry a control record",
+            )?;
+            check(
+                matches!(
+                    self.decision,
+                    Decision::Accepted | Decision::Refused | Decision::Failed
+                ),
+                "control decisions are accepted, refused or failed",
+            )?;
+            check(
+                self.keys.is_empty() && self.subjects.is_empty() && self.error_code.is_none(),
+                "control events carry no keys, subjects or errorCode",
+            )?;
+        } else {
+            check(self.control.is_none(), "only control events carry control")?;
+            check(
+                !matches!(self.decision, Decision::Accepted | Decision::Refused),
+                "accepted and refused are control decisions",
+            )?;
+        }
         if let Some(t) = &self.trace_id {
             check(
                 crate::messages::is_hex(t, 32),
@@ -350,7 +484,7 @@ mod tests {
             writer_seq: 0,
             request_id: request_id.into(),
             tenant: "acme".into(),
-            kind: crate::messages::ResultKind::Dsse,
+            kind: AuditKind::Dsse,
             caller: None,
             subjects: vec![],
             auth: None,
@@ -358,6 +492,7 @@ mod tests {
             quota: None,
             provenance: None,
             keys: vec![],
+            control: None,
             decision: Decision::Signed,
             error_code: None,
             trace_id: None,

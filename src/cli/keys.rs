@@ -1,13 +1,167 @@
 //! `stella-signer keys ...`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Subcommand;
 use signer_actors::keys::KeyAlgorithm;
 
 use super::CliError;
+use crate::control::sign::{OperatorKey, add_signature};
+use crate::control::{ControlCommand, ControlEnvelope, ControlReply};
 use crate::keys::file::FileKey;
 use crate::keys::material::KeyMaterial;
+
+/// Who signs a key command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorArgs {
+    /// An operator private key (PKCS#8 PEM, P-256 or Ed25519) whose public key is in the
+    /// replicas' [gates.control] key set; repeat for dual control. Default with --dev-state:
+    /// the dev operator key.
+    #[arg(long = "operator-key", value_name = "FILE")]
+    pub operator_keys: Vec<PathBuf>,
+    /// The kid of each --operator-key in the operator key set, in the same order
+    /// (default: the key's RFC 7638 JWK thumbprint).
+    #[arg(long = "operator-kid", value_name = "KID")]
+    pub operator_kids: Vec<String>,
+    /// The operator identity (`sub`) of each --operator-key, in the same order
+    /// (default: `operator-<first 16 characters of the kid>`).
+    #[arg(long = "operator-sub", value_name = "SUB")]
+    pub operator_subs: Vec<String>,
+    /// How long the signatures stay valid (at most the replicas' max_token_life).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// Write the signed command to this file (for `keys cosign`) instead of sending it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    /// The operator keys, with their kids and subs.
+    fn load(&self, dev_state: Option<&Path>) -> Result<Vec<OperatorKey>, CliError> {
+        let mut paths = self.operator_keys.clone();
+        if paths.is_empty()
+            && let Some(dir) = dev_state
+        {
+            paths.push(crate::dev::operator_key_path(dir));
+        }
+        if paths.is_empty() {
+            return Err(CliError::Unusable(
+                "name an operator key: --operator-key FILE (repeat for dual control)".into(),
+            ));
+        }
+        if self.operator_kids.len() > paths.len() || self.operator_subs.len() > paths.len() {
+            return Err(CliError::Unusable(
+                "more --operator-kid or --operator-sub than --operator-key".into(),
+            ));
+        }
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
+                let key = OperatorKey::new(pem, self.operator_kids.get(i).cloned(), String::new())
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
+                let sub =
+                    self.operator_subs.get(i).cloned().unwrap_or_else(|| {
+                        format!("operator-{}", &key.kid[..16.min(key.kid.len())])
+                    });
+                Ok(OperatorKey { sub, ..key })
+            })
+            .collect()
+    }
+
+    /// Signs `envelope` with every operator key.
+    fn sign(
+        &self,
+        envelope: &mut ControlEnvelope,
+        dev_state: Option<&Path>,
+    ) -> Result<(), CliError> {
+        for key in self.load(dev_state)? {
+            add_signature(envelope, &key, self.token_ttl)
+                .map_err(|e| CliError::Unusable(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `envelope` to `path`.
+fn write_envelope(path: &Path, envelope: &ControlEnvelope) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(envelope).unwrap_or_default();
+    std::fs::write(path, text + "\n")
+        .map_err(|e| CliError::Unusable(format!("{}: {e}", path.display())))?;
+    eprintln!(
+        "wrote the command with {} signature(s) to {}; co-sign with `stella-signer keys cosign {}`",
+        envelope.signatures.len(),
+        path.display(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Sends `envelope` over `signer.control.keys` and prints the reply: what changed, or why
+/// it was refused (exit 1).
+fn send(nats: &super::nats_client::NatsArgs, envelope: &ControlEnvelope) -> Result<(), CliError> {
+    super::nats_client::runtime()?.block_on(async {
+        let (cfg, client, _js) = nats.connect().await?;
+        let body = serde_json::to_vec(envelope).unwrap_or_default();
+        let subject = cfg.subject("signer.control.keys");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.request(subject.clone(), body.into()),
+        )
+        .await
+        .map_err(|_| CliError::Unusable(format!("no reply on {subject} within 30s")))?
+        .map_err(|e| CliError::Unusable(format!("{subject}: {e} (is a signer running?)")))?;
+        let reply: ControlReply = serde_json::from_slice(&answer.payload).map_err(|e| {
+            CliError::Unusable(format!(
+                "unreadable reply {:?}: {e}",
+                String::from_utf8_lossy(&answer.payload)
+            ))
+        })?;
+        match reply {
+            ControlReply::Accepted {
+                detail,
+                operators,
+                audit_seq,
+                ..
+            } => {
+                println!("{detail}");
+                eprintln!(
+                    "accepted, signed by {} (audit event seq {audit_seq})",
+                    operators.join(", ")
+                );
+                Ok(())
+            }
+            ControlReply::Refused { code, detail } => Err(CliError::Invalid(format!(
+                "refused ({}): {detail}",
+                code.as_str()
+            ))),
+            ControlReply::Failed { code, detail } => Err(CliError::Invalid(format!(
+                "not applied ({}): {detail}",
+                code.as_str()
+            ))),
+        }
+    })
+}
+
+/// Signs `command` and sends it, or writes it to `--out`.
+fn sign_and_send(
+    command: ControlCommand,
+    operator: &OperatorArgs,
+    nats: &super::nats_client::NatsArgs,
+) -> Result<(), CliError> {
+    let mut envelope = ControlEnvelope {
+        command: command.to_value(),
+        signatures: vec![],
+    };
+    operator.sign(&mut envelope, nats.dev_state.as_deref())?;
+    match &operator.out {
+        Some(path) => write_envelope(path, &envelope),
+        None => send(nats, &envelope),
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -57,6 +211,7 @@ pub enum KeysCommand {
     /// A keyless certificate (by its keyid or certificate SHA-256, see `keys list`) is
     /// dropped and replaced with a new one; a keyless identity (`--issuer` and `--san`)
     /// makes the keys certified for it refuse to sign while it is revoked.
+    /// The command is signed with --operator-key and sent over signer.control.keys.
     Revoke {
         /// The keyid (lowercase hex SHA-256 of the key's SubjectPublicKeyInfo), or the
         /// SHA-256 of a keyless certificate.
@@ -72,12 +227,14 @@ pub enum KeysCommand {
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]
+        operator: OperatorArgs,
+        #[command(flatten)]
         nats: super::nats_client::NatsArgs,
     },
     /// Make a profile sign with other keys on every replica, without a restart (for one
     /// tenant, one plan or the whole profile). The keys must be configured on the replicas
     /// (a configured key in no profile is loaded and waits for this); the keys they replace
-    /// are listed as retired, with the time of the rotation.
+    /// are listed as retired, with the time of the rotation. Signed with --operator-key.
     Rotate {
         /// The signing profile.
         #[arg(long, default_value = "default")]
@@ -94,6 +251,38 @@ pub enum KeysCommand {
         /// Why (recorded with the rotation).
         #[arg(long, default_value = "")]
         reason: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[command(flatten)]
+        nats: super::nats_client::NatsArgs,
+    },
+    /// Undo the rotation of a scope (a tenant, a plan or the whole profile): it signs with
+    /// its configured keys again. Signed with --operator-key.
+    Restore {
+        #[arg(long, default_value = "default")]
+        profile: String,
+        #[arg(long, conflicts_with = "plan")]
+        tenant: Option<String>,
+        #[arg(long)]
+        plan: Option<String>,
+        /// Why (recorded in the audit event).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[command(flatten)]
+        nats: super::nats_client::NatsArgs,
+    },
+    /// Add signatures to a signed command written with --out (dual control: the second
+    /// operator co-signs offline), then write it back (or to --out), or send it with --send.
+    Cosign {
+        /// The signed command (JSON envelope).
+        file: PathBuf,
+        /// Send it over signer.control.keys instead of writing it.
+        #[arg(long)]
+        send: bool,
+        #[command(flatten)]
+        operator: OperatorArgs,
         #[command(flatten)]
         nats: super::nats_client::NatsArgs,
     },
@@ -247,61 +436,80 @@ impl KeysCommand {
                 issuer,
                 san,
                 reason,
+                operator,
                 nats,
-            } => super::nats_client::runtime()?.block_on(async {
-                let state = key_state(&nats).await?;
-                match (keyid, issuer, san) {
-                    (Some(keyid), _, _) => {
-                        state
-                            .revoke(&keyid, &reason)
-                            .await
-                            .map_err(CliError::Unusable)?;
-                        println!("revoked {keyid}");
-                    }
-                    (None, Some(issuer), Some(san)) => {
-                        use crate::jetstream::key_state::RevokeError;
-                        let r = state
-                            .revoke_identity(&issuer, &san, &reason)
-                            .await
-                            .map_err(|e| match e {
-                                RevokeError::Invalid(m) => CliError::Invalid(m),
-                                RevokeError::Bucket(m) => CliError::Unusable(m),
-                            })?;
-                        println!("revoked the identity {} of {}", r.san, r.issuer);
-                    }
+            } => {
+                let command = match (keyid, issuer, san) {
+                    (Some(keyid), _, _) => ControlCommand::Revoke { keyid, reason },
+                    (None, Some(issuer), Some(san)) => ControlCommand::RevokeIdentity {
+                        issuer,
+                        san,
+                        reason,
+                    },
                     _ => {
                         return Err(CliError::Invalid(
                             "name a keyid, a certificate SHA-256, or --issuer and --san".into(),
                         ));
                     }
-                }
-                Ok(())
-            }),
+                };
+                sign_and_send(command, &operator, &nats)
+            }
             KeysCommand::Rotate {
                 profile,
                 tenant,
                 plan,
                 keys,
                 reason,
+                operator,
                 nats,
-            } => super::nats_client::runtime()?.block_on(async {
-                let scope = crate::jetstream::key_state::scope_of(tenant, plan)
-                    .map_err(CliError::Unusable)?;
-                let state = key_state(&nats).await?;
-                let a = state
-                    .rotate(&profile, scope, keys, &reason)
-                    .await
-                    .map_err(CliError::Invalid)?;
-                println!(
-                    "profile {} ({}): [{}] -> [{}] at {}",
-                    a.profile,
-                    a.scope,
-                    a.previous.join(", "),
-                    a.keys.join(", "),
-                    a.rotated_at
-                );
-                Ok(())
-            }),
+            } => sign_and_send(
+                ControlCommand::Rotate {
+                    profile,
+                    tenant,
+                    plan,
+                    keys,
+                    reason,
+                },
+                &operator,
+                &nats,
+            ),
+            KeysCommand::Restore {
+                profile,
+                tenant,
+                plan,
+                reason,
+                operator,
+                nats,
+            } => sign_and_send(
+                ControlCommand::Restore {
+                    profile,
+                    tenant,
+                    plan,
+                    reason,
+                },
+                &operator,
+                &nats,
+            ),
+            KeysCommand::Cosign {
+                file,
+                send: now,
+                operator,
+                nats,
+            } => {
+                let text = std::fs::read(&file)
+                    .map_err(|e| CliError::Unusable(format!("{}: {e}", file.display())))?;
+                let mut envelope: ControlEnvelope = serde_json::from_slice(&text).map_err(|e| {
+                    CliError::Unusable(format!("{}: not a signed command: {e}", file.display()))
+                })?;
+                if !operator.operator_keys.is_empty() || nats.dev_state.is_some() {
+                    operator.sign(&mut envelope, nats.dev_state.as_deref())?;
+                }
+                if now {
+                    send(&nats, &envelope)
+                } else {
+                    write_envelope(operator.out.as_deref().unwrap_or(&file), &envelope)
+                }
+            }
             KeysCommand::List { json, nats } => super::nats_client::runtime()?.block_on(async {
                 let keys = key_state(&nats)
                     .await?

@@ -26,6 +26,85 @@ pub struct GatesConfig {
     pub entitlement: EntitlementGate,
     pub quota: QuotaGate,
     pub provenance: ProvenanceGate,
+    /// Operator authorisation of key commands on `signer.control.keys`. Absent: the
+    /// control subject refuses every command (`control_disabled`).
+    pub control: Option<ControlGate>,
+}
+
+/// Who may change key state: commands on `signer.control.keys` must carry compact JWS
+/// signatures by keys of this operator key set (see docs/security.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlGate {
+    /// Operator public keys as a JWKS file...
+    pub jwks_file: Option<PathBuf>,
+    /// ...or fetched from a URL (refreshed every `jwks_refresh`, and on an unknown `kid`).
+    pub jwks_url: Option<String>,
+    #[serde(with = "duration")]
+    pub jwks_refresh: Duration,
+    /// Required member of the token's `scope` (space separated).
+    pub scope: String,
+    /// Distinct operators (distinct key and distinct `sub`) that must sign a command.
+    pub required_signatures: u32,
+    /// Longest accepted token life (`exp - iat`); also how long a `jti` is remembered.
+    #[serde(with = "duration")]
+    pub max_token_life: Duration,
+    /// Tolerated clock difference for `exp`, `nbf`, `iat`.
+    #[serde(with = "duration")]
+    pub clock_skew: Duration,
+    /// JetStream key-value bucket of used `jti`s, shared by every replica.
+    pub jti_bucket: String,
+}
+
+impl Default for ControlGate {
+    fn default() -> Self {
+        ControlGate {
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            scope: "signer.admin".into(),
+            required_signatures: 1,
+            max_token_life: Duration::from_secs(15 * 60),
+            clock_skew: Duration::from_secs(60),
+            jti_bucket: "SIGNER_CONTROL_JTI".into(),
+        }
+    }
+}
+
+/// Most signatures `required_signatures` may ask for.
+pub const MAX_CONTROL_SIGNATURES: u32 = 16;
+
+impl ControlGate {
+    /// Startup checks: one key source, a sensible signature count and token life.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(_), Some(_)) => {
+                return Err("gates.control: set jwks_file or jwks_url, not both".into());
+            }
+            (None, None) => return Err("gates.control: set jwks_file or jwks_url".into()),
+            _ => {}
+        }
+        if !(1..=MAX_CONTROL_SIGNATURES).contains(&self.required_signatures) {
+            return Err(format!(
+                "gates.control.required_signatures must be 1 to {MAX_CONTROL_SIGNATURES}"
+            ));
+        }
+        if self.max_token_life.is_zero() || self.max_token_life > Duration::from_secs(24 * 3600) {
+            return Err("gates.control.max_token_life must be more than 0 and at most 24h".into());
+        }
+        if self.scope.trim().is_empty() || self.scope.contains(' ') {
+            return Err("gates.control.scope must be one scope token".into());
+        }
+        if self.jti_bucket.is_empty()
+            || !self
+                .jti_bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
+            return Err("gates.control.jti_bucket must be [A-Za-z0-9_-]+".into());
+        }
+        Ok(())
+    }
 }
 
 /// OpTok (Authority token), DPoP and Proof-of-Entitlement.
@@ -222,5 +301,63 @@ impl Default for ProvenanceGate {
             insecure_registries: Vec::new(),
             registry_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_gate_needs_one_key_source_and_sane_limits() {
+        let ok = ControlGate {
+            jwks_file: Some("operators.json".into()),
+            ..ControlGate::default()
+        };
+        ok.validate().unwrap();
+        let bad = [
+            ControlGate::default(),
+            ControlGate {
+                jwks_url: Some("https://keys.example/jwks.json".into()),
+                ..ok.clone()
+            },
+            ControlGate {
+                required_signatures: 0,
+                ..ok.clone()
+            },
+            ControlGate {
+                required_signatures: MAX_CONTROL_SIGNATURES + 1,
+                ..ok.clone()
+            },
+            ControlGate {
+                max_token_life: Duration::ZERO,
+                ..ok.clone()
+            },
+            ControlGate {
+                max_token_life: Duration::from_secs(2 * 24 * 3600),
+                ..ok.clone()
+            },
+            ControlGate {
+                scope: "signer.admin extra".into(),
+                ..ok.clone()
+            },
+            ControlGate {
+                jti_bucket: "a.b".into(),
+                ..ok.clone()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+        let parsed: GatesConfig = toml::from_str(
+            "[control]\njwks_file = \"ops.json\"\nrequired_signatures = 2\nmax_token_life = \"5m\"\n",
+        )
+        .unwrap();
+        let c = parsed.control.unwrap();
+        assert_eq!(
+            (c.required_signatures, c.max_token_life),
+            (2, Duration::from_secs(300))
+        );
+        assert!(toml::from_str::<GatesConfig>("[control]\njwks_fil = \"x\"\n").is_err());
     }
 }

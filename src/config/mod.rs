@@ -31,8 +31,8 @@ pub enum ConfigError {
 pub mod gates;
 
 pub use gates::{
-    EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate, QuotaGate,
-    ReplayBackend,
+    ControlGate, EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate,
+    QuotaGate, ReplayBackend,
 };
 
 pub(crate) mod duration {
@@ -451,6 +451,9 @@ impl Config {
             return invalid(
                 "nats.duplicate_window must be at least 2m (the contract's minimum)".into(),
             );
+        }
+        if let Some(control) = &self.gates.control {
+            control.validate().map_err(ConfigError::Invalid)?;
         }
         if self.keys.is_empty() {
             return invalid("no [[keys]] configured".into());

@@ -15,10 +15,9 @@
 //!   them, so `keys rotate` can record what a rotation replaced and `keys list` can tell an
 //!   active key from a retired one.
 //!
-//! `stella-signer keys revoke` and `keys rotate` write the bucket; a JSON message on
-//! `signer.control.keys` does the same through any replica (who may publish there is a NATS
-//! permission): `{"action":"revoke","keyid":...,"reason":...}` or
-//! `{"action":"rotate","profile":...,"tenant"|"plan":...,"keys":[...],"reason":...}`.
+//! Only the signers write the bucket: `revoke`, `rotate` and `restore` arrive as operator-signed
+//! commands on `signer.control.keys` (see [`crate::control`]), which one replica applies here.
+//! `stella-signer keys list` reads it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -160,46 +159,25 @@ fn left_key(name: &str) -> String {
     )
 }
 
-/// A command on `signer.control.keys`.
-#[derive(Debug, Deserialize)]
-struct ControlMessage {
-    action: String,
-    #[serde(default)]
-    keyid: String,
-    #[serde(default)]
-    reason: String,
-    #[serde(default)]
-    profile: String,
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(default)]
-    plan: Option<String>,
-    #[serde(default)]
-    keys: Vec<String>,
-}
-
-impl ControlMessage {
-    fn scope(&self) -> Result<Scope, String> {
-        scope_of(self.tenant.clone(), self.plan.clone())
-    }
-}
-
-/// The scope named by an optional tenant or plan (not both).
-pub fn scope_of(tenant: Option<String>, plan: Option<String>) -> Result<Scope, String> {
-    match (tenant, plan) {
-        (Some(_), Some(_)) => Err("name a tenant or a plan, not both".into()),
-        (Some(t), None) => Ok(Scope::Tenant(t)),
-        (None, Some(p)) => Ok(Scope::Plan(p)),
-        (None, None) => Ok(Scope::Profile),
-    }
-}
-
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 fn is_keyid(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Why a `restore` changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The scope signs with its configured keys already.
+    #[error(
+        "profile {profile:?} ({scope}) has no rotation to undo: it signs with its configured keys"
+    )]
+    NoRotation { profile: String, scope: String },
+    /// The key bucket could not be read or written.
+    #[error("key bucket: {0}")]
+    Bucket(String),
 }
 
 /// The bucket, and this replica's view of the revocations in it.
@@ -357,52 +335,6 @@ impl KeyState {
                     .retain(|(p, s), _| assignment_key(p, s) != entry.key);
             }
         }
-    }
-
-    /// Applies `revoke` and `rotate` commands published on `subject`, for as long as the
-    /// process runs.
-    pub fn serve_control(
-        self: &Arc<Self>,
-        client: async_nats::Client,
-        subject: String,
-    ) -> tokio::task::JoinHandle<()> {
-        let state = self.clone();
-        tokio::spawn(async move {
-            // One replica of the queue group takes each command and writes the bucket; the
-            // others follow the bucket. (Every replica applying a rotation would race on what
-            // it replaced.)
-            let Ok(mut sub) = client
-                .queue_subscribe(subject.clone(), "stella-signer-control".to_string())
-                .await
-            else {
-                tracing::error!(%subject, "cannot subscribe to the key control subject");
-                return;
-            };
-            while let Some(msg) = sub.next().await {
-                let outcome = match serde_json::from_slice::<ControlMessage>(&msg.payload) {
-                    Ok(c) if c.action == "revoke" => state.revoke(&c.keyid, &c.reason).await,
-                    Ok(c) if c.action == "rotate" => match c.scope() {
-                        Ok(scope) => state
-                            .rotate(&c.profile, scope, c.keys.clone(), &c.reason)
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(e),
-                    },
-                    Ok(c) => Err(format!("unknown action {:?}", c.action)),
-                    Err(e) => Err(format!("not a control message: {e}")),
-                };
-                if let Err(e) = &outcome {
-                    tracing::warn!(error = %e, "key control message refused");
-                }
-                if let Some(reply) = msg.reply {
-                    let answer = match outcome {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error: {e}"),
-                    };
-                    let _ = client.publish(reply, answer.into()).await;
-                }
-            }
-        })
     }
 
     /// Records a loaded key once (the first replica to load it sets `firstSeen`).
@@ -646,6 +578,47 @@ impl KeyState {
             .map_err(|e| e.to_string())?;
         self.set_assigned(assignment.clone());
         Ok(assignment)
+    }
+
+    /// Gives `profile`'s `scope` back to its configured keys (deletes the rotation; every
+    /// replica's watch drops it). The keys the rotation had put in are recorded as left, so
+    /// `keys list` dates their retirement. Returns the rotation undone.
+    pub async fn restore(&self, profile: &str, scope: &Scope) -> Result<Assignment, RestoreError> {
+        let Some(existing) = self
+            .assignments()
+            .await
+            .map_err(RestoreError::Bucket)?
+            .into_iter()
+            .find(|a| a.profile == profile && &a.scope == scope)
+        else {
+            return Err(RestoreError::NoRotation {
+                profile: profile.to_string(),
+                scope: scope.to_string(),
+            });
+        };
+        self.store
+            .delete(assignment_key(profile, scope))
+            .await
+            .map_err(|e| RestoreError::Bucket(e.to_string()))?;
+        self.assigned
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(profile.to_string(), scope.clone()));
+        // best effort from here: the rotation is undone; only `keys list` dating depends on it
+        let assignments = triples(&self.assignments().await.unwrap_or_default());
+        if let Ok(Some(table)) = self.configured_profiles().await {
+            let used = table.effective_key_names(&assignments);
+            for name in existing.keys.iter().filter(|n| !used.contains(n.as_str())) {
+                let left = Left {
+                    name: name.clone(),
+                    left_at: now(),
+                };
+                if let Ok(v) = serde_json::to_vec(&left) {
+                    let _ = self.store.put(left_key(name), v.into()).await;
+                }
+            }
+        }
+        Ok(existing)
     }
 
     /// Every revocation in the bucket.

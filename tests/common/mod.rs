@@ -2,6 +2,7 @@
 //! conformance peers of `../shared/conformance` (installed by `scripts/bootstrap.sh`).
 #![allow(dead_code)]
 
+pub mod operators;
 pub mod registry;
 pub mod sigstore;
 pub mod softhsm;

@@ -389,7 +389,8 @@ keys = ["ec", "ed"]
         for s in ["REQ", "RES", "AUD"] {
             let _ = js.delete_stream(self.stream(s)).await;
         }
-        for bucket in ["IDEM", "KEYS", "DPOP"] {
+        // JTI: the used-jti bucket of [gates.control], when the test configured one
+        for bucket in ["IDEM", "KEYS", "DPOP", "JTI"] {
             let _ = js
                 .delete_stream(format!("KV_{}", self.stream(bucket)))
                 .await;

@@ -8,6 +8,8 @@ mod freshness;
 mod profiles;
 mod replay;
 
+mod control;
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -819,7 +819,7 @@ fn audit_event(
         writer_seq: 0,
         request_id: ids.request_id.clone(),
         tenant: ids.tenant.clone(),
-        kind: ids.kind,
+        kind: ids.kind.into(),
         caller: f.caller,
         subjects: f.subjects,
         auth: Some(AuthRecord {
@@ -842,6 +842,7 @@ fn audit_event(
             scanner_digest: f.scanner_digest,
         }),
         keys,
+        control: None,
         decision,
         error_code: code,
         trace_id: ids.traceparent.as_deref().and_then(trace_id),

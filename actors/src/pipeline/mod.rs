@@ -257,6 +257,12 @@ impl Pipeline {
         })
     }
 
+    /// A handle to append events that are not jobs (key control decisions) to this
+    /// replica's audit chain, through the same AuditWriter actor as the jobs.
+    pub fn audit_sink(&self) -> AuditSink {
+        AuditSink(self.shared.clone())
+    }
+
     /// A handle to ask about readiness from elsewhere (the health endpoint).
     pub fn status(&self) -> PipelineStatus {
         PipelineStatus(self.shared.clone())
@@ -285,6 +291,35 @@ impl Pipeline {
     pub async fn stopped(&self) {
         let mut rx = self.stopped.clone();
         let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+}
+
+/// Why an event given to [`AuditSink::append`] was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditAppendError {
+    /// The AuditWriter is not running, did not answer in time, or stopped.
+    #[error("audit writer unreachable: {0}")]
+    Unreachable(String),
+    /// The writer took it but the audit stream did not store it.
+    #[error("audit event not stored: {0}")]
+    NotStored(String),
+}
+
+/// Appends events to the pipeline's audit chain (one chain per writer, shared with jobs).
+#[derive(Clone)]
+pub struct AuditSink(Arc<Shared>);
+
+impl AuditSink {
+    /// Seals `event` into the chain and waits until the audit stream stored it; returns its
+    /// stream sequence.
+    pub async fn append(&self, event: crate::audit::AuditEvent) -> Result<u64, AuditAppendError> {
+        let audit = self.0.read_refs().audit.clone();
+        call_actor(audit, "audit_writer", self.0.cfg.call_timeout, |r| {
+            audit_writer::AuditMsg::Append(Box::new(event), r)
+        })
+        .await
+        .map_err(|e| AuditAppendError::Unreachable(e.to_string()))?
+        .map_err(|e| AuditAppendError::NotStored(e.to_string()))
     }
 }
 

@@ -688,6 +688,7 @@ impl Deployment {
                 body: serde_json::to_vec(&body).unwrap(),
                 seq,
                 delivered: 1,
+                published: SystemTime::now(),
             })
             .unwrap();
     }
