@@ -1,5 +1,7 @@
 //! A real OCI registry for one test: Debian's `docker-registry` (distribution 2.8), serving
 //! a temporary directory over plain HTTP on a free loopback port, stopped when dropped.
+//! [`TestRegistry::start_with_htpasswd`] runs one that requires HTTP basic auth (its
+//! `auth: htpasswd:` setting, with a bcrypt file written by Apache's `htpasswd`).
 //! Installed by `scripts/bootstrap.sh`; a missing binary fails the test (a skipped
 //! provenance test proves nothing).
 #![allow(dead_code)]
@@ -36,11 +38,38 @@ pub struct TestRegistry {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// `auth: htpasswd:` is on (anonymous requests get 401).
+    htpasswd: bool,
+}
+
+/// Writes an htpasswd file with one bcrypt entry (`htpasswd -B`, what distribution reads).
+fn write_htpasswd(path: &Path, user: &str, password: &str) {
+    let out = Command::new("htpasswd")
+        .args(["-B", "-b", "-n", user, password])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("htpasswd: {e}; run scripts/bootstrap.sh (installs apache2-utils)")
+        });
+    assert!(
+        out.status.success(),
+        "htpasswd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(path, out.stdout).unwrap();
 }
 
 impl TestRegistry {
     /// Starts a registry with empty storage.
     pub fn start() -> TestRegistry {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that only serves `user` with `password` (HTTP basic auth).
+    pub fn start_with_htpasswd(user: &str, password: &str) -> TestRegistry {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> TestRegistry {
         let mut last = String::new();
         // The port is free when picked but another process may take it before the
         // registry binds: retry with a new one.
@@ -49,7 +78,11 @@ impl TestRegistry {
                 dir: tempfile::tempdir().unwrap(),
                 port: free_port(),
                 child: None,
+                htpasswd: auth.is_some(),
             };
+            if let Some((user, password)) = auth {
+                write_htpasswd(&reg.dir.path().join("htpasswd"), user, password);
+            }
             match reg.spawn() {
                 Ok(()) => return reg,
                 Err(e) => last = e,
@@ -102,7 +135,12 @@ impl TestRegistry {
     fn spawn(&mut self) -> Result<(), String> {
         let config = self.dir.path().join("config.yml");
         let storage = self.dir.path().join("storage");
-        std::fs::write(&config, config_yaml(&storage, self.port)).unwrap();
+        let htpasswd = self.htpasswd.then(|| self.dir.path().join("htpasswd"));
+        std::fs::write(
+            &config,
+            config_yaml(&storage, self.port, htpasswd.as_deref()),
+        )
+        .unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -119,7 +157,8 @@ impl TestRegistry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let answered = matches!(http_get(self.port, "/v2/"), Ok((200, _)));
+            let ready = if self.htpasswd { 401 } else { 200 };
+            let answered = matches!(http_get(self.port, "/v2/"), Ok((s, _)) if s == ready);
             // Still running after an answer: it is ours that answered, not another test's
             // registry that got the port first (ours would have exited on the bind).
             let exited = self
@@ -149,12 +188,18 @@ impl Drop for TestRegistry {
     }
 }
 
-fn config_yaml(storage: &Path, port: u16) -> String {
+fn config_yaml(storage: &Path, port: u16, htpasswd: Option<&Path>) -> String {
+    let auth = htpasswd.map_or(String::new(), |p| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: stella-test\n    path: {}\n",
+            p.display()
+        )
+    });
     format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-         http:\n  addr: 127.0.0.1:{port}\n",
+         http:\n  addr: 127.0.0.1:{port}\n{auth}",
         storage.display()
     )
 }
