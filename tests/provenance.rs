@@ -402,7 +402,10 @@ async fn cosign3_bundle_referrer_by_a_trusted_key_is_trusted() {
         let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/{referrer}"));
         let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(manifest["artifactType"], BUNDLE_V03_MEDIA_TYPE);
-        assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.empty.v1+json");
+        assert_eq!(
+            manifest["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
         assert_eq!(manifest["layers"].as_array().unwrap().len(), 1);
         assert_eq!(manifest["layers"][0]["mediaType"], BUNDLE_V03_MEDIA_TYPE);
         assert_eq!(manifest["subject"]["digest"], digest.as_str());
@@ -447,7 +450,10 @@ async fn cosign3_bundle_by_another_key_is_untrusted() {
         index["manifests"][0]["digest"].as_str().unwrap()
     ));
     let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let a = push.push_test_image(&repo).await.unwrap();
     push.sign_image_cosign3(&repo, &a, &keys.trusted_ed)
         .await
@@ -617,15 +623,9 @@ async fn keyless_and_oversized_bundles_are_refused() {
     // A bundle over the size cap is not fetched (its declared size is enough).
     let digest = push.push_test_image(&repo).await.unwrap();
     let big = vec![b' '; 4 * 1024 * 1024 + 300 * 1024];
-    push.attach_bundle(
-        &repo,
-        &digest,
-        &big,
-        BundleContentKind::DsseEnvelope,
-        None,
-    )
-    .await
-    .unwrap();
+    push.attach_bundle(&repo, &digest, &big, BundleContentKind::DsseEnvelope, None)
+        .await
+        .unwrap();
     let message = untrusted(v.verify(&repo, &digest).await);
     assert!(message.contains("over the"), "{message}");
     assert!(message.contains("-byte limit"), "{message}");
@@ -701,4 +701,81 @@ async fn private_registry_is_read_with_credentials_and_refused_without() {
         message.contains("refused the configured credentials"),
         "{message}"
     );
+}
+
+/// The worker, with `[gates.provenance]` pointed at a private registry: a job whose scanner
+/// image carries a cosign 3 bundle is signed when the worker has the registry's
+/// credentials (from a Docker config.json), and fails `provenance_unavailable`, audited,
+/// when it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reads_a_private_registry_with_credentials_and_fails_jobs_without() {
+    use common::stack::{Stack, request, verify_completed};
+
+    let reg = TestRegistry::start_with_htpasswd(USER, PASSWORD);
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = Pusher::with_credentials(
+        &[reg.host()],
+        Credentials::default().with_basic(&reg.host(), USER, PASSWORD),
+    )
+    .unwrap();
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = docker_config(dir.path(), &reg.host(), USER, PASSWORD);
+
+    for (tag, with_credentials) in [("provcred", true), ("provanon", false)] {
+        let credentials = if with_credentials {
+            format!("docker_config = \"{}\"\n", config.display())
+        } else {
+            String::new()
+        };
+        let gates = format!(
+            "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n\
+             [gates.provenance]\ntrusted_keys = [\"{}\"]\ninsecure_registries = [\"{}\"]\n{credentials}",
+            keys.trusted_public[0].display(),
+            reg.host()
+        );
+        let mut stack = Stack::with_gates(tag, &gates, "");
+        stack.spawn_worker();
+        let (_c, js) = stack.connect().await;
+        stack.wait_provisioned(&js).await;
+        let mut body = request("job-1", "acme", None);
+        body["scanner"] = serde_json::json!({"repository": repo, "imageDigest": digest});
+        stack
+            .publish(
+                &js,
+                "sign.requests.acme",
+                &[("Nats-Msg-Id", "job-1")],
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+        let results = stack
+            .results(&js, 1, Duration::from_secs(60), Duration::from_millis(500))
+            .await;
+        assert_eq!(results.len(), 1, "{results:#?}\n{}", stack.log(0));
+        let r = &results[0];
+        let audit = stack.audit_events(&js).await;
+        let event = audit
+            .iter()
+            .find(|e| e["requestId"] == "job-1")
+            .unwrap_or_else(|| panic!("no audit event for job-1: {audit:#?}"));
+        if with_credentials {
+            assert!(r.completed(), "{:#}\n{}", r.body, stack.log(0));
+            verify_completed(&stack, r);
+            assert_eq!(event["provenance"]["verdict"], "trusted", "{event:#}");
+        } else {
+            assert_eq!(r.code(), "provenance_unavailable", "{:#}", r.body);
+            let message = r.body["error"]["message"].as_str().unwrap_or("");
+            assert!(
+                message.contains("requires credentials and none are configured"),
+                "{message}"
+            );
+            assert_eq!(event["provenance"]["verdict"], "unavailable", "{event:#}");
+        }
+        assert_eq!(event["provenance"]["scannerDigest"], digest.as_str());
+        stack.cleanup(&js).await;
+    }
 }
