@@ -779,3 +779,62 @@ async fn worker_reads_a_private_registry_with_credentials_and_fails_jobs_without
         stack.cleanup(&js).await;
     }
 }
+
+/// The token flow: the registry answers `Bearer realm=...,service=...`; the gate gets a
+/// token from the realm with the configured basic credentials and the image's pull scope,
+/// then reads with it. Without credentials the token server refuses, and so does the
+/// registry.
+#[tokio::test]
+async fn token_auth_registry_is_read_through_the_bearer_token_flow() {
+    let (reg, tokens) = TestRegistry::start_with_token_server(USER, PASSWORD);
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let (status, _) = reg.get(&format!("/v2/{PATH}/tags/list"));
+    assert_eq!(status, 401);
+    let push = Pusher::with_credentials(
+        &[reg.host()],
+        Credentials::default().with_basic(&reg.host(), USER, PASSWORD),
+    )
+    .unwrap();
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    tokens.requests.lock().unwrap().clear();
+
+    let dir = tempfile::tempdir().unwrap();
+    let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+        docker_config: Some(docker_config(dir.path(), &reg.host(), USER, PASSWORD)),
+        ..gate(&reg.host(), &keys, Duration::ZERO)
+    })
+    .unwrap();
+    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    {
+        let seen = tokens.requests.lock().unwrap();
+        assert!(!seen.is_empty(), "the token server was never asked");
+        for (authorization, query) in seen.iter() {
+            assert!(
+                authorization
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Basic ")),
+                "{authorization:?}"
+            );
+            assert!(
+                query.contains("scope=repository%3Astella-ops%2Fscanner%3Apull")
+                    || query.contains("scope=repository:stella-ops/scanner:pull"),
+                "{query}"
+            );
+            assert!(
+                query.contains(&format!("service={}", common::registry::TOKEN_SERVICE)),
+                "{query}"
+            );
+        }
+    }
+
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let message = unavailable(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("requires credentials and none are configured"),
+        "{message}"
+    );
+}
