@@ -262,6 +262,9 @@ pub const TOKEN_SERVICE: &str = "stella-test-registry";
 /// `issuer` of its tokens (`iss`).
 pub const TOKEN_ISSUER: &str = "stella-test-token-issuer";
 
+/// What the token server saw of one request: the Authorization header and the query.
+pub type TokenRequest = (Option<String>, String);
+
 /// A token server as distribution's `auth: token:` expects one: `GET /token?scope=...&service=...`
 /// with HTTP basic credentials answers `{"token": JWT}`, an ES256 JWT whose `x5c` header is
 /// the (self-signed) certificate the registry trusts, granting what `scope` asks. Wrong or
@@ -271,7 +274,7 @@ pub struct TokenServer {
     port: u16,
     cert: PathBuf,
     /// (Authorization header, query) of each request.
-    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, String)>>>,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<TokenRequest>>>,
 }
 
 impl TokenServer {
