@@ -124,7 +124,7 @@ impl Credentials {
                 })
             };
             creds.by_registry.insert(
-                entry.registry.clone(),
+                canonical(&entry.registry),
                 Basic {
                     username: get(&entry.username_env)?,
                     password: get(&entry.password_env)?,
@@ -174,7 +174,7 @@ impl Credentials {
     /// when there are some, anonymous otherwise.
     pub fn auth_for(&self, registry: &str) -> RegistryAuth {
         self.by_registry
-            .get(registry)
+            .get(&canonical(registry))
             .map_or(RegistryAuth::Anonymous, |b| {
                 RegistryAuth::Basic(b.username.clone(), b.password.clone())
             })
@@ -183,7 +183,7 @@ impl Credentials {
     /// Adds (or replaces) basic credentials for `registry` (`host[:port]`).
     pub fn with_basic(mut self, registry: &str, username: &str, password: &str) -> Self {
         self.by_registry.insert(
-            registry.to_string(),
+            canonical(registry),
             Basic {
                 username: username.to_string(),
                 password: password.to_string(),
@@ -194,7 +194,7 @@ impl Credentials {
 
     /// Whether credentials exist for `registry` (for error messages).
     pub fn has(&self, registry: &str) -> bool {
-        self.by_registry.contains_key(registry)
+        self.by_registry.contains_key(&canonical(registry))
     }
 }
 
@@ -220,12 +220,15 @@ fn registry_of(key: &str) -> String {
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
         .unwrap_or(key);
-    let host = rest.split('/').next().unwrap_or(rest);
-    // oci-client resolves Docker Hub's `docker.io` to `index.docker.io`.
-    if host == "docker.io" || host == "registry-1.docker.io" {
-        "index.docker.io".to_string()
-    } else {
-        host.to_string()
+    canonical(rest.split('/').next().unwrap_or(rest))
+}
+
+/// One name per registry: Docker Hub's several names become `index.docker.io`, which is
+/// what `oci-client` resolves `docker.io` to.
+fn canonical(host: &str) -> String {
+    match host {
+        "docker.io" | "registry-1.docker.io" | "index.docker.io" => "index.docker.io".to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -265,10 +268,9 @@ mod tests {
             basic(&c, "registry.example:5000"),
             Some(("alice".into(), "s3cr:et".into()))
         );
-        assert_eq!(
-            basic(&c, "index.docker.io"),
-            Some(("bob".into(), "pw".into()))
-        );
+        for hub in ["index.docker.io", "docker.io", "registry-1.docker.io"] {
+            assert_eq!(basic(&c, hub), Some(("bob".into(), "pw".into())), "{hub}");
+        }
         assert_eq!(basic(&c, "helper.example"), None);
         assert_eq!(basic(&c, "other.example"), None);
         // The password never shows in Debug output.
@@ -331,5 +333,33 @@ mod tests {
             Credentials::load(None, None, &[bad], |_| Some("x".into())),
             Err(CredentialsError::BadRegistry { .. })
         ));
+    }
+
+    #[test]
+    fn settings_parse_from_toml_and_unknown_keys_are_refused() {
+        let gate: crate::config::gates::ProvenanceGate = toml::from_str(
+            r#"
+trusted_keys = ["/k.pub"]
+docker_config = "/etc/stella-signer/registry/config.json"
+[[registry_credentials]]
+registry = "registry.internal:5000"
+username_env = "U"
+password_env = "P"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            gate.docker_config.as_deref(),
+            Some(Path::new("/etc/stella-signer/registry/config.json"))
+        );
+        assert_eq!(gate.registry_credentials.len(), 1);
+        assert_eq!(
+            gate.registry_credentials[0].registry,
+            "registry.internal:5000"
+        );
+        let typo = toml::from_str::<crate::config::gates::ProvenanceGate>(
+            "[[registry_credentials]]\nregistry = \"r\"\nusername_env = \"U\"\npassword = \"x\"\n",
+        );
+        assert!(typo.is_err());
     }
 }

@@ -170,7 +170,7 @@ impl Pusher {
     }
 
     fn auth(&self, reference: &Reference) -> RegistryAuth {
-        self.credentials.auth_for(reference.registry())
+        self.credentials.auth_for(reference.resolve_registry())
     }
 
     /// A reference to `tag_or_digest` (`sha256:...` is a digest) in `repository`

@@ -145,7 +145,7 @@ impl Reader {
 
     /// What `oci-client` is given for `image`'s registry.
     fn auth(&self, image: &Reference) -> RegistryAuth {
-        self.credentials.auth_for(image.registry())
+        self.credentials.auth_for(image.resolve_registry())
     }
 
     /// Says why a registry refused: no credentials configured, or these refused.
