@@ -5,10 +5,12 @@
 //! Order of a decision (see [`ReleaseVerifierImpl::verify`]):
 //! 1. the allowlist (offline kits: no network at all);
 //! 2. the verdict cache (`cache_ttl`; definite verdicts only);
-//! 3. the registry, anonymously, stopping at the first signature that verifies:
-//!    the OCI 1.1 referrers of `repository@digest` (referrers API, or the referrers tag
-//!    schema `sha256-<hex>` when the registry lacks the API), then cosign's signature tag
-//!    `sha256-<hex>.sig`. What counts is described in [`formats`].
+//! 3. the registry (anonymously, or with the [`credentials`] configured for it), stopping at
+//!    the first signature that verifies: the OCI 1.1 referrers of `repository@digest`
+//!    (referrers API, or the referrers tag schema `sha256-<hex>` when the registry lacks the
+//!    API) holding cosign simple-signing, DSSE or Sigstore bundle v0.3 layers (what cosign 3
+//!    attaches), then cosign's signature tag `sha256-<hex>.sig`. What counts is described
+//!    in [`formats`]; keyless bundles never do.
 //!
 //! Verdicts map onto the contract's codes: a verifying signature gives
 //! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
