@@ -22,8 +22,9 @@ use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 use stella_signer::config::gates::ProvenanceGate;
 use stella_signer::keys::file::FileKey;
 use stella_signer::provenance::ReleaseVerifierImpl;
-use stella_signer::provenance::formats::DSSE_MEDIA_TYPE;
-use stella_signer::provenance::push::Pusher;
+use stella_signer::provenance::credentials::Credentials;
+use stella_signer::provenance::formats::{BUNDLE_V03_MEDIA_TYPE, DSSE_MEDIA_TYPE};
+use stella_signer::provenance::push::{BundleContentKind, COSIGN_SIGN_PREDICATE_TYPE, Pusher};
 
 const PATH: &str = "stella-ops/scanner";
 
@@ -173,7 +174,7 @@ async fn unsigned_image_is_untrusted() {
     let v = verifier(&reg.host(), &keys, Duration::ZERO);
     let message = untrusted(v.verify(&repo, &digest).await);
     assert!(
-        message.contains("has no cosign signature or DSSE attestation"),
+        message.contains("has no cosign signature, DSSE attestation or Sigstore bundle"),
         "{message}"
     );
     assert!(message.contains(&digest), "{message}");
@@ -374,4 +375,466 @@ async fn repository_without_a_registry_host_is_untrusted() {
     let v = verifier("127.0.0.1:1", &keys, Duration::ZERO);
     let message = untrusted(v.verify(PATH, &format!("sha256:{}", "a".repeat(64))).await);
     assert_eq!(message, "repository must name a registry host");
+}
+
+#[tokio::test]
+async fn cosign3_bundle_referrer_by_a_trusted_key_is_trusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+
+    for key in [&keys.trusted_ec, &keys.trusted_ed] {
+        let digest = push.push_test_image(&repo).await.unwrap();
+        let referrer = push.sign_image_cosign3(&repo, &digest, key).await.unwrap();
+        // The layout of cosign's BUNDLE_SPEC.md: listed under the tag schema with the
+        // bundle artifactType and content annotations; the bundle is the single layer.
+        let (status, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&digest)));
+        assert_eq!(status, 200, "{body}");
+        let index: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(index["manifests"][0]["digest"], referrer.as_str());
+        assert_eq!(index["manifests"][0]["artifactType"], BUNDLE_V03_MEDIA_TYPE);
+        assert_eq!(
+            index["manifests"][0]["annotations"]["dev.sigstore.bundle.content"],
+            "dsse-envelope"
+        );
+        let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/{referrer}"));
+        let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(manifest["artifactType"], BUNDLE_V03_MEDIA_TYPE);
+        assert_eq!(
+            manifest["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
+        assert_eq!(manifest["layers"].as_array().unwrap().len(), 1);
+        assert_eq!(manifest["layers"][0]["mediaType"], BUNDLE_V03_MEDIA_TYPE);
+        assert_eq!(manifest["subject"]["digest"], digest.as_str());
+        assert_eq!(
+            manifest["annotations"]["dev.sigstore.bundle.predicateType"],
+            COSIGN_SIGN_PREDICATE_TYPE
+        );
+        let (status, _) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}.sig", hex(&digest)));
+        assert_eq!(status, 404, "no classic signature to fall back on");
+
+        assert_eq!(
+            v.verify(&repo, &digest).await,
+            Ok(ProvenanceGrant::Trusted),
+            "{}",
+            key.identity().algorithm.as_str()
+        );
+    }
+}
+
+#[tokio::test]
+async fn cosign3_bundle_by_another_key_is_untrusted() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &digest, &keys.untrusted)
+        .await
+        .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("1 not made by any trusted key"),
+        "{message}"
+    );
+    // A bundle made for another image and attached here: named as such.
+    let other = push.push_test_image(&repo).await.unwrap();
+    let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&digest)));
+    let index: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (_, body) = reg.get(&format!(
+        "/v2/{PATH}/manifests/{}",
+        index["manifests"][0]["digest"].as_str().unwrap()
+    ));
+    let manifest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &a, &keys.trusted_ed)
+        .await
+        .unwrap();
+    let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&a)));
+    let index_a: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (_, body) = reg.get(&format!(
+        "/v2/{PATH}/manifests/{}",
+        index_a["manifests"][0]["digest"].as_str().unwrap()
+    ));
+    let manifest_a: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bundle_a = blob(&reg, manifest_a["layers"][0]["digest"].as_str().unwrap()).await;
+    assert_ne!(layer, manifest_a["layers"][0]["digest"].as_str().unwrap());
+    push.attach_bundle(
+        &repo,
+        &other,
+        &bundle_a,
+        BundleContentKind::DsseEnvelope,
+        None,
+    )
+    .await
+    .unwrap();
+    let message = untrusted(v.verify(&repo, &other).await);
+    assert!(
+        message.contains(&format!("1 made by a trusted key for another image ({a})")),
+        "{message}"
+    );
+}
+
+/// A blob's bytes, read with a plain client.
+async fn blob(reg: &TestRegistry, digest: &str) -> Vec<u8> {
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::HttpsExcept(vec![reg.host()]),
+        ..Default::default()
+    });
+    let image = Reference::with_digest(reg.host(), PATH.into(), digest.to_string());
+    let mut out = Vec::new();
+    client
+        .pull_blob(
+            &image,
+            &oci_client::manifest::OciDescriptor {
+                digest: digest.to_string(),
+                ..Default::default()
+            },
+            &mut out,
+        )
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn message_signature_bundle_is_checked_over_the_image_manifest() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    for key in [&keys.trusted_ec, &keys.trusted_ed] {
+        let digest = push.push_test_image(&repo).await.unwrap();
+        let bundle = push
+            .message_signature_bundle(&repo, &digest, key)
+            .await
+            .unwrap();
+        push.attach_bundle(
+            &repo,
+            &digest,
+            &bundle,
+            BundleContentKind::MessageSignature,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    }
+    let digest = push.push_test_image(&repo).await.unwrap();
+    let bundle = push
+        .message_signature_bundle(&repo, &digest, &keys.untrusted)
+        .await
+        .unwrap();
+    push.attach_bundle(
+        &repo,
+        &digest,
+        &bundle,
+        BundleContentKind::MessageSignature,
+        None,
+    )
+    .await
+    .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("1 not made by any trusted key"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn keyless_and_oversized_bundles_are_refused() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+
+    // A keyless bundle (Fulcio certificate): refused, even though a trusted key's
+    // signature is inside, with a reason that says why.
+    let digest = push.push_test_image(&repo).await.unwrap();
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": repo, "digest": {"sha256": hex(&digest)}}],
+        "predicateType": COSIGN_SIGN_PREDICATE_TYPE,
+        "predicate": {}
+    });
+    let envelope = envelope_for(&keys.trusted_ec, serde_json::to_vec(&statement).unwrap());
+    let keyless = serde_json::json!({
+        "mediaType": BUNDLE_V03_MEDIA_TYPE,
+        "verificationMaterial": {"certificate": {"rawBytes": "MIIBkzCCATmgAwIBAgIUAA=="}, "tlogEntries": []},
+        "dsseEnvelope": envelope,
+    });
+    push.attach_bundle(
+        &repo,
+        &digest,
+        &serde_json::to_vec(&keyless).unwrap(),
+        BundleContentKind::DsseEnvelope,
+        None,
+    )
+    .await
+    .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("1 keyless Sigstore bundle(s) (Fulcio certificate)"),
+        "{message}"
+    );
+
+    // Two signatures in one bundle: refused before checking either.
+    let digest = push.push_test_image(&repo).await.unwrap();
+    let mut doubled = serde_json::to_value(envelope_for(
+        &keys.trusted_ec,
+        serde_json::to_vec(&serde_json::json!({
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"name": repo, "digest": {"sha256": hex(&digest)}}],
+            "predicateType": COSIGN_SIGN_PREDICATE_TYPE,
+            "predicate": {}
+        }))
+        .unwrap(),
+    ))
+    .unwrap();
+    let sig = doubled["signatures"][0].clone();
+    doubled["signatures"] = serde_json::json!([sig.clone(), sig]);
+    let bundle = serde_json::json!({
+        "mediaType": BUNDLE_V03_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": ""}},
+        "dsseEnvelope": doubled,
+    });
+    push.attach_bundle(
+        &repo,
+        &digest,
+        &serde_json::to_vec(&bundle).unwrap(),
+        BundleContentKind::DsseEnvelope,
+        None,
+    )
+    .await
+    .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(message.contains("has 2 signatures"), "{message}");
+
+    // A bundle over the size cap is not fetched (its declared size is enough).
+    let digest = push.push_test_image(&repo).await.unwrap();
+    let big = vec![b' '; 4 * 1024 * 1024 + 300 * 1024];
+    push.attach_bundle(&repo, &digest, &big, BundleContentKind::DsseEnvelope, None)
+        .await
+        .unwrap();
+    let message = untrusted(v.verify(&repo, &digest).await);
+    assert!(message.contains("over the"), "{message}");
+    assert!(message.contains("-byte limit"), "{message}");
+}
+
+const USER: &str = "scanner-ci";
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A Docker `config.json` with `auth` (base64 user:password) for `registry`.
+fn docker_config(dir: &std::path::Path, registry: &str, user: &str, password: &str) -> PathBuf {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&serde_json::json!({"auths": {registry: {"auth": auth}}})).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn private_registry_is_read_with_credentials_and_refused_without() {
+    let reg = TestRegistry::start_with_htpasswd(USER, PASSWORD);
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    // Anonymous access really is refused by this registry.
+    let (status, _) = reg.get(&format!("/v2/{PATH}/tags/list"));
+    assert_eq!(status, 401);
+    let push = Pusher::with_credentials(
+        &[reg.host()],
+        Credentials::default().with_basic(&reg.host(), USER, PASSWORD),
+    )
+    .unwrap();
+    let classic = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign(&repo, &classic, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let bundled = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &bundled, &keys.trusted_ed)
+        .await
+        .unwrap();
+
+    // Credentials from a Docker config.json: both signature places are read.
+    let dir = tempfile::tempdir().unwrap();
+    let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+        docker_config: Some(docker_config(dir.path(), &reg.host(), USER, PASSWORD)),
+        ..gate(&reg.host(), &keys, Duration::ZERO)
+    })
+    .unwrap();
+    for digest in [&classic, &bundled] {
+        assert_eq!(v.verify(&repo, digest).await, Ok(ProvenanceGrant::Trusted));
+    }
+
+    // Without credentials: unavailable (retryable), saying what is missing.
+    let v = verifier(&reg.host(), &keys, Duration::from_secs(60));
+    let message = unavailable(v.verify(&repo, &bundled).await);
+    assert!(
+        message.contains(&format!(
+            "registry {} requires credentials and none are configured for it",
+            reg.host()
+        )),
+        "{message}"
+    );
+    // With a wrong password: unavailable, saying they were refused.
+    let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+        docker_config: Some(docker_config(dir.path(), &reg.host(), USER, "wrong")),
+        ..gate(&reg.host(), &keys, Duration::ZERO)
+    })
+    .unwrap();
+    let message = unavailable(v.verify(&repo, &classic).await);
+    assert!(
+        message.contains("refused the configured credentials"),
+        "{message}"
+    );
+}
+
+/// The worker, with `[gates.provenance]` pointed at a private registry: a job whose scanner
+/// image carries a cosign 3 bundle is signed when the worker has the registry's
+/// credentials (from a Docker config.json), and fails `provenance_unavailable`, audited,
+/// when it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reads_a_private_registry_with_credentials_and_fails_jobs_without() {
+    use common::stack::{Stack, request, verify_completed};
+
+    let reg = TestRegistry::start_with_htpasswd(USER, PASSWORD);
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = Pusher::with_credentials(
+        &[reg.host()],
+        Credentials::default().with_basic(&reg.host(), USER, PASSWORD),
+    )
+    .unwrap();
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = docker_config(dir.path(), &reg.host(), USER, PASSWORD);
+
+    for (tag, with_credentials) in [("provcred", true), ("provanon", false)] {
+        let credentials = if with_credentials {
+            format!("docker_config = \"{}\"\n", config.display())
+        } else {
+            String::new()
+        };
+        let gates = format!(
+            "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n\
+             [gates.provenance]\ntrusted_keys = [\"{}\"]\ninsecure_registries = [\"{}\"]\n{credentials}",
+            keys.trusted_public[0].display(),
+            reg.host()
+        );
+        let mut stack = Stack::with_gates(tag, &gates, "");
+        stack.spawn_worker();
+        let (_c, js) = stack.connect().await;
+        stack.wait_provisioned(&js).await;
+        let mut body = request("job-1", "acme", None);
+        body["scanner"] = serde_json::json!({"repository": repo, "imageDigest": digest});
+        stack
+            .publish(
+                &js,
+                "sign.requests.acme",
+                &[("Nats-Msg-Id", "job-1")],
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+        let results = stack
+            .results(&js, 1, Duration::from_secs(60), Duration::from_millis(500))
+            .await;
+        assert_eq!(results.len(), 1, "{results:#?}\n{}", stack.log(0));
+        let r = &results[0];
+        let audit = stack.audit_events(&js).await;
+        let event = audit
+            .iter()
+            .find(|e| e["requestId"] == "job-1")
+            .unwrap_or_else(|| panic!("no audit event for job-1: {audit:#?}"));
+        if with_credentials {
+            assert!(r.completed(), "{:#}\n{}", r.body, stack.log(0));
+            verify_completed(&stack, r);
+            assert_eq!(event["provenance"]["verdict"], "trusted", "{event:#}");
+        } else {
+            assert_eq!(r.code(), "provenance_unavailable", "{:#}", r.body);
+            let message = r.body["error"]["message"].as_str().unwrap_or("");
+            assert!(
+                message.contains("requires credentials and none are configured"),
+                "{message}"
+            );
+            assert_eq!(event["provenance"]["verdict"], "unavailable", "{event:#}");
+        }
+        assert_eq!(event["provenance"]["scannerDigest"], digest.as_str());
+        stack.cleanup(&js).await;
+    }
+}
+
+/// The token flow: the registry answers `Bearer realm=...,service=...`; the gate gets a
+/// token from the realm with the configured basic credentials and the image's pull scope,
+/// then reads with it. Without credentials the token server refuses, and so does the
+/// registry.
+#[tokio::test]
+async fn token_auth_registry_is_read_through_the_bearer_token_flow() {
+    let (reg, tokens) = TestRegistry::start_with_token_server(USER, PASSWORD);
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let (status, _) = reg.get(&format!("/v2/{PATH}/tags/list"));
+    assert_eq!(status, 401);
+    let push = Pusher::with_credentials(
+        &[reg.host()],
+        Credentials::default().with_basic(&reg.host(), USER, PASSWORD),
+    )
+    .unwrap();
+    let digest = push.push_test_image(&repo).await.unwrap();
+    push.sign_image_cosign3(&repo, &digest, &keys.trusted_ec)
+        .await
+        .unwrap();
+    tokens.requests.lock().unwrap().clear();
+
+    let dir = tempfile::tempdir().unwrap();
+    let v = ReleaseVerifierImpl::from_config(&ProvenanceGate {
+        docker_config: Some(docker_config(dir.path(), &reg.host(), USER, PASSWORD)),
+        ..gate(&reg.host(), &keys, Duration::ZERO)
+    })
+    .unwrap();
+    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    {
+        let seen = tokens.requests.lock().unwrap();
+        assert!(!seen.is_empty(), "the token server was never asked");
+        for (authorization, query) in seen.iter() {
+            assert!(
+                authorization
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Basic ")),
+                "{authorization:?}"
+            );
+            assert!(
+                query.contains("scope=repository%3Astella-ops%2Fscanner%3Apull")
+                    || query.contains("scope=repository:stella-ops/scanner:pull"),
+                "{query}"
+            );
+            assert!(
+                query.contains(&format!("service={}", common::registry::TOKEN_SERVICE)),
+                "{query}"
+            );
+        }
+    }
+
+    let v = verifier(&reg.host(), &keys, Duration::ZERO);
+    let message = unavailable(v.verify(&repo, &digest).await);
+    assert!(
+        message.contains("requires credentials and none are configured"),
+        "{message}"
+    );
 }

@@ -289,6 +289,25 @@ pub struct ProvenanceGate {
     /// Time limit of one registry request.
     #[serde(with = "duration")]
     pub registry_timeout: Duration,
+    /// Docker `config.json` whose `auths` hold registry credentials. Unset: the file in
+    /// `$DOCKER_CONFIG`, if that is set and the file exists; otherwise registries are read
+    /// anonymously.
+    pub docker_config: Option<PathBuf>,
+    /// Registry credentials from environment variables; they win over `docker_config`.
+    pub registry_credentials: Vec<RegistryCredentialsEnv>,
+}
+
+/// Credentials for one registry, read from two environment variables at startup (so the
+/// password stays out of the configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentialsEnv {
+    /// `host[:port]`, as in `scanner.repository`.
+    pub registry: String,
+    /// Variable holding the user name.
+    pub username_env: String,
+    /// Variable holding the password (or token used as a password).
+    pub password_env: String,
 }
 
 impl Default for ProvenanceGate {
@@ -300,6 +319,8 @@ impl Default for ProvenanceGate {
             cache_ttl: Duration::from_secs(600),
             insecure_registries: Vec::new(),
             registry_timeout: Duration::from_secs(10),
+            docker_config: None,
+            registry_credentials: Vec::new(),
         }
     }
 }

@@ -26,6 +26,13 @@ pub const COSIGN_SIGNATURE_TYPE: &str = "cosign container image signature";
 pub const DSSE_MEDIA_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
 /// The in-toto Statement version cosign still writes; accepted alongside v1.
 pub const STATEMENT_V01: &str = "https://in-toto.io/Statement/v0.1";
+/// Referrer artifactType and layer media type of a Sigstore bundle v0.3, as cosign 3
+/// attaches it (cosign `specs/BUNDLE_SPEC.md`): the manifest's single layer is the bundle.
+pub const BUNDLE_V03_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// The older spelling of the same media type, still accepted by Sigstore clients.
+pub const BUNDLE_V03_MEDIA_TYPE_ALT: &str = "application/vnd.dev.sigstore.bundle+json;version=0.3";
+/// `messageDigest.algorithm` of a message signature over SHA-256.
+const SHA2_256: &str = "SHA2_256";
 
 /// A cosign simple-signing payload
 /// (containers/image `containers-signature.5`, with cosign's `critical.type`).
@@ -92,6 +99,9 @@ pub enum Check {
     OtherDigest(Vec<String>),
     /// Not a signature of a format we read.
     Malformed(String),
+    /// A keyless Sigstore bundle (a Fulcio certificate as verification material): not
+    /// trusted, the gate trusts release keys only.
+    Keyless,
 }
 
 /// Checks a cosign simple-signing layer: `payload` is the blob, `signature_b64` its
@@ -159,6 +169,11 @@ pub fn check_dsse(envelope_json: &[u8], keys: &[PublicKey], digest_hex: &str) ->
         Ok(e) => e,
         Err(e) => return Check::Malformed(format!("not a DSSE envelope: {e}")),
     };
+    check_envelope(&envelope, keys, digest_hex)
+}
+
+/// [`check_dsse`] on a parsed envelope (a DSSE layer, or the `dsseEnvelope` of a bundle).
+fn check_envelope(envelope: &Envelope, keys: &[PublicKey], digest_hex: &str) -> Check {
     if keys.is_empty() {
         return Check::UntrustedKey;
     }
@@ -204,12 +219,183 @@ pub fn check_dsse(envelope_json: &[u8], keys: &[PublicKey], digest_hex: &str) ->
     Check::OtherDigest(subjects.iter().map(|d| format!("sha256:{d}")).collect())
 }
 
+/// A Sigstore bundle v0.3 as the gate reads it: what signed it, and what is signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigstoreBundle {
+    pub material: BundleMaterial,
+    pub content: BundleContent,
+}
+
+/// `verificationMaterial` of a bundle, as far as the gate cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleMaterial {
+    /// `publicKey` (a hint only): signed with a key, checked against the trusted keys.
+    PublicKey,
+    /// `certificate` or `x509CertificateChain`: keyless (Fulcio), not trusted by the gate.
+    Certificate,
+}
+
+/// The signed content of a bundle: exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleContent {
+    /// A DSSE envelope (cosign 3 `sign` and `attest` write an in-toto Statement in one).
+    Dsse(Envelope),
+    /// A signature over an artifact, with the artifact's SHA-256 (`messageDigest`).
+    MessageSignature { sha256: Vec<u8>, signature: Vec<u8> },
+}
+
+/// The bundle JSON (protobuf JSON mapping: camelCase, bytes as standard base64). Fields
+/// the gate does not use (tlogEntries, timestampVerificationData) are not read.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBundle {
+    media_type: String,
+    verification_material: RawMaterial,
+    dsse_envelope: Option<Envelope>,
+    message_signature: Option<RawMessageSignature>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMaterial {
+    public_key: Option<serde_json::Value>,
+    certificate: Option<serde_json::Value>,
+    x509_certificate_chain: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMessageSignature {
+    message_digest: RawMessageDigest,
+    #[serde(with = "signer_actors::b64")]
+    signature: Vec<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMessageDigest {
+    algorithm: String,
+    #[serde(with = "signer_actors::b64")]
+    digest: Vec<u8>,
+}
+
+/// Reads a Sigstore bundle v0.3 blob. Refuses, before any signature is checked, a bundle
+/// with both or neither of `dsseEnvelope` / `messageSignature`, no verification material,
+/// or a DSSE envelope with other than one signature (a bundle carries exactly one).
+pub fn parse_bundle(bytes: &[u8]) -> Result<SigstoreBundle, String> {
+    let raw: RawBundle =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a Sigstore bundle: {e}"))?;
+    if raw.media_type != BUNDLE_V03_MEDIA_TYPE && raw.media_type != BUNDLE_V03_MEDIA_TYPE_ALT {
+        return Err(format!(
+            "bundle mediaType is {:?}, not {BUNDLE_V03_MEDIA_TYPE}",
+            raw.media_type
+        ));
+    }
+    let m = raw.verification_material;
+    let material = match (m.public_key, m.certificate.or(m.x509_certificate_chain)) {
+        (Some(_), None) => BundleMaterial::PublicKey,
+        (None, Some(_)) => BundleMaterial::Certificate,
+        (Some(_), Some(_)) => {
+            return Err("bundle has both a public key and a certificate".into());
+        }
+        (None, None) => return Err("bundle has no verification material".into()),
+    };
+    let content = match (raw.dsse_envelope, raw.message_signature) {
+        (Some(envelope), None) => {
+            if envelope.signatures.len() != 1 {
+                return Err(format!(
+                    "bundle DSSE envelope has {} signatures; a bundle carries exactly one",
+                    envelope.signatures.len()
+                ));
+            }
+            BundleContent::Dsse(envelope)
+        }
+        (None, Some(ms)) => {
+            if ms.message_digest.algorithm != SHA2_256 {
+                return Err(format!(
+                    "bundle messageDigest algorithm {:?} is not {SHA2_256}",
+                    ms.message_digest.algorithm
+                ));
+            }
+            BundleContent::MessageSignature {
+                sha256: ms.message_digest.digest,
+                signature: ms.signature,
+            }
+        }
+        (Some(_), Some(_)) => {
+            return Err("bundle has both a dsseEnvelope and a messageSignature".into());
+        }
+        (None, None) => {
+            return Err("bundle has neither a dsseEnvelope nor a messageSignature".into());
+        }
+    };
+    Ok(SigstoreBundle { material, content })
+}
+
+/// What the gate still needs to finish checking a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleCheck {
+    /// The verdict.
+    Done(Check),
+    /// A message signature over the requested digest: the verdict needs the signed message,
+    /// the image manifest (see [`check_message_signature`]).
+    NeedsManifest { signature: Vec<u8> },
+}
+
+/// Checks a bundle against the trusted `keys` and the requested `digest_hex`. A DSSE
+/// envelope is checked as a DSSE layer is; a message signature's `messageDigest` must be
+/// the image digest (else [`Check::OtherDigest`] without fetching anything more).
+pub fn check_bundle(bundle: &SigstoreBundle, keys: &[PublicKey], digest_hex: &str) -> BundleCheck {
+    if bundle.material == BundleMaterial::Certificate {
+        return BundleCheck::Done(Check::Keyless);
+    }
+    match &bundle.content {
+        BundleContent::Dsse(envelope) => {
+            BundleCheck::Done(check_envelope(envelope, keys, digest_hex))
+        }
+        BundleContent::MessageSignature { sha256, signature } => {
+            if hex::encode(sha256) != digest_hex.to_ascii_lowercase() {
+                return BundleCheck::Done(Check::OtherDigest(vec![format!(
+                    "sha256:{}",
+                    hex::encode(sha256)
+                )]));
+            }
+            BundleCheck::NeedsManifest {
+                signature: signature.clone(),
+            }
+        }
+    }
+}
+
+/// Finishes a message-signature bundle: `manifest` must be the image manifest (its SHA-256
+/// is the requested digest, checked here again) and the signature must verify over it with
+/// a trusted key (ECDSA P-256 hashes it with SHA-256, which is the digest signed).
+pub fn check_message_signature(
+    manifest: &[u8],
+    signature: &[u8],
+    keys: &[PublicKey],
+    digest_hex: &str,
+) -> Check {
+    use sha2::Digest as _;
+    let actual = hex::encode(sha2::Sha256::digest(manifest));
+    if actual != digest_hex.to_ascii_lowercase() {
+        return Check::Malformed(format!(
+            "the registry served an image manifest with digest sha256:{actual}"
+        ));
+    }
+    match keys.iter().find(|k| k.verify(manifest, signature)) {
+        Some(key) => Check::Verified { keyid: key.keyid() },
+        None => Check::UntrustedKey,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ring::rand::SystemRandom;
     use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
     use signer_actors::dsse::{Signature, pae};
     use signer_actors::keys::KeyAlgorithm;
+
+    use sha2::Digest as _;
 
     use super::*;
 
@@ -414,5 +600,152 @@ mod tests {
             check_dsse(&unsigned, &keys, &hex_a),
             Check::Malformed(_)
         ));
+    }
+
+    fn bundle_json(material: serde_json::Value, content: (&str, serde_json::Value)) -> Vec<u8> {
+        let mut b = serde_json::json!({
+            "mediaType": BUNDLE_V03_MEDIA_TYPE,
+            "verificationMaterial": material,
+        });
+        b[content.0] = content.1;
+        serde_json::to_vec(&b).unwrap()
+    }
+
+    fn key_material() -> serde_json::Value {
+        serde_json::json!({"publicKey": {"hint": "x"}, "tlogEntries": []})
+    }
+
+    fn dsse_content(env: &[u8]) -> (&'static str, serde_json::Value) {
+        ("dsseEnvelope", serde_json::from_slice(env).unwrap())
+    }
+
+    #[test]
+    fn bundles_with_a_dsse_envelope() {
+        let (trusted, other) = (ecdsa(), ed25519());
+        let keys = [trusted.public.clone()];
+        let hex_a = "a".repeat(64);
+        let env = envelope(
+            &trusted,
+            INTOTO_PAYLOAD_TYPE,
+            &statement(STATEMENT_V1, &['a']),
+        );
+        let bundle = parse_bundle(&bundle_json(key_material(), dsse_content(&env))).unwrap();
+        assert_eq!(bundle.material, BundleMaterial::PublicKey);
+        assert_eq!(
+            check_bundle(&bundle, &keys, &hex_a),
+            BundleCheck::Done(Check::Verified {
+                keyid: trusted.public.keyid()
+            })
+        );
+        assert_eq!(
+            check_bundle(&bundle, &keys, &"b".repeat(64)),
+            BundleCheck::Done(Check::OtherDigest(vec![digest('a')]))
+        );
+        let foreign = envelope(
+            &other,
+            INTOTO_PAYLOAD_TYPE,
+            &statement(STATEMENT_V1, &['a']),
+        );
+        let bundle = parse_bundle(&bundle_json(key_material(), dsse_content(&foreign))).unwrap();
+        assert_eq!(
+            check_bundle(&bundle, &keys, &hex_a),
+            BundleCheck::Done(Check::UntrustedKey)
+        );
+        // Keyless: refused whatever it holds, even a signature a trusted key made.
+        for material in [
+            serde_json::json!({"certificate": {"rawBytes": "MIIB"}, "tlogEntries": []}),
+            serde_json::json!({"x509CertificateChain": {"certificates": [{"rawBytes": "MIIB"}]}}),
+        ] {
+            let bundle = parse_bundle(&bundle_json(material, dsse_content(&env))).unwrap();
+            assert_eq!(bundle.material, BundleMaterial::Certificate);
+            assert_eq!(
+                check_bundle(&bundle, &keys, &hex_a),
+                BundleCheck::Done(Check::Keyless)
+            );
+        }
+    }
+
+    #[test]
+    fn bundles_that_are_not_one_signature_are_refused() {
+        let trusted = ecdsa();
+        let env = envelope(
+            &trusted,
+            INTOTO_PAYLOAD_TYPE,
+            &statement(STATEMENT_V1, &['a']),
+        );
+        let mut two: serde_json::Value = serde_json::from_slice(&env).unwrap();
+        let first = two["signatures"][0].clone();
+        two["signatures"] = serde_json::json!([first.clone(), first]);
+        let err = parse_bundle(&bundle_json(key_material(), ("dsseEnvelope", two))).unwrap_err();
+        assert!(err.contains("2 signatures"), "{err}");
+
+        let ms = serde_json::json!({"messageDigest": {"algorithm": "SHA2_256", "digest": b64(&[0xaa; 32])}, "signature": b64(b"sig")});
+        let mut both: serde_json::Value =
+            serde_json::from_slice(&bundle_json(key_material(), dsse_content(&env))).unwrap();
+        both["messageSignature"] = ms.clone();
+        let err = parse_bundle(&serde_json::to_vec(&both).unwrap()).unwrap_err();
+        assert!(err.contains("both"), "{err}");
+        let neither = serde_json::to_vec(&serde_json::json!({
+            "mediaType": BUNDLE_V03_MEDIA_TYPE, "verificationMaterial": key_material()
+        }))
+        .unwrap();
+        assert!(parse_bundle(&neither).unwrap_err().contains("neither"));
+        let err =
+            parse_bundle(&bundle_json(serde_json::json!({}), dsse_content(&env))).unwrap_err();
+        assert!(err.contains("no verification material"), "{err}");
+        let mut v01: serde_json::Value =
+            serde_json::from_slice(&bundle_json(key_material(), dsse_content(&env))).unwrap();
+        v01["mediaType"] = "application/vnd.dev.sigstore.bundle+json;version=0.1".into();
+        assert!(parse_bundle(&serde_json::to_vec(&v01).unwrap()).is_err());
+        let mut sha512 = ms;
+        sha512["messageDigest"]["algorithm"] = "SHA2_512".into();
+        let err =
+            parse_bundle(&bundle_json(key_material(), ("messageSignature", sha512))).unwrap_err();
+        assert!(err.contains("SHA2_512"), "{err}");
+        assert!(parse_bundle(b"[]").is_err());
+    }
+
+    #[test]
+    fn bundles_with_a_message_signature() {
+        let (trusted, other) = (ed25519(), ecdsa());
+        let keys = [other.public.clone(), trusted.public.clone()];
+        let manifest = br#"{"schemaVersion":2}"#;
+        let hex_m = hex::encode(sha2::Sha256::digest(manifest));
+        let sig = (trusted.sign)(manifest);
+        let content = |digest: &[u8]| {
+            (
+                "messageSignature",
+                serde_json::json!({"messageDigest": {"algorithm": "SHA2_256", "digest": b64(digest)}, "signature": b64(&sig)}),
+            )
+        };
+        let bundle = parse_bundle(&bundle_json(
+            key_material(),
+            content(&sha2::Sha256::digest(manifest)),
+        ))
+        .unwrap();
+        let BundleCheck::NeedsManifest { signature } = check_bundle(&bundle, &keys, &hex_m) else {
+            panic!("a message signature over the digest needs the manifest");
+        };
+        assert_eq!(
+            check_message_signature(manifest, &signature, &keys, &hex_m),
+            Check::Verified {
+                keyid: trusted.public.keyid()
+            }
+        );
+        assert_eq!(
+            check_message_signature(manifest, &signature, &keys[..1], &hex_m),
+            Check::UntrustedKey
+        );
+        // A manifest that is not the digest's is refused before any signature check.
+        assert!(matches!(
+            check_message_signature(b"{}", &signature, &keys, &hex_m),
+            Check::Malformed(_)
+        ));
+        // A message digest of another image: no manifest is needed to refuse it.
+        let bundle = parse_bundle(&bundle_json(key_material(), content(&[0xbb; 32]))).unwrap();
+        assert_eq!(
+            check_bundle(&bundle, &keys, &hex_m),
+            BundleCheck::Done(Check::OtherDigest(vec![digest('b')]))
+        );
     }
 }

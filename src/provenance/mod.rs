@@ -5,10 +5,12 @@
 //! Order of a decision (see [`ReleaseVerifierImpl::verify`]):
 //! 1. the allowlist (offline kits: no network at all);
 //! 2. the verdict cache (`cache_ttl`; definite verdicts only);
-//! 3. the registry, anonymously, stopping at the first signature that verifies:
-//!    the OCI 1.1 referrers of `repository@digest` (referrers API, or the referrers tag
-//!    schema `sha256-<hex>` when the registry lacks the API), then cosign's signature tag
-//!    `sha256-<hex>.sig`. What counts is described in [`formats`].
+//! 3. the registry (anonymously, or with the [`credentials`] configured for it), stopping at
+//!    the first signature that verifies: the OCI 1.1 referrers of `repository@digest`
+//!    (referrers API, or the referrers tag schema `sha256-<hex>` when the registry lacks the
+//!    API) holding cosign simple-signing, DSSE or Sigstore bundle v0.3 layers (what cosign 3
+//!    attaches), then cosign's signature tag `sha256-<hex>.sig`. What counts is described
+//!    in [`formats`]; keyless bundles never do.
 //!
 //! Verdicts map onto the contract's codes: a verifying signature gives
 //! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
@@ -19,6 +21,7 @@ pub mod formats;
 pub mod push;
 
 mod cache;
+pub mod credentials;
 mod registry;
 mod repository;
 
@@ -38,7 +41,10 @@ use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 
 use crate::config::gates::{GateMode, ProvenanceGate};
 use cache::{Verdict, VerdictCache};
-use formats::{COSIGN_SIGNATURE_ANNOTATION, Check, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE};
+use formats::{
+    BUNDLE_V03_MEDIA_TYPE, BUNDLE_V03_MEDIA_TYPE_ALT, BundleCheck, COSIGN_SIGNATURE_ANNOTATION,
+    Check, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE,
+};
 use registry::{Failure, Fetched, Reader};
 pub use repository::RepositoryError;
 
@@ -51,6 +57,13 @@ const MAX_SIGNATURES: usize = 32;
 const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// DSSE envelopes carry whole provenance predicates.
 const MAX_ENVELOPE_BYTES: usize = 4 * 1024 * 1024;
+/// A Sigstore bundle is a DSSE envelope (or a message signature) plus verification material
+/// (a certificate, transparency log entries): a little more room than an envelope.
+const MAX_BUNDLE_BYTES: usize = MAX_ENVELOPE_BYTES + 256 * 1024;
+/// Manifests (signature, referrer and, for a message signature, the image's own): the 4 MiB
+/// the distribution spec asks registries to accept. Larger ones are refused unread when
+/// their size is declared (referrers), and unhashed otherwise.
+pub(crate) const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the gate's configuration cannot be used. Checked at startup, so a typo in a key
 /// path stops the service instead of refusing every job later.
@@ -78,6 +91,8 @@ pub enum ProvenanceSetupError {
     ZeroTimeout,
     #[error("[gates.provenance] registry client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialsError),
 }
 
 /// [`ReleaseVerifier`] against OCI registries.
@@ -150,12 +165,22 @@ impl ReleaseVerifierImpl {
         }
         let client = registry::client(&cfg.insecure_registries, Some(cfg.registry_timeout))
             .map_err(ProvenanceSetupError::Client)?;
+        let credentials = if enforce {
+            credentials::Credentials::load(
+                cfg.docker_config.as_deref(),
+                std::env::var_os("DOCKER_CONFIG").map(PathBuf::from),
+                &cfg.registry_credentials,
+                |var| std::env::var(var).ok(),
+            )?
+        } else {
+            credentials::Credentials::default()
+        };
         Ok(ReleaseVerifierImpl {
             mode: cfg.mode,
             keys,
             allowlist,
             cache: VerdictCache::new(cfg.cache_ttl),
-            reader: Reader::new(client, cfg.registry_timeout),
+            reader: Reader::new(client, cfg.registry_timeout, credentials),
         })
     }
 
@@ -216,6 +241,13 @@ impl ReleaseVerifierImpl {
                         .push(format!("referrer with a bad digest {:?}", entry.digest));
                     continue;
                 }
+                if usize::try_from(entry.size).map_or(true, |s| s > MAX_MANIFEST_BYTES) {
+                    f.malformed.push(format!(
+                        "referrer {}: declared size {} is over the {MAX_MANIFEST_BYTES}-byte manifest limit",
+                        entry.digest, entry.size
+                    ));
+                    continue;
+                }
                 let reference = image.clone_with_digest(entry.digest.clone());
                 let Some(manifest) = f.take(self.reader.manifest(&reference).await)? else {
                     continue;
@@ -256,21 +288,29 @@ impl ReleaseVerifierImpl {
         place: &str,
         f: &mut Findings,
     ) -> Result<Option<Found>, String> {
+        // A bundle manifest has exactly one layer, the bundle (cosign BUNDLE_SPEC.md): more
+        // is more than one signature, refused before anything is fetched.
+        let bundles = manifest
+            .layers
+            .iter()
+            .filter(|l| layer_kind(&l.media_type) == Some(LayerKind::Bundle))
+            .count();
+        if bundles > 1 {
+            f.checked += 1;
+            f.malformed.push(format!(
+                "{place}: {bundles} Sigstore bundle layers; a bundle manifest carries exactly one"
+            ));
+            return Ok(None);
+        }
         for layer in &manifest.layers {
-            let simple = layer.media_type == SIMPLE_SIGNING_MEDIA_TYPE;
-            if !simple && layer.media_type != DSSE_MEDIA_TYPE {
+            let Some(kind) = layer_kind(&layer.media_type) else {
                 continue;
-            }
+            };
             if f.checked >= MAX_SIGNATURES {
                 f.truncated = true;
                 break;
             }
             f.checked += 1;
-            let limit = if simple {
-                MAX_PAYLOAD_BYTES
-            } else {
-                MAX_ENVELOPE_BYTES
-            };
             if parse_oci_sha256(&layer.digest).is_err() {
                 f.malformed.push(format!(
                     "{place}: layer with a bad digest {:?}",
@@ -278,7 +318,7 @@ impl ReleaseVerifierImpl {
                 ));
                 continue;
             }
-            let fetched = self.reader.blob(image, layer, limit).await;
+            let fetched = self.reader.blob(image, layer, kind.limit()).await;
             let missing = matches!(fetched, Ok(None));
             let Some(bytes) = f.take(fetched)? else {
                 if missing {
@@ -287,33 +327,103 @@ impl ReleaseVerifierImpl {
                 }
                 continue;
             };
-            let check = if simple {
-                let sig = layer
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(COSIGN_SIGNATURE_ANNOTATION));
-                formats::check_simple_signing(&bytes, sig.map(String::as_str), &self.keys, digest)
-            } else {
-                formats::check_dsse(&bytes, &self.keys, hex)
+            let check = match kind {
+                LayerKind::SimpleSigning => {
+                    let sig = layer
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(COSIGN_SIGNATURE_ANNOTATION));
+                    formats::check_simple_signing(
+                        &bytes,
+                        sig.map(String::as_str),
+                        &self.keys,
+                        digest,
+                    )
+                }
+                LayerKind::Dsse => formats::check_dsse(&bytes, &self.keys, hex),
+                LayerKind::Bundle => self.check_bundle(image, &bytes, hex, f).await?,
             };
             match check {
                 Check::Verified { keyid } => {
                     return Ok(Some(Found {
                         keyid,
                         place: place.to_string(),
-                        kind: if simple {
-                            "cosign signature"
-                        } else {
-                            "DSSE attestation"
-                        },
+                        kind: kind.describe(),
                     }));
                 }
                 Check::UntrustedKey => f.untrusted_key += 1,
                 Check::OtherDigest(d) => f.other_digest.push(d),
                 Check::Malformed(m) => f.malformed.push(format!("{place}: {m}")),
+                Check::Keyless => f.keyless += 1,
             }
         }
         Ok(None)
+    }
+
+    /// Checks one Sigstore bundle blob. A message signature is over the image manifest, so
+    /// that is fetched (by digest, capped) only once the bundle names the requested digest.
+    async fn check_bundle(
+        &self,
+        image: &Reference,
+        bytes: &[u8],
+        hex: &str,
+        f: &mut Findings,
+    ) -> Result<Check, String> {
+        let bundle = match formats::parse_bundle(bytes) {
+            Ok(b) => b,
+            Err(m) => return Ok(Check::Malformed(m)),
+        };
+        match formats::check_bundle(&bundle, &self.keys, hex) {
+            BundleCheck::Done(check) => Ok(check),
+            BundleCheck::NeedsManifest { signature } => {
+                let Some(manifest) = f.take(self.reader.manifest_raw(image).await)? else {
+                    return Ok(Check::Malformed(format!(
+                        "message signature over {}, which the registry does not have",
+                        image.whole()
+                    )));
+                };
+                Ok(formats::check_message_signature(
+                    &manifest, &signature, &self.keys, hex,
+                ))
+            }
+        }
+    }
+}
+
+/// The signature layers the gate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerKind {
+    SimpleSigning,
+    Dsse,
+    Bundle,
+}
+
+impl LayerKind {
+    /// Largest blob of this kind that is fetched.
+    fn limit(self) -> usize {
+        match self {
+            LayerKind::SimpleSigning => MAX_PAYLOAD_BYTES,
+            LayerKind::Dsse => MAX_ENVELOPE_BYTES,
+            LayerKind::Bundle => MAX_BUNDLE_BYTES,
+        }
+    }
+
+    /// How the audit log and the `Found` record name it.
+    fn describe(self) -> &'static str {
+        match self {
+            LayerKind::SimpleSigning => "cosign signature",
+            LayerKind::Dsse => "DSSE attestation",
+            LayerKind::Bundle => "Sigstore bundle",
+        }
+    }
+}
+
+fn layer_kind(media_type: &str) -> Option<LayerKind> {
+    match media_type {
+        SIMPLE_SIGNING_MEDIA_TYPE => Some(LayerKind::SimpleSigning),
+        DSSE_MEDIA_TYPE => Some(LayerKind::Dsse),
+        BUNDLE_V03_MEDIA_TYPE | BUNDLE_V03_MEDIA_TYPE_ALT => Some(LayerKind::Bundle),
+        _ => None,
     }
 }
 
@@ -325,7 +435,13 @@ fn prioritise(mut entries: Vec<ImageIndexEntry>) -> Vec<ImageIndexEntry> {
     let relevant = |e: &ImageIndexEntry| {
         matches!(
             e.artifact_type.as_deref(),
-            Some(DSSE_MEDIA_TYPE | INTOTO_PAYLOAD_TYPE | SIMPLE_SIGNING_MEDIA_TYPE)
+            Some(
+                DSSE_MEDIA_TYPE
+                    | INTOTO_PAYLOAD_TYPE
+                    | SIMPLE_SIGNING_MEDIA_TYPE
+                    | BUNDLE_V03_MEDIA_TYPE
+                    | BUNDLE_V03_MEDIA_TYPE_ALT
+            )
         )
     };
     entries.sort_by_key(|e| !relevant(e));
@@ -352,6 +468,7 @@ enum Outcome {
 struct Findings {
     checked: usize,
     untrusted_key: usize,
+    keyless: usize,
     other_digest: Vec<Vec<String>>,
     malformed: Vec<String>,
     unavailable: Vec<String>,
@@ -384,7 +501,7 @@ impl Findings {
         let image = format!("{}/{}@{digest}", repo.registry, repo.path);
         if self.checked == 0 && self.malformed.is_empty() {
             return format!(
-                "{image} has no cosign signature or DSSE attestation (looked at its OCI referrers and the tags sha256-{hex} and sha256-{hex}.sig)"
+                "{image} has no cosign signature, DSSE attestation or Sigstore bundle (looked at its OCI referrers and the tags sha256-{hex} and sha256-{hex}.sig)"
             );
         }
         let mut parts = Vec::new();
@@ -392,6 +509,12 @@ impl Findings {
             parts.push(format!(
                 "{} not made by any trusted key",
                 self.untrusted_key
+            ));
+        }
+        if self.keyless > 0 {
+            parts.push(format!(
+                "{} keyless Sigstore bundle(s) (Fulcio certificate), which this signer does not trust: only [gates.provenance] trusted_keys count",
+                self.keyless
             ));
         }
         if !self.other_digest.is_empty() {

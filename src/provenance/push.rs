@@ -8,8 +8,12 @@
 //! - [`Pusher::attach_dsse_referrer`]: a DSSE in-toto attestation as an OCI 1.1 referrer
 //!   (a manifest whose `subject` is the image). When the registry does not index referrers
 //!   itself (distribution 2.x), the referrers tag schema index `sha256-<hex>` is updated.
+//! - [`Pusher::sign_image_cosign3`]: what `cosign sign` 3 attaches by default: a Sigstore
+//!   bundle v0.3 referrer holding a DSSE envelope with an in-toto Statement
+//!   (`https://sigstore.dev/cosign/sign/v1`) about the image, signed with a key; and
+//!   [`Pusher::attach_bundle`] for any bundle (message signatures, keyless ones in tests).
 //!
-//! Registries are reached anonymously, like the gate does.
+//! Registries are reached with the [`Credentials`] given (anonymously without).
 
 use std::collections::BTreeMap;
 
@@ -30,8 +34,10 @@ use signer_actors::dsse::{Envelope, Signature, pae};
 use signer_actors::keys::{KeyError, KeySigner};
 use signer_actors::statement::{INTOTO_PAYLOAD_TYPE, STATEMENT_V1, Statement, Subject};
 
+use super::credentials::Credentials;
 use super::formats::{
-    COSIGN_SIGNATURE_ANNOTATION, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE, SimpleSigning,
+    BUNDLE_V03_MEDIA_TYPE, COSIGN_SIGNATURE_ANNOTATION, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE,
+    SimpleSigning,
 };
 use super::registry;
 use super::repository::{self, RepositoryError};
@@ -44,6 +50,28 @@ pub const SCANNER_RELEASE_PREDICATE_TYPE: &str =
 /// The OCI "empty" config of artifacts (`{}`), per image-spec 1.1.
 const EMPTY_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// predicateType of the Statement `cosign sign` 3 puts in its bundle.
+pub const COSIGN_SIGN_PREDICATE_TYPE: &str = "https://sigstore.dev/cosign/sign/v1";
+/// Referrer annotation naming a bundle's content (`dsse-envelope` / `message-signature`).
+pub const BUNDLE_CONTENT_ANNOTATION: &str = "dev.sigstore.bundle.content";
+/// Referrer annotation with the predicateType of a bundle's Statement.
+pub const BUNDLE_PREDICATE_ANNOTATION: &str = "dev.sigstore.bundle.predicateType";
+/// What a bundle holds, as its referrer's [`BUNDLE_CONTENT_ANNOTATION`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleContentKind {
+    DsseEnvelope,
+    MessageSignature,
+}
+
+impl BundleContentKind {
+    fn annotation(self) -> &'static str {
+        match self {
+            BundleContentKind::DsseEnvelope => "dsse-envelope",
+            BundleContentKind::MessageSignature => "message-signature",
+        }
+    }
+}
 
 /// Why a push failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +94,7 @@ pub enum PushError {
 #[derive(Clone)]
 pub struct Pusher {
     client: Client,
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for Pusher {
@@ -125,8 +154,23 @@ fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
 impl Pusher {
     /// `insecure_registries` (host:port) are reached over plain HTTP, as in `[gates.provenance]`.
     pub fn new(insecure_registries: &[String]) -> Result<Self, PushError> {
+        Self::with_credentials(insecure_registries, Credentials::default())
+    }
+
+    /// Like [`Pusher::new`], authenticating with `credentials` where they have an entry.
+    pub fn with_credentials(
+        insecure_registries: &[String],
+        credentials: Credentials,
+    ) -> Result<Self, PushError> {
         let client = registry::client(insecure_registries, None).map_err(PushError::Client)?;
-        Ok(Pusher { client })
+        Ok(Pusher {
+            client,
+            credentials,
+        })
+    }
+
+    fn auth(&self, reference: &Reference) -> RegistryAuth {
+        self.credentials.auth_for(reference.resolve_registry())
     }
 
     /// A reference to `tag_or_digest` (`sha256:...` is a digest) in `repository`
@@ -140,7 +184,7 @@ impl Pusher {
             Reference::with_tag(registry, path, tag_or_digest.to_string())
         };
         self.client
-            .store_auth_if_needed(reference.resolve_registry(), &RegistryAuth::Anonymous)
+            .store_auth_if_needed(reference.resolve_registry(), &self.auth(&reference))
             .await;
         Ok(reference)
     }
@@ -216,7 +260,7 @@ impl Pusher {
             .client
             .pull_manifest_raw(
                 &reference,
-                &RegistryAuth::Anonymous,
+                &self.auth(&reference),
                 &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
             )
             .await
@@ -308,37 +352,159 @@ impl Pusher {
         image_digest: &str,
         envelope: &Envelope,
     ) -> Result<String, PushError> {
+        let envelope_bytes = json(envelope)?;
+        self.attach_referrer(
+            repository,
+            image_digest,
+            DSSE_MEDIA_TYPE,
+            descriptor(DSSE_MEDIA_TYPE, &envelope_bytes),
+            &envelope_bytes,
+            None,
+        )
+        .await
+    }
+
+    /// Signs `repository@image_digest` as `cosign sign --key` 3 does by default: an in-toto
+    /// Statement v1 ([`COSIGN_SIGN_PREDICATE_TYPE`], the image digest as subject) in a DSSE
+    /// envelope, in a Sigstore bundle v0.3 with the key as verification material (no
+    /// transparency log entry, as with `--tlog-upload=false`), attached as a referrer.
+    /// Returns the referrer manifest's digest.
+    pub async fn sign_image_cosign3(
+        &self,
+        repository: &str,
+        image_digest: &str,
+        key: &dyn KeySigner,
+    ) -> Result<String, PushError> {
+        let hex = parse_oci_sha256(image_digest).map_err(PushError::Digest)?;
+        let statement = serde_json::json!({
+            "_type": STATEMENT_V1,
+            "subject": [{"name": repository, "digest": {"sha256": hex}}],
+            "predicateType": COSIGN_SIGN_PREDICATE_TYPE,
+            "predicate": {}
+        });
+        let payload = json(&statement)?;
+        let signature = key.sign(&pae(INTOTO_PAYLOAD_TYPE, &payload)).await?;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let bundle = serde_json::json!({
+            "mediaType": BUNDLE_V03_MEDIA_TYPE,
+            "verificationMaterial": {
+                "publicKey": {"hint": signature.identity.keyid},
+                "tlogEntries": []
+            },
+            "dsseEnvelope": {
+                "payload": b64(&payload),
+                "payloadType": INTOTO_PAYLOAD_TYPE,
+                "signatures": [{"sig": b64(&signature.sig), "keyid": ""}]
+            }
+        });
+        self.attach_bundle(
+            repository,
+            image_digest,
+            &json(&bundle)?,
+            BundleContentKind::DsseEnvelope,
+            Some(COSIGN_SIGN_PREDICATE_TYPE),
+        )
+        .await
+    }
+
+    /// A bundle v0.3 with a message signature by `key` over the image manifest of
+    /// `repository@image_digest` (whose SHA-256 is the digest): the other content a bundle
+    /// may have. Push it with [`Pusher::attach_bundle`].
+    pub async fn message_signature_bundle(
+        &self,
+        repository: &str,
+        image_digest: &str,
+        key: &dyn KeySigner,
+    ) -> Result<Vec<u8>, PushError> {
+        let image = self.at(repository, image_digest).await?;
+        let (manifest, _) = self
+            .client
+            .pull_manifest_raw(&image, &self.auth(&image), SUBJECT_TYPES)
+            .await?;
+        let signature = key.sign(&manifest).await?;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        json(&serde_json::json!({
+            "mediaType": BUNDLE_V03_MEDIA_TYPE,
+            "verificationMaterial": {
+                "publicKey": {"hint": signature.identity.keyid},
+                "tlogEntries": []
+            },
+            "messageSignature": {
+                "messageDigest": {"algorithm": "SHA2_256", "digest": b64(&Sha256::digest(&manifest))},
+                "signature": b64(&signature.sig)
+            }
+        }))
+    }
+
+    /// Attaches `bundle` (any bytes: tests push broken ones too) the way cosign 3 does
+    /// (cosign `specs/BUNDLE_SPEC.md`): a manifest with artifactType
+    /// [`BUNDLE_V03_MEDIA_TYPE`], the empty config, the bundle as its single layer, the
+    /// image as `subject`. Returns the referrer manifest's digest.
+    pub async fn attach_bundle(
+        &self,
+        repository: &str,
+        image_digest: &str,
+        bundle: &[u8],
+        content: BundleContentKind,
+        predicate_type: Option<&str>,
+    ) -> Result<String, PushError> {
+        let mut layer = descriptor(BUNDLE_V03_MEDIA_TYPE, bundle);
+        layer.annotations = Some(BTreeMap::from([(
+            "org.opencontainers.image.title".to_string(),
+            format!("{}.sigstore.json", layer.digest.replace(':', "-")),
+        )]));
+        let mut annotations = BTreeMap::from([(
+            BUNDLE_CONTENT_ANNOTATION.to_string(),
+            content.annotation().to_string(),
+        )]);
+        if let Some(p) = predicate_type {
+            annotations.insert(BUNDLE_PREDICATE_ANNOTATION.to_string(), p.to_string());
+        }
+        self.attach_referrer(
+            repository,
+            image_digest,
+            BUNDLE_V03_MEDIA_TYPE,
+            layer,
+            bundle,
+            Some(annotations),
+        )
+        .await
+    }
+
+    /// Pushes `blob` and a referrer manifest (artifactType `artifact_type`, empty config,
+    /// the blob as its only layer, `repository@image_digest` as subject), and lists it in
+    /// the referrers tag schema index when the registry did not index it (with the
+    /// manifest's annotations, as the spec asks). Returns the referrer manifest's digest.
+    async fn attach_referrer(
+        &self,
+        repository: &str,
+        image_digest: &str,
+        artifact_type: &str,
+        layer: OciDescriptor,
+        blob: &[u8],
+        annotations: Option<BTreeMap<String, String>>,
+    ) -> Result<String, PushError> {
         let hex = parse_oci_sha256(image_digest).map_err(PushError::Digest)?;
         let image = self.at(repository, image_digest).await?;
         let (subject_bytes, _) = self
             .client
-            .pull_manifest_raw(
-                &image,
-                &RegistryAuth::Anonymous,
-                &[
-                    OCI_IMAGE_MEDIA_TYPE,
-                    IMAGE_MANIFEST_MEDIA_TYPE,
-                    OCI_IMAGE_INDEX_MEDIA_TYPE,
-                    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-                ],
-            )
+            .pull_manifest_raw(&image, &self.auth(&image), SUBJECT_TYPES)
             .await?;
         let subject_type = serde_json::from_slice::<serde_json::Value>(&subject_bytes)
             .ok()
             .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
             .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_string());
 
-        let envelope_bytes = json(envelope)?;
         self.push_blob(&image, EMPTY_CONFIG).await?;
-        self.push_blob(&image, &envelope_bytes).await?;
+        self.push_blob(&image, blob).await?;
         let manifest = OciImageManifest {
             schema_version: 2,
             media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
             config: descriptor(EMPTY_CONFIG_MEDIA_TYPE, EMPTY_CONFIG),
-            layers: vec![descriptor(DSSE_MEDIA_TYPE, &envelope_bytes)],
+            layers: vec![layer],
             subject: Some(descriptor(&subject_type, &subject_bytes)),
-            artifact_type: Some(DSSE_MEDIA_TYPE.to_string()),
-            annotations: None,
+            artifact_type: Some(artifact_type.to_string()),
+            annotations: annotations.clone(),
         };
         let manifest_bytes = json(&manifest)?;
         let referrer = image.clone_with_digest(sha256_digest(&manifest_bytes));
@@ -356,11 +522,7 @@ impl Pusher {
         let tag = self.at(repository, &format!("sha256-{hex}")).await?;
         let mut index = match self
             .client
-            .pull_manifest_raw(
-                &tag,
-                &RegistryAuth::Anonymous,
-                &[OCI_IMAGE_INDEX_MEDIA_TYPE],
-            )
+            .pull_manifest_raw(&tag, &self.auth(&tag), &[OCI_IMAGE_INDEX_MEDIA_TYPE])
             .await
         {
             Ok((bytes, _)) => serde_json::from_slice::<OciImageIndex>(&bytes)
@@ -379,14 +541,22 @@ impl Pusher {
             digest: digest.clone(),
             size,
             platform: None,
-            annotations: None,
-            artifact_type: Some(DSSE_MEDIA_TYPE.to_string()),
+            annotations,
+            artifact_type: Some(artifact_type.to_string()),
         });
         self.push_manifest(&tag, json(&index)?, OCI_IMAGE_INDEX_MEDIA_TYPE)
             .await?;
         Ok(digest)
     }
 }
+
+/// Media types the image a signature is about may have.
+const SUBJECT_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,9 @@ use oci_client::manifest::{
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use super::MAX_MANIFEST_BYTES;
+use super::credentials::Credentials;
+
 /// Why a registry call produced no content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -35,9 +38,8 @@ pub enum Failure {
 /// `Ok(None)` is "not there", as the registry says.
 pub type Fetched<T> = Result<Option<T>, Failure>;
 
-/// Builds an anonymous client: release signatures are public by design, and the
-/// configuration has no registry credentials. `insecure` registries are spoken to over
-/// plain HTTP.
+/// Builds a client; credentials are given per call (see [`Reader`]). `insecure`
+/// registries are spoken to over plain HTTP.
 pub fn client(insecure: &[String], timeout: Option<Duration>) -> Result<Client, String> {
     let config = ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
@@ -95,6 +97,20 @@ pub fn classify(e: &OciDistributionError) -> Option<Failure> {
     }
 }
 
+/// Whether an error is the registry refusing these (or no) credentials.
+fn is_refusal(e: &OciDistributionError) -> bool {
+    use OciDistributionError as E;
+    match e {
+        E::ServerError { code, .. } => matches!(code, 401 | 403),
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|err| matches!(err.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether an error only says "there is nothing there".
 pub fn is_not_found(e: &OciDistributionError) -> bool {
     classify(e).is_none()
@@ -102,26 +118,64 @@ pub fn is_not_found(e: &OciDistributionError) -> bool {
 
 /// Manifest media types a signature or referrer manifest may have.
 const MANIFEST_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE];
+/// Media types a scanner image itself may have (a platform manifest or an index).
+const IMAGE_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
 
-/// Reads from a registry on behalf of the gate.
+/// Reads from a registry on behalf of the gate, with the registry's credentials if any.
 #[derive(Clone)]
 pub struct Reader {
     client: Client,
     timeout: Duration,
+    credentials: Credentials,
 }
 
 impl Reader {
-    pub fn new(client: Client, timeout: Duration) -> Self {
-        Reader { client, timeout }
+    pub fn new(client: Client, timeout: Duration, credentials: Credentials) -> Self {
+        Reader {
+            client,
+            timeout,
+            credentials,
+        }
     }
 
-    /// Runs one call under the timeout and sorts its failure.
+    /// What `oci-client` is given for `image`'s registry.
+    fn auth(&self, image: &Reference) -> RegistryAuth {
+        self.credentials.auth_for(image.resolve_registry())
+    }
+
+    /// Says why a registry refused: no credentials configured, or these refused.
+    fn refusal(&self, image: &Reference) -> String {
+        if self.credentials.has(image.registry()) {
+            format!(
+                "registry {} refused the configured credentials",
+                image.registry()
+            )
+        } else {
+            format!(
+                "registry {} requires credentials and none are configured for it ([gates.provenance] docker_config or registry_credentials)",
+                image.registry()
+            )
+        }
+    }
+
+    /// Runs one call for `image` under the timeout and sorts its failure.
     async fn call<T>(
         &self,
+        image: &Reference,
         what: &str,
         fut: impl Future<Output = Result<T, OciDistributionError>>,
     ) -> Fetched<T> {
         match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Err(e)) if is_refusal(&e) => Err(Failure::Unavailable(format!(
+                "{what}: {}: {}",
+                self.refusal(image),
+                describe(&e)
+            ))),
             Err(_) => Err(Failure::Unreachable(format!(
                 "{what}: no answer within {}",
                 humantime::format_duration(self.timeout)
@@ -136,10 +190,13 @@ impl Reader {
         }
     }
 
-    /// Lets registries that hand out anonymous pull tokens (ghcr.io, Docker Hub) do so.
+    /// Stores the registry's credentials in the client (anonymous without any), so that
+    /// every later call, the referrers API included, authenticates: basic auth, or the
+    /// token flow for registries that answer `Bearer` (ghcr.io and Docker Hub hand out
+    /// anonymous pull tokens that way too).
     pub async fn prepare(&self, image: &Reference) {
         self.client
-            .store_auth_if_needed(image.resolve_registry(), &RegistryAuth::Anonymous)
+            .store_auth_if_needed(image.resolve_registry(), &self.auth(image))
             .await;
     }
 
@@ -147,8 +204,12 @@ impl Reader {
     /// the registry answers 404 there (it does not implement it), the referrers tag schema
     /// (`oci-client` does that fallback itself, as the distribution spec prescribes).
     pub async fn referrers(&self, image: &Reference) -> Fetched<OciImageIndex> {
-        self.call("referrers API", self.client.pull_referrers(image, None))
-            .await
+        self.call(
+            image,
+            "referrers API",
+            self.client.pull_referrers(image, None),
+        )
+        .await
     }
 
     /// The referrers tag schema read directly: the index tagged `sha256-<hex>`. Used when
@@ -160,15 +221,8 @@ impl Reader {
             tag.to_string(),
         );
         let what = format!("referrers tag {tag}");
-        let Some((bytes, _)) = self
-            .call(
-                &what,
-                self.client.pull_manifest_raw(
-                    &reference,
-                    &RegistryAuth::Anonymous,
-                    &[OCI_IMAGE_INDEX_MEDIA_TYPE],
-                ),
-            )
+        let Some(bytes) = self
+            .raw(&reference, &what, &[OCI_IMAGE_INDEX_MEDIA_TYPE])
             .await?
         else {
             return Ok(None);
@@ -181,19 +235,40 @@ impl Reader {
     /// An image manifest by tag or digest (a digest reference is checked against the bytes).
     pub async fn manifest(&self, reference: &Reference) -> Fetched<OciImageManifest> {
         let what = format!("manifest {}", reference.whole());
-        let Some((bytes, _)) = self
-            .call(
-                &what,
-                self.client
-                    .pull_manifest_raw(reference, &RegistryAuth::Anonymous, MANIFEST_TYPES),
-            )
-            .await?
-        else {
+        let Some(bytes) = self.raw(reference, &what, MANIFEST_TYPES).await? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Failure::Malformed(format!("{what}: not an image manifest: {e}")))
+    }
+
+    /// The image's own manifest bytes (the message of a bundle's message signature).
+    pub async fn manifest_raw(&self, image: &Reference) -> Fetched<Vec<u8>> {
+        let what = format!("image manifest {}", image.whole());
+        self.raw(image, &what, IMAGE_TYPES).await
+    }
+
+    /// A manifest's bytes, refused past [`MAX_MANIFEST_BYTES`].
+    async fn raw(&self, reference: &Reference, what: &str, accept: &[&str]) -> Fetched<Vec<u8>> {
+        let auth = self.auth(reference);
+        let Some((bytes, _)) = self
+            .call(
+                reference,
+                what,
+                self.client.pull_manifest_raw(reference, &auth, accept),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(Failure::Malformed(format!(
+                "{what}: {} bytes, over the {MAX_MANIFEST_BYTES}-byte manifest limit",
+                bytes.len()
+            )));
+        }
+        Ok(Some(bytes.to_vec()))
     }
 
     /// A blob of at most `limit` bytes, checked against its digest.
@@ -214,7 +289,7 @@ impl Reader {
             bytes: Vec::new(),
             limit,
         };
-        self.call(&what, self.client.pull_blob(image, layer, &mut out))
+        self.call(image, &what, self.client.pull_blob(image, layer, &mut out))
             .await
             .map(|found| found.map(|()| out.bytes))
     }
