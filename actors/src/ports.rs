@@ -11,11 +11,88 @@ use async_trait::async_trait;
 use crate::error::SignerError;
 use crate::keys::{KeyError, KeySigner};
 
-/// A failure talking to the outside world. Always transient from the pipeline's point of
-/// view: the job is NAKed and retried, never lost.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PortError(pub String);
+/// Whether retrying an operation that failed can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortErrorKind {
+    /// The service may answer next time (unreachable, timed out, no leader, busy): retry
+    /// with backoff, within a budget.
+    Transient,
+    /// The same call will fail again whatever the wait (a message over the broker's
+    /// `max_payload`, a stream that refuses its size): answer the job now instead.
+    Permanent,
+}
+
+/// A failure talking to the outside world: a kind the pipeline branches on (retry or answer)
+/// and the error that caused it, kept as its source.
+#[derive(Debug, Clone)]
+pub struct PortError {
+    kind: PortErrorKind,
+    context: Option<std::borrow::Cow<'static, str>>,
+    source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl PortError {
+    /// A failure that a retry may not repeat.
+    pub fn transient(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(PortErrorKind::Transient, source)
+    }
+
+    /// A failure that a retry would repeat.
+    pub fn permanent(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(PortErrorKind::Permanent, source)
+    }
+
+    /// A failure of `kind`.
+    pub fn new(
+        kind: PortErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        PortError {
+            kind,
+            context: None,
+            source: Arc::from(source.into()),
+        }
+    }
+
+    /// Says what was being done (`"publish"`, `"idempotency bucket"`); shown before the
+    /// source.
+    pub fn context(mut self, context: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    pub fn kind(&self) -> PortErrorKind {
+        self.kind
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.kind == PortErrorKind::Permanent
+    }
+}
+
+impl std::fmt::Display for PortError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.context {
+            Some(c) => write!(f, "{c}: {}", self.source),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for PortError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+/// Equal when of the same kind and saying the same (sources are compared by their text).
+impl PartialEq for PortError {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for PortError {}
 
 /// One message taken from the request stream, with the means to settle it.
 #[async_trait]

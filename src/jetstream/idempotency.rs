@@ -32,7 +32,7 @@ fn kv_key(key: &str) -> String {
 }
 
 fn port(e: impl std::fmt::Display) -> PortError {
-    PortError(format!("idempotency bucket: {e}"))
+    PortError::transient(e.to_string()).context("idempotency bucket")
 }
 
 enum Record {

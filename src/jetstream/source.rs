@@ -26,7 +26,7 @@ impl JobSourceFactory for PullSourceFactory {
             .expires(Duration::from_secs(30))
             .messages()
             .await
-            .map_err(|e| PortError(format!("opening the pull stream: {e}")))?;
+            .map_err(|e| PortError::transient(e).context("opening the pull stream"))?;
         Ok(Box::new(PullSource { messages }))
     }
 }
@@ -56,7 +56,7 @@ impl JobSource for PullSource {
                     published,
                 }) as Box<dyn Delivery>)
             }
-            Err(e) => Err(PortError(e.to_string())),
+            Err(e) => Err(PortError::transient(e).context("pulling")),
         })
     }
 }
@@ -109,24 +109,21 @@ impl Delivery for JsDelivery {
     }
 
     async fn ack(&self) -> Result<(), PortError> {
-        self.message
-            .ack()
-            .await
-            .map_err(|e| PortError(e.to_string()))
+        self.message.ack().await.map_err(PortError::transient)
     }
 
     async fn in_progress(&self) -> Result<(), PortError> {
         self.message
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| PortError(e.to_string()))
+            .map_err(PortError::transient)
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| PortError(e.to_string()))
+            .map_err(PortError::transient)
     }
 }
 

@@ -36,7 +36,7 @@ return 0
 ";
 
 fn port(e: impl std::fmt::Display) -> PortError {
-    PortError(format!("redis: {e}"))
+    PortError::transient(e.to_string()).context("redis")
 }
 
 impl RedisIdempotency {

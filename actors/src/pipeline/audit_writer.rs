@@ -57,13 +57,15 @@ impl AuditWriter {
         let mut send_error = None;
         for (event, reply) in batch {
             if send_error.is_some() {
-                let _ = reply.send(Err(PortError("audit batch not stored".into())));
+                let _ = reply.send(Err(PortError::transient("audit batch not stored")));
                 continue;
             }
             let sealed = match state.chain.seal(*event) {
                 Ok(e) => e,
                 Err(e) => {
-                    let _ = reply.send(Err(PortError(format!("audit event not encodable: {e}"))));
+                    let _ = reply
+                        .send(Err(PortError::permanent(e.to_string())
+                            .context("audit event not encodable")));
                     continue;
                 }
             };
@@ -80,8 +82,9 @@ impl AuditWriter {
                     body,
                 },
                 Err(e) => {
-                    send_error = Some(PortError(format!("audit encode: {e}")));
-                    let _ = reply.send(Err(PortError(format!("audit encode: {e}"))));
+                    let error = PortError::permanent(e.to_string()).context("audit encode");
+                    send_error = Some(error.clone());
+                    let _ = reply.send(Err(error));
                     continue;
                 }
             };

@@ -102,7 +102,7 @@ impl JobSourceFactory for MemSource {
             .lock()
             .unwrap()
             .take()
-            .ok_or(PortError("already open".into()))?;
+            .ok_or(PortError::permanent("already open"))?;
         Ok(Box::new(MemStream(rx)))
     }
 }
