@@ -145,21 +145,27 @@ impl IdempotencyStore for KvIdempotency {
         outcome: &OutMessage,
     ) -> Result<Recorded, PortError> {
         let key = kv_key(key);
-        let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
-            return Ok(Recorded::LeaseLost);
-        };
-        let ours = entry.operation == kv::Operation::Put
-            && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner);
-        if !ours {
-            return Ok(Recorded::LeaseLost);
-        }
         let mut value = SIGNED.to_vec();
         value.extend_from_slice(&outcome.to_record());
-        match self.store.update(&key, value.into(), entry.revision).await {
-            Ok(_) => Ok(Recorded::Kept),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Recorded::LeaseLost),
-            Err(e) => Err(port(e)),
+        let value: bytes::Bytes = value.into();
+        // A lease renewal of this attempt may land between the read and the write: read
+        // again then, a few times.
+        for _ in 0..5 {
+            let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
+                return Ok(Recorded::LeaseLost);
+            };
+            let ours = entry.operation == kv::Operation::Put
+                && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner);
+            if !ours {
+                return Ok(Recorded::LeaseLost);
+            }
+            match self.store.update(&key, value.clone(), entry.revision).await {
+                Ok(_) => return Ok(Recorded::Kept),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(port(e)),
+            }
         }
+        Err(PortError::transient("the record kept changing").context("idempotency bucket"))
     }
 
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {

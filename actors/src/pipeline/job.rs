@@ -383,15 +383,15 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
 
     let outcome = match claimed {
         Ok(()) => {
-            admit_and_sign(
+            let work = admit_and_sign(
                 shared,
                 &request,
                 &verdict,
                 &prepared,
                 &key_names,
                 &mut findings,
-            )
-            .await
+            );
+            hold_lease(shared, d, (&idem_key, &owner), work).await
         }
         Err(e) => Err(e),
     };
@@ -401,7 +401,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let signed_once = outcome.is_ok();
     let settle = match outcome {
         Ok(signed) => {
-            finish_signed(
+            let work = finish_signed(
                 shared,
                 d,
                 &ids,
@@ -410,8 +410,8 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
                 signed,
                 verdict,
                 findings,
-            )
-            .await
+            );
+            hold_lease(shared, d, (&idem_key, &owner), work).await
         }
         Err(e) => retry_or_fail(shared, d, ids, Some(&idem_key), e, findings).await,
     };
@@ -440,6 +440,48 @@ fn attempt_owner(worker_id: &str) -> String {
     }
     let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     format!("{worker_id}.{hex}")
+}
+
+/// Runs `work` while keeping this attempt's lease and its delivery alive: every third of the
+/// lease the lease is renewed (a claim by the same owner) and JetStream told the job is in
+/// progress. A job slowed down by a failover (an audit or result stream electing a leader)
+/// therefore keeps its request: neither a redelivery nor another replica can take the
+/// request over and sign it again while this attempt still works on it. Renewal stops once
+/// the record is no longer this attempt's lease (the outcome is recorded, or the lease was
+/// lost).
+async fn hold_lease<T>(
+    shared: &Shared,
+    d: &dyn Delivery,
+    (key, owner): (&str, &str),
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let period = (shared.cfg.lease / 3).max(Duration::from_millis(100));
+    let keep_alive = async {
+        let mut renewing = true;
+        loop {
+            tokio::time::sleep(period).await;
+            if let Err(e) = d.in_progress().await {
+                tracing::warn!(error = %e, "could not extend the delivery");
+            }
+            if !renewing {
+                continue;
+            }
+            match shared
+                .ports
+                .idempotency
+                .claim(key, owner, shared.cfg.lease)
+                .await
+            {
+                Ok(Claim::Acquired) => {}
+                Ok(_) => renewing = false,
+                Err(e) => tracing::warn!(error = %e, "renewing the idempotency lease failed"),
+            }
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        never = keep_alive => never,
+    }
 }
 
 /// How long a copy of a request waits while another attempt holds its lease: the backoff of
@@ -744,23 +786,34 @@ async fn finish_signed(
 }
 
 /// Records a signed job's result message in its idempotency record, before it is published.
-/// If that fails the result is still published (it is signed and audited); only a
-/// redelivery after a failed publish would then have to wait for the lease to expire.
+/// A store failure is retried with backoff for up to `call_timeout` (the lease is held
+/// meanwhile): the record is what keeps a redelivery from signing again. If it still fails,
+/// or the lease was lost, the result is published anyway (it is signed and audited).
 async fn record_outcome(shared: &Shared, key: &str, owner: &str, message: &OutMessage) {
     let t_record = Instant::now();
-    match shared.ports.idempotency.record(key, owner, message).await {
-        Ok(Recorded::Kept) => {}
-        Ok(Recorded::LeaseLost) => {
-            metrics::counter!("signer_outcome_record_failures_total", "reason" => "lease_lost")
-                .increment(1);
-            tracing::warn!(
-                "the idempotency lease expired before the outcome was recorded; publishing it"
-            );
-        }
-        Err(e) => {
-            metrics::counter!("signer_outcome_record_failures_total", "reason" => "store")
-                .increment(1);
-            tracing::warn!(error = %e, "recording the outcome failed; publishing it");
+    let mut delay = shared.cfg.backoff_base;
+    loop {
+        match shared.ports.idempotency.record(key, owner, message).await {
+            Ok(Recorded::Kept) => break,
+            Ok(Recorded::LeaseLost) => {
+                metrics::counter!("signer_outcome_record_failures_total", "reason" => "lease_lost")
+                    .increment(1);
+                tracing::warn!(
+                    "the idempotency lease was taken over before the outcome was recorded; publishing it"
+                );
+                break;
+            }
+            Err(e) if t_record.elapsed() + delay > shared.cfg.call_timeout || e.is_permanent() => {
+                metrics::counter!("signer_outcome_record_failures_total", "reason" => "store")
+                    .increment(1);
+                tracing::warn!(error = %e, "recording the outcome failed; publishing it");
+                break;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, retry_in_ms = delay.as_millis() as u64, "recording the outcome failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2).min(shared.cfg.backoff_max);
+            }
         }
     }
     stage("record", t_record);
