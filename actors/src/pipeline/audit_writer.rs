@@ -44,7 +44,7 @@ pub enum AuditMsg {
 /// A sealed event the stream has not stored yet, and the job waiting for it.
 pub struct Unstored {
     /// The event as sealed (to seal it again onto a new chain after a permanent failure).
-    event: AuditEvent,
+    event: Box<AuditEvent>,
     message: OutMessage,
     reply: AuditReply,
 }
@@ -136,9 +136,9 @@ impl AuditWriter {
                 }
                 Retry::Resend(item) if !moved => state.unstored.push(item),
                 Retry::Resend(Unstored { event, reply, .. }) => {
-                    match seal(&state.shared, &mut state.chain, event) {
+                    match seal(&state.shared, &mut state.chain, *event) {
                         Ok((event, message)) => state.unstored.push(Unstored {
-                            event,
+                            event: Box::new(event),
                             message,
                             reply,
                         }),
@@ -162,7 +162,7 @@ impl AuditWriter {
         for (event, reply) in std::mem::take(&mut state.pending) {
             match seal(&state.shared, &mut state.chain, *event) {
                 Ok((event, message)) => batch.push(Unstored {
-                    event,
+                    event: Box::new(event),
                     message,
                     reply,
                 }),

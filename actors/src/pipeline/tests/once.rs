@@ -75,9 +75,9 @@ impl StreamPublisher {
 impl MessagePublisher for StreamPublisher {
     async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError> {
         let unavailable = || PortError::transient("no stream found for given subject");
-        let outcome = if message.subject.starts_with("sign.completed") && take(&self.fail_results) {
-            Err(unavailable())
-        } else if message.subject.starts_with("signer.audit.") && self.audit_out() {
+        let refused = (message.subject.starts_with("sign.completed") && take(&self.fail_results))
+            || (message.subject.starts_with("signer.audit.") && self.audit_out());
+        let outcome = if refused {
             Err(unavailable())
         } else if message.subject.starts_with("signer.audit.") && take(&self.lose_audit_acks) {
             self.store(message);
