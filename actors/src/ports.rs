@@ -181,19 +181,96 @@ pub enum Claim {
     Acquired,
     /// Finished before; the result is at this sequence of the results stream.
     Done { result_sequence: u64 },
-    /// Another worker holds a live lease: try again later.
+    /// Signed (and its audit event stored) before, but its result may not have been
+    /// stored: publish this recorded result message again, without signing or charging
+    /// anything.
+    Signed { outcome: OutMessage },
+    /// Another job attempt holds a live lease (another replica, or another copy of the
+    /// request on this one): try again later.
     Busy { retry_after: Duration },
 }
 
+/// What [`IdempotencyStore::record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The outcome replaced this attempt's lease.
+    Kept,
+    /// The lease was no longer this attempt's (it expired and was taken over, or the
+    /// request finished): nothing was written.
+    LeaseLost,
+}
+
 /// The per tenant+requestId record that keeps a republished request from being signed twice.
+///
+/// `owner` names one job attempt (the worker id and a nonce drawn per claim), not just the
+/// worker: two copies of a request processed at once by one replica are two owners, so the
+/// second waits instead of signing too.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync {
-    /// Takes a lease on `key` for `lease`, unless it is done or leased by someone else.
+    /// Takes a lease on `key` for `lease`, unless it is done, signed, or leased by another
+    /// owner. The same owner may renew its lease.
     async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError>;
+    /// Records the result message of a signed job before it is published, replacing the
+    /// lease of `owner`: a redelivery after a failed publish republishes it instead of
+    /// signing again.
+    async fn record(
+        &self,
+        key: &str,
+        owner: &str,
+        outcome: &OutMessage,
+    ) -> Result<Recorded, PortError>;
     /// Records that `key` is finished, with the sequence of its result.
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError>;
-    /// Gives a lease back (the job will be retried).
+    /// Gives a lease back (the job will be retried). Only a lease of `owner` is removed.
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError>;
+}
+
+/// Why a stored outcome record could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutcomeRecordError {
+    #[error("outcome record has no header line")]
+    NoHeaderLine,
+    #[error("outcome record header line: {0}")]
+    Header(String),
+}
+
+/// The header line of an outcome record (subject and headers; the body follows raw).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OutcomeHead {
+    subject: String,
+    headers: Vec<(String, String)>,
+}
+
+impl OutMessage {
+    /// Encodes the message for an idempotency record: one JSON line with the subject and
+    /// headers, then the body bytes as they are (no base64, so a result near the broker's
+    /// size limit still fits a record).
+    pub fn to_record(&self) -> Vec<u8> {
+        let head = OutcomeHead {
+            subject: self.subject.clone(),
+            headers: self.headers.clone(),
+        };
+        // Strings and a list of string pairs always serialize.
+        let mut out = serde_json::to_vec(&head).unwrap_or_default();
+        out.push(b'\n');
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Reads back what [`OutMessage::to_record`] wrote.
+    pub fn from_record(record: &[u8]) -> Result<OutMessage, OutcomeRecordError> {
+        let split = record
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or(OutcomeRecordError::NoHeaderLine)?;
+        let head: OutcomeHead = serde_json::from_slice(&record[..split])
+            .map_err(|e| OutcomeRecordError::Header(e.to_string()))?;
+        Ok(OutMessage {
+            subject: head.subject,
+            headers: head.headers,
+            body: record[split + 1..].to_vec(),
+        })
+    }
 }
 
 /// Keys that must not sign any more, shared by every replica (revocation takes effect

@@ -85,6 +85,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// The NATS server, or a comma-separated list of the servers of a cluster
+    /// (`nats://a:4222,nats://b:4222`): the client connects to any that answers and moves to
+    /// another when its server goes away. See [`NatsConfig::servers`].
     pub url: String,
     /// Prepended to every subject (`<prefix>sign.requests`); empty in production. Lets
     /// several signer deployments (or test runs) share one NATS without colliding.
@@ -107,6 +110,17 @@ pub struct NatsConfig {
     pub audit_max_age: Duration,
     /// Credentials file (`.creds`) for NATS, when the server requires one.
     pub credentials: Option<PathBuf>,
+}
+
+impl NatsConfig {
+    /// The servers `url` names: its comma-separated entries, trimmed, empty ones left out.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
 }
 
 impl Default for NatsConfig {
@@ -413,7 +427,12 @@ impl Config {
     /// Checks what serde cannot: URLs, key files, profiles, limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        check_url(&self.nats.url, &["nats", "tls", "ws", "wss"], "nats.url")?;
+        if self.nats.servers().is_empty() {
+            return invalid("nats.url names no server".into());
+        }
+        for server in self.nats.servers() {
+            check_url(server, &["nats", "tls", "ws", "wss"], "nats.url")?;
+        }
         if let Some(r) = &self.redis {
             check_url(&r.url, &["redis", "rediss"], "redis.url")?;
         }
@@ -832,6 +851,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn nats_url_may_list_the_servers_of_a_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let env = |v: &str| [("SIGNER_NATS__URL".to_string(), v.to_string())];
+        let cfg =
+            Config::from_toml(&text, env("nats://a:4222, nats://b:4223,nats://c:4224")).unwrap();
+        assert_eq!(
+            cfg.nats.servers(),
+            vec!["nats://a:4222", "nats://b:4223", "nats://c:4224"]
+        );
+        let cfg = Config::from_toml(&text, env("tls://one:4222")).unwrap();
+        assert_eq!(cfg.nats.servers(), vec!["tls://one:4222"]);
+        let err = Config::from_toml(&text, env("nats://a:4222,http://b"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nats.url") && err.contains("http://b"),
+            "{err}"
+        );
+        let err = Config::from_toml(&text, env(" , "))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nats.url names no server"), "{err}");
     }
 
     #[test]

@@ -2,16 +2,19 @@
 //! configured: the records live beside the jobs, replicated and on disk like them, so a Redis
 //! restart cannot make a republished request be signed again).
 //!
-//! Value: `lease <owner> <expiry unix ms>` while a replica works on the request, then
-//! `done <result sequence>`. Compare-and-set on the entry revision makes a take-over of an
-//! expired lease safe between replicas. The bucket's max age is the record TTL.
+//! Value: `lease <owner> <expiry unix ms>` while a job attempt works on the request (the
+//! owner names the attempt, not only the replica), `signed <outcome record>` once it is
+//! signed and audited and its result message is about to be published (the message as
+//! [`OutMessage::to_record`] writes it), then `done <result sequence>`. Compare-and-set on
+//! the entry revision makes a take-over of an expired lease, and the step from lease to
+//! signed, safe between replicas. The bucket's max age is the record TTL.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use sha2::{Digest as _, Sha256};
-use signer_actors::ports::{Claim, IdempotencyStore, PortError};
+use signer_actors::ports::{Claim, IdempotencyStore, OutMessage, PortError, Recorded};
 
 use super::NatsError;
 
@@ -37,10 +40,25 @@ fn port(e: impl std::fmt::Display) -> PortError {
 
 enum Record {
     Lease { owner: String, until_ms: u64 },
+    Signed { outcome: OutMessage },
     Done { seq: u64 },
 }
 
-fn parse(value: &[u8]) -> Option<Record> {
+/// The prefix of a signed record; the outcome record follows.
+const SIGNED: &[u8] = b"signed ";
+
+/// Reads a record; `None` for a deleted or unreadable entry (free to take). A signed record
+/// whose outcome cannot be read is an error, not a free entry: taking it would sign again.
+fn parse(value: &[u8]) -> Result<Option<Record>, PortError> {
+    if let Some(record) = value.strip_prefix(SIGNED) {
+        return OutMessage::from_record(record)
+            .map(|outcome| Some(Record::Signed { outcome }))
+            .map_err(|e| PortError::permanent(e).context("idempotency bucket: signed record"));
+    }
+    Ok(parse_text(value))
+}
+
+fn parse_text(value: &[u8]) -> Option<Record> {
     let text = std::str::from_utf8(value).ok()?;
     let mut parts = text.split(' ');
     match parts.next()? {
@@ -84,11 +102,18 @@ impl IdempotencyStore for KvIdempotency {
                 retry_after: Duration::from_millis(50),
             });
         };
-        let take_over = match (entry.operation, parse(&entry.value)) {
+        let record = match entry.operation {
+            kv::Operation::Put => parse(&entry.value)?,
+            _ => None,
+        };
+        let take_over = match (entry.operation, record) {
             (kv::Operation::Put, Some(Record::Done { seq })) => {
                 return Ok(Claim::Done {
                     result_sequence: seq,
                 });
+            }
+            (kv::Operation::Put, Some(Record::Signed { outcome })) => {
+                return Ok(Claim::Signed { outcome });
             }
             (kv::Operation::Put, Some(Record::Lease { owner: o, until_ms }))
                 if o != owner && until_ms > now_ms() =>
@@ -113,6 +138,36 @@ impl IdempotencyStore for KvIdempotency {
         }
     }
 
+    async fn record(
+        &self,
+        key: &str,
+        owner: &str,
+        outcome: &OutMessage,
+    ) -> Result<Recorded, PortError> {
+        let key = kv_key(key);
+        let mut value = SIGNED.to_vec();
+        value.extend_from_slice(&outcome.to_record());
+        let value: bytes::Bytes = value.into();
+        // A lease renewal of this attempt may land between the read and the write: read
+        // again then, a few times.
+        for _ in 0..5 {
+            let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
+                return Ok(Recorded::LeaseLost);
+            };
+            let ours = entry.operation == kv::Operation::Put
+                && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner);
+            if !ours {
+                return Ok(Recorded::LeaseLost);
+            }
+            match self.store.update(&key, value.clone(), entry.revision).await {
+                Ok(_) => return Ok(Recorded::Kept),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(port(e)),
+            }
+        }
+        Err(PortError::transient("the record kept changing").context("idempotency bucket"))
+    }
+
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {
         self.store
             .put(kv_key(key), format!("done {result_sequence}").into())
@@ -124,7 +179,8 @@ impl IdempotencyStore for KvIdempotency {
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
         let key = kv_key(key);
         if let Some(entry) = self.store.entry(&key).await.map_err(port)?
-            && matches!(parse(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner)
+            && entry.operation == kv::Operation::Put
+            && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner)
         {
             self.store.delete(&key).await.map_err(port)?;
         }
@@ -192,6 +248,60 @@ mod tests {
             Claim::Done {
                 result_sequence: 42
             }
+        );
+        let _ = js.delete_stream(format!("KV_{name}")).await;
+    }
+
+    #[tokio::test]
+    async fn kv_signed_outcome_is_recorded_by_its_attempt_only() {
+        let (js, name) = bucket("SIGNED").await;
+        let a = KvIdempotency::open(&js, &name, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(30);
+        let key = "acme/req:3";
+        // Two attempts of one worker are two owners: the second waits.
+        assert_eq!(a.claim(key, "w1.aa", lease).await.unwrap(), Claim::Acquired);
+        assert!(matches!(
+            a.claim(key, "w1.bb", lease).await.unwrap(),
+            Claim::Busy { .. }
+        ));
+        // A binary (CBOR) body survives the record.
+        let outcome = OutMessage {
+            subject: "sign.completed".into(),
+            headers: vec![("Nats-Msg-Id".into(), key.into())],
+            body: vec![0xa1, 0x00, b'\n', 0xff, b' '],
+        };
+        assert_eq!(
+            a.record(key, "w1.bb", &outcome).await.unwrap(),
+            Recorded::LeaseLost,
+            "only the lease holder records"
+        );
+        assert_eq!(
+            a.record(key, "w1.aa", &outcome).await.unwrap(),
+            Recorded::Kept
+        );
+        for owner in ["w1.aa", "w1.bb", "w2.cc"] {
+            assert_eq!(
+                a.claim(key, owner, lease).await.unwrap(),
+                Claim::Signed {
+                    outcome: outcome.clone()
+                },
+                "a signed request is republished, not claimed"
+            );
+        }
+        a.release(key, "w1.aa").await.unwrap();
+        assert!(
+            matches!(
+                a.claim(key, "w2.cc", lease).await.unwrap(),
+                Claim::Signed { .. }
+            ),
+            "release removes leases only"
+        );
+        a.complete(key, 7).await.unwrap();
+        assert_eq!(
+            a.claim(key, "w2.cc", lease).await.unwrap(),
+            Claim::Done { result_sequence: 7 }
         );
         let _ = js.delete_stream(format!("KV_{name}")).await;
     }

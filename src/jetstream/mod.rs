@@ -24,7 +24,7 @@ pub enum NatsError {
     Bucket { bucket: String, reason: String },
 }
 
-/// Connects with the configured URL and credentials.
+/// Connects with the configured server list and credentials.
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
@@ -38,7 +38,9 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
                 reason: e.to_string(),
             })?;
     }
-    let connect = options.connect(cfg.url.as_str());
+    // Every configured server: the client connects to one that answers and fails over to
+    // the others (and to the servers the cluster announces) when it goes away.
+    let connect = options.connect(cfg.servers());
     match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(NatsError::Connect {

@@ -1,8 +1,14 @@
 //! One job, from the delivered message to its single result:
 //! decode -> entitlement -> profile permission -> idempotency lease -> provenance -> quota
 //! (one unit per signature) -> sign (every key of the profile) -> audit event stored ->
-//! result stored -> idempotency record -> ack.
+//! result message recorded in the idempotency record -> result stored -> idempotency record
+//! done -> ack.
 //! Retryable failures NAK with backoff until the last delivery, which publishes them.
+//!
+//! A job is signed once: the lease names this job attempt (worker id and a nonce), so a
+//! second copy of the request waits even on the same replica; once signed, the lease is
+//! kept (not released) on any failure, and the result message is recorded before it is
+//! published, so a redelivery republishes it instead of signing and charging again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,7 +29,7 @@ use crate::messages::{
 };
 use crate::ports::{
     Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, ProvenanceGrant,
-    QuotaGrant,
+    QuotaGrant, Recorded,
 };
 use crate::profiles::ProfileRefusal;
 use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
@@ -353,18 +359,22 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let key_names = selection.keys;
 
     let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
+    let owner = attempt_owner(&shared.cfg.worker_id);
     let t_claim = Instant::now();
     let claimed = match shared
         .ports
         .idempotency
-        .claim(&idem_key, &shared.cfg.worker_id, shared.cfg.lease)
+        .claim(&idem_key, &owner, shared.cfg.lease)
         .await
     {
         Ok(Claim::Acquired) => Ok(()),
         Ok(Claim::Done { result_sequence }) => {
             return answer_duplicate(shared, &ids, result_sequence).await;
         }
-        Ok(Claim::Busy { retry_after }) => return Settle::Nak(retry_after),
+        Ok(Claim::Signed { outcome }) => {
+            return republish_outcome(shared, d, &idem_key, outcome).await;
+        }
+        Ok(Claim::Busy { retry_after }) => return Settle::Nak(busy_delay(shared, d, retry_after)),
         Err(e) => Err(SignerError::Internal(format!(
             "idempotency store unavailable: {e}"
         ))),
@@ -373,45 +383,119 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
 
     let outcome = match claimed {
         Ok(()) => {
-            admit_and_sign(
+            let work = admit_and_sign(
                 shared,
                 &request,
                 &verdict,
                 &prepared,
                 &key_names,
                 &mut findings,
-            )
-            .await
+            );
+            hold_lease(shared, d, (&idem_key, &owner), work).await
         }
         Err(e) => Err(e),
     };
     stage("gates_and_sign", t_gates);
+    // Once signed, the lease is never given back: a redelivery must find this attempt's
+    // recorded outcome (or wait for the lease to expire), not sign again.
+    let signed_once = outcome.is_ok();
     let settle = match outcome {
         Ok(signed) => {
-            finish_signed(
+            let work = finish_signed(
                 shared,
                 d,
                 &ids,
-                &idem_key,
+                (&idem_key, &owner),
                 &prepared.subjects,
                 signed,
                 verdict,
                 findings,
-            )
-            .await
+            );
+            hold_lease(shared, d, (&idem_key, &owner), work).await
         }
         Err(e) => retry_or_fail(shared, d, ids, Some(&idem_key), e, findings).await,
     };
     if let Settle::Nak(_) = settle
-        && let Err(e) = shared
-            .ports
-            .idempotency
-            .release(&idem_key, &shared.cfg.worker_id)
-            .await
+        && !signed_once
+        && let Err(e) = shared.ports.idempotency.release(&idem_key, &owner).await
     {
         tracing::warn!(error = %e, "releasing the idempotency lease failed; it expires by itself");
     }
     settle
+}
+
+/// The lease owner of one job attempt: the worker id and a random nonce. Two copies of a
+/// request on one replica are two attempts, so the second cannot re-take the first's lease.
+fn attempt_owner(worker_id: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut nonce = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).is_err() {
+        // No system randomness: a process-wide counter and the clock still tell attempts apart.
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        nonce = (t ^ n.rotate_left(48)).to_be_bytes();
+    }
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{worker_id}.{hex}")
+}
+
+/// Runs `work` while keeping this attempt's lease and its delivery alive: every third of the
+/// lease the lease is renewed (a claim by the same owner) and JetStream told the job is in
+/// progress. A job slowed down by a failover (an audit or result stream electing a leader)
+/// therefore keeps its request: neither a redelivery nor another replica can take the
+/// request over and sign it again while this attempt still works on it. Renewal stops once
+/// the record is no longer this attempt's lease (the outcome is recorded, or the lease was
+/// lost).
+async fn hold_lease<T>(
+    shared: &Shared,
+    d: &dyn Delivery,
+    (key, owner): (&str, &str),
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let period = (shared.cfg.lease / 3).max(Duration::from_millis(100));
+    let keep_alive = async {
+        let mut renewing = true;
+        loop {
+            tokio::time::sleep(period).await;
+            if let Err(e) = d.in_progress().await {
+                tracing::warn!(error = %e, "could not extend the delivery");
+            }
+            if !renewing {
+                continue;
+            }
+            match shared
+                .ports
+                .idempotency
+                .claim(key, owner, shared.cfg.lease)
+                .await
+            {
+                Ok(Claim::Acquired) => {}
+                Ok(_) => renewing = false,
+                Err(e) => tracing::warn!(error = %e, "renewing the idempotency lease failed"),
+            }
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        never = keep_alive => never,
+    }
+}
+
+/// How long a copy of a request waits while another attempt holds its lease: the backoff of
+/// its delivery, and no longer than the lease has left (a twin usually finishes in
+/// milliseconds; a lease of a dead replica is taken over when it expires).
+fn busy_delay(shared: &Shared, d: &dyn Delivery, retry_after: Duration) -> Duration {
+    let exp = d.delivered().saturating_sub(1).min(16) as u32;
+    shared
+        .cfg
+        .backoff_base
+        .saturating_mul(1 << exp)
+        .min(shared.cfg.backoff_max)
+        .min(retry_after)
+        .max(Duration::from_millis(1))
 }
 
 /// A retryable failure is NAKed with backoff while deliveries remain and the wait is within
@@ -624,7 +708,7 @@ async fn finish_signed(
     shared: &Arc<Shared>,
     d: &dyn Delivery,
     ids: &Ids,
-    idem_key: &str,
+    (idem_key, owner): (&str, &str),
     subjects: &[crate::statement::Subject],
     signed: crate::signing::SignedEnvelope,
     verdict: EntitlementVerdict,
@@ -693,17 +777,60 @@ async fn finish_signed(
         },
     };
     let subject = shared.cfg.completed_subject.clone();
-    publish_result(
-        shared,
-        d,
-        ids,
-        Some(idem_key),
-        subject,
-        &completed,
-        "completed",
-        None,
-    )
-    .await
+    let message = match result_message(ids, subject, &completed) {
+        Ok(m) => m,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    record_outcome(shared, idem_key, owner, &message).await;
+    publish_message(shared, d, Some(idem_key), message, "completed", None).await
+}
+
+/// Records a signed job's result message in its idempotency record, before it is published.
+/// A store failure is retried with backoff for up to `call_timeout` (the lease is held
+/// meanwhile): the record is what keeps a redelivery from signing again. If it still fails,
+/// or the lease was lost, the result is published anyway (it is signed and audited).
+async fn record_outcome(shared: &Shared, key: &str, owner: &str, message: &OutMessage) {
+    let t_record = Instant::now();
+    let mut delay = shared.cfg.backoff_base;
+    loop {
+        match shared.ports.idempotency.record(key, owner, message).await {
+            Ok(Recorded::Kept) => break,
+            Ok(Recorded::LeaseLost) => {
+                metrics::counter!("signer_outcome_record_failures_total", "reason" => "lease_lost")
+                    .increment(1);
+                tracing::warn!(
+                    "the idempotency lease was taken over before the outcome was recorded; publishing it"
+                );
+                break;
+            }
+            Err(e) if t_record.elapsed() + delay > shared.cfg.call_timeout || e.is_permanent() => {
+                metrics::counter!("signer_outcome_record_failures_total", "reason" => "store")
+                    .increment(1);
+                tracing::warn!(error = %e, "recording the outcome failed; publishing it");
+                break;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, retry_in_ms = delay.as_millis() as u64, "recording the outcome failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2).min(shared.cfg.backoff_max);
+            }
+        }
+    }
+    stage("record", t_record);
+}
+
+/// A request that was signed before but whose result may not be stored (the publish failed,
+/// or the replica died in between): publish the recorded result message. Nothing is signed
+/// or charged; the result carries the audit reference of the original `signed` event.
+async fn republish_outcome(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    idem_key: &str,
+    outcome: OutMessage,
+) -> Settle {
+    metrics::counter!("signer_outcome_republished_total").increment(1);
+    tracing::info!("signed before; publishing the recorded result");
+    publish_message(shared, d, Some(idem_key), outcome, "completed", None).await
 }
 
 impl Findings {
@@ -758,17 +885,11 @@ async fn finish_failed(
         },
     };
     let subject = shared.cfg.failed_subject.clone();
-    publish_result(
-        shared,
-        d,
-        &ids,
-        idem_key,
-        subject,
-        &failed,
-        "failed",
-        Some(error.code()),
-    )
-    .await
+    let message = match result_message(&ids, subject, &failed) {
+        Ok(m) => m,
+        Err(e) => return retry_later(shared, d, e),
+    };
+    publish_message(shared, d, idem_key, message, "failed", Some(error.code())).await
 }
 
 /// Stores part of an outcome (the audit event, the result). Before the last delivery a
@@ -861,21 +982,14 @@ async fn append_audit(shared: &Arc<Shared>, event: AuditEvent) -> Result<u64, Si
     .map_err(|e| SignerError::Internal(format!("audit: {e}")))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn publish_result<T: serde::Serialize>(
-    shared: &Arc<Shared>,
-    d: &dyn Delivery,
+/// The result message of a job: its body in the request's encoding, and the headers the
+/// contract names (`Nats-Msg-Id` is tenant/requestId, so the results stream drops a copy).
+fn result_message<T: serde::Serialize>(
     ids: &Ids,
-    idem_key: Option<&str>,
     subject: String,
     body: &T,
-    outcome: &'static str,
-    code: Option<ErrorCode>,
-) -> Settle {
-    let body = match ids.content_type.encode(body) {
-        Ok(b) => b,
-        Err(e) => return retry_later(shared, d, e),
-    };
+) -> Result<OutMessage, SignerError> {
+    let body = ids.content_type.encode(body)?;
     let mut headers = vec![
         (
             "Nats-Msg-Id".to_string(),
@@ -892,11 +1006,22 @@ async fn publish_result<T: serde::Serialize>(
     if let Some(tp) = &ids.traceparent {
         headers.push(("traceparent".to_string(), tp.clone()));
     }
-    let message = OutMessage {
+    Ok(OutMessage {
         subject,
         headers,
         body,
-    };
+    })
+}
+
+/// Stores a result message, then marks the request done in its idempotency record.
+async fn publish_message(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    idem_key: Option<&str>,
+    message: OutMessage,
+    outcome: &'static str,
+    code: Option<ErrorCode>,
+) -> Settle {
     let publish = || {
         let message = message.clone();
         async move {

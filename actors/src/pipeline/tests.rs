@@ -16,6 +16,9 @@ use crate::keys::{
 };
 use crate::ports::*;
 
+/// A job is signed once: concurrent copies, failed result publishes, failed audit writes.
+mod once;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Settled {
     Ack,
@@ -140,24 +143,67 @@ impl MessagePublisher for MemPublisher {
     }
 }
 
+/// An idempotency record in memory, as the stores keep it.
+#[derive(Debug, Clone, PartialEq)]
+enum MemRecord {
+    Lease(String),
+    Signed(OutMessage),
+    Done(u64),
+}
+
+/// The in-memory twin of the idempotency stores: a lease per job attempt (owner), the
+/// signed outcome, then done. Leases do not expire here.
 #[derive(Default)]
-struct MemIdempotency(Mutex<HashMap<String, u64>>);
+struct MemIdempotency(Mutex<HashMap<String, MemRecord>>);
 
 #[async_trait]
 impl IdempotencyStore for MemIdempotency {
-    async fn claim(&self, key: &str, _: &str, _: Duration) -> Result<Claim, PortError> {
-        Ok(match self.0.lock().unwrap().get(key) {
-            Some(seq) => Claim::Done {
+    async fn claim(&self, key: &str, owner: &str, _: Duration) -> Result<Claim, PortError> {
+        let mut records = self.0.lock().unwrap();
+        Ok(match records.get(key) {
+            None => {
+                records.insert(key.into(), MemRecord::Lease(owner.into()));
+                Claim::Acquired
+            }
+            Some(MemRecord::Lease(o)) if o == owner => Claim::Acquired,
+            Some(MemRecord::Lease(_)) => Claim::Busy {
+                retry_after: Duration::from_millis(20),
+            },
+            Some(MemRecord::Signed(outcome)) => Claim::Signed {
+                outcome: outcome.clone(),
+            },
+            Some(MemRecord::Done(seq)) => Claim::Done {
                 result_sequence: *seq,
             },
-            None => Claim::Acquired,
         })
     }
+    async fn record(
+        &self,
+        key: &str,
+        owner: &str,
+        outcome: &OutMessage,
+    ) -> Result<Recorded, PortError> {
+        let mut records = self.0.lock().unwrap();
+        match records.get(key) {
+            Some(MemRecord::Lease(o)) if o == owner => {
+                records.insert(key.into(), MemRecord::Signed(outcome.clone()));
+                Ok(Recorded::Kept)
+            }
+            _ => Ok(Recorded::LeaseLost),
+        }
+    }
     async fn complete(&self, key: &str, seq: u64) -> Result<(), PortError> {
-        self.0.lock().unwrap().insert(key.into(), seq);
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.into(), MemRecord::Done(seq));
         Ok(())
     }
-    async fn release(&self, _: &str, _: &str) -> Result<(), PortError> {
+    async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
+        let mut records = self.0.lock().unwrap();
+        if matches!(records.get(key), Some(MemRecord::Lease(o)) if o == owner) {
+            records.remove(key);
+        }
         Ok(())
     }
 }
@@ -835,6 +881,14 @@ impl IdempotencyStore for CountingIdempotency {
     async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError> {
         self.claims.lock().unwrap().push(key.into());
         self.inner.claim(key, owner, lease).await
+    }
+    async fn record(
+        &self,
+        key: &str,
+        owner: &str,
+        outcome: &OutMessage,
+    ) -> Result<Recorded, PortError> {
+        self.inner.record(key, owner, outcome).await
     }
     async fn complete(&self, key: &str, seq: u64) -> Result<(), PortError> {
         self.inner.complete(key, seq).await

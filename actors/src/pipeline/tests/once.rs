@@ -1,0 +1,321 @@
+//! A job is signed once (issue 9, item 6), with in-memory ports: two copies of a request at
+//! once, a result publish that fails after signing, audit writes that fail.
+
+use super::*;
+
+/// A stand-in for JetStream streams: keeps what it stores, drops a message whose
+/// `Nats-Msg-Id` it already has (answering with the first copy's sequence, as a stream's
+/// duplicate window does), and fails acknowledgements on request.
+#[derive(Default)]
+struct StreamPublisher {
+    stored: Mutex<Vec<OutMessage>>,
+    /// Acknowledgements of `sign.completed` messages to fail (not stored).
+    fail_results: AtomicUsize,
+    /// How long the audit stream refuses events (not stored), from the first one sent:
+    /// an outage, as while a stream elects a new leader.
+    audit_outage: Duration,
+    audit_outage_from: Mutex<Option<std::time::Instant>>,
+    /// Audit events to store whose acknowledgement is then lost.
+    lose_audit_acks: AtomicUsize,
+}
+
+/// Takes one from `counter` if it is above zero.
+fn take(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl StreamPublisher {
+    /// Whether the audit stream is in its outage now.
+    fn audit_out(&self) -> bool {
+        let mut from = self.audit_outage_from.lock().unwrap();
+        from.get_or_insert_with(std::time::Instant::now).elapsed() < self.audit_outage
+    }
+
+    fn store(&self, message: OutMessage) -> Stored {
+        let mut stored = self.stored.lock().unwrap();
+        let id = message.header("Nats-Msg-Id").map(str::to_owned);
+        if let Some(i) = stored
+            .iter()
+            .position(|m| id.is_some() && m.header("Nats-Msg-Id") == id.as_deref())
+        {
+            return Stored {
+                stream_sequence: i as u64 + 1,
+                duplicate: true,
+            };
+        }
+        stored.push(message);
+        Stored {
+            stream_sequence: stored.len() as u64,
+            duplicate: false,
+        }
+    }
+
+    fn json(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.stored
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.subject.starts_with(prefix))
+            .map(|m| serde_json::from_slice(&m.body).unwrap())
+            .collect()
+    }
+
+    /// The stored `signed` audit events of `request_id`.
+    fn signed_events(&self, request_id: &str) -> Vec<serde_json::Value> {
+        self.json("signer.audit.")
+            .into_iter()
+            .filter(|e| e["requestId"] == request_id && e["decision"] == "signed")
+            .collect()
+    }
+}
+
+#[async_trait]
+impl MessagePublisher for StreamPublisher {
+    async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError> {
+        let unavailable = || PortError::transient("no stream found for given subject");
+        let refused = (message.subject.starts_with("sign.completed") && take(&self.fail_results))
+            || (message.subject.starts_with("signer.audit.") && self.audit_out());
+        let outcome = if refused {
+            Err(unavailable())
+        } else if message.subject.starts_with("signer.audit.") && take(&self.lose_audit_acks) {
+            self.store(message);
+            Err(PortError::transient("timed out waiting for the ack"))
+        } else {
+            Ok(self.store(message))
+        };
+        Ok(Box::pin(async move { outcome }))
+    }
+    async fn fetch_result(&self, seq: u64) -> Result<Option<OutMessage>, PortError> {
+        Ok(self.stored.lock().unwrap().get(seq as usize - 1).cloned())
+    }
+}
+
+/// An Ed25519 key `k` that counts its signatures and takes `delay` for each.
+struct CountingKeys {
+    signs: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+struct CountingKey {
+    inner: EdKey,
+    signs: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl KeySigner for CountingKey {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn identity(&self) -> Arc<SignerIdentity> {
+        self.inner.identity()
+    }
+    async fn sign(&self, message: &[u8]) -> Result<KeySignature, KeyError> {
+        self.signs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.inner.sign(message).await
+    }
+}
+
+#[async_trait]
+impl KeyFactory for CountingKeys {
+    fn names(&self) -> Vec<String> {
+        vec!["k".into()]
+    }
+    async fn load(&self, name: &str) -> Result<Arc<dyn KeySigner>, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8())
+            .map_err(|e| KeyError::Unavailable(e.to_string()))?;
+        let public =
+            PublicKey::from_raw(KeyAlgorithm::Ed25519, pair.public_key().as_ref()).unwrap();
+        Ok(Arc::new(CountingKey {
+            inner: EdKey {
+                name: name.into(),
+                pair,
+                identity: Arc::new(SignerIdentity::keyful(public, KeySource::File)),
+            },
+            signs: self.signs.clone(),
+            delay: self.delay,
+        }))
+    }
+}
+
+struct Once {
+    queue: Arc<Queue>,
+    publisher: Arc<StreamPublisher>,
+    idempotency: Arc<MemIdempotency>,
+    ledger: Arc<Ledger>,
+    signs: Arc<AtomicUsize>,
+    pipeline: Pipeline,
+}
+
+/// A pipeline signing with the counting key (each signature taking `delay`), charging the
+/// ledger, storing into `publisher`.
+async fn start_once(publisher: StreamPublisher, delay: Duration) -> Once {
+    let signs = Arc::new(AtomicUsize::new(0));
+    let keys = Arc::new(CountingKeys {
+        signs: signs.clone(),
+        delay,
+    });
+    let publisher = Arc::new(publisher);
+    let idempotency = Arc::new(MemIdempotency::default());
+    let ledger = Arc::new(Ledger::default());
+    let (p, i, l) = (publisher.clone(), idempotency.clone(), ledger.clone());
+    let (queue, _unused, pipeline) = start_with(keys, "k", move |_, ports| {
+        ports.publisher = p;
+        ports.idempotency = i;
+        ports.quota = l;
+    })
+    .await;
+    let status = pipeline.status();
+    until("keys loaded", || status.ready().is_ok()).await;
+    Once {
+        queue,
+        publisher,
+        idempotency,
+        ledger,
+        signs,
+        pipeline,
+    }
+}
+
+impl Once {
+    /// Delivers a message with stream sequence `seq` whose body is request `request_id`.
+    fn deliver(&self, seq: u64, request_id: &str) {
+        self.queue
+            .tx
+            .send(MemDelivery {
+                queue: self.queue.clone(),
+                subject: "sign.requests".into(),
+                body: request_body(request_id),
+                seq,
+                delivered: 1,
+                published: SystemTime::now(),
+            })
+            .unwrap();
+    }
+
+    fn results(&self, request_id: &str) -> Vec<serde_json::Value> {
+        self.publisher
+            .json("sign.")
+            .into_iter()
+            .filter(|r| r["requestId"] == request_id)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_result_publish_after_signing_republishes_the_recorded_outcome() {
+    let publisher = StreamPublisher::default();
+    publisher.fail_results.store(1, Ordering::SeqCst);
+    let o = start_once(publisher, Duration::ZERO).await;
+    o.deliver(1, "r-1");
+    until("job acked", || acked(&o.queue, 1)).await;
+
+    let settled = o.queue.settled.lock().unwrap().clone();
+    assert_eq!(
+        settled,
+        vec![(1, Settled::Nak), (1, Settled::Ack)],
+        "NAKed after the failed publish, then answered"
+    );
+    assert_eq!(o.signs.load(Ordering::SeqCst), 1, "signed once");
+    assert_eq!(o.ledger.0.lock().unwrap().len(), 1, "charged once");
+    let signed = o.publisher.signed_events("r-1");
+    assert_eq!(signed.len(), 1, "one signed audit event: {signed:?}");
+    let results = o.results("r-1");
+    assert_eq!(results.len(), 1, "{results:?}");
+    let result = &results[0];
+    assert!(result["envelope"].is_object(), "{result}");
+    // The republished result is the recorded one: it points at the one signed event.
+    let audit_seq = result["audit"]["seq"].as_u64().unwrap();
+    let stored = o.publisher.stored.lock().unwrap()[audit_seq as usize - 1].clone();
+    let event: serde_json::Value = serde_json::from_slice(&stored.body).unwrap();
+    assert_eq!(event, signed[0]);
+    assert!(matches!(
+        o.idempotency.0.lock().unwrap().get("acme/r-1"),
+        Some(MemRecord::Done(_))
+    ));
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_request_at_once_are_signed_once() {
+    // Each signature takes 300 ms, so the second copy is claimed while the first is signing
+    // (on the same replica: one worker id).
+    let o = start_once(StreamPublisher::default(), Duration::from_millis(300)).await;
+    o.deliver(1, "r-1");
+    o.deliver(2, "r-1");
+    until("both copies acked", || {
+        acked(&o.queue, 1) && acked(&o.queue, 2)
+    })
+    .await;
+    assert_eq!(o.signs.load(Ordering::SeqCst), 1, "one signature");
+    assert_eq!(o.ledger.0.lock().unwrap().len(), 1, "one quota charge");
+    assert_eq!(o.publisher.signed_events("r-1").len(), 1);
+    assert_eq!(o.results("r-1").len(), 1, "one result");
+    let settled = o.queue.settled.lock().unwrap().clone();
+    assert!(
+        settled.contains(&(2, Settled::Nak)) || settled.contains(&(1, Settled::Nak)),
+        "the later copy waited for the lease: {settled:?}"
+    );
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_audit_writes_are_retried_on_the_same_chain() {
+    // The audit stream refuses everything for 300 ms from the first event (four jobs at
+    // once); later one event is stored with its acknowledgement lost. The writer sends the
+    // same sealed events again, and keeps one chain.
+    let publisher = StreamPublisher {
+        audit_outage: Duration::from_millis(300),
+        ..StreamPublisher::default()
+    };
+    let o = start_once(publisher, Duration::ZERO).await;
+    for seq in 1..=4 {
+        o.deliver(seq, &format!("r-{seq}"));
+    }
+    until("all acked", || (1..=4).all(|s| acked(&o.queue, s))).await;
+    o.publisher.lose_audit_acks.store(1, Ordering::SeqCst);
+    o.deliver(5, "r-5");
+    until("job 5 acked", || acked(&o.queue, 5)).await;
+    assert_eq!(o.publisher.lose_audit_acks.load(Ordering::SeqCst), 0);
+    assert_eq!(o.signs.load(Ordering::SeqCst), 5, "each job signed once");
+    let events = o.publisher.json("signer.audit.");
+    assert_eq!(events.len(), 5, "one event per job, none twice: {events:?}");
+    for seq in 1..=5 {
+        assert_eq!(o.publisher.signed_events(&format!("r-{seq}")).len(), 1);
+        assert_eq!(o.results(&format!("r-{seq}")).len(), 1);
+    }
+    let writers: std::collections::BTreeSet<_> =
+        events.iter().map(|e| e["worker"].to_string()).collect();
+    assert_eq!(writers.len(), 1, "one chain: {writers:?}");
+    let seqs: Vec<_> = events.iter().map(|e| e["writerSeq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=5).map(Some).collect::<Vec<_>>());
+    let mut verifier = crate::audit::ChainVerifier::default();
+    for e in &events {
+        verifier.push(e).unwrap();
+    }
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_record_round_trips_binary_bodies() {
+    let message = OutMessage {
+        subject: "sign.completed".into(),
+        headers: vec![
+            ("Nats-Msg-Id".into(), "acme/r-1".into()),
+            ("Content-Type".into(), "application/cbor".into()),
+        ],
+        body: vec![0xa1, b'\n', 0x00, 0xff, b'{'],
+    };
+    assert_eq!(OutMessage::from_record(&message.to_record()), Ok(message));
+    assert_eq!(
+        OutMessage::from_record(b"no header line"),
+        Err(OutcomeRecordError::NoHeaderLine)
+    );
+    assert!(matches!(
+        OutMessage::from_record(b"{oops\nbody"),
+        Err(OutcomeRecordError::Header(_))
+    ));
+}
