@@ -411,6 +411,8 @@ impl Introspector {
             Some(c) if c.at.elapsed() < self.ttl => c.verdict.clone(),
             _ => match self.ask(value, tenant).await {
                 Ok(verdict) => {
+                    metrics::counter!("signer_licensing_requests_total", "outcome" => "answered")
+                        .increment(1);
                     let at = Instant::now();
                     self.cache.insert(
                         id,
@@ -424,14 +426,17 @@ impl Introspector {
                     verdict
                 }
                 // The cache only returns answers younger than ttl + grace.
-                Err(reason) => match cached {
-                    Some(c) => {
-                        tracing::warn!(error = %reason, age_ms = c.at.elapsed().as_millis() as u64,
-                            "licensing unavailable: using a cached verdict within grace");
-                        c.verdict.clone()
+                Err(reason) => {
+                    metrics::counter!("signer_licensing_requests_total", "outcome" => "unavailable").increment(1);
+                    match cached {
+                        Some(c) => {
+                            tracing::warn!(error = %reason, age_ms = c.at.elapsed().as_millis() as u64,
+                                "licensing unavailable: using a cached verdict within grace");
+                            c.verdict.clone()
+                        }
+                        None => return Err(PoeError::Unavailable(reason)),
                     }
-                    None => return Err(PoeError::Unavailable(reason)),
-                },
+                }
             },
         };
         match verdict {

@@ -159,6 +159,7 @@ impl Actor for AuditWriter {
             AuditMsg::Stored(ok) => {
                 state.in_flight = false;
                 if !ok {
+                    metrics::counter!("signer_audit_batches_failed_total").increment(1);
                     state.incarnation = next_incarnation();
                     state.chain = AuditChain::new(writer_name(&state.shared, state.incarnation));
                     tracing::warn!(
