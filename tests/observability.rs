@@ -108,6 +108,18 @@ async fn metrics_readiness_and_logs_describe_the_work() {
         "signer_sign_duration_seconds_count{key=\"ed\",source=\"file\"} 1".to_string(),
         "signer_inflight 0".to_string(),
         "signer_redeliveries_total 0".to_string(),
+        // publish-to-result latency, one per result
+        "signer_job_latency_seconds_count{outcome=\"completed\"} 1".to_string(),
+        "signer_job_latency_seconds_count{outcome=\"failed\"} 1".to_string(),
+        // readiness, and the poller's gauges of the consumer and the keys
+        "signer_ready 1".to_string(),
+        "signer_backlog_pending_messages 0".to_string(),
+        "signer_backlog_ack_pending_messages 0".to_string(),
+        "signer_backlog_oldest_age_seconds 0".to_string(),
+        "signer_key_revoked{key=\"ec\"} 0".to_string(),
+        // counters alerts rate() exist at 0 before their first event
+        "signer_jobs_total{outcome=\"failed\",code=\"key_unavailable\"} 0".to_string(),
+        "signer_licensing_requests_total{outcome=\"unavailable\"} 0".to_string(),
         format!(
             "signer_key_usage_total{{keyid=\"{}\"}} 1",
             stack.public_keys[0].keyid()
