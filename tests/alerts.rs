@@ -113,6 +113,41 @@ fn rules_pass_promtool_and_every_alert_has_a_firing_unit_test() {
     }
 }
 
+#[test]
+fn the_compose_files_are_valid_for_prometheus_and_the_signer() {
+    // prometheus.yml and the rule files it names
+    let mut check = prometheus_tool("promtool");
+    check
+        .args(["check", "config"])
+        .arg(compose().join("prometheus/prometheus.yml"));
+    let out = run_ok(check);
+    assert!(out.contains("1 rule files found"), "{out}");
+    // the replicas' signer.toml, with a real key where the `keys` service writes one
+    let dir = tempfile::tempdir().unwrap();
+    let key = stella_signer::keys::file::FileKey::generate(
+        signer_actors::keys::KeyAlgorithm::EcdsaP256Sha256,
+        dir.path(),
+        "release",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(compose().join("signer/signer.toml")).unwrap();
+    assert!(text.contains("\"/keys/release.key\""));
+    let text = text.replace("/keys/release.key", &key.private_key.display().to_string());
+    stella_signer::config::Config::from_toml(&text, std::iter::empty()).unwrap();
+    // the dashboard is Grafana JSON naming the provisioned datasource
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(compose().join("grafana/dashboards/signer.json")).unwrap(),
+    )
+    .unwrap();
+    let datasources =
+        std::fs::read_to_string(compose().join("grafana/provisioning/datasources/prometheus.yml"))
+            .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let uid = panel["datasource"]["uid"].as_str().unwrap();
+        assert!(datasources.contains(&format!("uid: {uid}\n")), "{panel}");
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
