@@ -155,3 +155,42 @@ async fn metrics_readiness_and_logs_describe_the_work() {
     assert_eq!(v["fields"]["code"], "invalid_request");
     stack.cleanup(&js).await;
 }
+
+/// A revocation in the shared key bucket shows in `signer_key_revoked{key}` of a running
+/// replica, for the revoked key only (the poller refreshes it every 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_shows_in_its_gauge() {
+    let mut stack = Stack::new("rv", "");
+    let port = free_port();
+    let text = std::fs::read_to_string(&stack.config)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&stack.config, text).unwrap();
+    stack.spawn_worker();
+    assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
+    let (_c, js) = stack.connect().await;
+    let state = stella_signer::jetstream::key_state::KeyState::open(&js, &stack.stream("KEYS"))
+        .await
+        .unwrap();
+    state
+        .revoke(&stack.public_keys[0].keyid(), "test")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = wait_status(port, "/metrics", 200);
+        if metrics.contains("signer_key_revoked{key=\"ec\"} 1") {
+            assert!(
+                metrics.contains("signer_key_revoked{key=\"ed\"} 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revocation never showed:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stack.cleanup(&js).await;
+}
