@@ -5,6 +5,11 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 test:
     cargo test --workspace --all-targets --no-fail-fast
 
+# The alert rules: promtool checks them and runs their unit tests (also part of `just test`, in tests/alerts.rs).
+alerts:
+    promtool check config compose/prometheus/prometheus.yml
+    promtool test rules compose/prometheus/tests/*.yml
+
 # Formatting and clippy, warnings are errors; with and without the `yubikey` feature.
 lint:
     cargo fmt --all -- --check

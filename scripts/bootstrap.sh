@@ -3,7 +3,8 @@
 # the local services when they are not running. Idempotent: a second run only checks.
 #   - Debian packages: softhsm2 (HSM for tests), docker-registry (OCI registry for
 #     provenance tests), apache2-utils (`htpasswd`: bcrypt users of the authenticated test
-#     registry), libpcsclite-dev + pkg-config (the `yubikey` feature)
+#     registry), libpcsclite-dev + pkg-config (the `yubikey` feature), prometheus
+#     (`prometheus` and `promtool`: tests/alerts.rs checks and fires the alert rules)
 #   - just (from PyPI's rust-just wheel)
 #   - the independent verifiers of ../shared/conformance into target/conformance, and
 #     PyNaCl in their venv (tests/tools/make_cosign_key.py writes cosign keys with it)
@@ -15,7 +16,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 missing=()
-for pkg in softhsm2 docker-registry apache2-utils libpcsclite-dev pkg-config; do
+for pkg in softhsm2 docker-registry apache2-utils libpcsclite-dev pkg-config prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -56,6 +56,8 @@ impl crate::http::Health for Health {
     }
 
     fn metrics(&self) -> String {
+        // `signer_ready`: what /readyz says, for the "no ready replica" alert.
+        metrics::gauge!("signer_ready").set(f64::from(u8::from(self.ready().is_ok())));
         self.metrics.render()
     }
 }
@@ -219,6 +221,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let mut stop =
         StopSignal::new().map_err(|e| ServeError::Setup(format!("signal handler: {e}")))?;
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
+    crate::telemetry::initialize_series();
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
     let redis = cfg
         .redis
@@ -296,6 +299,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             None
         }
     };
+    let poller = crate::telemetry::poller::spawn(
+        js.clone(),
+        cfg.nats.requests_stream.clone(),
+        cfg.nats.consumer.clone(),
+        key_state.clone(),
+    );
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
             consumer: provisioned.consumer,
@@ -362,6 +371,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         h.abort();
     }
     watcher.abort();
+    poller.abort();
     control.abort();
     let _ = client.flush().await;
     if left > 0 {

@@ -119,6 +119,34 @@ fn result_for<'a>(results: &'a [ResultMsg], id: &str) -> &'a ResultMsg {
         .unwrap_or_else(|| panic!("no result for {id}"))
 }
 
+/// `signer_key_certificate_expiry_seconds{key,mode="keyless"}` from a worker's /metrics
+/// (the poller sets it every 5 s).
+async fn certificate_seconds_left(port: u16, key: &str) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let prefix =
+        format!("signer_key_certificate_expiry_seconds{{key=\"{key}\",mode=\"keyless\"}} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {prefix} in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many_jobs() {
     let mock = MockSigstore::start();
@@ -136,7 +164,12 @@ async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many
         ),
     );
     let mut stack = Stack::new("keyless", &extra);
-    stack.spawn_worker();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    stack.spawn_worker_env(&[("SIGNER_HTTP__LISTEN", &format!("127.0.0.1:{metrics_port}"))]);
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
     stack.wait_log(
@@ -144,6 +177,9 @@ async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many
         &["keyless certificate issued", SUBJECT],
         Duration::from_secs(20),
     );
+    // the current certificate's time left is a gauge, by key name
+    let left = certificate_seconds_left(metrics_port, "keyless").await;
+    assert!(left > 0.0 && left <= 24.0 * 3600.0, "{left}");
 
     let jobs: Vec<(String, &str)> = (0..6)
         .map(|i| (format!("kl-{i}"), "keyless"))

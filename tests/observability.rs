@@ -108,6 +108,18 @@ async fn metrics_readiness_and_logs_describe_the_work() {
         "signer_sign_duration_seconds_count{key=\"ed\",source=\"file\"} 1".to_string(),
         "signer_inflight 0".to_string(),
         "signer_redeliveries_total 0".to_string(),
+        // publish-to-result latency, one per result
+        "signer_job_latency_seconds_count{outcome=\"completed\"} 1".to_string(),
+        "signer_job_latency_seconds_count{outcome=\"failed\"} 1".to_string(),
+        // readiness, and the poller's gauges of the consumer and the keys
+        "signer_ready 1".to_string(),
+        "signer_backlog_pending_messages 0".to_string(),
+        "signer_backlog_ack_pending_messages 0".to_string(),
+        "signer_backlog_oldest_age_seconds 0".to_string(),
+        "signer_key_revoked{key=\"ec\"} 0".to_string(),
+        // counters alerts rate() exist at 0 before their first event
+        "signer_jobs_total{outcome=\"failed\",code=\"key_unavailable\"} 0".to_string(),
+        "signer_licensing_requests_total{outcome=\"unavailable\"} 0".to_string(),
         format!(
             "signer_key_usage_total{{keyid=\"{}\"}} 1",
             stack.public_keys[0].keyid()
@@ -141,5 +153,44 @@ async fn metrics_readiness_and_logs_describe_the_work() {
     assert_eq!(v["span"]["tenant"], "acme");
     assert_eq!(v["span"]["traceparent"], tp);
     assert_eq!(v["fields"]["code"], "invalid_request");
+    stack.cleanup(&js).await;
+}
+
+/// A revocation in the shared key bucket shows in `signer_key_revoked{key}` of a running
+/// replica, for the revoked key only (the poller refreshes it every 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_shows_in_its_gauge() {
+    let mut stack = Stack::new("rv", "");
+    let port = free_port();
+    let text = std::fs::read_to_string(&stack.config)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&stack.config, text).unwrap();
+    stack.spawn_worker();
+    assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
+    let (_c, js) = stack.connect().await;
+    let state = stella_signer::jetstream::key_state::KeyState::open(&js, &stack.stream("KEYS"))
+        .await
+        .unwrap();
+    state
+        .revoke(&stack.public_keys[0].keyid(), "test")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = wait_status(port, "/metrics", 200);
+        if metrics.contains("signer_key_revoked{key=\"ec\"} 1") {
+            assert!(
+                metrics.contains("signer_key_revoked{key=\"ed\"} 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revocation never showed:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     stack.cleanup(&js).await;
 }

@@ -411,6 +411,8 @@ impl Introspector {
             Some(c) if c.at.elapsed() < self.ttl => c.verdict.clone(),
             _ => match self.ask(value, tenant).await {
                 Ok(verdict) => {
+                    metrics::counter!("signer_licensing_requests_total", "outcome" => "answered")
+                        .increment(1);
                     let at = Instant::now();
                     self.cache.insert(
                         id,
@@ -424,14 +426,17 @@ impl Introspector {
                     verdict
                 }
                 // The cache only returns answers younger than ttl + grace.
-                Err(reason) => match cached {
-                    Some(c) => {
-                        tracing::warn!(error = %reason, age_ms = c.at.elapsed().as_millis() as u64,
-                            "licensing unavailable: using a cached verdict within grace");
-                        c.verdict.clone()
+                Err(reason) => {
+                    metrics::counter!("signer_licensing_requests_total", "outcome" => "unavailable").increment(1);
+                    match cached {
+                        Some(c) => {
+                            tracing::warn!(error = %reason, age_ms = c.at.elapsed().as_millis() as u64,
+                                "licensing unavailable: using a cached verdict within grace");
+                            c.verdict.clone()
+                        }
+                        None => return Err(PoeError::Unavailable(reason)),
                     }
-                    None => return Err(PoeError::Unavailable(reason)),
-                },
+                }
             },
         };
         match verdict {
@@ -873,6 +878,39 @@ mod tests {
             "after grace",
         );
         assert!(d.error.code().retryable());
+    }
+
+    /// `signer_licensing_requests_total{outcome}` counts answers and failed calls, the series
+    /// the licensing outage alert watches.
+    #[test]
+    fn licensing_calls_are_counted_by_outcome() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // a current-thread runtime: every task runs on this thread, under the local recorder
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let failing = Arc::new(AtomicBool::new(true));
+                let server = licensing(failing.clone()).await;
+                let fx = introspect_fixture(&server, 0, 0);
+                let gate = fx.gate().await;
+                let d = deny(&gate, &job(&fx, "introspect", "good")).await;
+                assert_eq!(d.error.code(), ErrorCode::EntitlementUnavailable);
+                failing.store(false, Ordering::SeqCst);
+                gate.verify(&job(&fx, "introspect", "good")).await.unwrap();
+                server.stop().await;
+            });
+        });
+        let text = handle.render();
+        for line in [
+            "signer_licensing_requests_total{outcome=\"unavailable\"} 1",
+            "signer_licensing_requests_total{outcome=\"answered\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 
     #[tokio::test]

@@ -112,6 +112,7 @@ impl KeyFactory for ConfiguredKeys {
             }
             None => key,
         };
+        crate::telemetry::keys::loaded(name, &key.identity());
         // Keyless keys record each certificate they obtain themselves (KeylessLedger).
         if let Some(registry) = &self.registry
             && key.identity().mode == KeyMode::Keyful

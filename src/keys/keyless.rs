@@ -312,6 +312,7 @@ async fn certify(
         "keyless certificate issued"
     );
     metrics::counter!("signer_keyless_certificates_total", "key" => name.to_string()).increment(1);
+    crate::telemetry::keys::loaded(name, &identity);
     Ok(Certified {
         pair,
         identity: Arc::new(identity),

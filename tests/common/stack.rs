@@ -165,6 +165,11 @@ keys = ["ec", "ed"]
 
     /// Starts a `serve` process; returns its index. Logs go to `worker-<n>.log`.
     pub fn spawn_worker(&mut self) -> usize {
+        self.spawn_worker_env(&[])
+    }
+
+    /// Like [`Stack::spawn_worker`], with extra environment (e.g. `SIGNER_HTTP__LISTEN`).
+    pub fn spawn_worker_env(&mut self, env: &[(&str, &str)]) -> usize {
         let n = self.workers.len();
         let log = std::fs::File::create(self.dir.path().join(format!("worker-{n}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_stella-signer"))
@@ -177,6 +182,7 @@ keys = ["ec", "ed"]
                 self.stream("DPOP"),
             )
             .env("SIGNER_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

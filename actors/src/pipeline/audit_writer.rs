@@ -266,7 +266,7 @@ impl Actor for AuditWriter {
                     Self::flush(&myself, state).await;
                 } else {
                     Self::keep_unstored(state, failed);
-                    metrics::counter!("signer_audit_retries_total").increment(1);
+                    metrics::counter!("signer_audit_batches_failed_total").increment(1);
                     tracing::warn!(
                         writer = state.chain.worker(),
                         unstored = state.unstored.len(),

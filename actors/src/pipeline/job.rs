@@ -1056,6 +1056,7 @@ async fn publish_message(
     stage("complete", t_complete);
     metrics::counter!("signer_jobs_total", "outcome" => outcome, "code" => code.map_or("", ErrorCode::as_str))
         .increment(1);
+    super::latency::result_stored(d.published(), outcome);
     // (quota refusals are counted where they happen: signer_quota_exceeded_total{tenant,plan,reason})
     tracing::debug!(
         outcome,

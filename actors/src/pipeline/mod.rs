@@ -21,6 +21,7 @@ mod gates;
 mod intake;
 mod job;
 mod keyring;
+mod latency;
 mod publisher;
 mod supervisor;
 
