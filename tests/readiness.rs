@@ -295,6 +295,7 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
         ],
         Duration::from_secs(60),
     );
+    eprintln!("/readyz during the outage: {body}");
     assert!(
         body.contains(&format!("stream {} unreachable", stack.stream("RES"))),
         "the results stream's probe fails too: {body}"
