@@ -78,7 +78,7 @@ enum Check {
     /// `PING`.
     Redis(crate::redis::Redis),
     /// `STREAM.INFO` of the named stream.
-    Stream(async_nats::jetstream::Context, String),
+    Stream(Box<async_nats::jetstream::Context>, String),
 }
 
 struct Probe {
@@ -151,7 +151,7 @@ impl Probes {
         }
         probes.extend(streams.into_iter().map(|name| Probe {
             dependency: Dependency::Stream { name: name.clone() },
-            check: Check::Stream(js.clone(), name),
+            check: Check::Stream(Box::new(js.clone()), name),
         }));
         let failures = Mutex::new(vec![None; probes.len()]);
         Probes { probes, failures }
@@ -278,6 +278,20 @@ mod tests {
         assert!(redis_needed_by(&config(&fail_open)).is_empty());
         let idem = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n[idempotency]\nbackend = \"redis\"\n[gates.quota]\nmode = \"disabled\"\n";
         assert_eq!(redis_needed_by(&config(idem)), vec!["idempotency"]);
+    }
+
+    #[test]
+    fn the_probe_interval_defaults_to_5s_and_is_bounded() {
+        assert_eq!(config("").http.probe_interval, Duration::from_secs(5));
+        for bad in ["0s", "500ms", "2m"] {
+            let err = config(&format!("[http]\nprobe_interval = \"{bad}\"\n"))
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("http.probe_interval"), "{bad}: {err}");
+        }
+        let ok = config("[http]\nprobe_interval = \"1s\"\n");
+        assert_eq!(ok.http.probe_interval, Duration::from_secs(1));
     }
 
     #[test]

@@ -115,7 +115,7 @@ async fn signed(stack: &Stack, js: &jetstream::Context, id: &str, expected: usiz
             let state = req.info().await.map(|i| i.state.clone());
             let mut c: async_nats::jetstream::consumer::PullConsumer =
                 req.get_consumer(&stack.id).await.unwrap();
-            let info = c.info().await.map(|i| i.clone());
+            let info = c.info().await.cloned();
             eprintln!(
                 "{id}: no result; requests {state:?}; consumer {info:?}; worker log:\n{}",
                 stack.log(0)

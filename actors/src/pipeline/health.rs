@@ -226,9 +226,11 @@ impl MessagePublisher for ObservedPublisher {
         } else {
             Store::Results
         };
-        let sent = self.inner.send(message).await;
-        self.health.record(store, &sent);
-        let ack = sent?;
+        // Only the stream's acknowledgement shows the store took it: a send that is merely
+        // on its way does not clear an earlier failure.
+        let ack = self.inner.send(message).await.inspect_err(|e| {
+            self.health.record::<()>(store, &Err(e.clone()));
+        })?;
         let health = self.health.clone();
         Ok(Box::pin(async move {
             let stored = ack.await;
@@ -308,6 +310,70 @@ mod tests {
         let h = StoreHealth::new(Duration::ZERO);
         h.record::<()>(Store::Idempotency, &Err(PortError::transient("timeout")));
         assert!(h.reasons().is_empty());
+    }
+
+    /// Fails every send whose subject starts with `refuse`, in its acknowledgement.
+    struct Refusing {
+        refuse: &'static str,
+    }
+
+    #[async_trait]
+    impl MessagePublisher for Refusing {
+        async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError> {
+            let refused = message.subject.starts_with(self.refuse);
+            Ok(Box::pin(async move {
+                if refused {
+                    Err(PortError::transient("no stream leader").context("publish ack"))
+                } else {
+                    Ok(crate::ports::Stored {
+                        stream_sequence: 1,
+                        duplicate: false,
+                    })
+                }
+            }))
+        }
+        async fn fetch_result(&self, _: u64) -> Result<Option<OutMessage>, PortError> {
+            Ok(None)
+        }
+    }
+
+    fn message(subject: &str) -> OutMessage {
+        OutMessage {
+            subject: subject.into(),
+            headers: vec![],
+            body: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_subjects_count_as_the_audit_stream_and_the_rest_as_results() {
+        let health = Arc::new(StoreHealth::new(Duration::from_secs(60)));
+        let observed = ObservedPublisher {
+            inner: Arc::new(Refusing {
+                refuse: "p.signer.audit.",
+            }),
+            health: health.clone(),
+            audit_prefix: "p.signer.audit.".into(),
+        };
+        let stored = observed
+            .send(message("p.sign.completed"))
+            .await
+            .unwrap()
+            .await;
+        assert!(stored.is_ok());
+        assert!(health.reasons().is_empty());
+        let refused = observed
+            .send(message("p.signer.audit.acme"))
+            .await
+            .unwrap()
+            .await;
+        assert!(refused.is_err());
+        let reasons = health.reasons();
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            matches!(&reasons[0], Reason::StoreFailing { store: Store::Audit, error, .. } if error == "publish ack: no stream leader"),
+            "{reasons:?}"
+        );
     }
 
     #[test]
