@@ -262,6 +262,24 @@ async fn delete_consumer(requests: &stream::Stream, name: &str) {
     panic!("consumer {name} could not be deleted");
 }
 
+/// The consumer `name` once it exists (the worker recreates it; the server may take a moment
+/// to finish deleting the old one first).
+async fn wait_consumer(requests: &stream::Stream, name: &str) -> consumer::Info {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = requests.get_consumer::<consumer::pull::Config>(name).await
+            && let Ok(info) = c.info().await
+        {
+            return info.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumer {name} was not recreated"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn log_has(stack: &Stack, needles: &[&str]) -> bool {
     stack
         .log(0)
@@ -311,7 +329,7 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
     // the node is back with its disk: ready again by itself, and the next job is signed
     nats.spawn();
     wait_readyz(port, 200, &["ready"], Duration::from_secs(90));
-    assert!(counter(port, "signer_intake_reopened_total") >= 1);
+    wait_counter(port, "signer_intake_reopened_total", 1);
     assert!(
         log_has(&stack, &["job source reopened"]),
         "{}",
@@ -340,8 +358,7 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     let original = original.info().await.unwrap().created;
     delete_consumer(&requests, &stack.id).await;
     wait_counter(port, "signer_intake_reopened_total", 1);
-    let mut recreated: consumer::PullConsumer = requests.get_consumer(&stack.id).await.unwrap();
-    let info = recreated.info().await.unwrap();
+    let info = wait_consumer(&requests, &stack.id).await;
     assert!(info.created > original, "a new consumer: {info:?}");
     assert_eq!(info.config.ack_wait, Duration::from_secs(5));
     wait_readyz(port, 200, &["ready"], Duration::from_secs(30));
@@ -355,6 +372,8 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     stack.signal(0, "STOP");
     let before = counter(port, "signer_intake_reopened_total");
     delete_consumer(&requests, &stack.id).await;
+    // let the server finish removing the old consumer's files (see delete_consumer)
+    tokio::time::sleep(Duration::from_millis(500)).await;
     requests
         .create_consumer(consumer::pull::Config {
             durable_name: Some(stack.id.clone()),
@@ -377,9 +396,8 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
         "{}",
         stack.log(0)
     );
-    let mut theirs: consumer::PullConsumer = requests.get_consumer(&stack.id).await.unwrap();
     assert_eq!(
-        theirs.info().await.unwrap().config.ack_wait,
+        wait_consumer(&requests, &stack.id).await.config.ack_wait,
         Duration::from_secs(7),
         "the worker did not replace it"
     );

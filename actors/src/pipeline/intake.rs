@@ -31,7 +31,8 @@ use crate::ports::JobSource;
 pub(crate) const MAX_TRANSIENT_ERRORS: u32 = 3;
 /// Pause after a transient error before asking the stream again.
 const ERROR_PAUSE: Duration = Duration::from_millis(200);
-/// First delay between attempts to open the source; doubles up to [`REOPEN_BACKOFF_MAX`].
+/// Wait before reopening a broken stream, and first delay between attempts to open the
+/// source; doubles up to [`REOPEN_BACKOFF_MAX`].
 const REOPEN_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest delay between attempts to open the source.
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -140,6 +141,14 @@ fn stopping(shared: &Shared) -> bool {
 async fn open(shared: &Shared, broken: Option<&str>) -> Option<Box<dyn JobSource>> {
     let mut delay = REOPEN_BACKOFF_FIRST;
     let mut attempts: u32 = 0;
+    // After a break, not at once: a server that just deleted the consumer may still be
+    // removing its files, and one that just lost a node may still be electing a leader.
+    if broken.is_some() {
+        tokio::select! {
+            _ = shared.stop_intake.notified() => return None,
+            _ = tokio::time::sleep(REOPEN_BACKOFF_FIRST) => {}
+        }
+    }
     loop {
         if stopping(shared) {
             return None;
