@@ -1,5 +1,5 @@
 //! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the process runs),
-//! `/readyz` (NATS connected and every key loaded). A deliberately tiny HTTP/1.1 responder:
+//! `/readyz` (the replica can pull and store: see [`crate::readiness`]). A deliberately tiny HTTP/1.1 responder:
 //! three GET paths, no keep-alive, nothing else to attack.
 
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 
 /// What the endpoint reports.
 pub trait Health: Send + Sync {
-    fn ready(&self) -> Result<(), String>;
+    /// `Ok`, or every reason the replica is not ready (the 503 body).
+    fn ready(&self) -> Result<(), crate::readiness::NotReady>;
     fn metrics(&self) -> String;
 }
 

@@ -13,6 +13,7 @@ pub mod jetstream;
 pub mod keys;
 pub mod provenance;
 pub mod quota;
+pub mod readiness;
 pub mod redis;
 pub mod schemas;
 pub mod serve;

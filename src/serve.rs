@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use signer_actors::pipeline::{Pipeline, PipelineConfig, PipelineStatus, Ports};
+use signer_actors::pipeline::{Pipeline, PipelineConfig, Ports};
 use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
 
 use crate::config::{Config, GateMode, IdempotencyBackend, ReplayBackend};
@@ -14,6 +14,7 @@ use crate::jetstream::{
     source::PullSourceFactory,
 };
 use crate::keys::factory::ConfiguredKeys;
+use crate::readiness::{self, NotReady, Probes, Readiness};
 
 /// Why the service stopped or did not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,22 +38,18 @@ pub fn default_worker_id() -> String {
 }
 
 /// Health of the process: live from the start, ready once NATS is connected, the streams
-/// are provisioned and the pipeline reports every key loaded.
+/// are provisioned, and the pipeline and the probes report it can pull and store.
 struct Health {
-    running: std::sync::OnceLock<(PipelineStatus, async_nats::Client)>,
+    running: std::sync::OnceLock<Readiness>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl crate::http::Health for Health {
-    fn ready(&self) -> Result<(), String> {
-        let (status, client) = self
-            .running
-            .get()
-            .ok_or("starting: connecting to NATS and provisioning streams")?;
-        if client.connection_state() != async_nats::connection::State::Connected {
-            return Err("NATS not connected".into());
+    fn ready(&self) -> Result<(), NotReady> {
+        match self.running.get() {
+            Some(readiness) => readiness.ready(),
+            None => Err(NotReady(vec![readiness::Reason::Starting])),
         }
-        status.ready()
     }
 
     fn metrics(&self) -> String {
@@ -307,8 +304,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     );
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
-            consumer: provisioned.consumer,
+            requests: provisioned.requests,
+            nats: cfg.nats.clone(),
             batch: cfg.worker.max_inflight.min(512),
+            started_with: (provisioned.max_deliver, provisioned.ack_wait),
         }),
         publisher: Arc::new(JsPublisher {
             js: js.clone(),
@@ -346,7 +345,19 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             "key control: commands need operator signatures"
         );
     }
-    let _ = health.running.set((pipeline.status(), client.clone()));
+    let probes = Arc::new(Probes::for_config(&cfg, redis.as_ref(), &js));
+    probes.run_once().await;
+    tracing::info!(
+        probes = %probes.dependencies().iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        interval_s = cfg.http.probe_interval.as_secs(),
+        "readiness probes"
+    );
+    let prober = tokio::spawn(probes.clone().run(cfg.http.probe_interval));
+    let _ = health.running.set(Readiness {
+        pipeline: pipeline.status(),
+        client: client.clone(),
+        probes,
+    });
     tracing::info!(worker = %worker_id, requests = %cfg.nats.requests_stream, consumer = %cfg.nats.consumer,
         http = %cfg.http.listen, max_inflight = cfg.worker.max_inflight, "stella-signer serving");
 
@@ -358,6 +369,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         if let Some(h) = http {
             h.abort();
         }
+        prober.abort();
         return Err(ServeError::Setup(
             "the supervision tree stopped (too many actor restarts); exiting so the process is restarted".into(),
         ));
@@ -370,6 +382,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     if let Some(h) = http {
         h.abort();
     }
+    prober.abort();
     watcher.abort();
     poller.abort();
     control.abort();

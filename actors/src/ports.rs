@@ -125,10 +125,16 @@ pub trait Delivery: Send + Sync {
 #[async_trait]
 pub trait JobSource: Send {
     /// The next message; `None` when the source is closed.
+    ///
+    /// A [permanent](PortError::is_permanent) error means this stream is broken and will
+    /// deliver nothing more (missed heartbeats, consumer deleted, no responders): the
+    /// Intake drops it and opens a new one. A transient error means the next call may
+    /// deliver; several in a row without a message are treated as broken too.
     async fn next(&mut self) -> Option<Result<Box<dyn Delivery>, PortError>>;
 }
 
-/// Opens a [`JobSource`]; called again when the Intake actor is restarted.
+/// Opens a [`JobSource`]; called again whenever the Intake replaces a broken stream, so an
+/// implementation should look its consumer up afresh (it may have been deleted or recreated).
 #[async_trait]
 pub trait JobSourceFactory: Send + Sync {
     async fn open(&self) -> Result<Box<dyn JobSource>, PortError>;

@@ -234,12 +234,17 @@ pub struct RedisConfig {
 pub struct HttpConfig {
     /// `/metrics`, `/healthz`, `/readyz`; empty to disable.
     pub listen: String,
+    /// How often `/readyz`'s probes ask Redis and the JetStream stores whether they answer,
+    /// so an idle replica notices an outage (and its end) without a job to fail.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
+            probe_interval: Duration::from_secs(5),
         }
     }
 }
@@ -462,6 +467,9 @@ impl Config {
         }
         if self.worker.max_queue_age < Duration::from_secs(1) {
             return invalid("worker.max_queue_age must be at least 1s".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&self.http.probe_interval) {
+            return invalid("http.probe_interval must be between 1s and 1m".into());
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());

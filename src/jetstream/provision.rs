@@ -11,6 +11,8 @@ use crate::config::NatsConfig;
 
 /// The provisioned streams and consumer.
 pub struct Provisioned {
+    /// The requests stream (the consumer is looked up on it again when it is replaced).
+    pub requests: stream::Stream,
     pub results: stream::Stream,
     pub consumer: consumer::PullConsumer,
     /// The consumer's max deliveries and ack wait as the server has them (they may differ
@@ -91,44 +93,58 @@ pub async fn provision(
         },
     )
     .await?;
-    let consumer_error = |reason: String| NatsError::Consumer {
-        consumer: cfg.consumer.clone(),
-        reason,
-    };
-    let consumer: consumer::PullConsumer = match requests.get_consumer(&cfg.consumer).await {
-        Ok(c) => c,
-        Err(_) => {
-            let config = consumer::pull::Config {
-                durable_name: Some(cfg.consumer.clone()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: cfg.ack_wait,
-                max_deliver: i64::try_from(cfg.max_deliver).unwrap_or(i64::MAX),
-                max_ack_pending: -1,
-                ..Default::default()
-            };
-            match requests.create_consumer(config).await {
-                Ok(c) => c,
-                Err(e) => requests
-                    .get_consumer(&cfg.consumer)
-                    .await
-                    .map_err(|_| consumer_error(e.to_string()))?,
-            }
-        }
-    };
-    let mut consumer = consumer;
-    let info = consumer
-        .info()
-        .await
-        .map_err(|e| consumer_error(e.to_string()))?;
-    let max_deliver = match info.config.max_deliver {
-        n if n > 0 => n as u64,
-        _ => u64::MAX,
-    };
-    let ack_wait = info.config.ack_wait;
+    let consumer = ensure_consumer(&requests, cfg).await?;
+    let (max_deliver, ack_wait) = consumer_settings(&consumer.cached_info().config);
     Ok(Provisioned {
+        requests,
         results,
         consumer,
         max_deliver,
         ack_wait,
     })
+}
+
+/// The durable pull consumer on `requests` named `cfg.consumer`: the existing one, as it is,
+/// or a new one with the configured settings. Called at startup and again whenever the
+/// Intake replaces a broken pull subscription, so a consumer that was deleted is recreated
+/// and one that was recreated by someone else is picked up.
+pub async fn ensure_consumer(
+    requests: &stream::Stream,
+    cfg: &NatsConfig,
+) -> Result<consumer::PullConsumer, NatsError> {
+    let consumer_error = |reason: String| NatsError::Consumer {
+        consumer: cfg.consumer.clone(),
+        reason,
+    };
+    if let Ok(c) = requests.get_consumer(&cfg.consumer).await {
+        return Ok(c);
+    }
+    let config = consumer::pull::Config {
+        durable_name: Some(cfg.consumer.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: cfg.ack_wait,
+        max_deliver: i64::try_from(cfg.max_deliver).unwrap_or(i64::MAX),
+        max_ack_pending: -1,
+        ..Default::default()
+    };
+    match requests.create_consumer(config).await {
+        Ok(c) => {
+            tracing::info!(consumer = %cfg.consumer, "created consumer");
+            Ok(c)
+        }
+        // Another replica may have created it at the same moment.
+        Err(e) => requests
+            .get_consumer(&cfg.consumer)
+            .await
+            .map_err(|_| consumer_error(e.to_string())),
+    }
+}
+
+/// A consumer's max deliveries (`u64::MAX` when unlimited) and ack wait.
+pub fn consumer_settings(config: &consumer::Config) -> (u64, Duration) {
+    let max_deliver = match config.max_deliver {
+        n if n > 0 => n as u64,
+        _ => u64::MAX,
+    };
+    (max_deliver, config.ack_wait)
 }

@@ -18,6 +18,7 @@
 mod audit_writer;
 pub mod disabled;
 mod gates;
+mod health;
 mod intake;
 mod job;
 mod keyring;
@@ -25,11 +26,12 @@ mod latency;
 mod publisher;
 mod supervisor;
 
+pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ractor::{ActorRef, RpcReplyPort};
@@ -81,6 +83,10 @@ pub struct PipelineConfig {
     /// `request_expired` (unclaimed, uncharged): credentials are judged at publish time,
     /// and this bounds how old that time may be.
     pub max_queue_age: Duration,
+    /// How long a transient failure of the results stream, the audit stream or the
+    /// idempotency store keeps the replica not ready when no later call to the same store
+    /// succeeds (an idle replica has nothing to retry with).
+    pub store_failure_window: Duration,
 }
 
 impl PipelineConfig {
@@ -107,6 +113,7 @@ impl PipelineConfig {
             audit_flush_interval: Duration::from_millis(1),
             call_timeout: Duration::from_secs(30),
             max_queue_age: Duration::from_secs(24 * 3600),
+            store_failure_window: Duration::from_secs(30),
         }
     }
 }
@@ -133,7 +140,10 @@ pub struct Shared {
     pub(crate) inflight: Arc<Semaphore>,
     pub(crate) stop_intake: Notify,
     pub(crate) draining: AtomicBool,
-    pub(crate) intake_ready: AtomicBool,
+    /// The Intake's pull subscription, for readiness.
+    pub(crate) intake: Mutex<IntakeState>,
+    /// The latest outcome of the writes to each store, for readiness.
+    pub(crate) stores: Arc<health::StoreHealth>,
     pub(crate) refs: RwLock<Refs>,
     /// Jobs running now (the gauge `signer_inflight`).
     pub(crate) running: std::sync::atomic::AtomicUsize,
@@ -162,6 +172,21 @@ impl Shared {
         self.refs
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records what the Intake's pull subscription is doing.
+    pub(crate) fn set_intake(&self, state: IntakeState) {
+        *self
+            .intake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+    }
+
+    fn intake_state(&self) -> IntakeState {
+        self.intake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -217,7 +242,7 @@ pub enum StartError {
 
 impl Pipeline {
     /// Validates the profiles against the keys and starts the supervision tree.
-    pub async fn start(cfg: PipelineConfig, ports: Ports) -> Result<Self, StartError> {
+    pub async fn start(cfg: PipelineConfig, mut ports: Ports) -> Result<Self, StartError> {
         let names = ports.keys.names();
         if !cfg.profiles.contains("default") {
             return Err(StartError::NoDefaultProfile);
@@ -230,18 +255,31 @@ impl Pipeline {
                 });
             }
         }
+        // Every write to a store is observed, so readiness knows when one fails.
+        let stores = Arc::new(health::StoreHealth::new(cfg.store_failure_window));
+        ports.publisher = Arc::new(health::ObservedPublisher {
+            inner: ports.publisher,
+            health: stores.clone(),
+            audit_prefix: format!("{}.", cfg.audit_subject_prefix),
+        });
+        ports.idempotency = Arc::new(health::ObservedIdempotency {
+            inner: ports.idempotency,
+            health: stores.clone(),
+        });
         let shared = Arc::new(Shared {
             inflight: Arc::new(Semaphore::new(cfg.max_inflight)),
             cfg,
             ports,
             stop_intake: Notify::new(),
             draining: AtomicBool::new(false),
-            intake_ready: AtomicBool::new(false),
+            intake: Mutex::new(IntakeState::initial()),
+            stores,
             refs: RwLock::new(Refs::default()),
             running: std::sync::atomic::AtomicUsize::new(0),
         });
         // Series that must exist before their first event, so dashboards and alerts see 0.
         metrics::counter!("signer_redeliveries_total").absolute(0);
+        metrics::counter!("signer_intake_reopened_total").absolute(0);
         metrics::gauge!("signer_inflight").set(0.0);
         let (supervisor, handle) = ractor::Actor::spawn(None, SignerSupervisor, shared.clone())
             .await
@@ -329,29 +367,57 @@ impl AuditSink {
 pub struct PipelineStatus(Arc<Shared>);
 
 impl PipelineStatus {
-    /// `Ok` when the job source is open and every configured key is loaded; else why not.
-    pub fn ready(&self) -> Result<(), String> {
+    /// `Ok` when this replica can take and finish jobs: not draining, the job source open,
+    /// every configured key loaded, and no store (results, audit, idempotency) failing its
+    /// latest writes; else every reason that holds.
+    pub fn ready(&self) -> Result<(), NotReady> {
         let shared = &self.0;
+        let mut reasons = Vec::new();
         if shared.draining.load(Ordering::Acquire) {
-            return Err("draining".into());
-        }
-        if !shared.intake_ready.load(Ordering::Acquire) {
-            return Err("job source not open".into());
+            reasons.push(Reason::Draining);
+        } else {
+            match shared.intake_state() {
+                IntakeState::Open => {}
+                IntakeState::Opening {
+                    attempts,
+                    last_error,
+                } => reasons.push(Reason::IntakeOpening {
+                    attempts,
+                    last_error,
+                }),
+                IntakeState::Reopening {
+                    broken,
+                    attempts,
+                    last_error,
+                } => reasons.push(Reason::IntakeReopening {
+                    broken,
+                    attempts,
+                    last_error,
+                }),
+                IntakeState::Stopped => reasons.push(Reason::IntakeStopped),
+            }
         }
         // A key counts as loaded only when every member of its pool is.
-        let refs = shared.read_refs();
-        let mut missing: Vec<String> = shared
-            .ports
-            .keys
-            .names()
-            .into_iter()
-            .filter(|n| !refs.keys.get(n).is_some_and(keyring::KeyPool::is_full))
-            .collect();
+        let mut missing: Vec<String> = {
+            let refs = shared.read_refs();
+            shared
+                .ports
+                .keys
+                .names()
+                .into_iter()
+                .filter(|n| !refs.keys.get(n).is_some_and(keyring::KeyPool::is_full))
+                .collect()
+        };
         if !missing.is_empty() {
             missing.sort();
-            return Err(format!("keys not loaded: {}", missing.join(", ")));
+            reasons.push(Reason::KeysNotLoaded(missing));
         }
-        Ok(())
+        reasons.extend(shared.stores.reasons());
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(NotReady { reasons })
+        }
     }
 
     /// Jobs in flight right now.

@@ -159,9 +159,7 @@ impl SignerSupervisor {
             Child::Publisher => refs.publisher = None,
             Child::AuditWriter => refs.audit = None,
             Child::Keyring => refs.keys.clear(),
-            Child::Intake => shared
-                .intake_ready
-                .store(false, std::sync::atomic::Ordering::Release),
+            Child::Intake => shared.set_intake(super::IntakeState::Stopped),
         }
     }
 }
