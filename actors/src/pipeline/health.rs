@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::ports::{AckFuture, Claim, IdempotencyStore, MessagePublisher, OutMessage, PortError};
+use crate::ports::{
+    AckFuture, Claim, IdempotencyStore, MessagePublisher, OutMessage, PortError, Recorded,
+};
 
 /// A store the pipeline writes to on every job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -258,6 +260,17 @@ impl IdempotencyStore for ObservedIdempotency {
         let claimed = self.inner.claim(key, owner, lease).await;
         self.health.record(Store::Idempotency, &claimed);
         claimed
+    }
+
+    async fn record(
+        &self,
+        key: &str,
+        owner: &str,
+        outcome: &OutMessage,
+    ) -> Result<Recorded, PortError> {
+        let recorded = self.inner.record(key, owner, outcome).await;
+        self.health.record(Store::Idempotency, &recorded);
+        recorded
     }
 
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {
