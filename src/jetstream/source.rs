@@ -9,10 +9,20 @@ use futures::StreamExt as _;
 use signer_actors::ports::{Delivery, JobSource, JobSourceFactory, PortError};
 
 /// Opens pull streams on the durable consumer. `batch` bounds how many messages one
-/// replica holds before it has capacity for them.
+/// replica holds before it has capacity for them, `max_bytes` how many bytes of them: a
+/// batch of `max_inflight` large bodies (256 of 600 KB) would otherwise be 150 MB on its
+/// way at once, more than the client reads before the server drops it as a slow consumer.
 pub struct PullSourceFactory {
     pub consumer: PullConsumer,
     pub batch: usize,
+    pub max_bytes: usize,
+}
+
+impl PullSourceFactory {
+    /// Bytes one pull batch may carry: room for a few of the largest bodies, at least 8 MiB.
+    pub fn batch_bytes(max_body_bytes: usize) -> usize {
+        max_body_bytes.saturating_mul(4).max(8 << 20)
+    }
 }
 
 #[async_trait]
@@ -22,6 +32,7 @@ impl JobSourceFactory for PullSourceFactory {
             .consumer
             .stream()
             .max_messages_per_batch(self.batch)
+            .max_bytes_per_batch(self.max_bytes)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
@@ -122,6 +133,13 @@ impl Delivery for JsDelivery {
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(PortError::transient)
+    }
+
+    async fn term(&self) -> Result<(), PortError> {
+        self.message
+            .ack_with(AckKind::Term)
             .await
             .map_err(PortError::transient)
     }

@@ -20,6 +20,7 @@ use crate::ports::*;
 enum Settled {
     Ack,
     Nak,
+    Term,
 }
 
 /// A JetStream stand-in: NAKed messages come back with `delivered + 1`.
@@ -67,6 +68,14 @@ impl Delivery for MemDelivery {
         Ok(())
     }
     async fn in_progress(&self) -> Result<(), PortError> {
+        Ok(())
+    }
+    async fn term(&self) -> Result<(), PortError> {
+        self.queue
+            .settled
+            .lock()
+            .unwrap()
+            .push((self.seq, Settled::Term));
         Ok(())
     }
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
@@ -1036,3 +1045,5 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
     assert!(seen.iter().all(|t| *t == published), "{seen:?}");
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
+
+mod bounded;
