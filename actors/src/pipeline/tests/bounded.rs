@@ -14,10 +14,13 @@ enum Fault {
     Refuse(PortError),
 }
 
+/// Decides the fate of a message from it and its attempt number on its subject (from 1).
+type Rule = Box<dyn Fn(&OutMessage, u64) -> Fault + Send + Sync>;
+
 /// A [`MemPublisher`] that refuses what `rule` says, counting every attempt per subject.
 struct FaultyPublisher {
     inner: Arc<MemPublisher>,
-    rule: Box<dyn Fn(&OutMessage, u64) -> Fault + Send + Sync>,
+    rule: Rule,
     attempts: Mutex<HashMap<String, u64>>,
 }
 
