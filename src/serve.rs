@@ -209,6 +209,8 @@ pub fn pipeline_config(
     p.audit_batch_max = cfg.worker.audit_batch_max;
     p.audit_flush_interval = cfg.worker.audit_flush_interval;
     p.max_queue_age = cfg.worker.max_queue_age;
+    p.retry_budget = cfg.worker.retry_budget;
+    p.job_timeout = cfg.worker.job_timeout;
     p
 }
 
@@ -308,6 +310,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             nats: cfg.nats.clone(),
             batch: cfg.worker.max_inflight.min(512),
             started_with: (provisioned.max_deliver, provisioned.ack_wait),
+            max_bytes: PullSourceFactory::batch_bytes(cfg.worker.max_body_bytes),
         }),
         publisher: Arc::new(JsPublisher {
             js: js.clone(),
@@ -378,7 +381,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         timeout_s = cfg.worker.drain_timeout.as_secs(),
         "draining in-flight jobs"
     );
-    let left = pipeline.shutdown(cfg.worker.drain_timeout).await;
+    // Everything, the last flush included, within drain_timeout.
+    let deadline = tokio::time::Instant::now() + cfg.worker.drain_timeout;
+    let flush_grace = (cfg.worker.drain_timeout / 10).min(Duration::from_secs(1));
+    let left = pipeline
+        .shutdown(cfg.worker.drain_timeout.saturating_sub(flush_grace))
+        .await;
     if let Some(h) = http {
         h.abort();
     }
@@ -386,9 +394,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     watcher.abort();
     poller.abort();
     control.abort();
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     if left > 0 {
-        tracing::warn!(left, "drain timed out; unfinished jobs will be redelivered");
+        tracing::warn!(
+            left,
+            "drain timed out; the jobs still running were cut off and NAKed for another replica"
+        );
     } else {
         tracing::info!("drained; bye");
     }

@@ -34,6 +34,10 @@ pub struct AuditEvent {
     pub caller: Option<Caller>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subjects: Vec<DigestSet>,
+    /// How many subjects of the request are not listed in `subjects` (only the first
+    /// [`MAX_AUDIT_SUBJECTS`] are, so an event has a fixed size bound); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects_omitted: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,7 +253,62 @@ pub enum Decision {
     Refused,
 }
 
+/// Subjects an audit event lists at most; the rest are counted in `subjectsOmitted`.
+pub const MAX_AUDIT_SUBJECTS: usize = 64;
+
+/// Bytes a job's audit event (JSON, sealed) can take at most, whatever its request: the
+/// bound [`AuditEvent::bounded`] guarantees, far below the broker's `max_payload`.
+/// (64 subjects of 5 digests of at most 128 hex each, five echoed strings, the fixed members.)
+pub const MAX_JOB_EVENT_BYTES: usize = 64 * 1024;
+
 impl AuditEvent {
+    /// The event with every value that can come from a request bounded, so that it has a
+    /// fixed size bound ([`MAX_JOB_EVENT_BYTES`]) and can always be stored: at most
+    /// [`MAX_AUDIT_SUBJECTS`] subjects (the count of the others in `subjectsOmitted`), and
+    /// the caller, plan and scanner digest cut to [`crate::echo::ECHO_MAX_BYTES`].
+    /// Identifiers (`requestId`, `tenant`, `traceId`) are validated before they get here.
+    pub fn bounded(mut self) -> Self {
+        if self.subjects.len() > MAX_AUDIT_SUBJECTS {
+            let omitted = self.subjects.len() - MAX_AUDIT_SUBJECTS;
+            self.subjects.truncate(MAX_AUDIT_SUBJECTS);
+            self.subjects_omitted = Some(
+                self.subjects_omitted
+                    .unwrap_or(0)
+                    .saturating_add(omitted as u64),
+            );
+        }
+        // a digest set holds only the five known algorithms once validated; anything else
+        // (an event built from an unvalidated request) is cut to one entry
+        for set in &mut self.subjects {
+            if crate::digest::validate_set(set).is_err() {
+                let first = set
+                    .iter()
+                    .next()
+                    .map(|(k, v)| (crate::echo::clip(k), crate::echo::clip(v)));
+                set.clear();
+                set.extend(first);
+            }
+        }
+        if let Some(c) = &mut self.caller {
+            c.iss = crate::echo::clip(&c.iss);
+            c.sub = crate::echo::clip(&c.sub);
+        }
+        if let Some(plan) = self.poe.as_mut().and_then(|p| p.plan.as_mut()) {
+            *plan = crate::echo::clip(plan);
+        }
+        if let Some(d) = self
+            .provenance
+            .as_mut()
+            .and_then(|p| p.scanner_digest.as_mut())
+        {
+            *d = crate::echo::clip(d);
+        }
+        for k in &mut self.keys {
+            k.keyid = crate::echo::clip(&k.keyid);
+        }
+        self
+    }
+
     /// The hash this event must carry: SHA-256 of JCS(event without `hash`).
     pub fn compute_hash(&self) -> Result<String, serde_json::Error> {
         if self.hash.is_empty() {
@@ -309,6 +368,14 @@ impl AuditEvent {
                 "accepted and refused are control decisions",
             )?;
         }
+        check(
+            self.subjects.len() <= MAX_AUDIT_SUBJECTS,
+            "at most 64 subjects are listed",
+        )?;
+        check(
+            self.subjects_omitted != Some(0),
+            "subjectsOmitted is at least 1 when present",
+        )?;
         if let Some(t) = &self.trace_id {
             check(
                 crate::messages::is_hex(t, 32),
@@ -487,6 +554,7 @@ mod tests {
             kind: AuditKind::Dsse,
             caller: None,
             subjects: vec![],
+            subjects_omitted: None,
             auth: None,
             poe: None,
             quota: None,
@@ -513,6 +581,76 @@ mod tests {
         events
             .iter()
             .try_for_each(|e| v.push(&serde_json::to_value(e).unwrap()))
+    }
+
+    /// The worst a request can put into a job's event: a million subjects, each with every
+    /// algorithm and unknown ones, a megabyte of control bytes in every string. Sealed and
+    /// encoded, the event stays within its bound, and is still a valid event.
+    #[test]
+    fn a_job_event_has_a_fixed_size_bound_whatever_the_request() {
+        let huge = "\u{1}\"".repeat(1 << 19);
+        let mut set = DigestSet::new();
+        for (alg, len) in [
+            ("sha256", 64),
+            ("sha384", 96),
+            ("sha512", 128),
+            ("sha1", 40),
+            ("gitCommit", 40),
+        ] {
+            set.insert(alg.into(), "a".repeat(len));
+        }
+        let mut bad = set.clone();
+        bad.insert(huge.clone(), huge.clone());
+        let mut e = event("r-1");
+        e.subjects = std::iter::repeat_n(set, 500_000)
+            .chain(std::iter::repeat_n(bad, 10))
+            .collect();
+        e.subjects.rotate_right(10); // the unvalidated ones first, where they are kept
+        e.caller = Some(Caller {
+            iss: huge.clone(),
+            sub: huge.clone(),
+        });
+        e.poe = Some(PoeRecord {
+            state: PoeState::Invalid,
+            plan: Some(huge.clone()),
+        });
+        e.quota = Some(QuotaRecord {
+            outcome: QuotaOutcome::NotChecked,
+            retry_after_ms: Some(u64::MAX),
+        });
+        e.provenance = Some(ProvenanceRecord {
+            verdict: ProvenanceVerdict::NotChecked,
+            scanner_digest: Some(huge.clone()),
+        });
+        e.keys = (0..16)
+            .map(|_| KeyRecord {
+                keyid: huge.clone(),
+                source: crate::keys::KeySource::Pkcs11,
+                mode: crate::keys::KeyMode::Keyful,
+            })
+            .collect();
+        e.decision = Decision::Failed;
+        e.error_code = Some(ErrorCode::InvalidRequest);
+        e.trace_id = Some("f".repeat(32));
+        let mut chain = AuditChain::new("w".repeat(200));
+        let sealed = chain.seal(e.bounded()).unwrap();
+        let json = serde_json::to_vec(&sealed).unwrap();
+        assert!(json.len() <= MAX_JOB_EVENT_BYTES, "{} bytes", json.len());
+        assert_eq!(sealed.subjects.len(), MAX_AUDIT_SUBJECTS);
+        assert_eq!(
+            sealed.subjects_omitted,
+            Some(500_010 - MAX_AUDIT_SUBJECTS as u64)
+        );
+        assert!(sealed.caller.as_ref().unwrap().sub.contains("…[+"));
+        let back: AuditEvent = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            back.compute_hash().unwrap(),
+            back.hash,
+            "the bounded event verifies"
+        );
+        // a well-formed event is left as it was
+        let small = event("r-2");
+        assert_eq!(small.clone().bounded(), small);
     }
 
     #[test]

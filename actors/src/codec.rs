@@ -29,7 +29,8 @@ impl ContentType {
             "application/json" | "" => Ok(Self::Json),
             "application/cbor" => Ok(Self::Cbor),
             _ => Err(SignerError::UnsupportedMediaType(format!(
-                "Content-Type {value:?} is neither application/json nor application/cbor"
+                "Content-Type {} is neither application/json nor application/cbor",
+                crate::echo::echo(value)
             ))),
         }
     }
@@ -59,11 +60,17 @@ impl ContentType {
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, SignerError> {
         match self {
             Self::Json => serde_json::from_slice(bytes)
-                .map_err(|e| SignerError::InvalidRequest(format!("body: {e}"))),
+                .map_err(|e| SignerError::InvalidRequest(format!("body: {}", bounded(&e)))),
             Self::Cbor => ciborium::from_reader(bytes)
-                .map_err(|e| SignerError::InvalidRequest(format!("CBOR body: {e}"))),
+                .map_err(|e| SignerError::InvalidRequest(format!("CBOR body: {}", bounded(&e)))),
         }
     }
+}
+
+/// A decoder's error text, bounded: serde and ciborium quote the offending value or field
+/// name (`unknown field `<600 KB>``), which comes from the body.
+fn bounded(e: &dyn std::fmt::Display) -> String {
+    crate::echo::bound_message(&e.to_string())
 }
 
 /// `requestId` and `tenant`, read leniently from a body that is not a valid request, so
@@ -102,7 +109,8 @@ pub fn decode_request(bytes: &[u8], content_type: ContentType) -> Result<SignReq
                 && v != crate::API_VERSION
             {
                 return Err(SignerError::UnsupportedApiVersion(format!(
-                    "apiVersion {v:?} is not {}",
+                    "apiVersion {} is not {}",
+                    crate::echo::echo(&v),
                     crate::API_VERSION
                 )));
             }

@@ -19,8 +19,12 @@ fn expected_hex_len(algorithm: &str) -> Option<usize> {
 
 /// Checks one digest value: known algorithm, lowercase hex of the right length.
 pub fn validate_digest(algorithm: &str, value: &str) -> Result<(), String> {
-    let len = expected_hex_len(algorithm)
-        .ok_or_else(|| format!("unsupported digest algorithm {algorithm:?}"))?;
+    let len = expected_hex_len(algorithm).ok_or_else(|| {
+        format!(
+            "unsupported digest algorithm {}",
+            crate::echo::echo(algorithm)
+        )
+    })?;
     if value.len() != len
         || !value
             .bytes()
@@ -44,9 +48,12 @@ pub fn validate_set(set: &DigestSet) -> Result<(), String> {
 
 /// Parses an OCI digest `sha256:<64 hex>` and returns the hex part.
 pub fn parse_oci_sha256(digest: &str) -> Result<&str, String> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| format!("image digest {digest:?} must start with sha256:"))?;
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| {
+        format!(
+            "image digest {} must start with sha256:",
+            crate::echo::echo(digest)
+        )
+    })?;
     validate_digest("sha256", hex)?;
     Ok(hex)
 }

@@ -225,6 +225,50 @@ impl SignerError {
         }
     }
 
+    /// The same error with its message bounded ([`crate::echo::bound_message`]): what a
+    /// refusal, its log line and its audit trail may carry, whatever the request put into
+    /// the message on its way. The final bound behind the echoes at the sources.
+    pub fn bounded(self) -> Self {
+        let b = |m: String| {
+            if m.len() <= crate::echo::MESSAGE_MAX_BYTES && !m.chars().any(char::is_control) {
+                m
+            } else {
+                crate::echo::bound_message(&m)
+            }
+        };
+        match self {
+            Self::QuotaExceeded {
+                message,
+                retry_after_ms,
+            } => Self::QuotaExceeded {
+                message: b(message),
+                retry_after_ms,
+            },
+            Self::InvalidRequest(m) => Self::InvalidRequest(b(m)),
+            Self::UnsupportedMediaType(m) => Self::UnsupportedMediaType(b(m)),
+            Self::UnsupportedApiVersion(m) => Self::UnsupportedApiVersion(b(m)),
+            Self::PayloadTooLarge(m) => Self::PayloadTooLarge(b(m)),
+            Self::AuthInvalid(m) => Self::AuthInvalid(b(m)),
+            Self::AuthExpired(m) => Self::AuthExpired(b(m)),
+            Self::AudienceMismatch(m) => Self::AudienceMismatch(b(m)),
+            Self::ScopeMissing(m) => Self::ScopeMissing(b(m)),
+            Self::TenantMismatch(m) => Self::TenantMismatch(b(m)),
+            Self::DpopInvalid(m) => Self::DpopInvalid(b(m)),
+            Self::DpopReplayed(m) => Self::DpopReplayed(b(m)),
+            Self::PoeInvalid(m) => Self::PoeInvalid(b(m)),
+            Self::PoeExpired(m) => Self::PoeExpired(b(m)),
+            Self::EntitlementDenied(m) => Self::EntitlementDenied(b(m)),
+            Self::EntitlementUnavailable(m) => Self::EntitlementUnavailable(b(m)),
+            Self::ProvenanceUntrusted(m) => Self::ProvenanceUntrusted(b(m)),
+            Self::ProvenanceUnavailable(m) => Self::ProvenanceUnavailable(b(m)),
+            Self::KeyRevoked(m) => Self::KeyRevoked(b(m)),
+            Self::KeyUnavailable(m) => Self::KeyUnavailable(b(m)),
+            Self::SigningFailed(m) => Self::SigningFailed(b(m)),
+            Self::RequestExpired(m) => Self::RequestExpired(b(m)),
+            Self::Internal(m) => Self::Internal(b(m)),
+        }
+    }
+
     /// How long the caller should wait before retrying, when the contract says so.
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {

@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod codec;
 pub mod digest;
 pub mod dsse;
+pub mod echo;
 pub mod error;
 pub mod jcs;
 pub mod keys;

@@ -153,7 +153,8 @@ impl From<&SignerError> for ErrorBody {
     fn from(e: &SignerError) -> Self {
         ErrorBody {
             code: e.code(),
-            message: e.message().to_string(),
+            // bounded whatever the message was built from
+            message: crate::echo::bound_message(e.message()),
             retryable: e.code().retryable(),
             retry_after_ms: e.retry_after_ms(),
         }
@@ -214,5 +215,43 @@ impl Failed {
     pub fn validate(&self) -> Result<(), String> {
         validate_ids(&self.request_id, &self.tenant, &self.audit)?;
         check(self.api_version == crate::API_VERSION, "apiVersion")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal carries at most [`crate::echo::MESSAGE_MAX_BYTES`] of message whatever the
+    /// request put into it: the worst case, encoded in JSON and CBOR, has a fixed bound.
+    #[test]
+    fn a_refusal_has_a_fixed_size_bound_whatever_the_request() {
+        let worst = SignerError::InvalidRequest(format!(
+            "apiVersion {} {}",
+            "\"".repeat(600_000),
+            "\u{1}".repeat(200_000)
+        ));
+        let failed = Failed {
+            api_version: crate::API_VERSION.into(),
+            request_id: "r".repeat(128),
+            tenant: "t".repeat(64),
+            kind: ResultKind::Unknown,
+            error: ErrorBody::from(&worst),
+            audit: AuditRef {
+                stream: "SIGNER_AUDIT".into(),
+                seq: u64::MAX,
+            },
+        };
+        for ct in [
+            crate::codec::ContentType::Json,
+            crate::codec::ContentType::Cbor,
+        ] {
+            let bytes = ct.encode(&failed).unwrap();
+            // JSON escapes the bounded message once more (a quote or backslash doubles), plus
+            // the fixed members
+            let bound = 2 * (crate::echo::MESSAGE_MAX_BYTES + crate::echo::MARKER_MAX_BYTES) + 600;
+            assert!(bytes.len() <= bound, "{ct:?}: {} bytes", bytes.len());
+        }
+        assert_eq!(worst.bounded().message(), failed.error.message);
     }
 }

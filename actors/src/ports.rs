@@ -68,6 +68,26 @@ impl PortError {
     pub fn is_permanent(&self) -> bool {
         self.kind == PortErrorKind::Permanent
     }
+
+    /// Whether the store refused a message for its size ([`MessageTooLarge`] is the source):
+    /// a result that will never be stored inline, whatever the wait.
+    pub fn is_too_large(&self) -> bool {
+        self.is_permanent() && self.source.downcast_ref::<MessageTooLarge>().is_some()
+    }
+}
+
+/// The source of a permanent [`PortError`] for a message the broker will not store because
+/// of its size (over the server's `max_payload`, or its stream's maximum message size).
+/// Typed so the pipeline can tell "too large to store inline" (answered
+/// `payload_too_large`, or stored by reference where an object store is configured) from
+/// other refusals (`internal`).
+#[derive(Debug, thiserror::Error)]
+#[error("message of {bytes} bytes is too large to store: {source}")]
+pub struct MessageTooLarge {
+    /// The size of the refused message (body and headers).
+    pub bytes: usize,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl std::fmt::Display for PortError {
@@ -119,6 +139,11 @@ pub trait Delivery: Send + Sync {
     async fn nak(&self, delay: Duration) -> Result<(), PortError>;
     /// Still working on it: restart the redelivery timer.
     async fn in_progress(&self) -> Result<(), PortError>;
+    /// Gives up on the message for good: it is not redelivered (JetStream `+TERM`, which
+    /// emits a `MSG_TERMINATED` advisory). Only for a job on its last delivery whose outcome
+    /// could not be stored within the retry budget: nothing would bring it back anyway, and
+    /// the advisory tells operators it ended without a result.
+    async fn term(&self) -> Result<(), PortError>;
 }
 
 /// Where jobs come from (a durable pull consumer).

@@ -157,8 +157,8 @@ impl SignRequest {
     pub fn validate(&self) -> Result<(), SignerError> {
         if self.api_version != crate::API_VERSION {
             return Err(SignerError::UnsupportedApiVersion(format!(
-                "apiVersion {:?} is not {}",
-                self.api_version,
+                "apiVersion {} is not {}",
+                crate::echo::echo(&self.api_version),
                 crate::API_VERSION
             )));
         }

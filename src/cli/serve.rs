@@ -40,7 +40,10 @@ impl ServeArgs {
         let cfg =
             Config::load(&path, std::env::vars()).map_err(|e| CliError::Unusable(e.to_string()))?;
         let rt = super::nats_client::runtime()?;
-        rt.block_on(crate::serve::run(cfg))
-            .map_err(|e| CliError::Unusable(e.to_string()))
+        let served = rt.block_on(crate::serve::run(cfg));
+        // A blocking task still running (a PKCS#11 call of a cut-off job) must not hold the
+        // exit past the drain timeout.
+        rt.shutdown_timeout(std::time::Duration::from_millis(200));
+        served.map_err(|e| CliError::Unusable(e.to_string()))
     }
 }

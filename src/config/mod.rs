@@ -171,6 +171,15 @@ pub struct WorkerConfig {
     /// publish time, so this bounds how far back that may be).
     #[serde(with = "duration")]
     pub max_queue_age: Duration,
+    /// On a job's last delivery, how long it keeps retrying to store its outcome (audit
+    /// event, result) while the store is unavailable; then the message is terminated
+    /// (`+TERM`), logged and counted, instead of holding its slot for ever.
+    #[serde(with = "duration")]
+    pub retry_budget: Duration,
+    /// The longest one job may hold its in-flight slot; then its work is dropped and the
+    /// message NAKed (terminated on its last delivery). Longer than `retry_budget`.
+    #[serde(with = "duration")]
+    pub job_timeout: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -185,6 +194,8 @@ impl Default for WorkerConfig {
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
             max_queue_age: Duration::from_secs(24 * 3600),
+            retry_budget: Duration::from_secs(60),
+            job_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -470,6 +481,19 @@ impl Config {
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&self.http.probe_interval) {
             return invalid("http.probe_interval must be between 1s and 1m".into());
+        }
+        if self.worker.retry_budget < Duration::from_secs(1) {
+            return invalid("worker.retry_budget must be at least 1s".into());
+        }
+        if self.worker.job_timeout <= self.worker.retry_budget {
+            return invalid(format!(
+                "worker.job_timeout ({}) must be longer than worker.retry_budget ({})",
+                humantime::format_duration(self.worker.job_timeout),
+                humantime::format_duration(self.worker.retry_budget)
+            ));
+        }
+        if self.worker.drain_timeout < Duration::from_secs(1) {
+            return invalid("worker.drain_timeout must be at least 1s".into());
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());

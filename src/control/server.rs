@@ -67,6 +67,7 @@ fn event(payload: &[u8], record: ControlRecord, decision: Decision) -> AuditEven
         kind: AuditKind::Control,
         caller: None,
         subjects: vec![],
+        subjects_omitted: None,
         auth: None,
         poe: None,
         quota: None,

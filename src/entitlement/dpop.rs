@@ -50,9 +50,9 @@ pub enum DpopError {
     ThumbprintMismatch,
     #[error("claim {0} is missing or malformed")]
     BadClaim(&'static str),
-    #[error("htm {0:?} is not \"PUBLISH\"")]
+    #[error("htm {} is not \"PUBLISH\"", signer_actors::echo::echo(.0))]
     WrongMethod(String),
-    #[error("htu {0:?} is not the configured target")]
+    #[error("htu {} is not the configured target", signer_actors::echo::echo(.0))]
     WrongTarget(String),
     #[error("ath does not match the OpTok")]
     WrongAth,
@@ -66,7 +66,7 @@ pub enum DpopError {
 
 fn typ_text(typ: &Option<String>) -> String {
     typ.as_ref()
-        .map_or_else(|| "missing".to_owned(), |t| format!("{t:?}"))
+        .map_or_else(|| "missing".to_owned(), |t| signer_actors::echo::echo(t))
 }
 
 impl From<DpopError> for SignerError {

@@ -393,7 +393,7 @@ impl JwksSource {
 /// Why no key was found for a token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyLookupError {
-    #[error("no key with kid {0:?}")]
+    #[error("no key with kid {}", signer_actors::echo::echo(.0))]
     Unknown(String),
     #[error("token has no kid and the key set has {0} keys")]
     NoKid(usize),

@@ -22,7 +22,10 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 pub enum JwsError {
     #[error("not a compact JWS: {0}")]
     Malformed(String),
-    #[error("header alg {header:?} is not {key}, the algorithm of the key")]
+    #[error(
+        "header alg {} is not {key}, the algorithm of the key",
+        signer_actors::echo::echo(header)
+    )]
     AlgorithmMismatch { header: String, key: &'static str },
     #[error("signature does not verify")]
     BadSignature,

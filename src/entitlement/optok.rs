@@ -45,7 +45,7 @@ pub struct OpTok {
 pub enum OpTokError {
     #[error("{0}")]
     Jws(#[from] JwsError),
-    #[error("no Authority key with kid {0:?}")]
+    #[error("no Authority key with kid {}", signer_actors::echo::echo(.0))]
     UnknownKey(String),
     #[error("{0}")]
     NoKid(String),
@@ -53,7 +53,7 @@ pub enum OpTokError {
     KeysUnavailable(String),
     #[error("a DPoP proof was presented as an OpTok")]
     WrongType,
-    #[error("iss {found:?} is not the configured issuer")]
+    #[error("iss {} is not the configured issuer", signer_actors::echo::echo_opt(found.as_deref()))]
     WrongIssuer { found: Option<String> },
     #[error("claim {0} is missing")]
     MissingClaim(&'static str),
@@ -314,16 +314,18 @@ pub fn check_tenant(
 ) -> Result<(), OpTokError> {
     if token.tid != body_tenant {
         return Err(OpTokError::Tenant(format!(
-            "OpTok is for tenant {:?}, the request names {body_tenant:?}",
-            token.tid
+            "OpTok is for tenant {}, the request names {}",
+            signer_actors::echo::echo(&token.tid),
+            signer_actors::echo::echo(body_tenant)
         )));
     }
     if let Some(subject) = subject_tenant
         && token.tid != subject
     {
         return Err(OpTokError::Tenant(format!(
-            "OpTok is for tenant {:?}, the request was published for {subject:?}",
-            token.tid
+            "OpTok is for tenant {}, the request was published for {}",
+            signer_actors::echo::echo(&token.tid),
+            signer_actors::echo::echo(subject)
         )));
     }
     Ok(())

@@ -88,13 +88,13 @@ pub enum PoeError {
     },
     #[error("licence: {0}")]
     Jws(#[from] JwsError),
-    #[error("no licensing key with kid {0:?}")]
+    #[error("no licensing key with kid {}", signer_actors::echo::echo(.0))]
     UnknownKey(String),
     #[error("licence: {0}")]
     NoKid(String),
     #[error("licence claim {0} is missing or malformed")]
     BadClaim(&'static str),
-    #[error("licence is for tenant {found:?}, the request names {expected:?}")]
+    #[error("licence is for tenant {}, the request names {}", signer_actors::echo::echo_opt(found.as_deref()), signer_actors::echo::echo(expected))]
     WrongTenant {
         expected: String,
         found: Option<String>,
@@ -105,7 +105,10 @@ pub enum PoeError {
     NotYetValid { nbf: u64 },
     #[error("licence is revoked")]
     Revoked { plan: String },
-    #[error("plan {plan:?} does not include {SIGN_FEATURE}")]
+    #[error(
+        "plan {} does not include {SIGN_FEATURE}",
+        signer_actors::echo::echo(plan)
+    )]
     FeatureMissing { plan: String },
     #[error("licence is not active")]
     Inactive,

@@ -2,7 +2,9 @@
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use signer_actors::ports::{AckFuture, MessagePublisher, OutMessage, PortError, Stored};
+use signer_actors::ports::{
+    AckFuture, MessagePublisher, MessageTooLarge, OutMessage, PortError, Stored,
+};
 
 use super::to_headers;
 
@@ -15,6 +17,12 @@ pub struct JsPublisher {
 #[async_trait]
 impl MessagePublisher for JsPublisher {
     async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError> {
+        let bytes = message.body.len()
+            + message
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>();
         let ack = self
             .js
             .publish_with_headers(
@@ -23,11 +31,11 @@ impl MessagePublisher for JsPublisher {
                 message.body.into(),
             )
             .await
-            .map_err(|e| publish_error(e).context("publish"))?;
+            .map_err(|e| publish_error(e, bytes).context("publish"))?;
         Ok(Box::pin(async move {
             let ack = ack
                 .await
-                .map_err(|e| publish_error(e).context("publish ack"))?;
+                .map_err(|e| publish_error(e, bytes).context("publish ack"))?;
             Ok(Stored {
                 stream_sequence: ack.sequence,
                 duplicate: ack.duplicate,
@@ -60,8 +68,9 @@ impl MessagePublisher for JsPublisher {
 /// Whether a failed publish can succeed when tried again. A message over the server's
 /// `max_payload`, or one its stream refuses for its size, fails the same way every time;
 /// everything else (no stream leader yet, a timed-out ack, a broken connection, too many
-/// acks pending) can pass on a retry.
-fn publish_error(e: jetstream::context::PublishError) -> PortError {
+/// acks pending) can pass on a retry. A refusal for size has a [`MessageTooLarge`] source
+/// of `bytes` (the message's size), so the pipeline can answer `payload_too_large`.
+fn publish_error(e: jetstream::context::PublishError, bytes: usize) -> PortError {
     use async_nats::jetstream::ErrorCode;
     use jetstream::context::PublishErrorKind;
     let too_large = match e.kind() {
@@ -78,7 +87,10 @@ fn publish_error(e: jetstream::context::PublishError) -> PortError {
         _ => false,
     };
     if too_large {
-        PortError::permanent(e)
+        PortError::permanent(MessageTooLarge {
+            bytes,
+            source: Box::new(e),
+        })
     } else {
         PortError::transient(e)
     }
@@ -127,6 +139,7 @@ mod tests {
         let over = client.server_info().max_payload + 1;
         let e = publisher.send(message(&subject, over)).await.err().unwrap();
         assert_eq!(e.kind(), PortErrorKind::Permanent, "{e}");
+        assert!(e.is_too_large(), "{e}");
         assert!(e.to_string().starts_with("publish: "), "{e}");
 
         // over the stream's max_msg_size: refused in the PubAck
@@ -137,6 +150,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), PortErrorKind::Permanent, "{e}");
+        assert!(e.is_too_large(), "{e}");
 
         // no stream for the subject: no responders, worth retrying
         let e = publisher
@@ -146,6 +160,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), PortErrorKind::Transient, "{e}");
+        assert!(!e.is_too_large(), "{e}");
 
         js.delete_stream(&id).await.unwrap();
     }

@@ -13,6 +13,10 @@ use super::provision;
 use crate::config::NatsConfig;
 
 /// Opens pull streams on the durable consumer. `batch` bounds how many messages one
+/// replica holds before it has capacity for them, `max_bytes` how many bytes of them: a
+/// batch of `max_inflight` large bodies (256 of 600 KB) would otherwise be 150 MB on its
+/// way at once, more than the client reads before the server drops it as a slow consumer.
+///
 /// replica holds before it has capacity for them.
 ///
 /// Each [`open`](JobSourceFactory::open) looks the consumer up again (creating it when it is
@@ -27,6 +31,14 @@ pub struct PullSourceFactory {
     /// Max deliveries and ack wait of the consumer the pipeline was started with: a
     /// recreated consumer with other settings is used, and the difference logged.
     pub started_with: (u64, Duration),
+    pub max_bytes: usize,
+}
+
+impl PullSourceFactory {
+    /// Bytes one pull batch may carry: room for a few of the largest bodies, at least 8 MiB.
+    pub fn batch_bytes(max_body_bytes: usize) -> usize {
+        max_body_bytes.saturating_mul(4).max(8 << 20)
+    }
 }
 
 /// The idle heartbeat asked of the server: two missed in a row (10 s without a message or
@@ -51,6 +63,7 @@ impl JobSourceFactory for PullSourceFactory {
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.batch)
+            .max_bytes_per_batch(self.max_bytes)
             .heartbeat(HEARTBEAT)
             .expires(Duration::from_secs(30))
             .messages()
@@ -172,6 +185,13 @@ impl Delivery for JsDelivery {
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(PortError::transient)
+    }
+
+    async fn term(&self) -> Result<(), PortError> {
+        self.message
+            .ack_with(AckKind::Term)
             .await
             .map_err(PortError::transient)
     }

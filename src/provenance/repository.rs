@@ -9,7 +9,10 @@ pub enum RepositoryError {
     /// never guesses a registry, so the request must name one.
     #[error("repository must name a registry host")]
     NoHost,
-    #[error("repository {repository:?} is not a valid OCI repository name: {reason}")]
+    #[error(
+        "repository {} is not a valid OCI repository name: {reason}",
+        signer_actors::echo::echo(repository)
+    )]
     Invalid { repository: String, reason: String },
 }
 
@@ -98,7 +101,10 @@ pub(super) fn check_registry(registry: &str) -> Result<(), String> {
                 && !label.starts_with('-')
                 && !label.ends_with('-');
             if !ok {
-                return Err(format!("bad registry host {host:?}"));
+                return Err(format!(
+                    "bad registry host {}",
+                    signer_actors::echo::echo(host)
+                ));
             }
         }
     }
@@ -108,7 +114,8 @@ pub(super) fn check_registry(registry: &str) -> Result<(), String> {
 fn check_path_component(component: &str) -> Result<(), String> {
     let bad = || {
         Err(format!(
-            "bad path component {component:?} (lowercase letters, digits and . _ __ - separators)"
+            "bad path component {} (lowercase letters, digits and . _ __ - separators)",
+            signer_actors::echo::echo(component)
         ))
     };
     let bytes = component.as_bytes();

@@ -9,6 +9,13 @@
 //! second copy of the request waits even on the same replica; once signed, the lease is
 //! kept (not released) on any failure, and the result message is recorded before it is
 //! published, so a redelivery republishes it instead of signing and charging again.
+//!
+//! Storing the outcome (audit event, result) fails in two ways ([`StoreError`]): for good
+//! (the broker refuses the message for its size, a stream refuses it), answered at once
+//! with a compact `sign.failed` (`payload_too_large` or `internal`) and acked; or for now
+//! (unreachable, timed out), NAKed before the last delivery and retried in process within
+//! `retry_budget` on it, after which the message is terminated. A job never holds its slot
+//! longer than `job_timeout`, nor past the drain deadline (it is then NAKed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -28,8 +35,8 @@ use crate::messages::{
     SignerEntry, SubjectEntry,
 };
 use crate::ports::{
-    Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, ProvenanceGrant,
-    QuotaGrant, Recorded,
+    Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, PortError,
+    ProvenanceGrant, QuotaGrant, Recorded,
 };
 use crate::profiles::ProfileRefusal;
 use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
@@ -38,9 +45,66 @@ use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid
 pub const UNKNOWN_TENANT: &str = "_unknown";
 
 /// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settle {
     Ack,
     Nak(Duration),
+    /// Not to be redelivered: the last delivery, whose outcome could not be stored within
+    /// the retry budget (nothing would bring it back; the broker's advisory says so).
+    Term,
+}
+
+/// Why part of a job's outcome (its audit event, its result) was not stored. Only
+/// [`StoreError::Unavailable`] is worth retrying; the others are answered at once.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The message is larger than the broker stores inline (its `max_payload`, or the
+    /// stream's maximum message size). A result this large is answered
+    /// `payload_too_large` (or, with an object store, stored by reference instead).
+    #[error("too large to store inline: {0}")]
+    TooLarge(#[source] PortError),
+    /// The store refused it for another reason that a retry would repeat.
+    #[error("refused for good: {0}")]
+    Refused(#[source] PortError),
+    /// The store or its actor did not answer, or failed in a way that may pass.
+    #[error("unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Classifies a port's failure by its kind.
+    fn of_port(e: PortError) -> Self {
+        if e.is_too_large() {
+            StoreError::TooLarge(e)
+        } else if e.is_permanent() {
+            StoreError::Refused(e)
+        } else {
+            StoreError::Unavailable(Box::new(e))
+        }
+    }
+
+    fn is_permanent(&self) -> bool {
+        !matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// The error a job is answered with when its outcome cannot be stored for good.
+    fn answer(&self, what: &str) -> SignerError {
+        let message = crate::echo::bound_message(&format!("{what} could not be stored: {self}"));
+        match self {
+            StoreError::TooLarge(_) => SignerError::PayloadTooLarge(format!(
+                "{message}; results this large need an object store"
+            )),
+            _ => SignerError::Internal(message),
+        }
+    }
+}
+
+/// Why a piece of the outcome was not stored, as [`persist`] reports it.
+enum NotStored {
+    /// Settle the delivery this way (NAK before the last delivery; TERM after the budget).
+    Settle(Settle),
+    /// For good: answer the job now.
+    Permanent(StoreError),
 }
 
 /// Who a result is about.
@@ -80,17 +144,59 @@ pub(crate) async fn run(shared: &Arc<Shared>, delivery: Box<dyn Delivery>) {
         tenant = tracing::field::Empty,
         traceparent = delivery.header("traceparent").unwrap_or(""),
     );
-    let settle = tracing::Instrument::instrument(process(shared, delivery.as_ref()), span).await;
-    let t_settle = Instant::now();
-    let settled = match settle {
-        Settle::Ack => delivery.ack().await,
-        Settle::Nak(delay) => delivery.nak(delay).await,
+    let work = tracing::Instrument::instrument(process(shared, delivery.as_ref()), span);
+    let mut cancel = shared.cancel_jobs.subscribe();
+    // The slot is held for `job_timeout` at most, and not past the drain deadline.
+    let (settle, settle_within) = tokio::select! {
+        done = tokio::time::timeout(shared.cfg.job_timeout, work) => match done {
+            Ok(settle) => (settle, shared.cfg.call_timeout),
+            Err(_) => (timed_out(shared, delivery.as_ref()), shared.cfg.call_timeout),
+        },
+        _ = cancel.wait_for(|cancelled| *cancelled) => {
+            tracing::warn!(seq = delivery.stream_sequence(), "shutdown: job cut off at the drain deadline; NAKed for another replica");
+            (Settle::Nak(Duration::ZERO), CANCELLED_SETTLE_TIMEOUT)
+        }
     };
+    let t_settle = Instant::now();
+    let settled = tokio::time::timeout(settle_within, async {
+        match settle {
+            Settle::Ack => delivery.ack().await,
+            Settle::Nak(delay) => delivery.nak(delay).await,
+            Settle::Term => delivery.term().await,
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(PortError::transient("settling did not finish in time")));
     stage("settle", t_settle);
     if let Err(e) = settled {
         tracing::warn!(error = %e, seq = delivery.stream_sequence(), "settling the message failed; it will be redelivered");
     }
     metrics::histogram!("signer_job_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// How long a job cut off by the shutdown may take to NAK its message.
+const CANCELLED_SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A job that ran past `job_timeout`: its work is dropped and the message NAKed for a
+/// retry, or terminated on the last delivery (nothing would redeliver it).
+fn timed_out(shared: &Shared, d: &dyn Delivery) -> Settle {
+    metrics::counter!("signer_job_timeouts_total").increment(1);
+    if d.delivered() < shared.cfg.max_deliver {
+        tracing::warn!(
+            seq = d.stream_sequence(),
+            timeout_s = shared.cfg.job_timeout.as_secs(),
+            "job ran past worker.job_timeout; NAKed for a retry"
+        );
+        Settle::Nak(exponential_backoff(shared, d.delivered()))
+    } else {
+        tracing::error!(
+            seq = d.stream_sequence(),
+            timeout_s = shared.cfg.job_timeout.as_secs(),
+            "job ran past worker.job_timeout on its last delivery; terminated without a result"
+        );
+        metrics::counter!("signer_jobs_abandoned_total", "reason" => "job_timeout").increment(1);
+        Settle::Term
+    }
 }
 
 /// Records how long a stage of a job took (`signer_stage_duration_seconds{stage}`): where
@@ -154,6 +260,11 @@ fn backoff(shared: &Shared, delivered: u64, error: &SignerError) -> Duration {
     if let Some(ms) = error.retry_after_ms() {
         return Duration::from_millis(ms.max(1));
     }
+    exponential_backoff(shared, delivered)
+}
+
+/// `backoff_base` doubled per delivery so far, at most `backoff_max`.
+fn exponential_backoff(shared: &Shared, delivered: u64) -> Duration {
     let exp = delivered.saturating_sub(1).min(16) as u32;
     shared
         .cfg
@@ -270,8 +381,11 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     span.record("request_id", ids.request_id.as_str());
     span.record("tenant", ids.tenant.as_str());
 
+    // Recorded only when it is a digest: the audit event carries nothing unchecked.
     let mut findings = Findings {
-        scanner_digest: Some(request.scanner.image_digest.clone()),
+        scanner_digest: crate::digest::parse_oci_sha256(&request.scanner.image_digest)
+            .is_ok()
+            .then(|| request.scanner.image_digest.clone()),
         ..Findings::default()
     };
     // Before anything that costs or records something (payload, gates, the requestId's
@@ -286,12 +400,13 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
     let mismatch = match subject {
         SubjectTenant::Named(t) if t != request.tenant => Some(format!(
-            "subject names tenant {t:?}, body names {:?}",
-            request.tenant
+            "subject names tenant {}, body names {}",
+            crate::echo::echo(t),
+            crate::echo::echo(&request.tenant)
         )),
         SubjectTenant::Foreign => Some(format!(
-            "subject {:?} is not under {:?}: its tenant cannot be checked",
-            d.subject(),
+            "subject {} is not under {:?}: its tenant cannot be checked",
+            crate::echo::echo(d.subject()),
             shared.cfg.requests_subject
         )),
         _ => None,
@@ -380,6 +495,15 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         ))),
     };
     stage("claim", t_claim);
+    // Held until this attempt settles: if the job is cut off (`job_timeout`, the drain
+    // deadline) before it signed, the lease is given back so the redelivery need not wait
+    // for it to expire.
+    let mut lease = LeaseGuard {
+        shared: shared.clone(),
+        key: idem_key.clone(),
+        owner: owner.clone(),
+        armed: claimed.is_ok(),
+    };
 
     let outcome = match claimed {
         Ok(()) => {
@@ -399,6 +523,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     // Once signed, the lease is never given back: a redelivery must find this attempt's
     // recorded outcome (or wait for the lease to expire), not sign again.
     let signed_once = outcome.is_ok();
+    lease.armed &= !signed_once;
     let settle = match outcome {
         Ok(signed) => {
             let work = finish_signed(
@@ -421,7 +546,39 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     {
         tracing::warn!(error = %e, "releasing the idempotency lease failed; it expires by itself");
     }
+    lease.armed = false;
     settle
+}
+
+/// Gives an attempt's lease back when its job is dropped before it settled (cut off at
+/// `job_timeout` or at the drain deadline) and had not signed. A job that signed keeps its
+/// lease: its redelivery must find the recorded outcome, not sign again.
+struct LeaseGuard {
+    shared: Arc<Shared>,
+    key: String,
+    owner: String,
+    armed: bool,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, key, owner) = (
+            self.shared.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.owner),
+        );
+        runtime.spawn(async move {
+            if let Err(e) = shared.ports.idempotency.release(&key, &owner).await {
+                tracing::warn!(error = %e, "releasing the lease of a cut-off job failed; it expires by itself");
+            }
+        });
+    }
 }
 
 /// The lease owner of one job attempt: the worker id and a random nonce. Two copies of a
@@ -515,7 +672,7 @@ async fn retry_or_fail(
         && d.delivered() < shared.cfg.max_deliver
         && delay <= shared.cfg.backoff_max
     {
-        tracing::info!(code = %e.code(), error = %e, "retryable failure; NAK with backoff");
+        tracing::info!(code = %e.code(), error = %crate::echo::bound_message(e.message()), "retryable failure; NAK with backoff");
         metrics::counter!("signer_retries_total", "code" => e.code().as_str()).increment(1);
         return Settle::Nak(delay);
     }
@@ -578,7 +735,10 @@ fn check_queue_age(
 }
 
 fn unknown_profile(request: &SignRequest) -> SignerError {
-    SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()))
+    SignerError::InvalidRequest(format!(
+        "unknown signing profile {}",
+        crate::echo::echo(request.profile())
+    ))
 }
 
 /// Provenance, then quota (last, so a job retried for an earlier reason is not charged
@@ -727,7 +887,12 @@ async fn finish_signed(
     let t_audit = Instant::now();
     let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
-        Err(settle) => return settle,
+        Err(NotStored::Settle(settle)) => return settle,
+        Err(NotStored::Permanent(e)) => {
+            let answer = e.answer("the audit event of the signature");
+            return finish_failed(shared, d, clone_ids(ids), Some(idem_key), answer, findings)
+                .await;
+        }
     };
     stage("audit", t_audit);
     let poe = match verdict.poe {
@@ -777,12 +942,22 @@ async fn finish_signed(
         },
     };
     let subject = shared.cfg.completed_subject.clone();
-    let message = match result_message(ids, subject, &completed) {
-        Ok(m) => m,
-        Err(e) => return retry_later(shared, d, e),
+    let published = match result_message(ids, subject, &completed) {
+        Ok(message) => {
+            record_outcome(shared, idem_key, owner, &message).await;
+            publish_message(shared, d, Some(idem_key), message, "completed", None).await
+        }
+        Err(e) => Err(e),
     };
-    record_outcome(shared, idem_key, owner, &message).await;
-    publish_message(shared, d, Some(idem_key), message, "completed", None).await
+    match published {
+        Ok(settle) => settle,
+        // Signed, but the result can never be stored: the job is answered with a compact
+        // refusal (and its own audit event), so that it still ends in exactly one result.
+        Err(e) => {
+            let answer = e.answer("the signed result");
+            finish_failed(shared, d, clone_ids(ids), Some(idem_key), answer, findings).await
+        }
+    }
 }
 
 /// Records a signed job's result message in its idempotency record, before it is published.
@@ -830,7 +1005,29 @@ async fn republish_outcome(
 ) -> Settle {
     metrics::counter!("signer_outcome_republished_total").increment(1);
     tracing::info!("signed before; publishing the recorded result");
-    publish_message(shared, d, Some(idem_key), outcome, "completed", None).await
+    match publish_message(shared, d, Some(idem_key), outcome, "completed", None).await {
+        Ok(settle) => settle,
+        Err(e) => {
+            // It was stored once (it is the recorded result of this request), so the store
+            // now refusing it for good is a change on the broker's side: anything we could
+            // answer with instead would be a second result. End the message.
+            tracing::error!(error = %e, "the recorded result cannot be stored any more; the message is terminated");
+            metrics::counter!("signer_jobs_abandoned_total", "reason" => "refused_by_store")
+                .increment(1);
+            Settle::Term
+        }
+    }
+}
+
+/// A copy of the job's ids (a signed job answered with a refusal keeps the originals).
+fn clone_ids(ids: &Ids) -> Ids {
+    Ids {
+        request_id: ids.request_id.clone(),
+        tenant: ids.tenant.clone(),
+        kind: ids.kind,
+        content_type: ids.content_type,
+        traceparent: ids.traceparent.clone(),
+    }
 }
 
 impl Findings {
@@ -850,6 +1047,10 @@ impl Findings {
     }
 }
 
+/// Answers the job with `error` on `sign.failed`, with its audit event. When that cannot be
+/// stored for good (a stream refuses it), a compact refusal (`internal`, or
+/// `payload_too_large` for a message over the broker's limit) without the gates' findings
+/// is stored instead; when even that is refused, the message is terminated.
 async fn finish_failed(
     shared: &Arc<Shared>,
     d: &dyn Delivery,
@@ -858,10 +1059,38 @@ async fn finish_failed(
     error: SignerError,
     findings: Findings,
 ) -> Settle {
+    let error = error.bounded();
+    let e = match store_failed(shared, d, &ids, idem_key, &error, findings).await {
+        Ok(settle) => return settle,
+        Err(e) => e,
+    };
+    tracing::warn!(error = %e, code = %error.code(), "the refusal could not be stored; answering with a compact one");
+    let compact = e.answer("the refusal").bounded();
+    match store_failed(shared, d, &ids, idem_key, &compact, Findings::default()).await {
+        Ok(settle) => settle,
+        Err(e) => {
+            tracing::error!(error = %e, request_id = %ids.request_id, "not even a compact refusal could be stored; the message is terminated without a result");
+            metrics::counter!("signer_jobs_abandoned_total", "reason" => "refused_by_store")
+                .increment(1);
+            Settle::Term
+        }
+    }
+}
+
+/// Stores the audit event and the `sign.failed` result of `error`. `Err` only when one of
+/// them was refused for good.
+async fn store_failed(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: &Ids,
+    idem_key: Option<&str>,
+    error: &SignerError,
+    findings: Findings,
+) -> Result<Settle, StoreError> {
     tracing::info!(request_id = %ids.request_id, tenant = %ids.tenant, code = %error.code(), error = %error, "job refused");
     // (request_id and tenant are repeated: the span may not have them for undecodable input)
     let event = audit_event(
-        &ids,
+        ids,
         decision_of(error.code()),
         Some(error.code()),
         findings,
@@ -870,7 +1099,8 @@ async fn finish_failed(
     let t_audit = Instant::now();
     let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
         Ok(seq) => seq,
-        Err(settle) => return settle,
+        Err(NotStored::Settle(settle)) => return Ok(settle),
+        Err(NotStored::Permanent(e)) => return Err(e),
     };
     stage("audit", t_audit);
     let failed = Failed {
@@ -878,51 +1108,68 @@ async fn finish_failed(
         request_id: ids.request_id.clone(),
         tenant: ids.tenant.clone(),
         kind: ids.kind,
-        error: ErrorBody::from(&error),
+        error: ErrorBody::from(error),
         audit: AuditRef {
             stream: shared.cfg.audit_stream.clone(),
             seq: audit_seq,
         },
     };
     let subject = shared.cfg.failed_subject.clone();
-    let message = match result_message(&ids, subject, &failed) {
-        Ok(m) => m,
-        Err(e) => return retry_later(shared, d, e),
-    };
+    let message = result_message(ids, subject, &failed)?;
     publish_message(shared, d, idem_key, message, "failed", Some(error.code())).await
 }
 
-/// Stores part of an outcome (the audit event, the result). Before the last delivery a
-/// failure NAKs the job (it comes back with backoff). On the last delivery nothing would
-/// bring it back, so the job keeps trying in process, telling JetStream it is still in
-/// progress, until the store answers: a job never ends without its result.
-async fn persist<T, F, Fut>(shared: &Shared, d: &dyn Delivery, mut attempt: F) -> Result<T, Settle>
+/// Stores part of an outcome (the audit event, the result). A failure for good is returned
+/// at once ([`NotStored::Permanent`]): retrying would fail the same way. A failure for now
+/// NAKs the job before the last delivery (it comes back with backoff). On the last delivery
+/// nothing would bring it back, so the job keeps trying in process, telling JetStream it is
+/// still in progress, for `retry_budget`; then the message is terminated (logged, counted
+/// in `signer_jobs_abandoned_total`): the outcome could not be stored by anyone meanwhile.
+async fn persist<T, F, Fut>(
+    shared: &Shared,
+    d: &dyn Delivery,
+    mut attempt: F,
+) -> Result<T, NotStored>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, SignerError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut delay = shared.cfg.backoff_base;
+    let mut budget_ends = None;
     loop {
         let e = match attempt().await {
             Ok(v) => return Ok(v),
+            Err(e) if e.is_permanent() => {
+                metrics::counter!("signer_store_refusals_total").increment(1);
+                return Err(NotStored::Permanent(e));
+            }
             Err(e) => e,
         };
         if d.delivered() < shared.cfg.max_deliver {
-            return Err(retry_later(shared, d, e));
+            return Err(NotStored::Settle(retry_later(shared, d, &e)));
+        }
+        let ends = *budget_ends.get_or_insert_with(|| Instant::now() + shared.cfg.retry_budget);
+        if Instant::now() + delay > ends {
+            tracing::error!(error = %e, budget_s = shared.cfg.retry_budget.as_secs(),
+                "last delivery: the outcome could not be stored within the retry budget; the message is terminated without a result");
+            metrics::counter!("signer_jobs_abandoned_total", "reason" => "retry_budget")
+                .increment(1);
+            return Err(NotStored::Settle(Settle::Term));
         }
         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
             "last delivery: could not store the outcome; retrying in process");
-        if let Err(e) = d.in_progress().await {
-            tracing::warn!(error = %e, "could not extend the delivery");
+        let extended = tokio::time::timeout(shared.cfg.call_timeout, d.in_progress()).await;
+        if !matches!(extended, Ok(Ok(()))) {
+            tracing::warn!("could not extend the delivery");
         }
         tokio::time::sleep(delay).await;
         delay = delay.saturating_mul(2).min(shared.cfg.backoff_max);
     }
 }
 
-fn retry_later(shared: &Shared, d: &dyn Delivery, e: SignerError) -> Settle {
+fn retry_later(shared: &Shared, d: &dyn Delivery, e: &StoreError) -> Settle {
     tracing::warn!(error = %e, "could not store the outcome; the job will be redelivered");
-    Settle::Nak(backoff(shared, d.delivered(), &e))
+    Settle::Nak(exponential_backoff(shared, d.delivered()))
 }
 
 fn audit_event(
@@ -943,6 +1190,7 @@ fn audit_event(
         kind: ids.kind.into(),
         caller: f.caller,
         subjects: f.subjects,
+        subjects_omitted: None,
         auth: Some(AuthRecord {
             state: f.auth.unwrap_or(AuthState::NotChecked),
         }),
@@ -970,16 +1218,17 @@ fn audit_event(
         prev_hash: String::new(),
         hash: String::new(),
     }
+    .bounded()
 }
 
-async fn append_audit(shared: &Arc<Shared>, event: AuditEvent) -> Result<u64, SignerError> {
+async fn append_audit(shared: &Arc<Shared>, event: AuditEvent) -> Result<u64, StoreError> {
     let audit = shared.read_refs().audit.clone();
     call_actor(audit, "audit_writer", shared.cfg.call_timeout, |r| {
         AuditMsg::Append(Box::new(event), r)
     })
     .await
-    .map_err(call_failed)?
-    .map_err(|e| SignerError::Internal(format!("audit: {e}")))
+    .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+    .map_err(StoreError::of_port)
 }
 
 /// The result message of a job: its body in the request's encoding, and the headers the
@@ -988,8 +1237,12 @@ fn result_message<T: serde::Serialize>(
     ids: &Ids,
     subject: String,
     body: &T,
-) -> Result<OutMessage, SignerError> {
-    let body = ids.content_type.encode(body)?;
+) -> Result<OutMessage, StoreError> {
+    // An encoding failure repeats on every try: a refusal for good.
+    let body = ids
+        .content_type
+        .encode(body)
+        .map_err(|e| StoreError::Refused(PortError::permanent(e).context("encoding the result")))?;
     let mut headers = vec![
         (
             "Nats-Msg-Id".to_string(),
@@ -1021,7 +1274,7 @@ async fn publish_message(
     message: OutMessage,
     outcome: &'static str,
     code: Option<ErrorCode>,
-) -> Settle {
+) -> Result<Settle, StoreError> {
     let publish = || {
         let message = message.clone();
         async move {
@@ -1030,16 +1283,15 @@ async fn publish_message(
                 PublisherMsg::Publish(message, r)
             })
             .await
-            .map_err(call_failed)
-            .and_then(|r| {
-                r.map_err(|e| SignerError::Internal(format!("publishing the result: {e}")))
-            })
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
+            .map_err(StoreError::of_port)
         }
     };
     let t_publish = Instant::now();
     let stored = match persist(shared, d, publish).await {
         Ok(s) => s,
-        Err(settle) => return settle,
+        Err(NotStored::Settle(settle)) => return Ok(settle),
+        Err(NotStored::Permanent(e)) => return Err(e),
     };
     stage("publish", t_publish);
     let t_complete = Instant::now();
@@ -1064,7 +1316,7 @@ async fn publish_message(
         duplicate = stored.duplicate,
         "result stored"
     );
-    Settle::Ack
+    Ok(Settle::Ack)
 }
 
 /// A request that was already answered: publish its original result again (a no-op within

@@ -87,6 +87,12 @@ pub struct PipelineConfig {
     /// idempotency store keeps the replica not ready when no later call to the same store
     /// succeeds (an idle replica has nothing to retry with).
     pub store_failure_window: Duration,
+    /// On the last delivery, how long a job keeps retrying to store its outcome (audit
+    /// event, result) when the store is unavailable, before the message is terminated.
+    pub retry_budget: Duration,
+    /// The longest one job may hold its in-flight slot; then its work is dropped and the
+    /// message NAKed (terminated on the last delivery). Longer than `retry_budget`.
+    pub job_timeout: Duration,
 }
 
 impl PipelineConfig {
@@ -114,6 +120,8 @@ impl PipelineConfig {
             call_timeout: Duration::from_secs(30),
             max_queue_age: Duration::from_secs(24 * 3600),
             store_failure_window: Duration::from_secs(30),
+            retry_budget: Duration::from_secs(60),
+            job_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -147,6 +155,8 @@ pub struct Shared {
     pub(crate) refs: RwLock<Refs>,
     /// Jobs running now (the gauge `signer_inflight`).
     pub(crate) running: std::sync::atomic::AtomicUsize,
+    /// Set at the drain deadline: every job still running drops its work and NAKs.
+    pub(crate) cancel_jobs: tokio::sync::watch::Sender<bool>,
 }
 
 /// The current incarnation of each actor (replaced when one is restarted).
@@ -276,6 +286,7 @@ impl Pipeline {
             stores,
             refs: RwLock::new(Refs::default()),
             running: std::sync::atomic::AtomicUsize::new(0),
+            cancel_jobs: tokio::sync::watch::Sender::new(false),
         });
         // Series that must exist before their first event, so dashboards and alerts see 0.
         metrics::counter!("signer_redeliveries_total").absolute(0);
@@ -307,21 +318,41 @@ impl Pipeline {
         PipelineStatus(self.shared.clone())
     }
 
-    /// Stops taking jobs, waits up to `timeout` for the jobs in flight to finish, then
-    /// stops the actors. Returns how many jobs were still running (0 on a clean drain);
-    /// those were not acknowledged and will be redelivered.
+    /// Stops taking jobs, lets the jobs in flight finish, and stops the actors, all within
+    /// `timeout`. Jobs still running when their share of it is over (`timeout` less a grace
+    /// of a tenth, at most 2 s) are cut off: their work is dropped and their messages NAKed,
+    /// so another replica takes them at once. Returns how many jobs were cut off (0 on a
+    /// clean drain).
     pub async fn shutdown(self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let grace = (timeout / 10).min(Duration::from_secs(2));
         self.shared.draining.store(true, Ordering::Release);
         self.shared.stop_intake.notify_waiters();
         self.shared.stop_intake.notify_one();
         let all = u32::try_from(self.shared.cfg.max_inflight).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(timeout, self.shared.inflight.acquire_many(all)).await;
+        let drained =
+            tokio::time::timeout_at(deadline - grace, self.shared.inflight.acquire_many(all)).await;
         let left = match drained {
             Ok(Ok(_permits)) => 0,
-            _ => self.status().inflight(),
+            _ => {
+                let left = self.status().inflight();
+                self.shared.cancel_jobs.send_replace(true);
+                // the cut-off jobs NAK (bounded) and free their slots
+                let _ = tokio::time::timeout_at(
+                    deadline - grace / 2,
+                    self.shared.inflight.acquire_many(all),
+                )
+                .await;
+                left
+            }
         };
         self.supervisor.stop(Some("shutdown".into()));
-        self.stopped().await;
+        if tokio::time::timeout_at(deadline, self.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the actors did not stop within the drain timeout");
+        }
         left
     }
 

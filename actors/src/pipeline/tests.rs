@@ -23,6 +23,7 @@ mod once;
 enum Settled {
     Ack,
     Nak,
+    Term,
 }
 
 /// A JetStream stand-in: NAKed messages come back with `delivered + 1`.
@@ -70,6 +71,14 @@ impl Delivery for MemDelivery {
         Ok(())
     }
     async fn in_progress(&self) -> Result<(), PortError> {
+        Ok(())
+    }
+    async fn term(&self) -> Result<(), PortError> {
+        self.queue
+            .settled
+            .lock()
+            .unwrap()
+            .push((self.seq, Settled::Term));
         Ok(())
     }
     async fn nak(&self, delay: Duration) -> Result<(), PortError> {
@@ -1093,3 +1102,5 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
     assert!(seen.iter().all(|t| *t == published), "{seen:?}");
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
+
+mod bounded;
