@@ -210,6 +210,10 @@ pub fn pipeline_config(
     p.audit_batch_max = cfg.worker.audit_batch_max;
     p.audit_flush_interval = cfg.worker.audit_flush_interval;
     p.max_queue_age = cfg.worker.max_queue_age;
+    p.provenance_limits = signer_actors::pipeline::ProvenanceLimits {
+        per_tenant: cfg.gates.provenance.tenant_lookups,
+        wait: cfg.gates.provenance.tenant_wait,
+    };
     p
 }
 

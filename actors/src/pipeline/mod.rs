@@ -24,6 +24,7 @@ mod keyring;
 mod publisher;
 mod supervisor;
 
+pub use gates::ProvenanceLimits;
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 
 use std::collections::HashMap;
@@ -80,6 +81,8 @@ pub struct PipelineConfig {
     /// `request_expired` (unclaimed, uncharged): credentials are judged at publish time,
     /// and this bounds how old that time may be.
     pub max_queue_age: Duration,
+    /// How the Provenance actor bounds registry lookups per tenant.
+    pub provenance_limits: ProvenanceLimits,
 }
 
 impl PipelineConfig {
@@ -106,6 +109,7 @@ impl PipelineConfig {
             audit_flush_interval: Duration::from_millis(1),
             call_timeout: Duration::from_secs(30),
             max_queue_age: Duration::from_secs(24 * 3600),
+            provenance_limits: ProvenanceLimits::default(),
         }
     }
 }
