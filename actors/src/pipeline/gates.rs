@@ -290,3 +290,154 @@ impl Actor for Provenance {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use ractor::rpc::CallResult;
+
+    use super::*;
+    use crate::error::ErrorCode;
+
+    /// A registry stand-in: the repository `hang` never answers (and counts the lookups
+    /// dropped unfinished), anything else is trusted at once.
+    struct Port {
+        dropped: Arc<AtomicUsize>,
+    }
+
+    struct CountDrop(Arc<AtomicUsize>);
+
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl ReleaseVerifier for Port {
+        async fn verify(&self, repository: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
+            if repository == "hang" {
+                let _guard = CountDrop(self.dropped.clone());
+                std::future::pending::<()>().await;
+            }
+            Ok(ProvenanceGrant::Trusted)
+        }
+    }
+
+    async fn ask(
+        actor: &ActorRef<ProvenanceMsg>,
+        tenant: &str,
+        repository: &str,
+        timeout: Duration,
+    ) -> CallResult<Result<ProvenanceGrant, SignerError>> {
+        let (tenant, repository) = (tenant.to_string(), repository.to_string());
+        actor
+            .call(
+                |reply| ProvenanceMsg::Verify {
+                    tenant,
+                    repository,
+                    image_digest: "sha256:x".into(),
+                    reply,
+                },
+                Some(timeout),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_tenant_over_its_bound_waits_or_fails_while_others_are_answered() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let port: Arc<dyn ReleaseVerifier> = Arc::new(Port {
+            dropped: dropped.clone(),
+        });
+        let limits = ProvenanceLimits {
+            per_tenant: 2,
+            wait: Duration::from_millis(300),
+        };
+        let (actor, handle) = Actor::spawn(None, Provenance, (port, limits))
+            .await
+            .unwrap();
+        let long = Duration::from_secs(30);
+
+        // Tenant A fills its bound with two lookups that never end.
+        let hung: Vec<_> = (0..2)
+            .map(|_| {
+                let actor = actor.clone();
+                tokio::spawn(async move { ask(&actor, "a", "hang", long).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Tenant B is answered at once, whatever A does.
+        let started = std::time::Instant::now();
+        let CallResult::Success(b) = ask(&actor, "b", "ok", long).await else {
+            panic!("no answer for tenant b");
+        };
+        assert_eq!(b, Ok(ProvenanceGrant::Trusted));
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // A third lookup of A waits `wait`, then is unavailable (retryable).
+        let started = std::time::Instant::now();
+        let CallResult::Success(a) = ask(&actor, "a", "ok", long).await else {
+            panic!("no answer for tenant a");
+        };
+        let err = a.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ProvenanceUnavailable, "{err}");
+        assert!(err.code().retryable());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(dropped.load(Ordering::SeqCst), 0);
+
+        // A lookup is ended at its caller's deadline: it is dropped (so its checks are
+        // cancelled) and gives its permit back.
+        for h in hung {
+            h.abort();
+        }
+        let CallResult::Timeout = ask(&actor, "c", "hang", Duration::from_millis(200)).await else {
+            panic!("a hanging lookup did not time out");
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dropped.load(Ordering::SeqCst) < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lookup was not dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        actor.stop(None);
+        let _ = handle.await;
+    }
+
+    #[tokio::test]
+    async fn permits_come_back_at_the_deadline() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let port: Arc<dyn ReleaseVerifier> = Arc::new(Port {
+            dropped: dropped.clone(),
+        });
+        let limits = ProvenanceLimits {
+            per_tenant: 1,
+            wait: Duration::from_secs(5),
+        };
+        let (actor, handle) = Actor::spawn(None, Provenance, (port, limits))
+            .await
+            .unwrap();
+        // The only permit of A is held by a lookup that hangs until its 200 ms deadline.
+        let CallResult::Timeout = ask(&actor, "a", "hang", Duration::from_millis(200)).await else {
+            panic!("a hanging lookup did not time out");
+        };
+        // The next lookup of A gets the permit back (within its 5 s wait).
+        let CallResult::Success(r) = ask(&actor, "a", "ok", Duration::from_secs(30)).await else {
+            panic!("no answer");
+        };
+        assert_eq!(r, Ok(ProvenanceGrant::Trusted));
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        actor.stop(None);
+        let _ = handle.await;
+    }
+}
