@@ -199,7 +199,14 @@ impl ReleaseVerifierImpl {
             max_referrers: cfg.max_referrers,
             allowlist,
             cache: VerdictCache::new(cfg.cache_ttl),
-            reader: Reader::new(client, cfg.registry_timeout, credentials),
+            reader: Reader::new(
+                client,
+                registry::http_client(cfg.registry_timeout)
+                    .map_err(ProvenanceSetupError::Client)?,
+                cfg.insecure_registries.clone(),
+                cfg.registry_timeout,
+                credentials,
+            ),
         })
     }
 
@@ -252,14 +259,26 @@ impl ReleaseVerifierImpl {
         limits: &Limits,
         f: &mut Findings,
     ) -> Result<Option<Found>, String> {
-        self.reader.prepare(image).await;
+        let access = match self.reader.prepare(image).await {
+            Ok(a) => a,
+            Err(Failure::Unreachable(m)) => return Err(m),
+            Err(Failure::Unavailable(m) | Failure::Malformed(m)) => {
+                f.unavailable.push(m);
+                return Ok(None);
+            }
+        };
+        let access = &access;
 
         // 1 and 2: OCI 1.1 referrers (API, or the tag schema when the API answers 404).
         let tag_schema = format!("sha256-{hex}");
-        let index = match self.reader.referrers(image).await {
+        let index = match self.reader.referrers(image, access).await {
             // The endpoint refused with another client error than 404: some registries
             // without the API do that, so read the tag schema here.
-            Ok(None) => f.take(self.reader.tag_schema_index(image, &tag_schema).await)?,
+            Ok(None) => f.take(
+                self.reader
+                    .tag_schema_index(image, access, &tag_schema)
+                    .await,
+            )?,
             other => f.take(other)?,
         };
         if let Some(index) = index {
@@ -292,12 +311,12 @@ impl ReleaseVerifierImpl {
                     continue;
                 }
                 let reference = image.clone_with_digest(entry.digest.clone());
-                let Some(manifest) = f.take(self.reader.manifest(&reference).await)? else {
+                let Some(manifest) = f.take(self.reader.manifest(&reference, access).await)? else {
                     continue;
                 };
                 let place = format!("referrer {}", entry.digest);
                 if let Some(found) = self
-                    .check_layers(image, &manifest, digest, hex, &place, limits, f)
+                    .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                     .await?
                 {
                     return Ok(Some(found));
@@ -312,10 +331,10 @@ impl ReleaseVerifierImpl {
             image.repository().to_string(),
             sig_tag.clone(),
         );
-        if let Some(manifest) = f.take(self.reader.manifest(&sig_ref).await)? {
+        if let Some(manifest) = f.take(self.reader.manifest(&sig_ref, access).await)? {
             let place = format!("tag {sig_tag}");
             return self
-                .check_layers(image, &manifest, digest, hex, &place, limits, f)
+                .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                 .await;
         }
         Ok(None)
@@ -331,6 +350,7 @@ impl ReleaseVerifierImpl {
     async fn check_layers(
         &self,
         image: &Reference,
+        access: &registry::Access,
         manifest: &OciImageManifest,
         digest: &str,
         hex: &str,
@@ -417,7 +437,10 @@ impl ReleaseVerifierImpl {
                     )
                     .await?
                 }
-                LayerKind::Bundle => self.check_bundle(image, bytes, hex, limits, f).await?,
+                LayerKind::Bundle => {
+                    self.check_bundle(image, access, bytes, hex, limits, f)
+                        .await?
+                }
             };
             match check {
                 Check::Verified { keyid } => {
@@ -442,6 +465,7 @@ impl ReleaseVerifierImpl {
     async fn check_bundle(
         &self,
         image: &Reference,
+        access: &registry::Access,
         bytes: Vec<u8>,
         hex: &str,
         limits: &Limits,
@@ -461,7 +485,7 @@ impl ReleaseVerifierImpl {
             Err(check) | Ok(BundleCheck::Done(check)) => return Ok(check),
             Ok(BundleCheck::NeedsManifest { signature }) => signature,
         };
-        let Some(manifest) = f.take(self.reader.manifest_raw(image).await)? else {
+        let Some(manifest) = f.take(self.reader.manifest_raw(image, access).await)? else {
             return Ok(Check::Malformed(format!(
                 "message signature over {}, which the registry does not have",
                 image.whole()
