@@ -880,6 +880,32 @@ mod tests {
     }
 
     #[test]
+    fn verification_asks_before_each_signature_and_stops_when_told() {
+        let (trusted, other) = (ecdsa(), ecdsa());
+        let env: Envelope = serde_json::from_slice(&crowded_envelope(&other, 5)).unwrap();
+        let keys = [trusted.public.clone()];
+        // Not cancelled: every signature is asked about once (none verifies).
+        let asked = Cell::new(0);
+        let r = env.verify_until(&keys, 1, || {
+            asked.set(asked.get() + 1);
+            false
+        });
+        assert!(
+            matches!(r, Err(VerifyError::ThresholdNotMet { .. })),
+            "{r:?}"
+        );
+        assert_eq!(asked.get(), 6);
+        // Cancelled after the second signature: the third is never checked.
+        let asked = Cell::new(0);
+        let r = env.verify_until(&keys, 1, || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        });
+        assert!(matches!(r, Err(VerifyError::Cancelled)), "{r:?}");
+        assert_eq!(asked.get(), 3);
+    }
+
+    #[test]
     fn a_cancelled_check_stops_between_signatures() {
         let trusted = ecdsa();
         let keys = [trusted.public.clone()];

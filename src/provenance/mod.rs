@@ -837,6 +837,38 @@ mod tests {
             ReleaseVerifierImpl::from_config(&bad),
             Err(ProvenanceSetupError::ZeroTimeout)
         ));
+        for (bad, name) in [
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    max_envelope_signatures: 0,
+                    ..gate()
+                },
+                "max_envelope_signatures",
+            ),
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    max_referrers: 0,
+                    ..gate()
+                },
+                "max_referrers",
+            ),
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    tenant_lookups: 0,
+                    ..gate()
+                },
+                "tenant_lookups",
+            ),
+        ] {
+            let err = ReleaseVerifierImpl::from_config(&bad).unwrap_err();
+            assert!(
+                matches!(err, ProvenanceSetupError::ZeroLimit(n) if n == name),
+                "{err}"
+            );
+        }
         // Disabled needs nothing.
         let disabled = ProvenanceGate {
             mode: GateMode::Disabled,
