@@ -21,7 +21,7 @@ use super::*;
 /// B's jobs per phase.
 const SAMPLES: usize = 30;
 /// How often A publishes a job while B is measured.
-const A_INTERVAL: Duration = Duration::from_millis(100);
+const A_INTERVAL: Duration = Duration::from_millis(50);
 /// Signatures in A's referrer.
 const HOSTILE_SIGNATURES: usize = 25_000;
 
@@ -209,7 +209,7 @@ async fn a_hostile_registry_slows_no_other_tenant() {
     )
     .await;
 
-    // A publishes a job every 25 ms for as long as B is measured again.
+    // A publishes a job every `A_INTERVAL` for as long as B is measured again.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
         let (js, stop) = (js.clone(), stop.clone());
