@@ -12,6 +12,11 @@
 //!    attaches), then cosign's signature tag `sha256-<hex>.sig`. What counts is described
 //!    in [`formats`]; keyless bundles never do.
 //!
+//! What one decision may cost is bounded (docs/security.md, "Limits of provenance work"):
+//! signature counts per envelope and manifest, referrers list length, body sizes (streamed
+//! and abandoned at the cap); signatures are checked on the blocking pool and stop when the
+//! decision's future is dropped. The per-tenant bound on lookups is the Provenance actor's.
+//!
 //! Verdicts map onto the contract's codes: a verifying signature gives
 //! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
 //! `provenance_untrusted` (with the reason); a registry that could not be asked, and no

@@ -3,7 +3,8 @@
 //! Manifests and referrers lists are read by this module itself (with the credentials, or
 //! the bearer token `oci-client` obtained for them) so that their bodies are streamed and
 //! abandoned at [`MAX_MANIFEST_BYTES`]; `oci-client` reads them whole. Blobs go through
-//! `oci-client` into a [`CappedBuffer`].
+//! `oci-client` into a [`CappedBuffer`]. Authentication happens once per lookup
+//! ([`Reader::prepare`]): one `GET /v2/`, and for a `Bearer` registry one token request.
 //!
 //! Every call is bounded by `registry_timeout`, and every failure is sorted into one of:
 //! not found (the registry answered: nothing there), unreachable (no answer at all: stop
