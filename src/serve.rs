@@ -211,6 +211,10 @@ pub fn pipeline_config(
     p.max_queue_age = cfg.worker.max_queue_age;
     p.retry_budget = cfg.worker.retry_budget;
     p.job_timeout = cfg.worker.job_timeout;
+    p.provenance_limits = signer_actors::pipeline::ProvenanceLimits {
+        per_tenant: cfg.gates.provenance.tenant_lookups,
+        wait: cfg.gates.provenance.tenant_wait,
+    };
     p
 }
 

@@ -838,3 +838,52 @@ async fn token_auth_registry_is_read_through_the_bearer_token_flow() {
         "{message}"
     );
 }
+
+/// The work caps: a referrers list longer than `max_referrers`, and a `.sig` manifest with
+/// more signature layers than `max_envelope_signatures`, are refused unread, even when a
+/// trusted signature is among them.
+#[tokio::test]
+async fn crowded_referrers_and_signature_manifests_are_refused_unread() {
+    let reg = TestRegistry::start();
+    let keys = keys();
+    let repo = reg.repository(PATH);
+    let push = pusher(&reg);
+    let capped = |max_referrers, max_envelope_signatures| {
+        ReleaseVerifierImpl::from_config(&ProvenanceGate {
+            max_referrers,
+            max_envelope_signatures,
+            ..gate(&reg.host(), &keys, Duration::ZERO)
+        })
+        .unwrap()
+    };
+
+    // Three referrers, the last one trusted.
+    let digest = push.push_test_image(&repo).await.unwrap();
+    for key in [&keys.untrusted, &keys.untrusted, &keys.trusted_ec] {
+        push.attach_dsse_referrer(&repo, &digest, key)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        capped(3, 8).verify(&repo, &digest).await,
+        Ok(ProvenanceGrant::Trusted)
+    );
+    let message = untrusted(capped(2, 8).verify(&repo, &digest).await);
+    assert!(message.contains("max_referrers"), "{message}");
+
+    // A .sig manifest with three simple-signing layers, the last one trusted.
+    let other = reg.repository("stella-ops/other");
+    let digest = push.push_test_image(&other).await.unwrap();
+    for key in [&keys.untrusted, &keys.untrusted, &keys.trusted_ec] {
+        push.sign_image_cosign(&other, &digest, key).await.unwrap();
+    }
+    assert_eq!(
+        capped(64, 3).verify(&other, &digest).await,
+        Ok(ProvenanceGrant::Trusted)
+    );
+    let message = untrusted(capped(64, 2).verify(&other, &digest).await);
+    assert!(
+        message.contains("3 signature layers, more than 2"),
+        "{message}"
+    );
+}

@@ -63,6 +63,9 @@ pub enum VerifyError {
         keys: usize,
         threshold: usize,
     },
+    /// [`Envelope::verify_until`] was told to stop before it had an answer.
+    #[error("verification cancelled")]
+    Cancelled,
 }
 
 impl Envelope {
@@ -78,6 +81,19 @@ impl Envelope {
         keys: &[PublicKey],
         threshold: usize,
     ) -> Result<Vec<Verified>, VerifyError> {
+        self.verify_until(keys, threshold, || false)
+    }
+
+    /// [`Envelope::verify`] that asks `cancelled` before each signature check and stops
+    /// with [`VerifyError::Cancelled`] once it says yes: a caller whose deadline passed
+    /// (the provenance gate, checking envelopes from a registry) does not keep a CPU busy
+    /// with work nobody waits for.
+    pub fn verify_until(
+        &self,
+        keys: &[PublicKey],
+        threshold: usize,
+        cancelled: impl Fn() -> bool,
+    ) -> Result<Vec<Verified>, VerifyError> {
         if self.signatures.is_empty() {
             return Err(VerifyError::NoSignatures);
         }
@@ -91,11 +107,16 @@ impl Envelope {
         let mut used = vec![false; self.signatures.len()];
         let mut verified = Vec::new();
         for (key_index, key) in keys.iter().enumerate() {
-            let hit = self
-                .signatures
-                .iter()
-                .enumerate()
-                .find(|(i, s)| !used[*i] && key.verify(&message, &s.sig));
+            let mut hit = None;
+            for (i, s) in self.signatures.iter().enumerate() {
+                if cancelled() {
+                    return Err(VerifyError::Cancelled);
+                }
+                if !used[i] && key.verify(&message, &s.sig) {
+                    hit = Some((i, s));
+                    break;
+                }
+            }
             if let Some((signature_index, s)) = hit {
                 used[signature_index] = true;
                 verified.push(Verified {

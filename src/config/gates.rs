@@ -295,6 +295,18 @@ pub struct ProvenanceGate {
     pub docker_config: Option<PathBuf>,
     /// Registry credentials from environment variables; they win over `docker_config`.
     pub registry_credentials: Vec<RegistryCredentialsEnv>,
+    /// Signatures a DSSE envelope may carry, and signature layers a signature manifest may
+    /// have. More is refused (`provenance_untrusted`) before any signature is checked.
+    pub max_envelope_signatures: usize,
+    /// Entries an image's referrers list may have; a longer list is refused unread.
+    pub max_referrers: usize,
+    /// Registry lookups one tenant may have running at once (per replica). More wait, so
+    /// that one tenant's slow or hostile registry cannot take the gate from the others.
+    pub tenant_lookups: usize,
+    /// How long a job waits for one of its tenant's lookups; then it fails
+    /// `provenance_unavailable` (retryable).
+    #[serde(with = "duration")]
+    pub tenant_wait: Duration,
 }
 
 /// Credentials for one registry, read from two environment variables at startup (so the
@@ -321,6 +333,10 @@ impl Default for ProvenanceGate {
             registry_timeout: Duration::from_secs(10),
             docker_config: None,
             registry_credentials: Vec::new(),
+            max_envelope_signatures: crate::provenance::formats::DEFAULT_MAX_ENVELOPE_SIGNATURES,
+            max_referrers: 64,
+            tenant_lookups: 4,
+            tenant_wait: Duration::from_secs(5),
         }
     }
 }

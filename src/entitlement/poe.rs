@@ -60,6 +60,8 @@ pub const SIGN_FEATURE: &str = "signer.sign";
 
 /// How many licences and introspection answers are kept.
 pub const LICENCE_CACHE_CAPACITY: usize = 100_000;
+/// Largest introspection answer read: an answer is a few hundred bytes of claims.
+pub const MAX_INTROSPECTION_BYTES: usize = 64 * 1024;
 
 /// How often (at most) a bypassed decision is logged.
 const BYPASS_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -392,9 +394,11 @@ impl Introspector {
             .map_err(|e| format!("{}: {e}", self.endpoint))?;
         let status = response.status();
         if status.is_success() {
-            return response
-                .json::<IntrospectAnswer>()
+            // Streamed and abandoned at the cap: an endless answer is "unavailable".
+            let body = crate::capped::read_capped(response, MAX_INTROSPECTION_BYTES)
                 .await
+                .map_err(|e| format!("{}: {e}", self.endpoint))?;
+            return serde_json::from_slice::<IntrospectAnswer>(&body)
                 .map(Verdict::Answer)
                 .map_err(|e| format!("{}: unreadable answer: {e}", self.endpoint));
         }

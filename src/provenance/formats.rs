@@ -10,8 +10,13 @@
 //! signed payload, never where the registry happens to store them. So a signature is only
 //! counted when a trusted key verifies it **and** its payload names the requested digest.
 
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use signer_actors::dsse::{Envelope, VerifyError};
 use signer_actors::keys::PublicKey;
 use signer_actors::statement::{INTOTO_PAYLOAD_TYPE, STATEMENT_V1};
@@ -88,6 +93,62 @@ impl SimpleSigning {
     }
 }
 
+/// Set once the caller of a provenance check has given up (its call timed out): checks
+/// ask it between signatures and stop, so abandoned work does not keep a CPU busy.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Tells every check holding a clone to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// A guard that cancels when dropped: held by the async side of a check, so dropping
+    /// that future (a timeout) stops the blocking side too.
+    pub fn on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// See [`Cancel::on_drop`].
+#[derive(Debug)]
+pub struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// What checking one signature blob may cost.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Signatures a DSSE envelope may carry. More is refused before any is checked: each
+    /// check hashes the whole PAE again, so 25,000 signatures over a large payload would
+    /// cost seconds of CPU.
+    pub max_signatures: usize,
+    /// Stops a check that nobody waits for any more.
+    pub cancel: Cancel,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_signatures: DEFAULT_MAX_ENVELOPE_SIGNATURES,
+            cancel: Cancel::default(),
+        }
+    }
+}
+
+/// Signatures per envelope by default: a release is signed by one or two keys; a few more
+/// leaves room for key rotation.
+pub const DEFAULT_MAX_ENVELOPE_SIGNATURES: usize = 8;
+
 /// The verdict on one signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
@@ -102,6 +163,8 @@ pub enum Check {
     /// A keyless Sigstore bundle (a Fulcio certificate as verification material): not
     /// trusted, the gate trusts release keys only.
     Keyless,
+    /// Stopped unfinished because [`Limits::cancel`] was set: no verdict.
+    Cancelled,
 }
 
 /// Checks a cosign simple-signing layer: `payload` is the blob, `signature_b64` its
@@ -164,22 +227,140 @@ struct LooseSubject {
 
 /// Checks a DSSE layer: the envelope must verify (PAE) under a trusted key, carry an
 /// in-toto Statement, and one of the Statement's subjects must have `sha256` = `digest_hex`.
-pub fn check_dsse(envelope_json: &[u8], keys: &[PublicKey], digest_hex: &str) -> Check {
+///
+/// The signatures are counted first, without keeping them, stopping at the first one past
+/// [`Limits::max_signatures`]: an envelope with more is refused before it is even parsed
+/// whole, let alone hashed or verified.
+pub fn check_dsse(
+    envelope_json: &[u8],
+    keys: &[PublicKey],
+    digest_hex: &str,
+    limits: &Limits,
+) -> Check {
+    match count_signatures(envelope_json, limits.max_signatures) {
+        Ok(_) => {}
+        Err(SignatureCountError::TooMany) => return too_many_signatures(limits),
+        Err(SignatureCountError::Json(e)) => {
+            return Check::Malformed(format!("not a DSSE envelope: {e}"));
+        }
+    }
     let envelope: Envelope = match serde_json::from_slice(envelope_json) {
         Ok(e) => e,
         Err(e) => return Check::Malformed(format!("not a DSSE envelope: {e}")),
     };
-    check_envelope(&envelope, keys, digest_hex)
+    check_envelope(&envelope, keys, digest_hex, limits)
+}
+
+fn too_many_signatures(limits: &Limits) -> Check {
+    Check::Malformed(format!(
+        "DSSE envelope has more than {} signatures ([gates.provenance] max_envelope_signatures); refused unchecked",
+        limits.max_signatures
+    ))
+}
+
+/// Why [`count_signatures`] gave no count.
+#[derive(Debug)]
+pub enum SignatureCountError {
+    /// More than the limit: counting stopped there.
+    TooMany,
+    /// Not a JSON object with a `signatures` array.
+    Json(serde_json::Error),
+}
+
+/// Counts the entries of the envelope's `signatures` array without building them, and
+/// stops reading at the first one past `max` (the rest of the document is not looked at).
+pub fn count_signatures(envelope_json: &[u8], max: usize) -> Result<usize, SignatureCountError> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(envelope_json);
+    match (EnvelopeHead { max, over: &over }).deserialize(&mut de) {
+        Ok(n) => Ok(n),
+        Err(_) if over.get() => Err(SignatureCountError::TooMany),
+        Err(e) => Err(SignatureCountError::Json(e)),
+    }
+}
+
+/// The top level of an envelope, read only for its `signatures` (see [`count_signatures`]).
+struct EnvelopeHead<'a> {
+    max: usize,
+    over: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for EnvelopeHead<'_> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvelopeHead<'_> {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a DSSE envelope object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let mut count = 0;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "signatures" {
+                count = map.next_value_seed(SignatureList {
+                    max: self.max,
+                    over: self.over,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// The `signatures` array, counted (see [`count_signatures`]).
+struct SignatureList<'a> {
+    max: usize,
+    over: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for SignatureList<'_> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SignatureList<'_> {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of signatures")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut count = 0usize;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+            if count > self.max {
+                self.over.set(true);
+                return Err(A::Error::custom("too many signatures"));
+            }
+        }
+        Ok(count)
+    }
 }
 
 /// [`check_dsse`] on a parsed envelope (a DSSE layer, or the `dsseEnvelope` of a bundle).
-fn check_envelope(envelope: &Envelope, keys: &[PublicKey], digest_hex: &str) -> Check {
+fn check_envelope(
+    envelope: &Envelope,
+    keys: &[PublicKey],
+    digest_hex: &str,
+    limits: &Limits,
+) -> Check {
     if keys.is_empty() {
         return Check::UntrustedKey;
     }
-    let verified = match envelope.verify(keys, 1) {
+    if envelope.signatures.len() > limits.max_signatures {
+        return too_many_signatures(limits);
+    }
+    let verified = match envelope.verify_until(keys, 1, || limits.cancel.is_cancelled()) {
         Ok(v) => v,
         Err(VerifyError::ThresholdNotMet { .. }) => return Check::UntrustedKey,
+        Err(VerifyError::Cancelled) => return Check::Cancelled,
         Err(e) => return Check::Malformed(format!("DSSE envelope: {e}")),
     };
     let keyid = verified
@@ -344,13 +525,18 @@ pub enum BundleCheck {
 /// Checks a bundle against the trusted `keys` and the requested `digest_hex`. A DSSE
 /// envelope is checked as a DSSE layer is; a message signature's `messageDigest` must be
 /// the image digest (else [`Check::OtherDigest`] without fetching anything more).
-pub fn check_bundle(bundle: &SigstoreBundle, keys: &[PublicKey], digest_hex: &str) -> BundleCheck {
+pub fn check_bundle(
+    bundle: &SigstoreBundle,
+    keys: &[PublicKey],
+    digest_hex: &str,
+    limits: &Limits,
+) -> BundleCheck {
     if bundle.material == BundleMaterial::Certificate {
         return BundleCheck::Done(Check::Keyless);
     }
     match &bundle.content {
         BundleContent::Dsse(envelope) => {
-            BundleCheck::Done(check_envelope(envelope, keys, digest_hex))
+            BundleCheck::Done(check_envelope(envelope, keys, digest_hex, limits))
         }
         BundleContent::MessageSignature { sha256, signature } => {
             if hex::encode(sha256) != digest_hex.to_ascii_lowercase() {
@@ -547,7 +733,7 @@ mod tests {
                 &statement(type_, &['b', 'a']),
             );
             assert_eq!(
-                check_dsse(&env, &keys, &hex_a),
+                check_dsse(&env, &keys, &hex_a, &Limits::default()),
                 Check::Verified {
                     keyid: trusted.public.keyid()
                 }
@@ -559,7 +745,7 @@ mod tests {
             &statement(STATEMENT_V1, &['b']),
         );
         assert_eq!(
-            check_dsse(&env, &keys, &hex_a),
+            check_dsse(&env, &keys, &hex_a, &Limits::default()),
             Check::OtherDigest(vec![digest('b')])
         );
         let env = envelope(
@@ -568,13 +754,21 @@ mod tests {
             &statement(STATEMENT_V1, &['a']),
         );
         assert_eq!(
-            check_dsse(&env, std::slice::from_ref(&other.public), &hex_a),
+            check_dsse(
+                &env,
+                std::slice::from_ref(&other.public),
+                &hex_a,
+                &Limits::default()
+            ),
             Check::UntrustedKey
         );
-        assert_eq!(check_dsse(&env, &[], &hex_a), Check::UntrustedKey);
+        assert_eq!(
+            check_dsse(&env, &[], &hex_a, &Limits::default()),
+            Check::UntrustedKey
+        );
         let env = envelope(&trusted, "text/plain", &statement(STATEMENT_V1, &['a']));
         assert!(matches!(
-            check_dsse(&env, &keys, &hex_a),
+            check_dsse(&env, &keys, &hex_a, &Limits::default()),
             Check::Malformed(_)
         ));
         let env = envelope(
@@ -583,11 +777,11 @@ mod tests {
             &statement("https://x", &['a']),
         );
         assert!(matches!(
-            check_dsse(&env, &keys, &hex_a),
+            check_dsse(&env, &keys, &hex_a, &Limits::default()),
             Check::Malformed(_)
         ));
         assert!(matches!(
-            check_dsse(b"{}", &keys, &hex_a),
+            check_dsse(b"{}", &keys, &hex_a, &Limits::default()),
             Check::Malformed(_)
         ));
         let unsigned = serde_json::to_vec(&Envelope {
@@ -597,9 +791,134 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            check_dsse(&unsigned, &keys, &hex_a),
+            check_dsse(&unsigned, &keys, &hex_a, &Limits::default()),
             Check::Malformed(_)
         ));
+    }
+
+    /// `n` empty signatures after one good one, as a hostile registry serves them.
+    fn crowded_envelope(key: &TestKey, n: usize) -> Vec<u8> {
+        let payload = serde_json::to_vec(&statement(STATEMENT_V1, &['a'])).unwrap();
+        let sig = (key.sign)(&pae(INTOTO_PAYLOAD_TYPE, &payload));
+        let mut signatures = vec![Signature {
+            keyid: key.public.keyid(),
+            sig,
+        }];
+        signatures.extend((0..n).map(|_| Signature {
+            keyid: String::new(),
+            sig: Vec::new(),
+        }));
+        serde_json::to_vec(&Envelope {
+            payload,
+            payload_type: INTOTO_PAYLOAD_TYPE.into(),
+            signatures,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn envelopes_with_too_many_signatures_are_refused_unchecked() {
+        let trusted = ecdsa();
+        let keys = [trusted.public.clone()];
+        let hex_a = "a".repeat(64);
+        let limits = Limits::default();
+        // At the limit: checked, and the good signature counts.
+        let ok = crowded_envelope(&trusted, DEFAULT_MAX_ENVELOPE_SIGNATURES - 1);
+        assert_eq!(
+            check_dsse(&ok, &keys, &hex_a, &limits),
+            Check::Verified {
+                keyid: trusted.public.keyid()
+            }
+        );
+        // One more, or 25,000 more: refused, quickly, although the first would verify.
+        for extra in [DEFAULT_MAX_ENVELOPE_SIGNATURES, 25_000] {
+            let env = crowded_envelope(&trusted, extra);
+            let started = std::time::Instant::now();
+            let Check::Malformed(m) = check_dsse(&env, &keys, &hex_a, &limits) else {
+                panic!("{extra} extra signatures were not refused");
+            };
+            assert!(m.contains("more than 8 signatures"), "{m}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(500),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        // The limit is configurable.
+        let one = Limits {
+            max_signatures: 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            check_dsse(&crowded_envelope(&trusted, 1), &keys, &hex_a, &one),
+            Check::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn signature_count_stops_reading_at_the_limit() {
+        // Nine signatures, then bytes that are not JSON at all: counting never reaches them.
+        let mut doc = br#"{"payloadType":"x","signatures":["#.to_vec();
+        doc.extend(std::iter::repeat_n(&b"{\"sig\":\"\"},"[..], 9).flatten());
+        doc.extend(b"\xff\xff not json");
+        assert!(matches!(
+            count_signatures(&doc, 8),
+            Err(SignatureCountError::TooMany)
+        ));
+        assert!(matches!(
+            count_signatures(&doc, 9),
+            Err(SignatureCountError::Json(_))
+        ));
+        assert_eq!(
+            count_signatures(br#"{"payload":"","signatures":[{},{}],"x":[1,2]}"#, 8).unwrap(),
+            2
+        );
+        assert!(matches!(
+            count_signatures(b"[1]", 8),
+            Err(SignatureCountError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn verification_asks_before_each_signature_and_stops_when_told() {
+        let (trusted, other) = (ecdsa(), ecdsa());
+        let env: Envelope = serde_json::from_slice(&crowded_envelope(&other, 5)).unwrap();
+        let keys = [trusted.public.clone()];
+        // Not cancelled: every signature is asked about once (none verifies).
+        let asked = Cell::new(0);
+        let r = env.verify_until(&keys, 1, || {
+            asked.set(asked.get() + 1);
+            false
+        });
+        assert!(
+            matches!(r, Err(VerifyError::ThresholdNotMet { .. })),
+            "{r:?}"
+        );
+        assert_eq!(asked.get(), 6);
+        // Cancelled after the second signature: the third is never checked.
+        let asked = Cell::new(0);
+        let r = env.verify_until(&keys, 1, || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        });
+        assert!(matches!(r, Err(VerifyError::Cancelled)), "{r:?}");
+        assert_eq!(asked.get(), 3);
+    }
+
+    #[test]
+    fn a_cancelled_check_stops_between_signatures() {
+        let trusted = ecdsa();
+        let keys = [trusted.public.clone()];
+        let hex_a = "a".repeat(64);
+        let limits = Limits::default();
+        limits.cancel.cancel();
+        let env = crowded_envelope(&trusted, 3);
+        assert_eq!(check_dsse(&env, &keys, &hex_a, &limits), Check::Cancelled);
+        // A guard cancels when it is dropped (the async side of a check went away).
+        let limits = Limits::default();
+        drop(limits.cancel.on_drop());
+        assert!(limits.cancel.is_cancelled());
+        assert_eq!(check_dsse(&env, &keys, &hex_a, &limits), Check::Cancelled);
     }
 
     fn bundle_json(material: serde_json::Value, content: (&str, serde_json::Value)) -> Vec<u8> {
@@ -632,13 +951,13 @@ mod tests {
         let bundle = parse_bundle(&bundle_json(key_material(), dsse_content(&env))).unwrap();
         assert_eq!(bundle.material, BundleMaterial::PublicKey);
         assert_eq!(
-            check_bundle(&bundle, &keys, &hex_a),
+            check_bundle(&bundle, &keys, &hex_a, &Limits::default()),
             BundleCheck::Done(Check::Verified {
                 keyid: trusted.public.keyid()
             })
         );
         assert_eq!(
-            check_bundle(&bundle, &keys, &"b".repeat(64)),
+            check_bundle(&bundle, &keys, &"b".repeat(64), &Limits::default()),
             BundleCheck::Done(Check::OtherDigest(vec![digest('a')]))
         );
         let foreign = envelope(
@@ -648,7 +967,7 @@ mod tests {
         );
         let bundle = parse_bundle(&bundle_json(key_material(), dsse_content(&foreign))).unwrap();
         assert_eq!(
-            check_bundle(&bundle, &keys, &hex_a),
+            check_bundle(&bundle, &keys, &hex_a, &Limits::default()),
             BundleCheck::Done(Check::UntrustedKey)
         );
         // Keyless: refused whatever it holds, even a signature a trusted key made.
@@ -659,7 +978,7 @@ mod tests {
             let bundle = parse_bundle(&bundle_json(material, dsse_content(&env))).unwrap();
             assert_eq!(bundle.material, BundleMaterial::Certificate);
             assert_eq!(
-                check_bundle(&bundle, &keys, &hex_a),
+                check_bundle(&bundle, &keys, &hex_a, &Limits::default()),
                 BundleCheck::Done(Check::Keyless)
             );
         }
@@ -723,7 +1042,9 @@ mod tests {
             content(&sha2::Sha256::digest(manifest)),
         ))
         .unwrap();
-        let BundleCheck::NeedsManifest { signature } = check_bundle(&bundle, &keys, &hex_m) else {
+        let BundleCheck::NeedsManifest { signature } =
+            check_bundle(&bundle, &keys, &hex_m, &Limits::default())
+        else {
             panic!("a message signature over the digest needs the manifest");
         };
         assert_eq!(
@@ -744,7 +1065,7 @@ mod tests {
         // A message digest of another image: no manifest is needed to refuse it.
         let bundle = parse_bundle(&bundle_json(key_material(), content(&[0xbb; 32]))).unwrap();
         assert_eq!(
-            check_bundle(&bundle, &keys, &hex_m),
+            check_bundle(&bundle, &keys, &hex_m, &Limits::default()),
             BundleCheck::Done(Check::OtherDigest(vec![digest('b')]))
         );
     }

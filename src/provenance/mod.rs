@@ -12,6 +12,11 @@
 //!    attaches), then cosign's signature tag `sha256-<hex>.sig`. What counts is described
 //!    in [`formats`]; keyless bundles never do.
 //!
+//! What one decision may cost is bounded (docs/security.md, "Limits of provenance work"):
+//! signature counts per envelope and manifest, referrers list length, body sizes (streamed
+//! and abandoned at the cap); signatures are checked on the blocking pool and stop when the
+//! decision's future is dropped. The per-tenant bound on lookups is the Provenance actor's.
+//!
 //! Verdicts map onto the contract's codes: a verifying signature gives
 //! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
 //! `provenance_untrusted` (with the reason); a registry that could not be asked, and no
@@ -27,6 +32,7 @@ mod repository;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use oci_client::Reference;
@@ -43,7 +49,7 @@ use crate::config::gates::{GateMode, ProvenanceGate};
 use cache::{Verdict, VerdictCache};
 use formats::{
     BUNDLE_V03_MEDIA_TYPE, BUNDLE_V03_MEDIA_TYPE_ALT, BundleCheck, COSIGN_SIGNATURE_ANNOTATION,
-    Check, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE,
+    Cancel, Check, DSSE_MEDIA_TYPE, Limits, SIMPLE_SIGNING_MEDIA_TYPE,
 };
 use registry::{Failure, Fetched, Reader};
 pub use repository::RepositoryError;
@@ -89,6 +95,8 @@ pub enum ProvenanceSetupError {
     BadInsecureRegistry { entry: String, reason: String },
     #[error("[gates.provenance] registry_timeout must be more than zero")]
     ZeroTimeout,
+    #[error("[gates.provenance] {0} must be at least 1")]
+    ZeroLimit(&'static str),
     #[error("[gates.provenance] registry client: {0}")]
     Client(String),
     #[error(transparent)]
@@ -98,7 +106,12 @@ pub enum ProvenanceSetupError {
 /// [`ReleaseVerifier`] against OCI registries.
 pub struct ReleaseVerifierImpl {
     mode: GateMode,
-    keys: Vec<PublicKey>,
+    /// Shared with the blocking tasks that check signatures.
+    keys: Arc<[PublicKey]>,
+    /// Signatures an envelope (or signature layers a manifest) may carry.
+    max_envelope_signatures: usize,
+    /// Entries a referrers list may have.
+    max_referrers: usize,
     allowlist: HashSet<String>,
     cache: VerdictCache,
     reader: Reader,
@@ -127,6 +140,15 @@ impl ReleaseVerifierImpl {
         }
         if cfg.registry_timeout.is_zero() {
             return Err(ProvenanceSetupError::ZeroTimeout);
+        }
+        for (name, value) in [
+            ("max_envelope_signatures", cfg.max_envelope_signatures),
+            ("max_referrers", cfg.max_referrers),
+            ("tenant_lookups", cfg.tenant_lookups),
+        ] {
+            if value == 0 {
+                return Err(ProvenanceSetupError::ZeroLimit(name));
+            }
         }
         let mut keys = Vec::new();
         let mut allowlist = HashSet::new();
@@ -177,22 +199,44 @@ impl ReleaseVerifierImpl {
         };
         Ok(ReleaseVerifierImpl {
             mode: cfg.mode,
-            keys,
+            keys: keys.into(),
+            max_envelope_signatures: cfg.max_envelope_signatures,
+            max_referrers: cfg.max_referrers,
             allowlist,
             cache: VerdictCache::new(cfg.cache_ttl),
-            reader: Reader::new(client, cfg.registry_timeout, credentials),
+            reader: Reader::new(
+                client,
+                registry::http_client(cfg.registry_timeout)
+                    .map_err(ProvenanceSetupError::Client)?,
+                cfg.insecure_registries.clone(),
+                cfg.registry_timeout,
+                credentials,
+            ),
         })
     }
 
     /// Asks the registry, without the allowlist or the cache.
-    async fn look_up(&self, repo: &repository::Repository<'_>, digest: &str, hex: &str) -> Outcome {
+    async fn look_up(
+        &self,
+        repo: &repository::Repository<'_>,
+        digest: &str,
+        hex: &str,
+        cancel: &Cancel,
+    ) -> Outcome {
         let image = Reference::with_digest(
             repo.registry.to_string(),
             repo.path.to_string(),
             digest.to_string(),
         );
         let mut findings = Findings::default();
-        match self.search(&image, digest, hex, &mut findings).await {
+        let limits = Limits {
+            max_signatures: self.max_envelope_signatures,
+            cancel: cancel.clone(),
+        };
+        match self
+            .search(&image, digest, hex, &limits, &mut findings)
+            .await
+        {
             Ok(Some(found)) => Outcome::Trusted(found),
             Ok(None) if findings.unavailable.is_empty() => {
                 Outcome::Untrusted(findings.untrusted_message(repo, digest, hex))
@@ -217,19 +261,42 @@ impl ReleaseVerifierImpl {
         image: &Reference,
         digest: &str,
         hex: &str,
+        limits: &Limits,
         f: &mut Findings,
     ) -> Result<Option<Found>, String> {
-        self.reader.prepare(image).await;
+        let access = match self.reader.prepare(image).await {
+            Ok(a) => a,
+            Err(Failure::Unreachable(m)) => return Err(m),
+            Err(Failure::Unavailable(m) | Failure::Malformed(m)) => {
+                f.unavailable.push(m);
+                return Ok(None);
+            }
+        };
+        let access = &access;
 
         // 1 and 2: OCI 1.1 referrers (API, or the tag schema when the API answers 404).
         let tag_schema = format!("sha256-{hex}");
-        let index = match self.reader.referrers(image).await {
+        let index = match self.reader.referrers(image, access).await {
             // The endpoint refused with another client error than 404: some registries
             // without the API do that, so read the tag schema here.
-            Ok(None) => f.take(self.reader.tag_schema_index(image, &tag_schema).await)?,
+            Ok(None) => f.take(
+                self.reader
+                    .tag_schema_index(image, access, &tag_schema)
+                    .await,
+            )?,
             other => f.take(other)?,
         };
         if let Some(index) = index {
+            if index.manifests.len() > self.max_referrers {
+                // Refused unread: a list this long is an attack or a misuse, and reading
+                // it would let the registry decide how much work a job causes.
+                f.malformed.push(format!(
+                    "the referrers list has {} entries, over the limit of {} ([gates.provenance] max_referrers)",
+                    index.manifests.len(),
+                    self.max_referrers
+                ));
+                return Ok(None);
+            }
             for entry in prioritise(index.manifests) {
                 if f.checked >= MAX_SIGNATURES {
                     f.truncated = true;
@@ -249,12 +316,12 @@ impl ReleaseVerifierImpl {
                     continue;
                 }
                 let reference = image.clone_with_digest(entry.digest.clone());
-                let Some(manifest) = f.take(self.reader.manifest(&reference).await)? else {
+                let Some(manifest) = f.take(self.reader.manifest(&reference, access).await)? else {
                     continue;
                 };
                 let place = format!("referrer {}", entry.digest);
                 if let Some(found) = self
-                    .check_layers(image, &manifest, digest, hex, &place, f)
+                    .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                     .await?
                 {
                     return Ok(Some(found));
@@ -269,25 +336,46 @@ impl ReleaseVerifierImpl {
             image.repository().to_string(),
             sig_tag.clone(),
         );
-        if let Some(manifest) = f.take(self.reader.manifest(&sig_ref).await)? {
+        if let Some(manifest) = f.take(self.reader.manifest(&sig_ref, access).await)? {
             let place = format!("tag {sig_tag}");
             return self
-                .check_layers(image, &manifest, digest, hex, &place, f)
+                .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                 .await;
         }
         Ok(None)
     }
 
     /// Checks the signature layers of one manifest (other layers are skipped unread).
+    ///
+    /// A manifest with more signature layers than an envelope may have signatures is
+    /// refused before any is fetched. Each signature is checked on the blocking pool
+    /// ([`Self::off_runtime`]), and the search ends (`Err`, "unavailable", never cached)
+    /// once `limits.cancel` is set.
+    #[allow(clippy::too_many_arguments)]
     async fn check_layers(
         &self,
         image: &Reference,
+        access: &registry::Access,
         manifest: &OciImageManifest,
         digest: &str,
         hex: &str,
         place: &str,
+        limits: &Limits,
         f: &mut Findings,
     ) -> Result<Option<Found>, String> {
+        let signature_layers = manifest
+            .layers
+            .iter()
+            .filter(|l| layer_kind(&l.media_type).is_some())
+            .count();
+        if signature_layers > limits.max_signatures {
+            f.checked += 1;
+            f.malformed.push(format!(
+                "{place}: {signature_layers} signature layers, more than {} ([gates.provenance] max_envelope_signatures); refused unread",
+                limits.max_signatures
+            ));
+            return Ok(None);
+        }
         // A bundle manifest has exactly one layer, the bundle (cosign BUNDLE_SPEC.md): more
         // is more than one signature, refused before anything is fetched.
         let bundles = manifest
@@ -309,6 +397,9 @@ impl ReleaseVerifierImpl {
             if f.checked >= MAX_SIGNATURES {
                 f.truncated = true;
                 break;
+            }
+            if limits.cancel.is_cancelled() {
+                return Err(CANCELLED.to_string());
             }
             f.checked += 1;
             if parse_oci_sha256(&layer.digest).is_err() {
@@ -332,16 +423,29 @@ impl ReleaseVerifierImpl {
                     let sig = layer
                         .annotations
                         .as_ref()
-                        .and_then(|a| a.get(COSIGN_SIGNATURE_ANNOTATION));
-                    formats::check_simple_signing(
-                        &bytes,
-                        sig.map(String::as_str),
-                        &self.keys,
-                        digest,
+                        .and_then(|a| a.get(COSIGN_SIGNATURE_ANNOTATION))
+                        .cloned();
+                    let digest = digest.to_string();
+                    self.off_runtime(
+                        move |keys, _| {
+                            formats::check_simple_signing(&bytes, sig.as_deref(), keys, &digest)
+                        },
+                        limits,
                     )
+                    .await?
                 }
-                LayerKind::Dsse => formats::check_dsse(&bytes, &self.keys, hex),
-                LayerKind::Bundle => self.check_bundle(image, &bytes, hex, f).await?,
+                LayerKind::Dsse => {
+                    let hex = hex.to_string();
+                    self.off_runtime(
+                        move |keys, limits| formats::check_dsse(&bytes, keys, &hex, limits),
+                        limits,
+                    )
+                    .await?
+                }
+                LayerKind::Bundle => {
+                    self.check_bundle(image, access, bytes, hex, limits, f)
+                        .await?
+                }
             };
             match check {
                 Check::Verified { keyid } => {
@@ -355,6 +459,7 @@ impl ReleaseVerifierImpl {
                 Check::OtherDigest(d) => f.other_digest.push(d),
                 Check::Malformed(m) => f.malformed.push(format!("{place}: {m}")),
                 Check::Keyless => f.keyless += 1,
+                Check::Cancelled => return Err(CANCELLED.to_string()),
             }
         }
         Ok(None)
@@ -365,30 +470,59 @@ impl ReleaseVerifierImpl {
     async fn check_bundle(
         &self,
         image: &Reference,
-        bytes: &[u8],
+        access: &registry::Access,
+        bytes: Vec<u8>,
         hex: &str,
+        limits: &Limits,
         f: &mut Findings,
     ) -> Result<Check, String> {
-        let bundle = match formats::parse_bundle(bytes) {
-            Ok(b) => b,
-            Err(m) => return Ok(Check::Malformed(m)),
+        let hex_owned = hex.to_string();
+        let checked = self
+            .off_runtime(
+                move |keys, limits| {
+                    let bundle = formats::parse_bundle(&bytes).map_err(Check::Malformed)?;
+                    Ok(formats::check_bundle(&bundle, keys, &hex_owned, limits))
+                },
+                limits,
+            )
+            .await?;
+        let signature = match checked {
+            Err(check) | Ok(BundleCheck::Done(check)) => return Ok(check),
+            Ok(BundleCheck::NeedsManifest { signature }) => signature,
         };
-        match formats::check_bundle(&bundle, &self.keys, hex) {
-            BundleCheck::Done(check) => Ok(check),
-            BundleCheck::NeedsManifest { signature } => {
-                let Some(manifest) = f.take(self.reader.manifest_raw(image).await)? else {
-                    return Ok(Check::Malformed(format!(
-                        "message signature over {}, which the registry does not have",
-                        image.whole()
-                    )));
-                };
-                Ok(formats::check_message_signature(
-                    &manifest, &signature, &self.keys, hex,
-                ))
-            }
-        }
+        let Some(manifest) = f.take(self.reader.manifest_raw(image, access).await)? else {
+            return Ok(Check::Malformed(format!(
+                "message signature over {}, which the registry does not have",
+                image.whole()
+            )));
+        };
+        let hex = hex.to_string();
+        self.off_runtime(
+            move |keys, _| formats::check_message_signature(&manifest, &signature, keys, &hex),
+            limits,
+        )
+        .await
+    }
+
+    /// Runs a signature check on the blocking pool, so that parsing and verifying what a
+    /// registry served never holds a runtime thread (other tenants' jobs run there). The
+    /// check gets the trusted keys and `limits` (whose cancel flag it asks between
+    /// signatures). `Err` only if the blocking task died (a panic).
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        check: impl FnOnce(&[PublicKey], &Limits) -> T + Send + 'static,
+        limits: &Limits,
+    ) -> Result<T, String> {
+        let keys = self.keys.clone();
+        let limits = limits.clone();
+        tokio::task::spawn_blocking(move || check(&keys, &limits))
+            .await
+            .map_err(|e| format!("a signature check failed: {e}"))
     }
 }
+
+/// Why a search ended without a verdict when its caller gave up.
+const CANCELLED: &str = "the check was cancelled: its call timed out";
 
 /// The signature layers the gate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -593,7 +727,11 @@ impl ReleaseVerifier for ReleaseVerifierImpl {
                 "{image_digest} is not in the allowlist and no trusted_keys are configured"
             )));
         }
-        match self.look_up(&repo, image_digest, hex).await {
+        // Dropping this future (the Provenance actor's deadline) drops the guard, which
+        // stops the signature checks still running on the blocking pool.
+        let cancel = Cancel::default();
+        let _stop_when_dropped = cancel.on_drop();
+        match self.look_up(&repo, image_digest, hex, &cancel).await {
             Outcome::Trusted(found) => {
                 tracing::info!(
                     repository,
@@ -704,6 +842,38 @@ mod tests {
             ReleaseVerifierImpl::from_config(&bad),
             Err(ProvenanceSetupError::ZeroTimeout)
         ));
+        for (bad, name) in [
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    max_envelope_signatures: 0,
+                    ..gate()
+                },
+                "max_envelope_signatures",
+            ),
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    max_referrers: 0,
+                    ..gate()
+                },
+                "max_referrers",
+            ),
+            (
+                ProvenanceGate {
+                    allowlist: vec![digest('a')],
+                    tenant_lookups: 0,
+                    ..gate()
+                },
+                "tenant_lookups",
+            ),
+        ] {
+            let err = ReleaseVerifierImpl::from_config(&bad).unwrap_err();
+            assert!(
+                matches!(err, ProvenanceSetupError::ZeroLimit(n) if n == name),
+                "{err}"
+            );
+        }
         // Disabled needs nothing.
         let disabled = ProvenanceGate {
             mode: GateMode::Disabled,

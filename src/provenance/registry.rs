@@ -1,5 +1,11 @@
 //! Registry access through `oci-client`, and what its errors mean for the gate.
 //!
+//! Manifests and referrers lists are read by this module itself (with the credentials, or
+//! the bearer token `oci-client` obtained for them) so that their bodies are streamed and
+//! abandoned at [`MAX_MANIFEST_BYTES`]; `oci-client` reads them whole. Blobs go through
+//! `oci-client` into a [`CappedBuffer`]. Authentication happens once per lookup
+//! ([`Reader::prepare`]): one `GET /v2/`, and for a `Bearer` registry one token request.
+//!
 //! Every call is bounded by `registry_timeout`, and every failure is sorted into one of:
 //! not found (the registry answered: nothing there), unreachable (no answer at all: stop
 //! asking), unavailable (an answer that is not a verdict: 5xx, rate limit, credentials
@@ -17,7 +23,8 @@ use oci_client::manifest::{
     OciImageIndex, OciImageManifest,
 };
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::Digest as _;
 
 use super::MAX_MANIFEST_BYTES;
 use super::credentials::Credentials;
@@ -37,6 +44,25 @@ pub enum Failure {
 
 /// `Ok(None)` is "not there", as the registry says.
 pub type Fetched<T> = Result<Option<T>, Failure>;
+
+/// How the requests of one search authenticate (see [`Reader::prepare`]).
+#[derive(Clone)]
+pub enum Access {
+    Anonymous,
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+/// The HTTP client for manifests and referrers: bounded like the registry client, and
+/// following at most a few redirects.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+        .map_err(|e| e.to_string())
+}
 
 /// Builds a client; credentials are given per call (see [`Reader`]). `insecure`
 /// registries are spoken to over plain HTTP.
@@ -130,14 +156,24 @@ const IMAGE_TYPES: &[&str] = &[
 #[derive(Clone)]
 pub struct Reader {
     client: Client,
+    http: reqwest::Client,
+    insecure: Vec<String>,
     timeout: Duration,
     credentials: Credentials,
 }
 
 impl Reader {
-    pub fn new(client: Client, timeout: Duration, credentials: Credentials) -> Self {
+    pub fn new(
+        client: Client,
+        http: reqwest::Client,
+        insecure: Vec<String>,
+        timeout: Duration,
+        credentials: Credentials,
+    ) -> Self {
         Reader {
             client,
+            http,
+            insecure,
             timeout,
             credentials,
         }
@@ -190,31 +226,63 @@ impl Reader {
         }
     }
 
-    /// Stores the registry's credentials in the client (anonymous without any), so that
-    /// every later call, the referrers API included, authenticates: basic auth, or the
-    /// token flow for registries that answer `Bearer` (ghcr.io and Docker Hub hand out
-    /// anonymous pull tokens that way too).
-    pub async fn prepare(&self, image: &Reference) {
+    /// Stores the registry's credentials in the client (anonymous without any) and
+    /// authenticates once for `image`: basic auth, or the token flow for registries that
+    /// answer `Bearer` (ghcr.io and Docker Hub hand out anonymous pull tokens that way
+    /// too). The result is used by every later request of the search.
+    pub async fn prepare(&self, image: &Reference) -> Result<Access, Failure> {
+        let auth = self.auth(image);
         self.client
-            .store_auth_if_needed(image.resolve_registry(), &self.auth(image))
+            .store_auth_if_needed(image.resolve_registry(), &auth)
             .await;
+        let token = self
+            .call(
+                image,
+                "registry authentication",
+                self.client.auth(image, &auth, RegistryOperation::Pull),
+            )
+            .await?
+            .flatten();
+        Ok(match (token, auth) {
+            (Some(token), _) => Access::Bearer(token),
+            (None, RegistryAuth::Basic(username, password)) => Access::Basic { username, password },
+            (None, _) => Access::Anonymous,
+        })
     }
 
-    /// The referrers of `image` (a digest reference): the OCI 1.1 referrers API, and, when
-    /// the registry answers 404 there (it does not implement it), the referrers tag schema
-    /// (`oci-client` does that fallback itself, as the distribution spec prescribes).
-    pub async fn referrers(&self, image: &Reference) -> Fetched<OciImageIndex> {
-        self.call(
-            image,
-            "referrers API",
-            self.client.pull_referrers(image, None),
-        )
-        .await
+    /// The referrers of `image` (a digest reference) from the OCI 1.1 referrers API;
+    /// `Ok(None)` when the registry does not implement it (404, or another client error),
+    /// and the caller reads the referrers tag schema instead.
+    pub async fn referrers(&self, image: &Reference, access: &Access) -> Fetched<OciImageIndex> {
+        let Some(digest) = image.digest() else {
+            return Ok(None);
+        };
+        let what = "referrers API";
+        let Some(bytes) = self
+            .get_capped(
+                image,
+                access,
+                &format!("referrers/{digest}"),
+                &[OCI_IMAGE_INDEX_MEDIA_TYPE],
+                what,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Failure::Malformed(format!("{what}: not an image index: {e}")))
     }
 
     /// The referrers tag schema read directly: the index tagged `sha256-<hex>`. Used when
-    /// the referrers endpoint answers with another client error than 404.
-    pub async fn tag_schema_index(&self, image: &Reference, tag: &str) -> Fetched<OciImageIndex> {
+    /// the referrers endpoint answers with a client error.
+    pub async fn tag_schema_index(
+        &self,
+        image: &Reference,
+        access: &Access,
+        tag: &str,
+    ) -> Fetched<OciImageIndex> {
         let reference = Reference::with_tag(
             image.registry().to_string(),
             image.repository().to_string(),
@@ -222,7 +290,7 @@ impl Reader {
         );
         let what = format!("referrers tag {tag}");
         let Some(bytes) = self
-            .raw(&reference, &what, &[OCI_IMAGE_INDEX_MEDIA_TYPE])
+            .raw(&reference, access, &what, &[OCI_IMAGE_INDEX_MEDIA_TYPE])
             .await?
         else {
             return Ok(None);
@@ -233,9 +301,13 @@ impl Reader {
     }
 
     /// An image manifest by tag or digest (a digest reference is checked against the bytes).
-    pub async fn manifest(&self, reference: &Reference) -> Fetched<OciImageManifest> {
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        access: &Access,
+    ) -> Fetched<OciImageManifest> {
         let what = format!("manifest {}", reference.whole());
-        let Some(bytes) = self.raw(reference, &what, MANIFEST_TYPES).await? else {
+        let Some(bytes) = self.raw(reference, access, &what, MANIFEST_TYPES).await? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -244,31 +316,123 @@ impl Reader {
     }
 
     /// The image's own manifest bytes (the message of a bundle's message signature).
-    pub async fn manifest_raw(&self, image: &Reference) -> Fetched<Vec<u8>> {
+    pub async fn manifest_raw(&self, image: &Reference, access: &Access) -> Fetched<Vec<u8>> {
         let what = format!("image manifest {}", image.whole());
-        self.raw(image, &what, IMAGE_TYPES).await
+        self.raw(image, access, &what, IMAGE_TYPES).await
     }
 
-    /// A manifest's bytes, refused past [`MAX_MANIFEST_BYTES`].
-    async fn raw(&self, reference: &Reference, what: &str, accept: &[&str]) -> Fetched<Vec<u8>> {
-        let auth = self.auth(reference);
-        let Some((bytes, _)) = self
-            .call(
+    /// A manifest's bytes, streamed and refused past [`MAX_MANIFEST_BYTES`]; by digest,
+    /// they must hash to it.
+    async fn raw(
+        &self,
+        reference: &Reference,
+        access: &Access,
+        what: &str,
+        accept: &[&str],
+    ) -> Fetched<Vec<u8>> {
+        let tag_or_digest = reference
+            .digest()
+            .or(reference.tag())
+            .unwrap_or("latest")
+            .to_string();
+        let Some(bytes) = self
+            .get_capped(
                 reference,
+                access,
+                &format!("manifests/{tag_or_digest}"),
+                accept,
                 what,
-                self.client.pull_manifest_raw(reference, &auth, accept),
             )
             .await?
         else {
             return Ok(None);
         };
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(Failure::Malformed(format!(
-                "{what}: {} bytes, over the {MAX_MANIFEST_BYTES}-byte manifest limit",
-                bytes.len()
-            )));
+        if let Some(digest) = reference.digest() {
+            let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+            if !digest.eq_ignore_ascii_case(&actual) {
+                return Err(Failure::Malformed(format!(
+                    "{what}: the registry served content with digest {actual}"
+                )));
+            }
         }
-        Ok(Some(bytes.to_vec()))
+        Ok(Some(bytes))
+    }
+
+    /// `GET /v2/<repository>/<path>` on the image's registry, under the timeout, its body
+    /// read with [`crate::capped::read_capped`] at [`MAX_MANIFEST_BYTES`]. Statuses are
+    /// sorted as [`classify`] sorts `oci-client`'s errors: 404 and other client errors are
+    /// "not there"; refusals, rate limits and server errors are unavailable.
+    async fn get_capped(
+        &self,
+        image: &Reference,
+        access: &Access,
+        path: &str,
+        accept: &[&str],
+        what: &str,
+    ) -> Fetched<Vec<u8>> {
+        let registry = image.resolve_registry();
+        let scheme = if self
+            .insecure
+            .iter()
+            .any(|r| r == registry || r == image.registry())
+        {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!("{scheme}://{registry}/v2/{}/{path}", image.repository());
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, accept.join(", "));
+        request = match access {
+            Access::Anonymous => request,
+            Access::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Access::Bearer(token) => request.bearer_auth(token),
+        };
+        let fetch = async {
+            let response = request.send().await.map_err(|e| {
+                let m = format!("{what}: {}", crate::error_text::with_causes(&e));
+                if e.is_connect() || e.is_timeout() {
+                    Failure::Unreachable(m)
+                } else {
+                    Failure::Unavailable(m)
+                }
+            })?;
+            let status = response.status().as_u16();
+            match status {
+                200..=299 => {}
+                401 | 403 => {
+                    return Err(Failure::Unavailable(format!(
+                        "{what}: {}: HTTP {status}",
+                        self.refusal(image)
+                    )));
+                }
+                407 | 408 | 429 => {
+                    return Err(Failure::Unavailable(format!("{what}: HTTP {status}")));
+                }
+                400..=499 => return Ok(None),
+                _ => return Err(Failure::Unavailable(format!("{what}: HTTP {status}"))),
+            }
+            crate::capped::read_capped(response, MAX_MANIFEST_BYTES)
+                .await
+                .map(Some)
+                .map_err(|e| match e {
+                    crate::capped::BodyError::TooLarge { .. } => Failure::Malformed(format!(
+                        "{what}: over the {MAX_MANIFEST_BYTES}-byte manifest limit"
+                    )),
+                    crate::capped::BodyError::Read(e) => {
+                        Failure::Unavailable(format!("{what}: {e}"))
+                    }
+                })
+        };
+        match tokio::time::timeout(self.timeout, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Unreachable(format!(
+                "{what}: no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
     }
 
     /// A blob of at most `limit` bytes, checked against its digest.
@@ -383,6 +547,87 @@ mod tests {
         ] {
             assert!(matches!(classify(&e), Some(Failure::Malformed(_))), "{e}");
         }
+    }
+
+    /// A registry that answers every request with an endless chunked 200 body, counting
+    /// the bytes it wrote.
+    async fn endless_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b' '; 64 * 1024];
+                    loop {
+                        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                        framed.extend_from_slice(&chunk);
+                        framed.extend_from_slice(b"\r\n");
+                        if sock.write_all(&framed).await.is_err() {
+                            return;
+                        }
+                        counter.fetch_add(chunk.len(), Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        (host, written)
+    }
+
+    #[tokio::test]
+    async fn an_endless_manifest_is_abandoned_at_the_manifest_limit() {
+        use std::sync::atomic::Ordering;
+        let (host, written) = endless_registry().await;
+        let timeout = Duration::from_secs(10);
+        let reader = Reader::new(
+            client(std::slice::from_ref(&host), Some(timeout)).unwrap(),
+            http_client(timeout).unwrap(),
+            vec![host.clone()],
+            timeout,
+            Credentials::default(),
+        );
+        let reference: Reference =
+            format!("{host}/stella-ops/scanner:sha256-{}.sig", "a".repeat(64))
+                .parse()
+                .unwrap();
+        let started = std::time::Instant::now();
+        let Err(Failure::Malformed(m)) = reader.manifest(&reference, &Access::Anonymous).await
+        else {
+            panic!("an endless manifest was not refused");
+        };
+        assert!(m.contains("manifest limit"), "{m}");
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+        // The reader stopped: the registry's writes stop a little past the cap.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = written.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            written.load(Ordering::SeqCst),
+            sent,
+            "the registry is still writing"
+        );
+        assert!(
+            sent < MAX_MANIFEST_BYTES + 8 * 1024 * 1024,
+            "{sent} bytes were sent"
+        );
+        // The referrers API is read the same way.
+        let image: Reference = format!("{host}/stella-ops/scanner@sha256:{}", "a".repeat(64))
+            .parse()
+            .unwrap();
+        assert!(matches!(
+            reader.referrers(&image, &Access::Anonymous).await,
+            Err(Failure::Malformed(_))
+        ));
     }
 
     #[tokio::test]

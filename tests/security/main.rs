@@ -9,6 +9,7 @@ mod profiles;
 mod replay;
 
 mod control;
+mod gatebounds;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

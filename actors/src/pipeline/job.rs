@@ -759,6 +759,7 @@ async fn admit_and_sign(
     );
     let grant = call_actor(provenance, "provenance", timeout, |reply| {
         ProvenanceMsg::Verify {
+            tenant: request.tenant.clone(),
             repository,
             image_digest,
             reply,

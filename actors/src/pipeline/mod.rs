@@ -26,6 +26,7 @@ mod latency;
 mod publisher;
 mod supervisor;
 
+pub use gates::ProvenanceLimits;
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 
@@ -93,6 +94,8 @@ pub struct PipelineConfig {
     /// The longest one job may hold its in-flight slot; then its work is dropped and the
     /// message NAKed (terminated on the last delivery). Longer than `retry_budget`.
     pub job_timeout: Duration,
+    /// How the Provenance actor bounds registry lookups per tenant.
+    pub provenance_limits: ProvenanceLimits,
 }
 
 impl PipelineConfig {
@@ -122,6 +125,7 @@ impl PipelineConfig {
             store_failure_window: Duration::from_secs(30),
             retry_budget: Duration::from_secs(60),
             job_timeout: Duration::from_secs(300),
+            provenance_limits: ProvenanceLimits::default(),
         }
     }
 }

@@ -94,7 +94,8 @@ impl SignerSupervisor {
                     a.get_id()
                 }),
             Child::Provenance => {
-                Actor::spawn_linked(None, Provenance, ports.provenance.clone(), sup)
+                let limits = shared.cfg.provenance_limits;
+                Actor::spawn_linked(None, Provenance, (ports.provenance.clone(), limits), sup)
                     .await
                     .map(|(a, _)| {
                         shared.write_refs().provenance = Some(a.clone());

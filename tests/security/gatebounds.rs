@@ -1,0 +1,318 @@
+//! Bounded gate work, through the real worker: a hostile scanner registry cannot make one
+//! tenant's provenance checks cost the others anything. Tenant A's scanner image carries a
+//! DSSE referrer with 25,000 signatures by another key (and one good one, last: without a
+//! count limit every one is verified, seconds of CPU per job); tenant B's image is
+//! signed normally. A's jobs are refused `provenance_untrusted` quickly, and B's
+//! publish-to-result latency is the same (within 50 ms at p50 and p95) with and without A's
+//! jobs running.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::jetstream;
+use futures::StreamExt as _;
+use signer_actors::dsse::{Envelope, Signature, pae};
+use signer_actors::keys::KeySigner as _;
+use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
+
+use super::*;
+
+/// B's jobs per phase.
+const SAMPLES: usize = 30;
+/// How often A publishes a job while B is measured.
+const A_INTERVAL: Duration = Duration::from_millis(50);
+/// Signatures in A's referrer.
+const HOSTILE_SIGNATURES: usize = 25_000;
+
+/// The DSSE envelope a hostile registry serves for `image_digest`: `n` well-formed
+/// signatures by `other` (each costs a full verification with the trusted key), then one
+/// real one by `key`, so a verifier without a count limit tries them all.
+async fn hostile_envelope(
+    key: &FileKey,
+    other: &FileKey,
+    repository: &str,
+    image_digest: &str,
+    n: usize,
+) -> Envelope {
+    let hex = image_digest.trim_start_matches("sha256:");
+    let statement = json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": repository, "digest": {"sha256": hex}}],
+        "predicateType": "https://stella-ops.org/attestations/scanner-release/v1",
+        "predicate": {},
+    });
+    let payload = serde_json::to_vec(&statement).unwrap();
+    let message = pae(INTOTO_PAYLOAD_TYPE, &payload);
+    let signed = key.sign(&message).await.unwrap();
+    let forged = other.sign(&message).await.unwrap();
+    let mut signatures: Vec<Signature> = (0..n)
+        .map(|_| Signature {
+            keyid: String::new(),
+            sig: forged.sig.clone(),
+        })
+        .collect();
+    signatures.push(Signature {
+        keyid: signed.identity.keyid.clone(),
+        sig: signed.sig,
+    });
+    Envelope {
+        payload,
+        payload_type: INTOTO_PAYLOAD_TYPE.to_string(),
+        signatures,
+    }
+}
+
+/// Results as they arrive on core NATS (completed and failed), by requestId, with the
+/// time they were seen.
+type Arrivals = tokio::sync::mpsc::UnboundedReceiver<(String, Instant, Value)>;
+
+async fn watch_results(client: &async_nats::Client, stack: &Stack) -> Arrivals {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for base in ["sign.completed", "sign.failed"] {
+        for subject in [stack.subject(base), format!("{}.>", stack.subject(base))] {
+            let mut sub = client.subscribe(subject).await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let at = Instant::now();
+                    let Ok(body) = serde_json::from_slice::<Value>(&msg.payload) else {
+                        continue;
+                    };
+                    let id = body["requestId"].as_str().unwrap_or("").to_string();
+                    if tx.send((id, at, body)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    client.flush().await.unwrap();
+    rx
+}
+
+fn job(id: &str, tenant: &str, repository: &str, digest: &str) -> Vec<u8> {
+    let mut body = request(id, tenant, None);
+    body["scanner"] = json!({"repository": repository, "imageDigest": digest});
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// Publishes B's jobs one after the other and returns each one's publish-to-result time.
+/// Results of other jobs that arrive meanwhile are kept in `others`.
+#[allow(clippy::too_many_arguments)]
+async fn measure_b(
+    stack: &Stack,
+    js: &jetstream::Context,
+    arrivals: &mut Arrivals,
+    others: &mut HashMap<String, (Instant, Value)>,
+    phase: &str,
+    repository: &str,
+    digest: &str,
+    n: usize,
+) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("b-{phase}-{i}");
+        let started = Instant::now();
+        stack
+            .publish(
+                js,
+                "sign.requests.tenant-b",
+                &[("Nats-Msg-Id", &id)],
+                job(&id, "tenant-b", repository, digest),
+            )
+            .await;
+        loop {
+            let (got, at, body) = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no result for {id}; log:\n{}", stack.log(0)))
+                .unwrap();
+            if got == id {
+                assert!(body.get("error").is_none(), "{id}: {body:#}");
+                assert!(body.get("envelope").is_some(), "{id}: {body:#}");
+                latencies.push(at - started);
+                break;
+            }
+            others.insert(got, (at, body));
+        }
+    }
+    latencies
+}
+
+/// (p50, p95) of a sample.
+fn percentiles(mut d: Vec<Duration>) -> (Duration, Duration) {
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 * q).ceil() as usize).clamp(1, d.len()) - 1];
+    (at(0.50), at(0.95))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_registry_slows_no_other_tenant() {
+    let reg = TestRegistry::start();
+    let push = Pusher::new(&[reg.host()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let generated =
+        FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, dir.path(), "release").unwrap();
+    let release = FileKey::load(&generated.private_key, "release").unwrap();
+    let forger = FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, dir.path(), "forger").unwrap();
+    let forger = FileKey::load(&forger.private_key, "forger").unwrap();
+
+    let repo_a = reg.repository("tenant-a/scanner");
+    let digest_a = push.push_test_image(&repo_a).await.unwrap();
+    let envelope =
+        hostile_envelope(&release, &forger, &repo_a, &digest_a, HOSTILE_SIGNATURES).await;
+    push.attach_envelope(&repo_a, &digest_a, &envelope)
+        .await
+        .unwrap();
+
+    let repo_b = reg.repository("tenant-b/scanner");
+    let digest_b = push.push_test_image(&repo_b).await.unwrap();
+    push.attach_dsse_referrer(&repo_b, &digest_b, &release)
+        .await
+        .unwrap();
+
+    // No verdict cache: every job asks the registry, as jobs naming ever new digests would.
+    let gates = format!(
+        "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n\
+         [gates.provenance]\ntrusted_keys = [\"{}\"]\ninsecure_registries = [\"{}\"]\ncache_ttl = \"0s\"\n",
+        generated.public_key.display(),
+        reg.host()
+    );
+    let mut stack = Stack::with_gates("gatebounds", &gates, "");
+    stack.spawn_worker();
+    let (client, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    let mut arrivals = watch_results(&client, &stack).await;
+    let mut others = HashMap::new();
+
+    // Warm up (connections, first registry requests), then B alone.
+    measure_b(
+        &stack,
+        &js,
+        &mut arrivals,
+        &mut others,
+        "warm",
+        &repo_b,
+        &digest_b,
+        3,
+    )
+    .await;
+    let alone = measure_b(
+        &stack,
+        &js,
+        &mut arrivals,
+        &mut others,
+        "alone",
+        &repo_b,
+        &digest_b,
+        SAMPLES,
+    )
+    .await;
+
+    // A publishes a job every `A_INTERVAL` for as long as B is measured again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (js, stop) = (js.clone(), stop.clone());
+        let (subject, repo_a, digest_a) = (
+            stack.subject("sign.requests.tenant-a"),
+            repo_a.clone(),
+            digest_a.clone(),
+        );
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 20 {
+                let id = format!("a-{i}");
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id.as_str());
+                js.publish_with_headers(
+                    subject.clone(),
+                    headers,
+                    job(&id, "tenant-a", &repo_a, &digest_a).into(),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+                sent.push((id, Instant::now()));
+                i += 1;
+                tokio::time::sleep(A_INTERVAL).await;
+            }
+            sent
+        })
+    };
+    // Let A's jobs reach the gate before B is measured.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = measure_b(
+        &stack,
+        &js,
+        &mut arrivals,
+        &mut others,
+        "loaded",
+        &repo_b,
+        &digest_b,
+        SAMPLES,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = publisher.await.unwrap();
+
+    let (p50_alone, p95_alone) = percentiles(alone);
+    let (p50_loaded, p95_loaded) = percentiles(loaded);
+    eprintln!(
+        "tenant B publish->result: alone p50 {p50_alone:?} p95 {p95_alone:?}; with {} hostile A jobs p50 {p50_loaded:?} p95 {p95_loaded:?}",
+        sent.len()
+    );
+
+    // Every A job was refused, quickly, for the signature count.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent.iter().any(|(id, _)| !others.contains_key(id)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((id, at, body))) = tokio::time::timeout(left, arrivals.recv()).await else {
+            let missing: Vec<_> = sent
+                .iter()
+                .filter(|(id, _)| !others.contains_key(id))
+                .collect();
+            panic!(
+                "no result for {} A jobs: {missing:?}\n{}",
+                missing.len(),
+                stack.log(0)
+            );
+        };
+        others.insert(id, (at, body));
+    }
+    let mut slowest = Duration::ZERO;
+    for (id, published) in &sent {
+        let (at, body) = &others[id];
+        assert_eq!(
+            body["error"]["code"], "provenance_untrusted",
+            "{id}: {body:#}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("more than 8 signatures"),
+            "{id}: {message}"
+        );
+        slowest = slowest.max(at.saturating_duration_since(*published));
+    }
+    eprintln!("slowest refusal of an A job: {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(5),
+        "an A job took {slowest:?} to be refused"
+    );
+
+    let bound = Duration::from_millis(50);
+    assert!(
+        p50_loaded <= p50_alone + bound && p95_loaded <= p95_alone + bound,
+        "tenant B slowed down: alone p50 {p50_alone:?} p95 {p95_alone:?}, loaded p50 {p50_loaded:?} p95 {p95_loaded:?}"
+    );
+
+    // Nothing of A was signed; its audit events say untrusted.
+    let audit = stack.audit_events(&js).await;
+    let a_events: Vec<_> = audit.iter().filter(|e| e["tenant"] == "tenant-a").collect();
+    assert_eq!(a_events.len(), sent.len(), "{a_events:#?}");
+    for e in a_events {
+        assert_eq!(e["provenance"]["verdict"], "untrusted", "{e:#}");
+    }
+    stack.cleanup(&js).await;
+}
