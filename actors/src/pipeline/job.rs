@@ -1,7 +1,8 @@
 //! One job, from the delivered message to its single result:
-//! decode -> entitlement -> profile permission -> idempotency lease -> provenance -> quota
-//! (one unit per signature) -> sign (every key of the profile) -> audit event stored ->
-//! result stored -> idempotency record -> ack.
+//! decode -> entitlement -> profile permission -> idempotency lease -> payload (read from
+//! the blob bucket for a `payloadRef`) -> provenance -> quota (one unit per signature) ->
+//! sign (every key of the profile) -> result placed (inline, or its envelope and bundles
+//! stored as objects) -> audit event stored -> result stored -> idempotency record -> ack.
 //! Retryable failures NAK with backoff until the last delivery, which publishes them.
 
 use std::sync::Arc;
@@ -18,15 +19,17 @@ use crate::audit::{
 use crate::codec::ContentType;
 use crate::error::{ErrorCode, SignerError};
 use crate::messages::{
-    AuditRef, Completed, EntitlementPoe, ErrorBody, Failed, GateState, Gates, ResultKind,
-    SignerEntry, SubjectEntry,
+    Artefacts, AuditRef, Completed, EntitlementPoe, ErrorBody, Failed, GateState, Gates,
+    InlineArtefacts, ResultKind, SignerEntry, SubjectEntry,
 };
 use crate::ports::{
     Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, ProvenanceGrant,
     QuotaGrant,
 };
 use crate::profiles::ProfileRefusal;
-use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
+use crate::request::{
+    PayloadSource, PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant,
+};
 
 /// Tenant recorded when a message names none we can trust.
 pub const UNKNOWN_TENANT: &str = "_unknown";
@@ -38,6 +41,7 @@ enum Settle {
 }
 
 /// Who a result is about.
+#[derive(Clone)]
 struct Ids {
     request_id: String,
     tenant: String,
@@ -273,11 +277,13 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     if let Err(e) = check_queue_age(d.published(), SystemTime::now(), shared.cfg.max_queue_age) {
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
-    let prepared = match request.validate().and_then(|_| request.prepare_payload()) {
+    let source = match request.validate().and_then(|_| request.payload_source()) {
         Ok(p) => p,
         Err(e) => return finish_failed(shared, d, ids, None, e, findings).await,
     };
-    findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+    if let PayloadSource::Inline(prepared) = &source {
+        findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+    }
     let mismatch = match subject {
         SubjectTenant::Named(t) if t != request.tenant => Some(format!(
             "subject names tenant {t:?}, body names {:?}",
@@ -306,7 +312,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let gate_input = GateInput {
         request: request.clone(),
         subject_tenant: subject_tenant.clone(),
-        payload_bytes: prepared.bytes.len(),
+        payload_bytes: usize::try_from(source.size()).unwrap_or(usize::MAX),
         published: d.published(),
     };
     let verdict = match authenticate(shared, gate_input, &mut findings).await {
@@ -371,19 +377,26 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     };
     stage("claim", t_claim);
 
-    let outcome = match claimed {
-        Ok(()) => {
+    // A referenced payload is read once the requestId is ours (two copies of a job do not
+    // both read it) and before provenance and quota (its size and digest are checked
+    // before anything is charged).
+    let prepared = match claimed {
+        Ok(()) => payload(shared, source, &verdict.plan, &mut findings).await,
+        Err(e) => Err(e),
+    };
+    let outcome = match &prepared {
+        Ok(prepared) => {
             admit_and_sign(
                 shared,
                 &request,
                 &verdict,
-                &prepared,
+                prepared,
                 &key_names,
                 &mut findings,
             )
             .await
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.clone()),
     };
     stage("gates_and_sign", t_gates);
     let settle = match outcome {
@@ -393,7 +406,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
                 d,
                 &ids,
                 &idem_key,
-                &prepared.subjects,
+                prepared.as_ref().map_or(&[][..], |p| &p.subjects[..]),
                 signed,
                 verdict,
                 findings,
@@ -495,6 +508,29 @@ fn check_queue_age(
 
 fn unknown_profile(request: &SignRequest) -> SignerError {
     SignerError::InvalidRequest(format!("unknown signing profile {:?}", request.profile()))
+}
+
+/// The bytes to sign: the request's own, or the object its `payloadRef` names (whose
+/// subjects are then recorded).
+async fn payload(
+    shared: &Arc<Shared>,
+    source: PayloadSource,
+    plan: &str,
+    findings: &mut Findings,
+) -> Result<PreparedPayload, SignerError> {
+    match source {
+        PayloadSource::Inline(p) => Ok(p),
+        PayloadSource::Referenced {
+            object,
+            payload_type,
+        } => {
+            let t_fetch = Instant::now();
+            let p = super::artefacts::fetch_payload(shared, &object, payload_type, plan).await?;
+            stage("payload_fetch", t_fetch);
+            findings.subjects = p.subjects.iter().map(|s| s.digest.clone()).collect();
+            Ok(p)
+        }
+    }
 }
 
 /// Provenance, then quota (last, so a job retried for an earlier reason is not charged
@@ -639,26 +675,21 @@ async fn finish_signed(
             mode: s.mode,
         })
         .collect();
-    let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
-    let t_audit = Instant::now();
-    let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
-        Ok(seq) => seq,
-        Err(settle) => return settle,
-    };
-    stage("audit", t_audit);
     let poe = match verdict.poe {
         PoeState::Bypassed => EntitlementPoe::Bypassed,
         PoeState::Disabled => EntitlementPoe::Disabled,
         _ => EntitlementPoe::Valid,
     };
-    let completed = Completed {
+    let mut completed = Completed {
         api_version: crate::API_VERSION.into(),
         request_id: ids.request_id.clone(),
         tenant: ids.tenant.clone(),
         kind: ids.kind,
         subjects: subjects.iter().map(SubjectEntry::from).collect(),
-        envelope: signed.envelope,
-        bundles: signed.bundles,
+        artefacts: Artefacts::Inline(InlineArtefacts {
+            envelope: signed.envelope,
+            bundles: signed.bundles,
+        }),
         bundle_sha256: signed.bundle_sha256,
         signers: signed
             .signers
@@ -687,11 +718,24 @@ async fn finish_signed(
                 _ => GateState::Passed,
             }),
         }),
+        // measured with the longest sequence; set once the audit event is stored
         audit: AuditRef {
             stream: shared.cfg.audit_stream.clone(),
-            seq: audit_seq,
+            seq: u64::MAX,
         },
     };
+    // Placed before the audit event: a result that cannot be published is answered as a
+    // failure (with its own event), not recorded as signed.
+    if let Err(settle) = place_result(shared, d, ids, idem_key, &mut completed, &findings).await {
+        return settle;
+    }
+    let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
+    let t_audit = Instant::now();
+    completed.audit.seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
+        Ok(seq) => seq,
+        Err(settle) => return settle,
+    };
+    stage("audit", t_audit);
     let subject = shared.cfg.completed_subject.clone();
     publish_result(
         shared,
@@ -704,6 +748,50 @@ async fn finish_signed(
         None,
     )
     .await
+}
+
+/// Keeps a result inline when it fits the inline limit; otherwise stores its envelope and
+/// bundles in the blob bucket (retried like any store of the outcome) and makes it carry
+/// their references. With no blob store, a result too large to publish is answered with
+/// `payload_too_large` ([`super::artefacts::ResultTooLarge`]).
+async fn place_result(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: &Ids,
+    idem_key: &str,
+    completed: &mut Completed,
+    findings: &Findings,
+) -> Result<(), Settle> {
+    use super::artefacts::{Placement, ResultTooLarge, placement, store};
+    let limit = shared.cfg.max_inline_result_bytes;
+    let size = match placement(limit, ids.content_type, completed) {
+        Ok(Placement::Inline) => return Ok(()),
+        Ok(Placement::Reference { size }) => size,
+        Err(e) => return Err(retry_later(shared, d, e)),
+    };
+    let (Some(blobs), Artefacts::Inline(inline)) =
+        (shared.ports.blobs.clone(), &completed.artefacts)
+    else {
+        let e = SignerError::from(ResultTooLarge { size, limit });
+        return Err(finish_failed(
+            shared,
+            d,
+            ids.clone(),
+            Some(idem_key),
+            e,
+            findings.clone_parts(),
+        )
+        .await);
+    };
+    let t_store = Instant::now();
+    let stored = persist(shared, d, || {
+        store(blobs.as_ref(), &ids.tenant, &ids.request_id, inline)
+    })
+    .await?;
+    stage("result_objects", t_store);
+    metrics::counter!("signer_results_by_reference_total").increment(1);
+    completed.artefacts = Artefacts::Referenced(stored);
+    Ok(())
 }
 
 impl Findings {

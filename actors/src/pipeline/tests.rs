@@ -264,6 +264,7 @@ async fn start_with(
         entitlement: Arc::new(DisabledEntitlement),
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
+        blobs: None,
     };
     change(&mut cfg, &mut ports);
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
@@ -661,6 +662,7 @@ async fn start_profiles(plan: &str) -> Deployment {
         entitlement: Arc::new(OnPlan(plan.into())),
         quota: ledger.clone(),
         provenance: Arc::new(DisabledProvenance),
+        blobs: None,
     };
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
     let status = pipeline.status();
@@ -1036,3 +1038,6 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
     assert!(seen.iter().all(|t| *t == published), "{seen:?}");
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
+
+/// Payloads and results by reference, with the in-memory blob store.
+mod blobs;
