@@ -210,7 +210,31 @@ pub fn pipeline_config(
     p.audit_batch_max = cfg.worker.audit_batch_max;
     p.audit_flush_interval = cfg.worker.audit_flush_interval;
     p.max_queue_age = cfg.worker.max_queue_age;
+    p.max_payload_ref_bytes = cfg.worker.max_payload_ref_bytes;
     p
+}
+
+/// The inline result limit: `worker.max_inline_result_bytes`, or the server's
+/// `max_payload` less [`INLINE_RESULT_HEADROOM`] for headers. A configured limit the
+/// server could not take is a startup error, not a result that never gets out.
+///
+/// [`INLINE_RESULT_HEADROOM`]: signer_actors::pipeline::INLINE_RESULT_HEADROOM
+pub fn inline_result_limit(
+    configured: Option<usize>,
+    server_max_payload: usize,
+) -> Result<usize, ServeError> {
+    use signer_actors::pipeline::INLINE_RESULT_HEADROOM;
+    let room = server_max_payload.saturating_sub(INLINE_RESULT_HEADROOM);
+    match configured {
+        Some(n) if n > room => Err(ServeError::Setup(format!(
+            "worker.max_inline_result_bytes = {n} does not fit the server's max_payload of {server_max_payload} bytes with {INLINE_RESULT_HEADROOM} bytes for headers (at most {room})"
+        ))),
+        Some(n) => Ok(n),
+        None if room < crate::config::MIN_INLINE_RESULT_BYTES => Err(ServeError::Setup(format!(
+            "the server's max_payload of {server_max_payload} bytes is too small for results"
+        ))),
+        None => Ok(room),
+    }
 }
 
 /// Runs until SIGTERM or SIGINT, then drains.
@@ -259,6 +283,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
+    let blobs = jetstream::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
+    let inline_limit = inline_result_limit(
+        cfg.worker.max_inline_result_bytes,
+        client.server_info().max_payload,
+    )?;
+    tracing::info!(
+        bucket = %cfg.nats.blobs_bucket,
+        max_inline_result_bytes = inline_limit,
+        "large artefacts go through the object store"
+    );
     if cfg.gates.entitlement.mode == GateMode::Enforce {
         replay.set(replay_store(&cfg, redis.clone(), &js).await?);
     }
@@ -312,13 +346,18 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         entitlement,
         quota,
         provenance,
+        blobs: Some(Arc::new(jetstream::blobs::JsBlobStore::new(
+            blobs,
+            cfg.nats.blobs_bucket.clone(),
+        ))),
     };
-    let pcfg = pipeline_config(
+    let mut pcfg = pipeline_config(
         &cfg,
         worker_id.clone(),
         provisioned.max_deliver,
         provisioned.ack_wait,
     );
+    pcfg.max_inline_result_bytes = inline_limit;
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;

@@ -15,9 +15,9 @@ use crate::ports::{BlobError, BlobStore, PortError};
 /// The default bucket of large payloads, envelopes and bundles.
 pub const DEFAULT_BUCKET: &str = "SIGNER_BLOBS";
 
-/// Longest object name accepted in a reference (bytes). Names are echoed in refusals, logs
+/// Longest object name accepted in a reference (characters). Names are echoed in refusals, logs
 /// and audit events, so they are bounded like every other field that comes from a request.
-pub const MAX_NAME_BYTES: usize = 512;
+pub const MAX_NAME_CHARS: usize = 512;
 
 /// An object of the blob bucket, with what it must be: the same shape for `payloadRef`,
 /// `envelopeRef` and each `bundleRefs[]` entry.
@@ -37,7 +37,7 @@ pub struct ObjectRef {
 pub enum RefError {
     #[error("bucket must be 1 to 64 characters of [A-Za-z0-9_-]")]
     Bucket,
-    #[error("name must be 1 to {MAX_NAME_BYTES} bytes without control characters")]
+    #[error("name must be 1 to {MAX_NAME_CHARS} characters without control characters")]
     Name,
     #[error("sha256 must be 64 lowercase hex characters")]
     Sha256,
@@ -68,7 +68,7 @@ impl ObjectRef {
             return Err(RefError::Bucket);
         }
         if self.name.is_empty()
-            || self.name.len() > MAX_NAME_BYTES
+            || self.name.chars().count() > MAX_NAME_CHARS
             || self.name.chars().any(char::is_control)
         {
             return Err(RefError::Name);
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(bad(|r| r.name = String::new()), Err(RefError::Name));
         assert_eq!(bad(|r| r.name = "a\nb".into()), Err(RefError::Name));
         assert_eq!(
-            bad(|r| r.name = "x".repeat(MAX_NAME_BYTES + 1)),
+            bad(|r| r.name = "x".repeat(MAX_NAME_CHARS + 1)),
             Err(RefError::Name)
         );
         assert_eq!(bad(|r| r.sha256 = "AB".repeat(32)), Err(RefError::Sha256));

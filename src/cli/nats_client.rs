@@ -103,8 +103,17 @@ pub fn summary(subject: &str, value: &serde_json::Value) -> String {
                     .collect()
             })
             .unwrap_or_default();
+        let by_reference = match value.get("envelopeRef") {
+            Some(r) => format!(
+                " envelopeRef={}/{} bundleRefs={}",
+                r["bucket"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                value["bundleRefs"].as_array().map_or(0, Vec::len)
+            ),
+            None => String::new(),
+        };
         format!(
-            "completed {}/{} keys={} bundleSha256={}",
+            "completed {}/{} keys={} bundleSha256={}{by_reference}",
             s("/tenant"),
             s("/requestId"),
             keyids.join(","),

@@ -107,6 +107,13 @@ pub struct NatsConfig {
     pub audit_max_age: Duration,
     /// Credentials file (`.creds`) for NATS, when the server requires one.
     pub credentials: Option<PathBuf>,
+    /// Object Store bucket of large artefacts: `payloadRef` objects are read from it,
+    /// results too large to publish inline are stored in it (CONTRACT.md, "Large
+    /// artefacts"). Created when missing; an existing bucket is left as it is.
+    pub blobs_bucket: String,
+    /// How long objects live in a bucket `serve` creates (its TTL).
+    #[serde(with = "duration")]
+    pub blobs_max_age: Duration,
 }
 
 impl Default for NatsConfig {
@@ -125,6 +132,8 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
             credentials: None,
+            blobs_bucket: signer_actors::objects::DEFAULT_BUCKET.into(),
+            blobs_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -134,6 +143,10 @@ impl NatsConfig {
         format!("{}{base}", self.subject_prefix)
     }
 }
+
+/// Smallest `worker.max_inline_result_bytes`: a refusal or a one-key result of a small
+/// statement must always fit inline.
+pub const MIN_INLINE_RESULT_BYTES: usize = 16 << 10;
 
 /// How one replica works.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +170,14 @@ pub struct WorkerConfig {
     /// publish time, so this bounds how far back that may be).
     #[serde(with = "duration")]
     pub max_queue_age: Duration,
+    /// Largest object a request's `payloadRef` may name, whatever its plan allows (the
+    /// plan's `max_payload_bytes` applies too). Checked against the declared size before
+    /// the object is read.
+    pub max_payload_ref_bytes: u64,
+    /// Largest encoded result published inline; a larger one carries `envelopeRef` /
+    /// `bundleRefs` to objects of `nats.blobs_bucket`. Default: the server's
+    /// `max_payload` less 64 KiB for headers.
+    pub max_inline_result_bytes: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -171,6 +192,8 @@ impl Default for WorkerConfig {
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
             max_queue_age: Duration::from_secs(24 * 3600),
+            max_payload_ref_bytes: signer_actors::pipeline::DEFAULT_MAX_PAYLOAD_REF_BYTES,
+            max_inline_result_bytes: None,
         }
     }
 }
@@ -443,6 +466,22 @@ impl Config {
         }
         if self.worker.max_queue_age < Duration::from_secs(1) {
             return invalid("worker.max_queue_age must be at least 1s".into());
+        }
+        if !signer_actors::objects::is_valid_bucket(&self.nats.blobs_bucket) {
+            return invalid("nats.blobs_bucket must be 1 to 64 characters of [A-Za-z0-9_-]".into());
+        }
+        if self.nats.blobs_max_age < Duration::from_secs(60) {
+            return invalid("nats.blobs_max_age must be at least 1m".into());
+        }
+        if self.worker.max_payload_ref_bytes == 0 {
+            return invalid("worker.max_payload_ref_bytes must be at least 1".into());
+        }
+        if let Some(n) = self.worker.max_inline_result_bytes
+            && n < MIN_INLINE_RESULT_BYTES
+        {
+            return invalid(format!(
+                "worker.max_inline_result_bytes must be at least {MIN_INLINE_RESULT_BYTES}"
+            ));
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());
