@@ -148,7 +148,7 @@ impl PreparedPayload {
             return Err(invalid("payloadType is empty"));
         }
         let subjects = if payload_type == INTOTO_PAYLOAD_TYPE {
-            Statement::from_payload(&bytes).map_err(invalid)?.subject
+            Statement::subjects_of_payload(&bytes).map_err(invalid)?
         } else {
             Vec::new()
         };
