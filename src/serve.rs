@@ -433,3 +433,26 @@ impl StopSignal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::inline_result_limit;
+
+    #[test]
+    fn the_inline_result_limit_leaves_room_for_headers_below_max_payload() {
+        let mib = 1 << 20;
+        assert_eq!(inline_result_limit(None, mib).unwrap(), mib - (64 << 10));
+        assert_eq!(inline_result_limit(Some(100_000), mib).unwrap(), 100_000);
+        let err = inline_result_limit(Some(mib), mib).unwrap_err().to_string();
+        assert!(err.contains("max_inline_result_bytes"), "{err}");
+        assert!(
+            inline_result_limit(None, 70 << 10).is_err(),
+            "no room for results"
+        );
+        assert_eq!(
+            inline_result_limit(None, 8 * mib).unwrap(),
+            8 * mib - (64 << 10),
+            "a server with a larger max_payload gets larger inline results"
+        );
+    }
+}

@@ -172,6 +172,15 @@ async fn five_and_forty_megabyte_statements_are_signed_by_reference_and_verify_w
     stack.wait_provisioned(&js).await;
     let keys = key_files(&stack);
     let dir = tempfile::tempdir().unwrap();
+    // serve created the bucket, with the default TTL
+    let mut blobs = js
+        .get_stream(format!("OBJ_{}", stack.stream("BLOBS")))
+        .await
+        .unwrap();
+    assert_eq!(
+        blobs.info().await.unwrap().config.max_age,
+        Duration::from_secs(7 * 24 * 3600)
+    );
 
     // 5 MB, two keys (ECDSA and Ed25519): two signatures, two bundles
     let five = sbom_statement(5 << 20, "five");
@@ -248,10 +257,19 @@ fn with_ref(id: &str, r: &ObjectRef) -> Vec<u8> {
 async fn bad_references_are_refused_audited_and_a_small_statement_stays_inline() {
     let mut stack = large_stack("lgbad");
     stack.worker_setting("max_payload_ref_bytes = 2000000");
-    stack.spawn_worker();
     let (_c, js) = stack.connect().await;
-    stack.wait_provisioned(&js).await;
     let bucket = stack.stream("BLOBS");
+    // an operator provisioned the bucket with a TTL of their own: serve leaves it so
+    let ttl = Duration::from_secs(3600);
+    js.create_object_store(async_nats::jetstream::object_store::Config {
+        bucket: bucket.clone(),
+        max_age: ttl,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stack.spawn_worker();
+    stack.wait_provisioned(&js).await;
     let statement = sbom_statement(200_000, "bad");
     upload(&stack, &js, "in/statement", &statement).await;
     let good = ObjectRef::of(&bucket, "in/statement", &statement);
@@ -360,5 +378,11 @@ async fn bad_references_are_refused_audited_and_a_small_statement_stays_inline()
             "{id}"
         );
     }
+    let mut stream = js.get_stream(format!("OBJ_{bucket}")).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_age,
+        ttl,
+        "left as provisioned"
+    );
     stack.cleanup(&js).await;
 }

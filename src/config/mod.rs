@@ -857,6 +857,44 @@ mod tests {
     }
 
     #[test]
+    fn blob_bucket_and_large_artefact_limits_default_parse_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.nats.blobs_bucket, "SIGNER_BLOBS");
+        assert_eq!(cfg.nats.blobs_max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.worker.max_payload_ref_bytes, 64 << 20);
+        assert_eq!(cfg.worker.max_inline_result_bytes, None);
+        let with = format!(
+            "{text}\n[nats]\nblobs_bucket = \"BLOBS_EU\"\nblobs_max_age = \"2d\"\n[worker]\nmax_payload_ref_bytes = 1000000\nmax_inline_result_bytes = 500000\n"
+        );
+        let cfg = Config::from_toml(&with, []).unwrap();
+        assert_eq!(cfg.nats.blobs_bucket, "BLOBS_EU");
+        assert_eq!(cfg.nats.blobs_max_age, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(cfg.worker.max_payload_ref_bytes, 1_000_000);
+        assert_eq!(cfg.worker.max_inline_result_bytes, Some(500_000));
+        for (key, value, says) in [
+            ("SIGNER_NATS__BLOBS_BUCKET", "a.b", "nats.blobs_bucket"),
+            ("SIGNER_NATS__BLOBS_MAX_AGE", "1s", "nats.blobs_max_age"),
+            (
+                "SIGNER_WORKER__MAX_PAYLOAD_REF_BYTES",
+                "0",
+                "worker.max_payload_ref_bytes",
+            ),
+            (
+                "SIGNER_WORKER__MAX_INLINE_RESULT_BYTES",
+                "100",
+                "worker.max_inline_result_bytes",
+            ),
+        ] {
+            let err = Config::from_toml(&text, [(key.to_string(), value.to_string())])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn max_queue_age_defaults_to_a_day_parses_humantime_and_must_be_positive() {
         let dir = tempfile::tempdir().unwrap();
         let text = base(dir.path());
