@@ -79,8 +79,6 @@ impl SubmitArgs {
             }
         };
         let bytes = super::read_file(&self.statement)?;
-        let statement: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CliError::Unusable(format!("{}: {e}", self.statement.display())))?;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let mut request = serde_json::json!({
             "apiVersion": signer_actors::API_VERSION,
@@ -94,25 +92,29 @@ impl SubmitArgs {
         if let Some(p) = &self.profile {
             request["options"] = serde_json::json!({"profile": p});
         }
-        runtime()?.block_on(self.publish(&request_id, request, statement, bytes))
+        runtime()?.block_on(self.publish(&request_id, request, bytes))
     }
 
     /// The request body: the statement inline when it fits the broker's limit (and
     /// `--by-reference` is not given), else uploaded as
-    /// `requests/<tenant>/<requestId>/payload` and sent as `payloadRef`.
+    /// `requests/<tenant>/<requestId>/payload` and sent as `payloadRef`. A file larger
+    /// than the limit is never parsed into a JSON tree nor encoded inline: it is checked
+    /// as a Statement the way the signer checks it, and uploaded as it is.
     async fn body(
         &self,
         js: &async_nats::jetstream::Context,
         cfg: &crate::config::NatsConfig,
         max_payload: usize,
         mut request: serde_json::Value,
-        statement: serde_json::Value,
         bytes: Vec<u8>,
     ) -> Result<Vec<u8>, CliError> {
         let ct = self.content_type();
         let unusable = |e: String| CliError::Unusable(e);
+        let file = self.statement.display();
         let limit = max_payload.saturating_sub(signer_actors::pipeline::INLINE_RESULT_HEADROOM);
-        if !self.by_reference {
+        if !self.by_reference && bytes.len() <= limit {
+            let statement: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| unusable(format!("{file}: {e}")))?;
             request["statement"] = statement;
             let body = ct.encode(&request).map_err(|e| unusable(e.to_string()))?;
             if body.len() <= limit {
@@ -121,9 +123,9 @@ impl SubmitArgs {
             if let Some(m) = request.as_object_mut() {
                 m.remove("statement");
             }
-        } else {
-            drop(statement);
         }
+        signer_actors::statement::Statement::subjects_of_payload(&bytes)
+            .map_err(|e| unusable(format!("{file}: {e}")))?;
         let request_id = request["requestId"]
             .as_str()
             .unwrap_or_default()
@@ -158,20 +160,12 @@ impl SubmitArgs {
         &self,
         request_id: &str,
         request: serde_json::Value,
-        statement: serde_json::Value,
         bytes: Vec<u8>,
     ) -> Result<(), CliError> {
         let (cfg, client, js) = self.nats.connect().await?;
         let ct = self.content_type();
         let body = self
-            .body(
-                &js,
-                &cfg,
-                client.server_info().max_payload,
-                request,
-                statement,
-                bytes,
-            )
+            .body(&js, &cfg, client.server_info().max_payload, request, bytes)
             .await?;
         let unusable = |e: String| CliError::Unusable(e);
         let mut subs = if self.wait {

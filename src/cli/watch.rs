@@ -154,7 +154,7 @@ impl WatchArgs {
             if let Some(dir) = &self.fetch
                 && msg.subject.as_str().ends_with("sign.completed")
             {
-                self.fetch_one(&js, dir, &value).await;
+                self.fetch_one(js, dir, &value).await;
             }
             if self.durable.is_some() {
                 msg.ack().await.map_err(|e| unusable(e.to_string()))?;

@@ -173,8 +173,15 @@ pub(crate) async fn store(
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         SignerError::Internal(format!("storing the result's {what}: {e}"))
     };
+    // Sized for the payload's base64 plus room for the rest, so the JSON is written
+    // without reallocating a buffer of tens of MB.
+    let to_json = |value: &dyn erased::Json, payload: usize| {
+        let mut out = Vec::with_capacity(b64_len(payload).saturating_add(64 << 10));
+        value.write(&mut out).map(|()| out)
+    };
     let envelope_ref = {
-        let json = serde_json::to_vec(&artefacts.envelope).map_err(|e| failed("envelope", &e))?;
+        let json = to_json(&artefacts.envelope, artefacts.envelope.payload.len())
+            .map_err(|e| failed("envelope", &e))?;
         blobs
             .put(&envelope_object_name(tenant, request_id), &json)
             .await
@@ -182,7 +189,8 @@ pub(crate) async fn store(
     };
     let mut bundle_refs = Vec::with_capacity(artefacts.bundles.len());
     for (i, bundle) in artefacts.bundles.iter().enumerate() {
-        let json = serde_json::to_vec(bundle).map_err(|e| failed("bundle", &e))?;
+        let json = to_json(bundle, bundle.dsse_envelope.payload.len())
+            .map_err(|e| failed("bundle", &e))?;
         let r = blobs
             .put(&bundle_object_name(tenant, request_id, i), &json)
             .await
@@ -193,6 +201,18 @@ pub(crate) async fn store(
         envelope_ref,
         bundle_refs,
     })
+}
+
+/// JSON writing for the two artefact types behind one closure.
+mod erased {
+    pub(super) trait Json {
+        fn write(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+            serde_json::to_writer(out, self)
+        }
+    }
 }
 
 #[cfg(test)]

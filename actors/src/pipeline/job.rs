@@ -384,9 +384,12 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         Ok(()) => payload(shared, source, &verdict.plan, &mut findings).await,
         Err(e) => Err(e),
     };
-    let outcome = match &prepared {
+    // The payload moves into the envelope (a 40 MB payload is not copied for it); its
+    // subjects are kept for the result.
+    let (outcome, subjects) = match prepared {
         Ok(prepared) => {
-            admit_and_sign(
+            let subjects = prepared.subjects.clone();
+            let signed = admit_and_sign(
                 shared,
                 &request,
                 &verdict,
@@ -394,22 +397,16 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
                 &key_names,
                 &mut findings,
             )
-            .await
+            .await;
+            (signed, subjects)
         }
-        Err(e) => Err(e.clone()),
+        Err(e) => (Err(e), Vec::new()),
     };
     stage("gates_and_sign", t_gates);
     let settle = match outcome {
         Ok(signed) => {
             finish_signed(
-                shared,
-                d,
-                &ids,
-                &idem_key,
-                prepared.as_ref().map_or(&[][..], |p| &p.subjects[..]),
-                signed,
-                verdict,
-                findings,
+                shared, d, &ids, &idem_key, &subjects, signed, verdict, findings,
             )
             .await
         }
@@ -539,7 +536,7 @@ async fn admit_and_sign(
     shared: &Arc<Shared>,
     request: &Arc<SignRequest>,
     verdict: &EntitlementVerdict,
-    prepared: &PreparedPayload,
+    prepared: PreparedPayload,
     key_names: &[String],
     findings: &mut Findings,
 ) -> Result<crate::signing::SignedEnvelope, SignerError> {
@@ -613,12 +610,17 @@ async fn admit_and_sign(
 }
 
 /// Asks every key actor of the profile to sign the PAE, concurrently, in profile order.
+/// The PAE is built once, straight into the shared buffer the key actors read.
 async fn sign(
     shared: &Arc<Shared>,
-    prepared: &PreparedPayload,
+    prepared: PreparedPayload,
     key_names: &[String],
 ) -> Result<crate::signing::SignedEnvelope, SignerError> {
-    let pae: Arc<[u8]> = crate::dsse::pae(&prepared.payload_type, &prepared.bytes).into();
+    let pae: Arc<[u8]> = crate::dsse::pae_header(&prepared.payload_type, prepared.bytes.len())
+        .iter()
+        .chain(prepared.bytes.iter())
+        .copied()
+        .collect();
     let actors: Vec<_> = {
         let refs = shared.read_refs();
         key_names
@@ -640,12 +642,9 @@ async fn sign(
         }
     });
     let signatures = futures::future::try_join_all(calls).await?;
-    crate::signing::assemble(
-        prepared.payload_type.clone(),
-        prepared.bytes.clone(),
-        signatures,
-    )
-    .map_err(|e| SignerError::Internal(format!("assembling the envelope: {e}")))
+    drop(pae);
+    crate::signing::assemble(prepared.payload_type, prepared.bytes, signatures)
+        .map_err(|e| SignerError::Internal(format!("assembling the envelope: {e}")))
 }
 
 fn gate_state(auth: AuthState) -> GateState {
