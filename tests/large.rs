@@ -84,9 +84,16 @@ fn key_files(stack: &Stack) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
-/// `stella-signer submit --wait --out DIR` of `statement` with `profile`; returns the
-/// printed result.
-fn submit(stack: &Stack, statement: &Path, profile: &str, id: &str, out: &Path) -> Value {
+/// `stella-signer submit --wait --out DIR` of `statement` with `profile` (and `extra`
+/// flags); returns the printed result.
+fn submit(
+    stack: &Stack,
+    statement: &Path,
+    profile: &str,
+    id: &str,
+    out: &Path,
+    extra: &[&str],
+) -> Value {
     let mut cmd = signer();
     cmd.args(["submit", "--config"])
         .arg(&stack.config)
@@ -96,7 +103,8 @@ fn submit(stack: &Stack, statement: &Path, profile: &str, id: &str, out: &Path) 
         .arg("--identity")
         .arg(identity(stack.dir.path()))
         .args(["--wait", "--timeout", "300s", "--json", "--out"])
-        .arg(out);
+        .arg(out)
+        .args(extra);
     let output = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -187,7 +195,8 @@ async fn five_and_forty_megabyte_statements_are_signed_by_reference_and_verify_w
     let five_path = dir.path().join("five.json");
     std::fs::write(&five_path, &five).unwrap();
     let out5 = dir.path().join("out5");
-    let result = submit(&stack, &five_path, "multi", "large-5mb", &out5);
+    // in CBOR: the request, and so the result carrying the references, is CBOR on the wire
+    let result = submit(&stack, &five_path, "multi", "large-5mb", &out5, &["--cbor"]);
     assert_by_reference(&result, 2);
     verify_out(&out5, &five, &[&keys[0], &keys[1]]);
 
@@ -196,7 +205,7 @@ async fn five_and_forty_megabyte_statements_are_signed_by_reference_and_verify_w
     let forty_path = dir.path().join("forty.json");
     std::fs::write(&forty_path, &forty).unwrap();
     let out40 = dir.path().join("out40");
-    let result = submit(&stack, &forty_path, "default", "large-40mb", &out40);
+    let result = submit(&stack, &forty_path, "default", "large-40mb", &out40, &[]);
     assert_by_reference(&result, 1);
     verify_out(&out40, &forty, &[&keys[0]]);
     assert_eq!(
@@ -209,6 +218,21 @@ async fn five_and_forty_megabyte_statements_are_signed_by_reference_and_verify_w
         .results(&js, 2, Duration::from_secs(30), Duration::from_secs(1))
         .await;
     assert_eq!(results.len(), 2, "{results:?}");
+    let content_type = |id: &str| {
+        results
+            .iter()
+            .find(|r| r.header("Signer-Request-Id") == Some(id))
+            .and_then(|r| r.header("Content-Type"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        content_type("large-5mb").as_deref(),
+        Some("application/cbor")
+    );
+    assert_eq!(
+        content_type("large-40mb").as_deref(),
+        Some("application/json")
+    );
     let events = stack.audit_events(&js).await;
     for id in ["large-5mb", "large-40mb"] {
         let mine: Vec<&Value> = events.iter().filter(|e| e["requestId"] == id).collect();
