@@ -15,8 +15,9 @@ pub struct SubmitArgs {
     #[command(flatten)]
     nats: NatsArgs,
     /// in-toto Statement v1 (JSON). Sent inline when the request fits the server's
-    /// `max_payload` (less 64 KiB), else uploaded to the blob bucket and sent as
-    /// `payloadRef` (its bytes are then signed as they are, not JCS-canonicalised).
+    /// `max_payload` (less 64 KiB) and `[worker] max_body_bytes`, else uploaded to the blob
+    /// bucket and sent as `payloadRef` (its bytes are then signed as they are, not
+    /// JCS-canonicalised).
     #[arg(long)]
     statement: PathBuf,
     /// Upload the statement and send `payloadRef` whatever its size.
@@ -111,7 +112,11 @@ impl SubmitArgs {
         let ct = self.content_type();
         let unusable = |e: String| CliError::Unusable(e);
         let file = self.statement.display();
-        let limit = max_payload.saturating_sub(signer_actors::pipeline::INLINE_RESULT_HEADROOM);
+        // what the broker takes (with room for headers) and what the signer accepts
+        let max_body = self.nats.config()?.worker.max_body_bytes;
+        let limit = max_payload
+            .saturating_sub(signer_actors::pipeline::INLINE_RESULT_HEADROOM)
+            .min(max_body);
         if !self.by_reference && bytes.len() <= limit {
             let statement: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| unusable(format!("{file}: {e}")))?;
