@@ -215,7 +215,31 @@ pub fn pipeline_config(
         per_tenant: cfg.gates.provenance.tenant_lookups,
         wait: cfg.gates.provenance.tenant_wait,
     };
+    p.max_payload_ref_bytes = cfg.worker.max_payload_ref_bytes;
     p
+}
+
+/// The inline result limit: `worker.max_inline_result_bytes`, or the server's
+/// `max_payload` less [`INLINE_RESULT_HEADROOM`] for headers. A configured limit the
+/// server could not take is a startup error, not a result that never gets out.
+///
+/// [`INLINE_RESULT_HEADROOM`]: signer_actors::pipeline::INLINE_RESULT_HEADROOM
+pub fn inline_result_limit(
+    configured: Option<usize>,
+    server_max_payload: usize,
+) -> Result<usize, ServeError> {
+    use signer_actors::pipeline::INLINE_RESULT_HEADROOM;
+    let room = server_max_payload.saturating_sub(INLINE_RESULT_HEADROOM);
+    match configured {
+        Some(n) if n > room => Err(ServeError::Setup(format!(
+            "worker.max_inline_result_bytes = {n} does not fit the server's max_payload of {server_max_payload} bytes with {INLINE_RESULT_HEADROOM} bytes for headers (at most {room})"
+        ))),
+        Some(n) => Ok(n),
+        None if room < crate::config::MIN_INLINE_RESULT_BYTES => Err(ServeError::Setup(format!(
+            "the server's max_payload of {server_max_payload} bytes is too small for results"
+        ))),
+        None => Ok(room),
+    }
 }
 
 /// Runs until SIGTERM or SIGINT, then drains.
@@ -265,6 +289,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
+    let blobs = jetstream::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
+    let inline_limit = inline_result_limit(
+        cfg.worker.max_inline_result_bytes,
+        client.server_info().max_payload,
+    )?;
+    tracing::info!(
+        bucket = %cfg.nats.blobs_bucket,
+        max_inline_result_bytes = inline_limit,
+        "large artefacts go through the object store"
+    );
     if cfg.gates.entitlement.mode == GateMode::Enforce {
         replay.set(replay_store(&cfg, redis.clone(), &js).await?);
     }
@@ -327,13 +361,18 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         entitlement,
         quota,
         provenance,
+        blobs: Some(Arc::new(jetstream::blobs::JsBlobStore::new(
+            blobs,
+            cfg.nats.blobs_bucket.clone(),
+        ))),
     };
-    let pcfg = pipeline_config(
+    let mut pcfg = pipeline_config(
         &cfg,
         worker_id.clone(),
         provisioned.max_deliver,
         provisioned.ack_wait,
     );
+    pcfg.max_inline_result_bytes = inline_limit;
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;
@@ -430,5 +469,28 @@ impl StopSignal {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inline_result_limit;
+
+    #[test]
+    fn the_inline_result_limit_leaves_room_for_headers_below_max_payload() {
+        let mib = 1 << 20;
+        assert_eq!(inline_result_limit(None, mib).unwrap(), mib - (64 << 10));
+        assert_eq!(inline_result_limit(Some(100_000), mib).unwrap(), 100_000);
+        let err = inline_result_limit(Some(mib), mib).unwrap_err().to_string();
+        assert!(err.contains("max_inline_result_bytes"), "{err}");
+        assert!(
+            inline_result_limit(None, 70 << 10).is_err(),
+            "no room for results"
+        );
+        assert_eq!(
+            inline_result_limit(None, 8 * mib).unwrap(),
+            8 * mib - (64 << 10),
+            "a server with a larger max_payload gets larger inline results"
+        );
     }
 }

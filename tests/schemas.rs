@@ -66,7 +66,7 @@ fn serde_verdict(kind: SchemaKind, value: &serde_json::Value) -> Result<(), Stri
         SchemaKind::Request => {
             let bytes = serde_json::to_vec(value).unwrap();
             let req = decode_request(&bytes, ContentType::Json).map_err(|e| e.to_string())?;
-            req.prepare_payload().map_err(|e| e.to_string())?;
+            req.payload_source().map_err(|e| e.to_string())?;
             round_trips::<signer_actors::request::SignRequest>(value)
         }
         SchemaKind::Completed => {

@@ -7,11 +7,19 @@ use crate::keys::PublicKey;
 
 /// `PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`, lengths in ASCII decimal.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = pae_header(payload_type, payload.len());
+    out.reserve_exact(payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The PAE up to the body: `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP`. With the body
+/// appended it is [`pae`]; kept apart so a large body can be copied once, into wherever the
+/// PAE is needed.
+pub fn pae_header(payload_type: &str, body_len: usize) -> Vec<u8> {
     let type_len = payload_type.len().to_string();
-    let body_len = payload.len().to_string();
-    let mut out = Vec::with_capacity(
-        10 + type_len.len() + payload_type.len() + body_len.len() + payload.len(),
-    );
+    let body_len = body_len.to_string();
+    let mut out = Vec::with_capacity(10 + type_len.len() + payload_type.len() + body_len.len());
     out.extend_from_slice(b"DSSEv1 ");
     out.extend_from_slice(type_len.as_bytes());
     out.push(b' ');
@@ -19,7 +27,6 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     out.push(b' ');
     out.extend_from_slice(body_len.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(payload);
     out
 }
 

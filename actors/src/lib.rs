@@ -15,6 +15,7 @@ pub mod error;
 pub mod jcs;
 pub mod keys;
 pub mod messages;
+pub mod objects;
 pub mod pipeline;
 pub mod ports;
 pub mod profiles;

@@ -10,15 +10,20 @@ use crate::keys::{KeyAlgorithm, KeyMode, KeySource, SignerIdentity};
 use crate::statement::Subject;
 
 /// A successful job on `sign.completed`.
+///
+/// (No `deny_unknown_fields` here: serde cannot combine it with `flatten`. The variants of
+/// [`Artefacts`] deny unknown fields instead, which covers every field this struct does not
+/// name, so an unknown field is still refused.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Completed {
     pub api_version: String,
     pub request_id: String,
     pub tenant: String,
     pub kind: ResultKind,
-    pub envelope: Envelope,
-    pub bundles: Vec<Bundle>,
+    /// The envelope and bundles, inline or as objects of the blob bucket.
+    #[serde(flatten)]
+    pub artefacts: Artefacts,
     pub bundle_sha256: String,
     pub signers: Vec<SignerEntry>,
     pub subjects: Vec<SubjectEntry>,
@@ -26,6 +31,33 @@ pub struct Completed {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gates: Option<Gates>,
     pub audit: AuditRef,
+}
+
+/// Where a result's envelope and bundles are (CONTRACT.md, "Large artefacts").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Artefacts {
+    /// In the result itself: `envelope` and `bundles`.
+    Inline(InlineArtefacts),
+    /// Too large for a message: `envelopeRef` and `bundleRefs`, objects of the blob bucket
+    /// holding the JSON of the envelope and of each bundle (in `signers` order).
+    Referenced(ReferencedArtefacts),
+}
+
+/// `envelope` + `bundles`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InlineArtefacts {
+    pub envelope: Envelope,
+    pub bundles: Vec<Bundle>,
+}
+
+/// `envelopeRef` + `bundleRefs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferencedArtefacts {
+    pub envelope_ref: crate::objects::ObjectRef,
+    pub bundle_refs: Vec<crate::objects::ObjectRef>,
 }
 
 /// One `signers[]` entry.
@@ -189,20 +221,33 @@ impl Completed {
             is_hex(&self.bundle_sha256, 64),
             "bundleSha256 must be 64 lowercase hex",
         )?;
-        check(
-            !self.envelope.signatures.is_empty(),
-            "envelope has no signatures",
-        )?;
-        check(!self.bundles.is_empty(), "bundles is empty")?;
+        match &self.artefacts {
+            Artefacts::Inline(a) => {
+                check(
+                    !a.envelope.signatures.is_empty(),
+                    "envelope has no signatures",
+                )?;
+                check(!a.bundles.is_empty(), "bundles is empty")?;
+                for b in &a.bundles {
+                    b.check_structure().map_err(|e| e.to_string())?;
+                }
+            }
+            Artefacts::Referenced(a) => {
+                a.envelope_ref
+                    .validate()
+                    .map_err(|e| format!("envelopeRef: {e}"))?;
+                check(!a.bundle_refs.is_empty(), "bundleRefs is empty")?;
+                for r in &a.bundle_refs {
+                    r.validate().map_err(|e| format!("bundleRefs[]: {e}"))?;
+                }
+            }
+        }
         check(!self.signers.is_empty(), "signers is empty")?;
         for s in &self.signers {
             check(
                 is_hex(&s.keyid, 64),
                 "signers[].keyid must be 64 lowercase hex",
             )?;
-        }
-        for b in &self.bundles {
-            b.check_structure().map_err(|e| e.to_string())?;
         }
         self.subjects
             .iter()
@@ -253,5 +298,77 @@ mod tests {
             assert!(bytes.len() <= bound, "{ct:?}: {} bytes", bytes.len());
         }
         assert_eq!(worst.bounded().message(), failed.error.message);
+    }
+
+    use crate::objects::ObjectRef;
+
+    fn completed(artefacts: Artefacts) -> Completed {
+        Completed {
+            api_version: crate::API_VERSION.into(),
+            request_id: "r-1".into(),
+            tenant: "acme".into(),
+            kind: ResultKind::Dsse,
+            artefacts,
+            bundle_sha256: "a".repeat(64),
+            signers: Vec::new(),
+            subjects: Vec::new(),
+            entitlement: Entitlement {
+                plan: "team".into(),
+                poe: EntitlementPoe::Valid,
+            },
+            gates: None,
+            audit: AuditRef {
+                stream: "SIGNER_AUDIT".into(),
+                seq: 1,
+            },
+        }
+    }
+
+    fn referenced() -> Artefacts {
+        Artefacts::Referenced(ReferencedArtefacts {
+            envelope_ref: ObjectRef::of("SIGNER_BLOBS", "results/acme/r-1/envelope.json", b"e"),
+            bundle_refs: vec![ObjectRef::of(
+                "SIGNER_BLOBS",
+                "results/acme/r-1/bundle-0.json",
+                b"b",
+            )],
+        })
+    }
+
+    #[test]
+    fn artefacts_by_reference_round_trip_in_json_and_cbor() {
+        let inline = Artefacts::Inline(InlineArtefacts {
+            envelope: Envelope {
+                payload: b"{}".to_vec(),
+                payload_type: "application/json".into(),
+                signatures: Vec::new(),
+            },
+            bundles: Vec::new(),
+        });
+        for c in [completed(referenced()), completed(inline)] {
+            let json = serde_json::to_value(&c).unwrap();
+            assert_eq!(
+                serde_json::from_value::<Completed>(json.clone()).unwrap(),
+                c
+            );
+            let is_ref = matches!(c.artefacts, Artefacts::Referenced(_));
+            assert_eq!(json.get("envelopeRef").is_some(), is_ref, "{json}");
+            assert_eq!(json.get("envelope").is_some(), !is_ref, "{json}");
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&c, &mut cbor).unwrap();
+            assert_eq!(ciborium::from_reader::<Completed, _>(&cbor[..]).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn a_result_with_both_forms_or_an_unknown_field_is_refused() {
+        let mut json = serde_json::to_value(completed(referenced())).unwrap();
+        json["envelope"] =
+            serde_json::json!({"payload": "e30=", "payloadType": "x", "signatures": []});
+        json["bundles"] = serde_json::json!([]);
+        assert!(serde_json::from_value::<Completed>(json).is_err());
+        let mut json = serde_json::to_value(completed(referenced())).unwrap();
+        json["surprise"] = 1.into();
+        assert!(serde_json::from_value::<Completed>(json).is_err());
     }
 }

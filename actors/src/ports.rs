@@ -114,6 +114,36 @@ impl PartialEq for PortError {
 
 impl Eq for PortError {}
 
+/// Why the blob store (the Object Store bucket of large artefacts) did not give or take an
+/// object. The job branches on the kind: a missing or oversized object is the request's
+/// fault (not retryable), a store failure is the outside world's (retried).
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// No such object (never stored, deleted, or expired by the bucket's TTL).
+    #[error("object {name:?} not found")]
+    NotFound { name: String },
+    /// The object is larger than the caller allows; nothing past the limit was read.
+    #[error("object is {size} bytes, more than the {limit} allowed")]
+    TooLarge { size: u64, limit: u64 },
+    /// The store failed (unreachable, timed out, refused the write).
+    #[error("blob store: {0}")]
+    Store(#[source] PortError),
+}
+
+/// The bucket large payloads come from and large results go to (JetStream Object Store
+/// `SIGNER_BLOBS` in production, [`crate::objects::MemoryBlobStore`] in tests).
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// The bucket's name: a `payloadRef` must name it, result references carry it.
+    fn bucket(&self) -> &str;
+    /// Reads object `name`, refusing one larger than `limit` bytes before reading it (and
+    /// never reading past `limit`), so a reference cannot make the worker buffer more than
+    /// the size it declared.
+    async fn get(&self, name: &str, limit: u64) -> Result<Vec<u8>, BlobError>;
+    /// Stores `bytes` as `name`, replacing an object of that name.
+    async fn put(&self, name: &str, bytes: &[u8]) -> Result<crate::objects::ObjectRef, BlobError>;
+}
+
 /// One message taken from the request stream, with the means to settle it.
 #[async_trait]
 pub trait Delivery: Send + Sync {
@@ -415,6 +445,12 @@ pub trait QuotaStore: Send + Sync {
         signatures: u32,
     ) -> Result<QuotaGrant, SignerError>;
     async fn release(&self, tenant: &str, plan: &str);
+    /// The largest payload `plan` allows, when the store knows the plan (`None`: no plan
+    /// limit to apply here). Asked before a referenced payload is read, so an object over
+    /// the plan's `max_payload_bytes` is refused without reading it or charging anything.
+    fn max_payload_bytes(&self, _plan: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// How the scanner release was found trustworthy.

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{self, DigestSet};
 use crate::error::SignerError;
+use crate::objects::ObjectRef;
 use crate::statement::{
     EXPORT_PREDICATE_TYPE, INTOTO_PAYLOAD_TYPE, STATEMENT_V1, Statement, Subject,
 };
@@ -44,6 +45,9 @@ pub struct SignRequest {
     pub payload: Option<Vec<u8>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_type: Option<String>,
+    /// The payload as an object of the blob bucket (CONTRACT.md, "Large artefacts").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_ref: Option<ObjectRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<ExportManifest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +117,47 @@ pub struct PreparedPayload {
     pub payload_type: String,
     pub bytes: Vec<u8>,
     pub subjects: Vec<Subject>,
+}
+
+/// Where the bytes to sign are: in the request, or in the blob bucket (read by the job
+/// once the request is authenticated, its plan known and its requestId claimed).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PayloadSource {
+    Inline(PreparedPayload),
+    Referenced {
+        object: ObjectRef,
+        payload_type: String,
+    },
+}
+
+impl PayloadSource {
+    /// The payload's size: the bytes', or the size the reference declares.
+    pub fn size(&self) -> u64 {
+        match self {
+            PayloadSource::Inline(p) => p.bytes.len() as u64,
+            PayloadSource::Referenced { object, .. } => object.size,
+        }
+    }
+}
+
+impl PreparedPayload {
+    /// Bytes signed as they are under `payload_type`; an in-toto payloadType must still
+    /// carry a valid Statement v1 (whose subjects are then the job's).
+    pub fn raw(payload_type: String, bytes: Vec<u8>) -> Result<Self, SignerError> {
+        if payload_type.is_empty() {
+            return Err(invalid("payloadType is empty"));
+        }
+        let subjects = if payload_type == INTOTO_PAYLOAD_TYPE {
+            Statement::subjects_of_payload(&bytes).map_err(invalid)?
+        } else {
+            Vec::new()
+        };
+        Ok(PreparedPayload {
+            payload_type,
+            bytes,
+            subjects,
+        })
+    }
 }
 
 /// Checks a `requestId` (also used for `bundleId`): 1 to 128 characters of `[A-Za-z0-9._:-]`.
@@ -191,52 +236,82 @@ impl SignRequest {
         Ok(())
     }
 
-    /// Validates the content part of the request and returns the exact bytes to sign.
+    /// Validates the content part of the request and returns the exact bytes to sign; a
+    /// `payloadRef` request is refused here (see [`SignRequest::payload_source`]).
     pub fn prepare_payload(&self) -> Result<PreparedPayload, SignerError> {
+        match self.payload_source()? {
+            PayloadSource::Inline(p) => Ok(p),
+            PayloadSource::Referenced { .. } => {
+                Err(invalid("payloadRef must be fetched from the blob bucket"))
+            }
+        }
+    }
+
+    /// Validates the content part of the request: the exact bytes to sign, or the object
+    /// that holds them.
+    pub fn payload_source(&self) -> Result<PayloadSource, SignerError> {
         match self.kind {
             Kind::Dsse => {
                 if self.export.is_some() {
                     return Err(invalid("kind dsse must not carry export"));
                 }
-                match (&self.statement, &self.payload, &self.payload_type) {
+                match (&self.statement, &self.payload, &self.payload_ref) {
                     (Some(st), None, None) => {
+                        if self.payload_type.is_some() {
+                            return Err(invalid("a statement carries no payloadType"));
+                        }
                         st.validate().map_err(invalid)?;
                         let bytes = st
                             .canonical_bytes()
                             .map_err(|e| invalid(format!("statement: {e}")))?;
-                        Ok(PreparedPayload {
+                        Ok(PayloadSource::Inline(PreparedPayload {
                             payload_type: INTOTO_PAYLOAD_TYPE.into(),
                             bytes,
                             subjects: st.subject.clone(),
-                        })
+                        }))
                     }
-                    (None, Some(bytes), Some(payload_type)) => {
+                    (None, Some(bytes), None) => {
+                        let payload_type = self
+                            .payload_type
+                            .clone()
+                            .ok_or_else(|| invalid("payload and payloadType go together"))?;
+                        PreparedPayload::raw(payload_type, bytes.clone()).map(PayloadSource::Inline)
+                    }
+                    (None, None, Some(object)) => {
+                        object
+                            .validate()
+                            .map_err(|e| invalid(format!("payloadRef: {e}")))?;
+                        let payload_type = self
+                            .payload_type
+                            .clone()
+                            .unwrap_or_else(|| INTOTO_PAYLOAD_TYPE.into());
                         if payload_type.is_empty() {
                             return Err(invalid("payloadType is empty"));
                         }
-                        let subjects = if payload_type == INTOTO_PAYLOAD_TYPE {
-                            Statement::from_payload(bytes).map_err(invalid)?.subject
-                        } else {
-                            Vec::new()
-                        };
-                        Ok(PreparedPayload {
-                            payload_type: payload_type.clone(),
-                            bytes: bytes.clone(),
-                            subjects,
+                        Ok(PayloadSource::Referenced {
+                            object: object.clone(),
+                            payload_type,
                         })
                     }
+                    (None, None, None) if self.payload_type.is_some() => {
+                        Err(invalid("payload and payloadType go together"))
+                    }
                     (None, None, None) => Err(invalid(
-                        "kind dsse needs a statement, or payload and payloadType",
+                        "kind dsse needs a statement, payload and payloadType, or payloadRef",
                     )),
-                    (Some(_), _, _) => Err(invalid("statement and payload are mutually exclusive")),
-                    _ => Err(invalid("payload and payloadType go together")),
+                    _ => Err(invalid(
+                        "statement, payload and payloadRef are mutually exclusive",
+                    )),
                 }
             }
             Kind::Export => {
-                if self.statement.is_some() || self.payload.is_some() || self.payload_type.is_some()
+                if self.statement.is_some()
+                    || self.payload.is_some()
+                    || self.payload_type.is_some()
+                    || self.payload_ref.is_some()
                 {
                     return Err(invalid(
-                        "kind export carries export only, not statement or payload",
+                        "kind export carries export only, not statement, payload or payloadRef",
                     ));
                 }
                 let manifest = self
@@ -247,11 +322,11 @@ impl SignRequest {
                 let bytes = st
                     .canonical_bytes()
                     .map_err(|e| invalid(format!("export statement: {e}")))?;
-                Ok(PreparedPayload {
+                Ok(PayloadSource::Inline(PreparedPayload {
                     payload_type: INTOTO_PAYLOAD_TYPE.into(),
                     bytes,
                     subjects: st.subject,
-                })
+                }))
             }
         }
     }
@@ -397,6 +472,73 @@ mod tests {
         assert_eq!(req.prepare_payload().unwrap().bytes, b"hello world");
         v["payloadType"] = INTOTO_PAYLOAD_TYPE.into();
         assert_eq!(code_of(v), ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn payload_ref_names_an_object_and_defaults_to_in_toto() {
+        let mut v = sample();
+        v.as_object_mut().unwrap().remove("statement");
+        let object = serde_json::json!({"bucket": "SIGNER_BLOBS", "name": "requests/acme/r1/payload",
+            "sha256": "a".repeat(64), "size": 5_000_000});
+        v["payloadRef"] = object.clone();
+        let req: SignRequest = serde_json::from_value(v.clone()).unwrap();
+        req.validate().unwrap();
+        let source = req.payload_source().unwrap();
+        assert_eq!(source.size(), 5_000_000);
+        let PayloadSource::Referenced {
+            object: r,
+            payload_type,
+        } = source
+        else {
+            panic!("not a reference")
+        };
+        assert_eq!(payload_type, INTOTO_PAYLOAD_TYPE);
+        assert_eq!(r.name, "requests/acme/r1/payload");
+        assert_eq!(
+            req.prepare_payload().unwrap_err().code(),
+            ErrorCode::InvalidRequest,
+            "a reference is not inline bytes"
+        );
+        v["payloadType"] = "text/plain".into();
+        let req: SignRequest = serde_json::from_value(v.clone()).unwrap();
+        assert!(matches!(
+            req.payload_source().unwrap(),
+            PayloadSource::Referenced { payload_type, .. } if payload_type == "text/plain"
+        ));
+
+        let code = |v: serde_json::Value| {
+            let req: SignRequest = serde_json::from_value(v).unwrap();
+            req.payload_source().unwrap_err().code()
+        };
+        let mut both = v.clone();
+        both["statement"] = sample()["statement"].clone();
+        assert_eq!(
+            code(both),
+            ErrorCode::InvalidRequest,
+            "statement and payloadRef"
+        );
+        let mut both = v.clone();
+        both["payload"] = "aGVsbG8=".into();
+        assert_eq!(
+            code(both),
+            ErrorCode::InvalidRequest,
+            "payload and payloadRef"
+        );
+        for (field, bad) in [
+            ("sha256", serde_json::json!("AB")),
+            ("name", serde_json::json!("")),
+            ("bucket", serde_json::json!("no.dots")),
+        ] {
+            let mut w = v.clone();
+            w["payloadRef"][field] = bad;
+            assert_eq!(code(w), ErrorCode::InvalidRequest, "{field}");
+        }
+        let mut w = v.clone();
+        w["payloadRef"]["extra"] = 1.into();
+        assert!(
+            serde_json::from_value::<SignRequest>(w).is_err(),
+            "unknown field"
+        );
     }
 
     #[test]

@@ -28,6 +28,47 @@ pub struct Statement {
     pub subject: Vec<Subject>,
 }
 
+/// A Statement as [`Statement::subjects_of_payload`] reads it: the same fields and rules,
+/// with the predicate only checked to be an object.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatementHead {
+    #[serde(rename = "_type")]
+    type_: String,
+    #[serde(default)]
+    #[allow(dead_code)] // checked while parsing, not kept
+    predicate: Option<AnyObject>,
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+    subject: Vec<Subject>,
+}
+
+/// Any JSON object, skipped without being kept.
+struct AnyObject;
+
+impl<'de> Deserialize<'de> for AnyObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = AnyObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<AnyObject, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(AnyObject)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// A ResourceDescriptor as a Statement subject (fields in RFC 8785 order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +101,22 @@ impl Statement {
             return Err("statement predicateType must not be empty".into());
         }
         Ok(())
+    }
+
+    /// Validates a Statement in JSON payload bytes and returns its subjects, without
+    /// building the predicate: a 50 MB SBOM predicate is checked to be a JSON object and
+    /// skipped, not turned into a tree of values many times its size.
+    pub fn subjects_of_payload(bytes: &[u8]) -> Result<Vec<Subject>, String> {
+        let head: StatementHead = serde_json::from_slice(bytes)
+            .map_err(|e| format!("payload is not an in-toto Statement v1: {e}"))?;
+        let st = Statement {
+            type_: head.type_,
+            predicate: None,
+            predicate_type: head.predicate_type,
+            subject: head.subject,
+        };
+        st.validate()?;
+        Ok(st.subject)
     }
 
     /// Parses and validates a Statement from JSON payload bytes.
@@ -110,6 +167,37 @@ mod tests {
             "predicate": {"b": 1, "a": [true]}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn subjects_of_payload_applies_the_statement_rules_without_keeping_the_predicate() {
+        let bytes = serde_json::to_vec(&statement()).unwrap();
+        assert_eq!(
+            Statement::subjects_of_payload(&bytes).unwrap(),
+            statement().subject
+        );
+        let with = |f: fn(&mut serde_json::Value)| {
+            let mut v = serde_json::to_value(statement()).unwrap();
+            f(&mut v);
+            Statement::subjects_of_payload(&serde_json::to_vec(&v).unwrap())
+        };
+        assert!(
+            with(|v| v["predicate"] = "text".into()).is_err(),
+            "predicate must be an object"
+        );
+        assert!(with(|v| v["predicate"] = serde_json::json!([1])).is_err());
+        assert!(with(|v| v["extra"] = 1.into()).is_err(), "unknown field");
+        assert!(with(|v| v["_type"] = "https://in-toto.io/Statement/v0.1".into()).is_err());
+        assert!(with(|v| v["subject"] = serde_json::json!([])).is_err());
+        assert!(with(|v| v["predicateType"] = "".into()).is_err());
+        assert!(
+            with(|v| {
+                v.as_object_mut().unwrap().remove("predicate");
+            })
+            .is_ok(),
+            "predicate is optional"
+        );
+        assert!(Statement::subjects_of_payload(b"{not json").is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The command line. Exit codes: 0 ok, 1 invalid or denied, 2 unusable input.
 
+pub mod artefacts;
 mod audit;
 mod dev;
 mod keys;

@@ -25,6 +25,12 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// The [nats] section in effect.
     pub fn nats_config(&self) -> Result<NatsConfig, CliError> {
+        Ok(self.config()?.nats)
+    }
+
+    /// The whole configuration in effect (defaults where no file is given), with the
+    /// `--nats` URL applied.
+    pub fn config(&self) -> Result<Config, CliError> {
         let path = self
             .config
             .clone()
@@ -34,15 +40,13 @@ impl NatsArgs {
                 .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?,
             None => String::new(),
         };
-        let mut nats: NatsConfig = Config::parse(&text, std::env::vars())
-            .map_err(|e| {
-                CliError::Unusable(format!("{}: {e}", path.unwrap_or_default().display()))
-            })?
-            .nats;
+        let mut cfg = Config::parse(&text, std::env::vars()).map_err(|e| {
+            CliError::Unusable(format!("{}: {e}", path.unwrap_or_default().display()))
+        })?;
         if let Some(url) = &self.nats {
-            nats.url.clone_from(url);
+            cfg.nats.url.clone_from(url);
         }
-        Ok(nats)
+        Ok(cfg)
     }
 
     /// Connected client and JetStream context.
@@ -103,8 +107,17 @@ pub fn summary(subject: &str, value: &serde_json::Value) -> String {
                     .collect()
             })
             .unwrap_or_default();
+        let by_reference = match value.get("envelopeRef") {
+            Some(r) => format!(
+                " envelopeRef={}/{} bundleRefs={}",
+                r["bucket"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                value["bundleRefs"].as_array().map_or(0, Vec::len)
+            ),
+            None => String::new(),
+        };
         format!(
-            "completed {}/{} keys={} bundleSha256={}",
+            "completed {}/{} keys={} bundleSha256={}{by_reference}",
             s("/tenant"),
             s("/requestId"),
             keyids.join(","),

@@ -14,9 +14,15 @@ use super::nats_client::{NatsArgs, result_json, runtime, summary};
 pub struct SubmitArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// in-toto Statement v1 (JSON).
+    /// in-toto Statement v1 (JSON). Sent inline when the request fits the server's
+    /// `max_payload` (less 64 KiB) and `[worker] max_body_bytes`, else uploaded to the blob
+    /// bucket and sent as `payloadRef` (its bytes are then signed as they are, not
+    /// JCS-canonicalised).
     #[arg(long)]
     statement: PathBuf,
+    /// Upload the statement and send `payloadRef` whatever its size.
+    #[arg(long)]
+    by_reference: bool,
     #[arg(long)]
     tenant: String,
     /// Signing profile (default: the service's `default`).
@@ -44,6 +50,10 @@ pub struct SubmitArgs {
     /// Print the whole result as JSON instead of one line.
     #[arg(long)]
     json: bool,
+    /// With --wait: write DIR/envelope.json and DIR/bundles/bundle-<i>.json, fetched from
+    /// the blob bucket when the result carries references (digests checked either way).
+    #[arg(long, requires = "wait")]
+    out: Option<PathBuf>,
 }
 
 /// A requestId unique enough for a CLI: time in ms and random bits.
@@ -69,7 +79,7 @@ impl SubmitArgs {
                 ));
             }
         };
-        let statement: serde_json::Value = super::read_json(&self.statement)?;
+        let bytes = super::read_file(&self.statement)?;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let mut request = serde_json::json!({
             "apiVersion": signer_actors::API_VERSION,
@@ -79,29 +89,89 @@ impl SubmitArgs {
             "auth": identity["auth"],
             "poe": identity["poe"],
             "scanner": identity["scanner"],
-            "statement": statement,
         });
         if let Some(p) = &self.profile {
             request["options"] = serde_json::json!({"profile": p});
         }
-        let ct = if self.cbor {
+        runtime()?.block_on(self.publish(&request_id, request, bytes))
+    }
+
+    /// The request body: the statement inline when it fits the broker's limit (and
+    /// `--by-reference` is not given), else uploaded as
+    /// `requests/<tenant>/<requestId>/payload` and sent as `payloadRef`. A file larger
+    /// than the limit is never parsed into a JSON tree nor encoded inline: it is checked
+    /// as a Statement the way the signer checks it, and uploaded as it is.
+    async fn body(
+        &self,
+        js: &async_nats::jetstream::Context,
+        cfg: &crate::config::NatsConfig,
+        max_payload: usize,
+        mut request: serde_json::Value,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, CliError> {
+        let ct = self.content_type();
+        let unusable = |e: String| CliError::Unusable(e);
+        let file = self.statement.display();
+        // what the broker takes (with room for headers) and what the signer accepts
+        let max_body = self.nats.config()?.worker.max_body_bytes;
+        let limit = max_payload
+            .saturating_sub(signer_actors::pipeline::INLINE_RESULT_HEADROOM)
+            .min(max_body);
+        if !self.by_reference && bytes.len() <= limit {
+            let statement: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| unusable(format!("{file}: {e}")))?;
+            request["statement"] = statement;
+            let body = ct.encode(&request).map_err(|e| unusable(e.to_string()))?;
+            if body.len() <= limit {
+                return Ok(body);
+            }
+            if let Some(m) = request.as_object_mut() {
+                m.remove("statement");
+            }
+        }
+        signer_actors::statement::Statement::subjects_of_payload(&bytes)
+            .map_err(|e| unusable(format!("{file}: {e}")))?;
+        let request_id = request["requestId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = signer_actors::objects::request_object_name(&self.tenant, &request_id);
+        let store = crate::jetstream::blobs::open(js, &cfg.blobs_bucket, cfg.blobs_max_age)
+            .await
+            .map_err(|e| unusable(e.to_string()))?;
+        crate::jetstream::blobs::put(&store, &name, &bytes)
+            .await
+            .map_err(|e| unusable(format!("uploading the statement: {e}")))?;
+        let object = signer_actors::objects::ObjectRef::of(&cfg.blobs_bucket, &name, &bytes);
+        eprintln!(
+            "uploaded the statement ({} bytes) as {}/{}",
+            object.size, object.bucket, object.name
+        );
+        request["payloadRef"] =
+            serde_json::to_value(&object).map_err(|e| unusable(e.to_string()))?;
+        request["payloadType"] = signer_actors::statement::INTOTO_PAYLOAD_TYPE.into();
+        ct.encode(&request).map_err(|e| unusable(e.to_string()))
+    }
+
+    fn content_type(&self) -> signer_actors::codec::ContentType {
+        if self.cbor {
             signer_actors::codec::ContentType::Cbor
         } else {
             signer_actors::codec::ContentType::Json
-        };
-        let body = ct
-            .encode(&request)
-            .map_err(|e| CliError::Unusable(e.to_string()))?;
-        runtime()?.block_on(self.publish(&request_id, ct, body))
+        }
     }
 
     async fn publish(
         &self,
         request_id: &str,
-        ct: signer_actors::codec::ContentType,
-        body: Vec<u8>,
+        request: serde_json::Value,
+        bytes: Vec<u8>,
     ) -> Result<(), CliError> {
         let (cfg, client, js) = self.nats.connect().await?;
+        let ct = self.content_type();
+        let body = self
+            .body(&js, &cfg, client.server_info().max_payload, request, bytes)
+            .await?;
         let unusable = |e: String| CliError::Unusable(e);
         let mut subs = if self.wait {
             let completed = client
@@ -174,6 +244,19 @@ impl SubmitArgs {
         }
         if msg.subject.as_str().ends_with("sign.failed") {
             return Err(CliError::Invalid("the job was refused".into()));
+        }
+        if let Some(dir) = &self.out {
+            let carried = super::artefacts::write_result(&js, &value, dir).await?;
+            eprintln!(
+                "wrote {}/envelope.json and {}/bundles/ ({})",
+                dir.display(),
+                dir.display(),
+                match carried {
+                    super::artefacts::Carried::Inline => "inline",
+                    super::artefacts::Carried::ByReference =>
+                        "fetched by reference, digests checked",
+                }
+            );
         }
         Ok(())
     }

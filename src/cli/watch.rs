@@ -29,6 +29,11 @@ pub struct WatchArgs {
     /// Stop when nothing arrives for this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     idle: Option<Duration>,
+    /// Write each completed result's envelope and bundles to
+    /// DIR/<tenant>/<requestId>/{envelope.json,bundles/}, fetching them from the blob
+    /// bucket when the result carries references (digests checked).
+    #[arg(long, value_name = "DIR")]
+    fetch: Option<std::path::PathBuf>,
 }
 
 impl WatchArgs {
@@ -36,8 +41,40 @@ impl WatchArgs {
         runtime()?.block_on(self.watch())
     }
 
+    /// Writes one result's artefacts; a result that cannot be fetched or fails its digest
+    /// check is reported and the watch goes on.
+    async fn fetch_one(
+        &self,
+        js: &async_nats::jetstream::Context,
+        dir: &std::path::Path,
+        value: &serde_json::Value,
+    ) {
+        let (Some(tenant), Some(id)) = (value["tenant"].as_str(), value["requestId"].as_str())
+        else {
+            return;
+        };
+        // both are restricted to [A-Za-z0-9._:-] by the contract; refuse anything else
+        let safe = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        };
+        if !safe(tenant) || !safe(id) {
+            eprintln!("not fetched: unexpected tenant or requestId");
+            return;
+        }
+        let out = dir.join(tenant).join(id);
+        match super::artefacts::write_result(js, value, &out).await {
+            Ok(_) => eprintln!("fetched {}", out.display()),
+            Err(e) => eprintln!("not fetched {tenant}/{id}: {e}"),
+        }
+    }
+
     async fn watch(&self) -> Result<(), CliError> {
         let (cfg, _client, js) = self.nats.connect().await?;
+        let js = &js;
         let unusable = |e: String| CliError::Unusable(e);
         let stream = js
             .get_stream(&cfg.results_stream)
@@ -113,6 +150,11 @@ impl WatchArgs {
                 println!("{}", serde_json::to_string(&value).unwrap_or_default());
             } else {
                 println!("{}", summary(msg.subject.as_str(), &value));
+            }
+            if let Some(dir) = &self.fetch
+                && msg.subject.as_str().ends_with("sign.completed")
+            {
+                self.fetch_one(js, dir, &value).await;
             }
             if self.durable.is_some() {
                 msg.ack().await.map_err(|e| unusable(e.to_string()))?;

@@ -110,6 +110,13 @@ pub struct NatsConfig {
     pub audit_max_age: Duration,
     /// Credentials file (`.creds`) for NATS, when the server requires one.
     pub credentials: Option<PathBuf>,
+    /// Object Store bucket of large artefacts: `payloadRef` objects are read from it,
+    /// results too large to publish inline are stored in it (CONTRACT.md, "Large
+    /// artefacts"). Created when missing; an existing bucket is left as it is.
+    pub blobs_bucket: String,
+    /// How long objects live in a bucket `serve` creates (its TTL).
+    #[serde(with = "duration")]
+    pub blobs_max_age: Duration,
 }
 
 impl NatsConfig {
@@ -139,6 +146,8 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             audit_max_age: Duration::from_secs(400 * 24 * 3600),
             credentials: None,
+            blobs_bucket: signer_actors::objects::DEFAULT_BUCKET.into(),
+            blobs_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -148,6 +157,10 @@ impl NatsConfig {
         format!("{}{base}", self.subject_prefix)
     }
 }
+
+/// Smallest `worker.max_inline_result_bytes`: a refusal or a one-key result of a small
+/// statement must always fit inline.
+pub const MIN_INLINE_RESULT_BYTES: usize = 16 << 10;
 
 /// How one replica works.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +193,14 @@ pub struct WorkerConfig {
     /// message NAKed (terminated on its last delivery). Longer than `retry_budget`.
     #[serde(with = "duration")]
     pub job_timeout: Duration,
+    /// Largest object a request's `payloadRef` may name, whatever its plan allows (the
+    /// plan's `max_payload_bytes` applies too). Checked against the declared size before
+    /// the object is read.
+    pub max_payload_ref_bytes: u64,
+    /// Largest encoded result published inline; a larger one carries `envelopeRef` /
+    /// `bundleRefs` to objects of `nats.blobs_bucket`. Default: the server's
+    /// `max_payload` less 64 KiB for headers.
+    pub max_inline_result_bytes: Option<usize>,
 }
 
 impl Default for WorkerConfig {
@@ -196,6 +217,8 @@ impl Default for WorkerConfig {
             max_queue_age: Duration::from_secs(24 * 3600),
             retry_budget: Duration::from_secs(60),
             job_timeout: Duration::from_secs(300),
+            max_payload_ref_bytes: signer_actors::pipeline::DEFAULT_MAX_PAYLOAD_REF_BYTES,
+            max_inline_result_bytes: None,
         }
     }
 }
@@ -494,6 +517,22 @@ impl Config {
         }
         if self.worker.drain_timeout < Duration::from_secs(1) {
             return invalid("worker.drain_timeout must be at least 1s".into());
+        }
+        if !signer_actors::objects::is_valid_bucket(&self.nats.blobs_bucket) {
+            return invalid("nats.blobs_bucket must be 1 to 64 characters of [A-Za-z0-9_-]".into());
+        }
+        if self.nats.blobs_max_age < Duration::from_secs(60) {
+            return invalid("nats.blobs_max_age must be at least 1m".into());
+        }
+        if self.worker.max_payload_ref_bytes == 0 {
+            return invalid("worker.max_payload_ref_bytes must be at least 1".into());
+        }
+        if let Some(n) = self.worker.max_inline_result_bytes
+            && n < MIN_INLINE_RESULT_BYTES
+        {
+            return invalid(format!(
+                "worker.max_inline_result_bytes must be at least {MIN_INLINE_RESULT_BYTES}"
+            ));
         }
         if self.nats.max_deliver == 0 {
             return invalid("nats.max_deliver must be at least 1".into());
@@ -866,6 +905,44 @@ mod tests {
         assert_eq!(cfg.nats.url, "nats://nats:4222");
         assert_eq!(cfg.worker.max_inflight, 7);
         assert_eq!(cfg.nats.ack_wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn blob_bucket_and_large_artefact_limits_default_parse_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.nats.blobs_bucket, "SIGNER_BLOBS");
+        assert_eq!(cfg.nats.blobs_max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.worker.max_payload_ref_bytes, 64 << 20);
+        assert_eq!(cfg.worker.max_inline_result_bytes, None);
+        let with = format!(
+            "{text}\n[nats]\nblobs_bucket = \"BLOBS_EU\"\nblobs_max_age = \"2d\"\n[worker]\nmax_payload_ref_bytes = 1000000\nmax_inline_result_bytes = 500000\n"
+        );
+        let cfg = Config::from_toml(&with, []).unwrap();
+        assert_eq!(cfg.nats.blobs_bucket, "BLOBS_EU");
+        assert_eq!(cfg.nats.blobs_max_age, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(cfg.worker.max_payload_ref_bytes, 1_000_000);
+        assert_eq!(cfg.worker.max_inline_result_bytes, Some(500_000));
+        for (key, value, says) in [
+            ("SIGNER_NATS__BLOBS_BUCKET", "a.b", "nats.blobs_bucket"),
+            ("SIGNER_NATS__BLOBS_MAX_AGE", "1s", "nats.blobs_max_age"),
+            (
+                "SIGNER_WORKER__MAX_PAYLOAD_REF_BYTES",
+                "0",
+                "worker.max_payload_ref_bytes",
+            ),
+            (
+                "SIGNER_WORKER__MAX_INLINE_RESULT_BYTES",
+                "100",
+                "worker.max_inline_result_bytes",
+            ),
+        ] {
+            let err = Config::from_toml(&text, [(key.to_string(), value.to_string())])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{key}={value}: {err}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! NATS JetStream adapters: provisioning of the contract's streams and consumer, the job
-//! source (durable pull consumer), the publisher, and the key-value idempotency and DPoP
-//! replay stores.
+//! source (durable pull consumer), the publisher, the key-value idempotency and DPoP
+//! replay stores, and the object store bucket of large artefacts.
 
+pub mod blobs;
 pub mod idempotency;
 pub mod key_state;
 pub mod provision;

@@ -112,4 +112,8 @@ impl QuotaStore for MemoryQuota {
             state.held = state.held.saturating_sub(1);
         }
     }
+
+    fn max_payload_bytes(&self, plan: &str) -> Option<u64> {
+        self.plans.get(plan).map(|p| p.max_payload_bytes)
+    }
 }

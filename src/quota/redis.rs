@@ -258,6 +258,10 @@ impl QuotaStore for RedisQuota {
         }
     }
 
+    fn max_payload_bytes(&self, plan: &str) -> Option<u64> {
+        self.gate.plans.get(plan).map(|p| p.max_payload_bytes)
+    }
+
     async fn release(&self, tenant: &str, _plan: &str) {
         let member = {
             let mut held = lock(&self.held);

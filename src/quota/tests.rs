@@ -685,3 +685,16 @@ async fn a_tiny_rate_still_refuses_with_a_wait() {
     }
     s.clean().await;
 }
+
+/// Both stores tell the pipeline a plan's payload limit, so a `payloadRef` over it is
+/// refused before the object is read.
+#[tokio::test]
+async fn stores_report_the_plans_payload_limit() {
+    let memory = MemoryQuota::new(plans(plan(1.0, 5, 100, 0))).unwrap();
+    assert_eq!(memory.max_payload_bytes("team"), Some(1024));
+    assert_eq!(memory.max_payload_bytes("other"), None);
+    let s = Space::new();
+    let redis = s.replica(plan(1.0, 5, 100, 0));
+    assert_eq!(redis.max_payload_bytes("team"), Some(1024));
+    assert_eq!(redis.max_payload_bytes("other"), None);
+}

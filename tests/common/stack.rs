@@ -85,6 +85,7 @@ requests_stream = "{upper}_REQ"
 results_stream = "{upper}_RES"
 audit_stream = "{upper}_AUD"
 keys_bucket = "{upper}_KEYS"
+blobs_bucket = "{upper}_BLOBS"
 consumer = "{id}"
 ack_wait = "5s"
 max_deliver = 3
@@ -395,6 +396,7 @@ keys = ["ec", "ed"]
         for s in ["REQ", "RES", "AUD"] {
             let _ = js.delete_stream(self.stream(s)).await;
         }
+        let _ = js.delete_object_store(self.stream("BLOBS")).await;
         // JTI: the used-jti bucket of [gates.control], when the test configured one
         for bucket in ["IDEM", "KEYS", "DPOP", "JTI"] {
             let _ = js

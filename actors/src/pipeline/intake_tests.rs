@@ -309,6 +309,7 @@ async fn start(source: Arc<Source>, publisher: Arc<Publisher>) -> Pipeline {
         entitlement: Arc::new(DisabledEntitlement),
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
+        blobs: None,
     };
     Pipeline::start(cfg, ports).await.unwrap()
 }

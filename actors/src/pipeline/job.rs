@@ -1,8 +1,9 @@
 //! One job, from the delivered message to its single result:
-//! decode -> entitlement -> profile permission -> idempotency lease -> provenance -> quota
-//! (one unit per signature) -> sign (every key of the profile) -> audit event stored ->
-//! result message recorded in the idempotency record -> result stored -> idempotency record
-//! done -> ack.
+//! decode -> entitlement -> profile permission -> idempotency lease -> payload (read from
+//! the blob bucket for a `payloadRef`) -> provenance -> quota (one unit per signature) ->
+//! sign (every key of the profile) -> result placed (inline, or its envelope and bundles
+//! stored as objects) -> audit event stored -> result message recorded in the idempotency
+//! record -> result stored -> idempotency record done -> ack.
 //! Retryable failures NAK with backoff until the last delivery, which publishes them.
 //!
 //! A job is signed once: the lease names this job attempt (worker id and a nonce), so a
@@ -31,15 +32,17 @@ use crate::audit::{
 use crate::codec::ContentType;
 use crate::error::{ErrorCode, SignerError};
 use crate::messages::{
-    AuditRef, Completed, EntitlementPoe, ErrorBody, Failed, GateState, Gates, ResultKind,
-    SignerEntry, SubjectEntry,
+    Artefacts, AuditRef, Completed, EntitlementPoe, ErrorBody, Failed, GateState, Gates,
+    InlineArtefacts, ResultKind, SignerEntry, SubjectEntry,
 };
 use crate::ports::{
     Claim, Delivery, EntitlementVerdict, GateDenial, GateInput, OutMessage, PortError,
     ProvenanceGrant, QuotaGrant, Recorded,
 };
 use crate::profiles::ProfileRefusal;
-use crate::request::{PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant};
+use crate::request::{
+    PayloadSource, PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant,
+};
 
 /// Tenant recorded when a message names none we can trust.
 pub const UNKNOWN_TENANT: &str = "_unknown";
@@ -108,6 +111,7 @@ enum NotStored {
 }
 
 /// Who a result is about.
+#[derive(Clone)]
 struct Ids {
     request_id: String,
     tenant: String,
@@ -393,11 +397,13 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     if let Err(e) = check_queue_age(d.published(), SystemTime::now(), shared.cfg.max_queue_age) {
         return finish_failed(shared, d, ids, None, e, findings).await;
     }
-    let prepared = match request.validate().and_then(|_| request.prepare_payload()) {
+    let source = match request.validate().and_then(|_| request.payload_source()) {
         Ok(p) => p,
         Err(e) => return finish_failed(shared, d, ids, None, e, findings).await,
     };
-    findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+    if let PayloadSource::Inline(prepared) = &source {
+        findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+    }
     let mismatch = match subject {
         SubjectTenant::Named(t) if t != request.tenant => Some(format!(
             "subject names tenant {}, body names {}",
@@ -427,7 +433,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let gate_input = GateInput {
         request: request.clone(),
         subject_tenant: subject_tenant.clone(),
-        payload_bytes: prepared.bytes.len(),
+        payload_bytes: usize::try_from(source.size()).unwrap_or(usize::MAX),
         published: d.published(),
     };
     let verdict = match authenticate(shared, gate_input, &mut findings).await {
@@ -505,19 +511,35 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
         armed: claimed.is_ok(),
     };
 
-    let outcome = match claimed {
+    // A referenced payload is read once the requestId is ours (two copies of a job do not
+    // both read it) and before provenance and quota (its size and digest are checked
+    // before anything is charged).
+    let prepared = match claimed {
         Ok(()) => {
+            let work = payload(shared, source, &verdict.plan, &mut findings);
+            hold_lease(shared, d, (&idem_key, &owner), work).await
+        }
+        Err(e) => Err(e),
+    };
+    // The payload moves into the envelope (a 40 MB payload is not copied for it); its
+    // subjects are kept for the result.
+    let (outcome, subjects) = match prepared {
+        Ok(prepared) => {
+            let subjects = prepared.subjects.clone();
             let work = admit_and_sign(
                 shared,
                 &request,
                 &verdict,
-                &prepared,
+                prepared,
                 &key_names,
                 &mut findings,
             );
-            hold_lease(shared, d, (&idem_key, &owner), work).await
+            (
+                hold_lease(shared, d, (&idem_key, &owner), work).await,
+                subjects,
+            )
         }
-        Err(e) => Err(e),
+        Err(e) => (Err(e), Vec::new()),
     };
     stage("gates_and_sign", t_gates);
     // Once signed, the lease is never given back: a redelivery must find this attempt's
@@ -531,7 +553,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
                 d,
                 &ids,
                 (&idem_key, &owner),
-                &prepared.subjects,
+                &subjects,
                 signed,
                 verdict,
                 findings,
@@ -741,13 +763,36 @@ fn unknown_profile(request: &SignRequest) -> SignerError {
     ))
 }
 
+/// The bytes to sign: the request's own, or the object its `payloadRef` names (whose
+/// subjects are then recorded).
+async fn payload(
+    shared: &Arc<Shared>,
+    source: PayloadSource,
+    plan: &str,
+    findings: &mut Findings,
+) -> Result<PreparedPayload, SignerError> {
+    match source {
+        PayloadSource::Inline(p) => Ok(p),
+        PayloadSource::Referenced {
+            object,
+            payload_type,
+        } => {
+            let t_fetch = Instant::now();
+            let p = super::artefacts::fetch_payload(shared, &object, payload_type, plan).await?;
+            stage("payload_fetch", t_fetch);
+            findings.subjects = p.subjects.iter().map(|s| s.digest.clone()).collect();
+            Ok(p)
+        }
+    }
+}
+
 /// Provenance, then quota (last, so a job retried for an earlier reason is not charged
 /// twice), then one signature per key of the profile.
 async fn admit_and_sign(
     shared: &Arc<Shared>,
     request: &Arc<SignRequest>,
     verdict: &EntitlementVerdict,
-    prepared: &PreparedPayload,
+    prepared: PreparedPayload,
     key_names: &[String],
     findings: &mut Findings,
 ) -> Result<crate::signing::SignedEnvelope, SignerError> {
@@ -822,12 +867,17 @@ async fn admit_and_sign(
 }
 
 /// Asks every key actor of the profile to sign the PAE, concurrently, in profile order.
+/// The PAE is built once, straight into the shared buffer the key actors read.
 async fn sign(
     shared: &Arc<Shared>,
-    prepared: &PreparedPayload,
+    prepared: PreparedPayload,
     key_names: &[String],
 ) -> Result<crate::signing::SignedEnvelope, SignerError> {
-    let pae: Arc<[u8]> = crate::dsse::pae(&prepared.payload_type, &prepared.bytes).into();
+    let pae: Arc<[u8]> = crate::dsse::pae_header(&prepared.payload_type, prepared.bytes.len())
+        .iter()
+        .chain(prepared.bytes.iter())
+        .copied()
+        .collect();
     let actors: Vec<_> = {
         let refs = shared.read_refs();
         key_names
@@ -849,12 +899,9 @@ async fn sign(
         }
     });
     let signatures = futures::future::try_join_all(calls).await?;
-    crate::signing::assemble(
-        prepared.payload_type.clone(),
-        prepared.bytes.clone(),
-        signatures,
-    )
-    .map_err(|e| SignerError::Internal(format!("assembling the envelope: {e}")))
+    drop(pae);
+    crate::signing::assemble(prepared.payload_type, prepared.bytes, signatures)
+        .map_err(|e| SignerError::Internal(format!("assembling the envelope: {e}")))
 }
 
 fn gate_state(auth: AuthState) -> GateState {
@@ -884,31 +931,21 @@ async fn finish_signed(
             mode: s.mode,
         })
         .collect();
-    let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
-    let t_audit = Instant::now();
-    let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
-        Ok(seq) => seq,
-        Err(NotStored::Settle(settle)) => return settle,
-        Err(NotStored::Permanent(e)) => {
-            let answer = e.answer("the audit event of the signature");
-            return finish_failed(shared, d, clone_ids(ids), Some(idem_key), answer, findings)
-                .await;
-        }
-    };
-    stage("audit", t_audit);
     let poe = match verdict.poe {
         PoeState::Bypassed => EntitlementPoe::Bypassed,
         PoeState::Disabled => EntitlementPoe::Disabled,
         _ => EntitlementPoe::Valid,
     };
-    let completed = Completed {
+    let mut completed = Completed {
         api_version: crate::API_VERSION.into(),
         request_id: ids.request_id.clone(),
         tenant: ids.tenant.clone(),
         kind: ids.kind,
         subjects: subjects.iter().map(SubjectEntry::from).collect(),
-        envelope: signed.envelope,
-        bundles: signed.bundles,
+        artefacts: Artefacts::Inline(InlineArtefacts {
+            envelope: signed.envelope,
+            bundles: signed.bundles,
+        }),
         bundle_sha256: signed.bundle_sha256,
         signers: signed
             .signers
@@ -937,11 +974,28 @@ async fn finish_signed(
                 _ => GateState::Passed,
             }),
         }),
+        // measured with the longest sequence; set once the audit event is stored
         audit: AuditRef {
             stream: shared.cfg.audit_stream.clone(),
-            seq: audit_seq,
+            seq: u64::MAX,
         },
     };
+    // Placed before the audit event: a result that cannot be published is answered as a
+    // failure (with its own event), not recorded as signed.
+    if let Err(settle) = place_result(shared, d, ids, idem_key, &mut completed, &findings).await {
+        return settle;
+    }
+    let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
+    let t_audit = Instant::now();
+    completed.audit.seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
+        Ok(seq) => seq,
+        Err(NotStored::Settle(settle)) => return settle,
+        Err(NotStored::Permanent(e)) => {
+            let answer = e.answer("the audit event of the signature");
+            return finish_failed(shared, d, ids.clone(), Some(idem_key), answer, findings).await;
+        }
+    };
+    stage("audit", t_audit);
     let subject = shared.cfg.completed_subject.clone();
     let published = match result_message(ids, subject, &completed) {
         Ok(message) => {
@@ -956,7 +1010,7 @@ async fn finish_signed(
         // refusal (and its own audit event), so that it still ends in exactly one result.
         Err(e) => {
             let answer = e.answer("the signed result");
-            finish_failed(shared, d, clone_ids(ids), Some(idem_key), answer, findings).await
+            finish_failed(shared, d, ids.clone(), Some(idem_key), answer, findings).await
         }
     }
 }
@@ -1020,15 +1074,81 @@ async fn republish_outcome(
     }
 }
 
-/// A copy of the job's ids (a signed job answered with a refusal keeps the originals).
-fn clone_ids(ids: &Ids) -> Ids {
-    Ids {
-        request_id: ids.request_id.clone(),
-        tenant: ids.tenant.clone(),
-        kind: ids.kind,
-        content_type: ids.content_type,
-        traceparent: ids.traceparent.clone(),
-    }
+/// Keeps a result inline when it fits the inline limit; otherwise stores its envelope and
+/// bundles in the blob bucket (retried like any store of the outcome) and makes it carry
+/// their references. With no blob store, a result too large to publish is answered with
+/// `payload_too_large` ([`super::artefacts::ResultTooLarge`]).
+async fn place_result(
+    shared: &Arc<Shared>,
+    d: &dyn Delivery,
+    ids: &Ids,
+    idem_key: &str,
+    completed: &mut Completed,
+    findings: &Findings,
+) -> Result<(), Settle> {
+    use super::artefacts::{Placement, ResultTooLarge, placement, store};
+    let limit = shared.cfg.max_inline_result_bytes;
+    let size = match placement(limit, ids.content_type, completed) {
+        Ok(Placement::Inline) => return Ok(()),
+        Ok(Placement::Reference { size }) => size,
+        // the result does not encode: that repeats on every try
+        Err(e) => {
+            let e = StoreError::Refused(PortError::permanent(e).context("encoding the result"));
+            let answer = e.answer("the signed result");
+            return Err(finish_failed(
+                shared,
+                d,
+                ids.clone(),
+                Some(idem_key),
+                answer,
+                findings.clone_parts(),
+            )
+            .await);
+        }
+    };
+    let (Some(blobs), Artefacts::Inline(inline)) =
+        (shared.ports.blobs.clone(), &completed.artefacts)
+    else {
+        let e = SignerError::from(ResultTooLarge { size, limit });
+        return Err(finish_failed(
+            shared,
+            d,
+            ids.clone(),
+            Some(idem_key),
+            e,
+            findings.clone_parts(),
+        )
+        .await);
+    };
+    let t_store = Instant::now();
+    // (an object store failure is taken as passing: a full or refusing bucket is retried
+    // within the budget like an unreachable one)
+    let stored = persist(shared, d, || async {
+        store(blobs.as_ref(), &ids.tenant, &ids.request_id, inline)
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+    })
+    .await;
+    let stored = match stored {
+        Ok(stored) => stored,
+        Err(NotStored::Settle(settle)) => return Err(settle),
+        Err(NotStored::Permanent(e)) => {
+            let answer = e.answer("the result objects");
+            return Err(finish_failed(
+                shared,
+                d,
+                ids.clone(),
+                Some(idem_key),
+                answer,
+                findings.clone_parts(),
+            )
+            .await);
+        }
+    };
+    stage("result_objects", t_store);
+    metrics::counter!("signer_results_by_reference_total").increment(1);
+    completed.artefacts = Artefacts::Referenced(stored);
+    Ok(())
 }
 
 impl Findings {

@@ -15,6 +15,7 @@
 //! in-flight calls fail, the job is NAKed without a result, and JetStream redelivers it
 //! to the restarted actor (or another replica).
 
+mod artefacts;
 mod audit_writer;
 pub mod disabled;
 mod gates;
@@ -44,6 +45,13 @@ use crate::ports::{
     EntitlementVerifier, IdempotencyStore, JobSourceFactory, KeyFactory, MessagePublisher,
     QuotaStore, ReleaseVerifier,
 };
+
+/// Default of [`PipelineConfig::max_payload_ref_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_PAYLOAD_REF_BYTES: u64 = 64 << 20;
+
+/// What the inline result limit leaves below the broker's `max_payload` for headers and the
+/// protocol: 64 KiB.
+pub const INLINE_RESULT_HEADROOM: usize = 64 << 10;
 
 /// Everything the pipeline needs to know that is not a port.
 #[derive(Debug, Clone)]
@@ -96,6 +104,13 @@ pub struct PipelineConfig {
     pub job_timeout: Duration,
     /// How the Provenance actor bounds registry lookups per tenant.
     pub provenance_limits: ProvenanceLimits,
+    /// Largest object a `payloadRef` may name (whatever the plan allows): checked against
+    /// the declared size before reading.
+    pub max_payload_ref_bytes: u64,
+    /// Largest encoded result published inline; a larger one carries `envelopeRef` /
+    /// `bundleRefs` to objects of the blob bucket. Below the broker's `max_payload`, with
+    /// headroom for headers.
+    pub max_inline_result_bytes: usize,
 }
 
 impl PipelineConfig {
@@ -126,6 +141,8 @@ impl PipelineConfig {
             retry_budget: Duration::from_secs(60),
             job_timeout: Duration::from_secs(300),
             provenance_limits: ProvenanceLimits::default(),
+            max_payload_ref_bytes: DEFAULT_MAX_PAYLOAD_REF_BYTES,
+            max_inline_result_bytes: (1 << 20) - INLINE_RESULT_HEADROOM,
         }
     }
 }
@@ -143,6 +160,9 @@ pub struct Ports {
     pub entitlement: Arc<dyn EntitlementVerifier>,
     pub quota: Arc<dyn QuotaStore>,
     pub provenance: Arc<dyn ReleaseVerifier>,
+    /// The blob bucket of large payloads and results; `None`: `payloadRef` requests are
+    /// refused and a result too large to publish inline fails with `payload_too_large`.
+    pub blobs: Option<Arc<dyn crate::ports::BlobStore>>,
 }
 
 /// State shared by the supervisor, the actors and the job tasks (opaque outside the crate).

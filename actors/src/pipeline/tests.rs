@@ -319,6 +319,7 @@ async fn start_with(
         entitlement: Arc::new(DisabledEntitlement),
         quota: Arc::new(DisabledQuota),
         provenance: Arc::new(DisabledProvenance),
+        blobs: None,
     };
     change(&mut cfg, &mut ports);
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
@@ -719,6 +720,7 @@ async fn start_profiles(plan: &str) -> Deployment {
         entitlement: Arc::new(OnPlan(plan.into())),
         quota: ledger.clone(),
         provenance: Arc::new(DisabledProvenance),
+        blobs: None,
     };
     let pipeline = Pipeline::start(cfg, ports).await.unwrap();
     let status = pipeline.status();
@@ -1103,4 +1105,6 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
 
+/// Payloads and results by reference, with the in-memory blob store.
+mod blobs;
 mod bounded;
