@@ -241,21 +241,35 @@ async fn sigterm_with_hostile_messages_in_flight_exits_within_the_drain_timeout(
 }
 
 /// A statement that signs fine but whose result (envelope and bundle, each carrying the
-/// payload in base64) is over the broker's `max_payload`: the real adapter's refusal is
-/// permanent, so the job is answered `payload_too_large` at once, acked, never redelivered.
-/// (With an object store configured the result would go by reference instead.)
+/// payload in base64) is more than the results stream stores: an operator provisioned it
+/// with a 64 KiB `max_msg_size` (serve leaves existing streams as they are), below the
+/// inline limit, so the result goes inline and the stream refuses it in its PubAck. That
+/// refusal is permanent, so the job is answered `payload_too_large` at once, acked, never
+/// redelivered. (A result over the inline limit goes by reference instead: tests/large.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_max_payload_is_answered_payload_too_large_at_once() {
     let mut stack = Stack::new("hl", "");
-    stack.spawn_worker();
     let (client, js) = stack.connect().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stack.stream("RES"),
+        subjects: vec![
+            stack.subject("sign.completed"),
+            stack.subject("sign.failed"),
+        ],
+        max_message_size: 64 * 1024,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stack.spawn_worker();
     stack.wait_provisioned(&js).await;
     let max_payload = client.server_info().max_payload;
     let id = "large-1";
     let mut r = request(id, "acme", None);
-    // well within max_body_bytes (1 MiB) and the broker's limit, but signed twice over in
-    // the result
-    let blob = "x".repeat(max_payload / 2);
+    // well within max_body_bytes, the broker's limit and the inline limit, but over what
+    // the results stream takes once signed
+    let blob = "x".repeat(100_000);
     r["statement"]["predicate"]["blob"] = blob.into();
     let body = serde_json::to_vec(&r).unwrap();
     assert!(body.len() < max_payload);

@@ -22,6 +22,12 @@ use crate::jetstream::key_state::KeyState;
 /// Largest control message read (a command with a few signatures is a few kilobytes).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 
+/// How long an authorised command waits for its audit event to be stored before it is
+/// refused (`unavailable`): within the 10 s a NATS requester waits by default. The writer
+/// keeps retrying the event on its chain (a broker failover); a follow-up `failed` event
+/// then says the command was not applied.
+pub const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// Why an authorised command was not applied (`invalid_command`).
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {
@@ -153,14 +159,31 @@ impl ControlServer {
             .filter(|s| s.counted)
             .filter_map(|s| s.sub.clone())
             .collect();
-        let audit_seq = match self
-            .audit
-            .append(event(payload, record.clone(), Decision::Accepted))
-            .await
-        {
-            Ok(seq) => seq,
-            Err(e) => {
+        let accepted = tokio::time::timeout(
+            AUDIT_WAIT,
+            self.audit
+                .append(event(payload, record.clone(), Decision::Accepted)),
+        )
+        .await;
+        let audit_seq = match accepted {
+            Ok(Ok(seq)) => seq,
+            not_stored => {
+                let e = match not_stored {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("audit event not stored within {}s", AUDIT_WAIT.as_secs()),
+                };
                 tracing::error!(error = %e, "control command not applied: its audit event was not stored");
+                // The writer may still store the `accepted` event later (it retries on its
+                // chain): the chain then says, right after it, that nothing was applied.
+                record.refusal = Some(ControlRefusal::Unavailable);
+                record.detail = Some(format!("not applied: {e}"));
+                let audit = self.audit.clone();
+                let failed = event(payload, record, Decision::Failed);
+                tokio::spawn(async move {
+                    if let Err(e) = audit.append(failed).await {
+                        tracing::error!(error = %e, "audit event of an unapplied control command not stored");
+                    }
+                });
                 return ControlReply::Refused {
                     code: ControlRefusal::Unavailable,
                     detail: format!("not applied: {e}"),
