@@ -4,7 +4,8 @@
 #   - Debian packages: softhsm2 (HSM for tests), docker-registry (OCI registry for
 #     provenance tests), apache2-utils (`htpasswd`: bcrypt users of the authenticated test
 #     registry), libpcsclite-dev + pkg-config (the `yubikey` feature), prometheus
-#     (`prometheus` and `promtool`: tests/alerts.rs checks and fires the alert rules)
+#     (`prometheus` and `promtool`: tests/alerts.rs checks and fires the alert rules),
+#     nats-server and redis-server (tests that break a server start their own)
 #   - just (from PyPI's rust-just wheel)
 #   - the independent verifiers of ../shared/conformance into target/conformance, and
 #     PyNaCl in their venv (tests/tools/make_cosign_key.py writes cosign keys with it)
@@ -16,7 +17,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 missing=()
-for pkg in softhsm2 docker-registry apache2-utils libpcsclite-dev pkg-config prometheus; do
+for pkg in softhsm2 docker-registry apache2-utils libpcsclite-dev pkg-config prometheus nats-server redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
