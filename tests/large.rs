@@ -408,5 +408,27 @@ async fn bad_references_are_refused_audited_and_a_small_statement_stays_inline()
         ttl,
         "left as provisioned"
     );
+    // `submit` of a small statement file sends it inline: the CLI knows the server's
+    // max_payload before it decides (it connects in the background, so it waits for it)
+    let out = tempfile::tempdir().unwrap();
+    let output = signer()
+        .args(["submit", "--config"])
+        .arg(&stack.config)
+        .args(["--tenant", "acme", "--request-id", "cli-small"])
+        .arg("--statement")
+        .arg(common::example_statement())
+        .arg("--identity")
+        .arg(identity(stack.dir.path()))
+        .args(["--wait", "--timeout", "60s", "--json", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("uploaded the statement"),
+        "sent inline: {stderr}"
+    );
+    assert!(out.path().join("envelope.json").exists());
     stack.cleanup(&js).await;
 }

@@ -64,6 +64,19 @@ impl NatsArgs {
         let client = crate::jetstream::connect(&cfg, "stella-signer cli")
             .await
             .map_err(|e| CliError::Unusable(e.to_string()))?;
+        // The client connects in the background (`retry_on_initial_connect`): wait for the
+        // server once, so what it announced (`server_info().max_payload`, which decides
+        // whether a statement goes inline) is known before a command uses it.
+        match tokio::time::timeout(std::time::Duration::from_secs(10), client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CliError::Unusable(format!("NATS at {}: {e}", cfg.url))),
+            Err(_) => {
+                return Err(CliError::Unusable(format!(
+                    "NATS at {} did not answer within 10s",
+                    cfg.url
+                )));
+            }
+        }
         let js = async_nats::jetstream::new(client.clone());
         Ok((cfg, client, js))
     }
