@@ -4,6 +4,7 @@
 
 pub mod operators;
 pub mod registry;
+pub mod servers;
 pub mod sigstore;
 pub mod softhsm;
 pub mod stack;

@@ -7,92 +7,15 @@
 //! Each case runs its own `redis-server` (without persistence, like the default deployment)
 //! on a free loopback port for the quota gate, and restarts only that one.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use serde_json::{Value, json};
 
 use super::{HTU, ISSUER, Issuer, World, now, rand_hex};
-use crate::common::registry::free_port;
+use crate::common::servers::OwnRedis;
 use crate::common::stack::{ResultMsg, Stack};
 use stella_signer::entitlement::mint::{self, MintAlg};
-
-/// A `redis-server` of this test only, without persistence; killed when dropped.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let mut r = OwnRedis {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.spawn();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/bootstrap.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        client
-            .get_connection()
-            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_ok()
-    }
-
-    /// Kills this server and starts an empty one on the same port (what a restart without
-    /// persistence does to the data).
-    fn restart_empty(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.spawn();
-        let mut c = redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let keys: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
-        assert_eq!(keys, 0, "the restarted Redis is empty");
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// A deployment with real entitlement and quota gates (quota in `redis`), provenance off
 /// (not what these cases are about), and retries enough to ride out a Redis reconnect.
