@@ -8,6 +8,12 @@
 //! [`OutMessage::to_record`] writes it), then `done <result sequence>`. Compare-and-set on
 //! the entry revision makes a take-over of an expired lease, and the step from lease to
 //! signed, safe between replicas. The bucket's max age is the record TTL.
+//!
+//! Every read goes to the bucket stream's leader (`STREAM.MSG.GET`), never a direct get: on
+//! a replicated bucket any replica answers a direct get, and a follower that has not yet
+//! applied this attempt's lease would make it look lost (and a stale `lease` over a newer
+//! `signed` record would let a release delete it). A release deletes only the revision it
+//! read.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +42,13 @@ fn kv_key(key: &str) -> String {
 
 fn port(e: impl std::fmt::Display) -> PortError {
     PortError::transient(e.to_string()).context("idempotency bucket")
+}
+
+/// An entry as the bucket stream's leader has it: `None` when the key has no value (never
+/// written, deleted, purged, aged out).
+struct Current {
+    revision: u64,
+    value: Option<bytes::Bytes>,
 }
 
 enum Record {
@@ -85,6 +98,32 @@ impl KvIdempotency {
         let store = super::open_bucket(js, bucket, ttl).await?;
         Ok(KvIdempotency { store })
     }
+
+    /// Reads `key` (already hashed) from the stream leader: linearizable with the
+    /// compare-and-set writes, unlike a direct get, which a lagging replica may answer.
+    async fn current(&self, key: &str) -> Result<Option<Current>, PortError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.store.prefix);
+        let message = match self
+            .store
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(port(e)),
+        };
+        let removed = message
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+            || message.headers.get("Nats-Marker-Reason").is_some();
+        Ok(Some(Current {
+            revision: message.sequence,
+            value: (!removed).then_some(message.payload),
+        }))
+    }
 }
 
 #[async_trait]
@@ -97,34 +136,31 @@ impl IdempotencyStore for KvIdempotency {
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(port(e)),
         }
-        let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
+        let Some(entry) = self.current(&key).await? else {
+            // (it existed a moment ago: aged out in between) try again
             return Ok(Claim::Busy {
                 retry_after: Duration::from_millis(50),
             });
         };
-        let record = match entry.operation {
-            kv::Operation::Put => parse(&entry.value)?,
-            _ => None,
+        let record = match &entry.value {
+            Some(value) => parse(value)?,
+            None => None,
         };
-        let take_over = match (entry.operation, record) {
-            (kv::Operation::Put, Some(Record::Done { seq })) => {
+        match record {
+            Some(Record::Done { seq }) => {
                 return Ok(Claim::Done {
                     result_sequence: seq,
                 });
             }
-            (kv::Operation::Put, Some(Record::Signed { outcome })) => {
-                return Ok(Claim::Signed { outcome });
-            }
-            (kv::Operation::Put, Some(Record::Lease { owner: o, until_ms }))
-                if o != owner && until_ms > now_ms() =>
-            {
+            Some(Record::Signed { outcome }) => return Ok(Claim::Signed { outcome }),
+            Some(Record::Lease { owner: o, until_ms }) if o != owner && until_ms > now_ms() => {
                 return Ok(Claim::Busy {
                     retry_after: Duration::from_millis(until_ms - now_ms()),
                 });
             }
-            _ => true,
-        };
-        debug_assert!(take_over);
+            // free (deleted, unreadable), expired, or this owner's own lease: take it
+            _ => {}
+        }
         match self
             .store
             .update(&key, lease_value().into(), entry.revision)
@@ -151,11 +187,14 @@ impl IdempotencyStore for KvIdempotency {
         // A lease renewal of this attempt may land between the read and the write: read
         // again then, a few times.
         for _ in 0..5 {
-            let Some(entry) = self.store.entry(&key).await.map_err(port)? else {
+            let Some(entry) = self.current(&key).await? else {
                 return Ok(Recorded::LeaseLost);
             };
-            let ours = entry.operation == kv::Operation::Put
-                && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner);
+            let ours = entry
+                .value
+                .as_deref()
+                .and_then(parse_text)
+                .is_some_and(|r| matches!(r, Record::Lease { owner: o, .. } if o == owner));
             if !ours {
                 return Ok(Recorded::LeaseLost);
             }
@@ -178,13 +217,27 @@ impl IdempotencyStore for KvIdempotency {
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
         let key = kv_key(key);
-        if let Some(entry) = self.store.entry(&key).await.map_err(port)?
-            && entry.operation == kv::Operation::Put
-            && matches!(parse_text(&entry.value), Some(Record::Lease { owner: o, .. }) if o == owner)
-        {
-            self.store.delete(&key).await.map_err(port)?;
+        let Some(entry) = self.current(&key).await? else {
+            return Ok(());
+        };
+        let ours = entry
+            .value
+            .as_deref()
+            .and_then(parse_text)
+            .is_some_and(|r| matches!(r, Record::Lease { owner: o, .. } if o == owner));
+        if !ours {
+            return Ok(());
         }
-        Ok(())
+        // Only the revision read: a record written since (signed, another lease) stays.
+        match self
+            .store
+            .delete_expect_revision(&key, Some(entry.revision))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(port(e)),
+        }
     }
 }
 

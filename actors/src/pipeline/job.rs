@@ -15,7 +15,10 @@
 //! (the broker refuses the message for its size, a stream refuses it), answered at once
 //! with a compact `sign.failed` (`payload_too_large` or `internal`) and acked; or for now
 //! (unreachable, timed out), NAKed before the last delivery and retried in process within
-//! `retry_budget` on it, after which the message is terminated. A job never holds its slot
+//! `retry_budget` on it, after which the message is terminated. A signed job whose result
+//! message is not yet recorded is never NAKed for such a failure: it retries in process
+//! within `retry_budget` on every delivery, because the signature exists nowhere else.
+//! A job never holds its slot
 //! longer than `job_timeout`, nor past the drain deadline (it is then NAKed).
 
 use std::sync::Arc;
@@ -100,6 +103,18 @@ impl StoreError {
             _ => SignerError::Internal(message),
         }
     }
+}
+
+/// What a transient store failure may do with the job, as [`persist`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnTransient {
+    /// NAK it before the last delivery: nothing was signed, or the signed result is
+    /// recorded in the idempotency record and a redelivery republishes it.
+    Redeliver,
+    /// Keep trying in process for `retry_budget`, whatever the delivery count: the job is
+    /// signed and its result is not recorded, so it lives only here; a redelivery would
+    /// find no record and, once the lease expires, sign (and charge) again.
+    RetryHere,
 }
 
 /// Why a piece of the outcome was not stored, as [`persist`] reports it.
@@ -982,12 +997,15 @@ async fn finish_signed(
     };
     // Placed before the audit event: a result that cannot be published is answered as a
     // failure (with its own event), not recorded as signed.
+    // Until the result message is recorded, the signature exists only in this process:
+    // transient failures are retried here, not handed to a redelivery.
     if let Err(settle) = place_result(shared, d, ids, idem_key, &mut completed, &findings).await {
         return settle;
     }
     let event = audit_event(ids, Decision::Signed, None, findings.clone_parts(), keys);
     let t_audit = Instant::now();
-    completed.audit.seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
+    let append = || append_audit(shared, event.clone());
+    completed.audit.seq = match persist(shared, d, OnTransient::RetryHere, append).await {
         Ok(seq) => seq,
         Err(NotStored::Settle(settle)) => return settle,
         Err(NotStored::Permanent(e)) => {
@@ -999,8 +1017,12 @@ async fn finish_signed(
     let subject = shared.cfg.completed_subject.clone();
     let published = match result_message(ids, subject, &completed) {
         Ok(message) => {
-            record_outcome(shared, idem_key, owner, &message).await;
-            publish_message(shared, d, Some(idem_key), message, "completed", None).await
+            let on_transient = match record_outcome(shared, idem_key, owner, &message).await {
+                true => OnTransient::Redeliver,
+                false => OnTransient::RetryHere,
+            };
+            let key = Some(idem_key);
+            publish_message(shared, d, key, message, "completed", None, on_transient).await
         }
         Err(e) => Err(e),
     };
@@ -1015,29 +1037,30 @@ async fn finish_signed(
     }
 }
 
-/// Records a signed job's result message in its idempotency record, before it is published.
-/// A store failure is retried with backoff for up to `call_timeout` (the lease is held
-/// meanwhile): the record is what keeps a redelivery from signing again. If it still fails,
-/// or the lease was lost, the result is published anyway (it is signed and audited).
-async fn record_outcome(shared: &Shared, key: &str, owner: &str, message: &OutMessage) {
+/// Records a signed job's result message in its idempotency record, before it is published;
+/// `true` once it is recorded. A store failure is retried with backoff for up to
+/// `call_timeout` (the lease is held meanwhile): the record is what keeps a redelivery from
+/// signing again. If it still fails, or the lease was lost, the result is published anyway
+/// (it is signed and audited), retried in process rather than redelivered.
+async fn record_outcome(shared: &Shared, key: &str, owner: &str, message: &OutMessage) -> bool {
     let t_record = Instant::now();
     let mut delay = shared.cfg.backoff_base;
-    loop {
+    let recorded = loop {
         match shared.ports.idempotency.record(key, owner, message).await {
-            Ok(Recorded::Kept) => break,
+            Ok(Recorded::Kept) => break true,
             Ok(Recorded::LeaseLost) => {
                 metrics::counter!("signer_outcome_record_failures_total", "reason" => "lease_lost")
                     .increment(1);
                 tracing::warn!(
                     "the idempotency lease was taken over before the outcome was recorded; publishing it"
                 );
-                break;
+                break false;
             }
             Err(e) if t_record.elapsed() + delay > shared.cfg.call_timeout || e.is_permanent() => {
                 metrics::counter!("signer_outcome_record_failures_total", "reason" => "store")
                     .increment(1);
                 tracing::warn!(error = %e, "recording the outcome failed; publishing it");
-                break;
+                break false;
             }
             Err(e) => {
                 tracing::info!(error = %e, retry_in_ms = delay.as_millis() as u64, "recording the outcome failed; retrying");
@@ -1045,8 +1068,9 @@ async fn record_outcome(shared: &Shared, key: &str, owner: &str, message: &OutMe
                 delay = delay.saturating_mul(2).min(shared.cfg.backoff_max);
             }
         }
-    }
+    };
     stage("record", t_record);
+    recorded
 }
 
 /// A request that was signed before but whose result may not be stored (the publish failed,
@@ -1060,7 +1084,16 @@ async fn republish_outcome(
 ) -> Settle {
     metrics::counter!("signer_outcome_republished_total").increment(1);
     tracing::info!("signed before; publishing the recorded result");
-    match publish_message(shared, d, Some(idem_key), outcome, "completed", None).await {
+    let published = publish_message(
+        shared,
+        d,
+        Some(idem_key),
+        outcome,
+        "completed",
+        None,
+        OnTransient::Redeliver,
+    );
+    match published.await {
         Ok(settle) => settle,
         Err(e) => {
             // It was stored once (it is the recorded result of this request), so the store
@@ -1123,7 +1156,7 @@ async fn place_result(
     let t_store = Instant::now();
     // (an object store failure is taken as passing: a full or refusing bucket is retried
     // within the budget like an unreachable one)
-    let stored = persist(shared, d, || async {
+    let stored = persist(shared, d, OnTransient::RetryHere, || async {
         store(blobs.as_ref(), &ids.tenant, &ids.request_id, inline)
             .await
             .map_err(|e| StoreError::Unavailable(Box::new(e)))
@@ -1218,7 +1251,8 @@ async fn store_failed(
         Vec::new(),
     );
     let t_audit = Instant::now();
-    let audit_seq = match persist(shared, d, || append_audit(shared, event.clone())).await {
+    let append = || append_audit(shared, event.clone());
+    let audit_seq = match persist(shared, d, OnTransient::Redeliver, append).await {
         Ok(seq) => seq,
         Err(NotStored::Settle(settle)) => return Ok(settle),
         Err(NotStored::Permanent(e)) => return Err(e),
@@ -1237,18 +1271,31 @@ async fn store_failed(
     };
     let subject = shared.cfg.failed_subject.clone();
     let message = result_message(ids, subject, &failed)?;
-    publish_message(shared, d, idem_key, message, "failed", Some(error.code())).await
+    let code = Some(error.code());
+    publish_message(
+        shared,
+        d,
+        idem_key,
+        message,
+        "failed",
+        code,
+        OnTransient::Redeliver,
+    )
+    .await
 }
 
 /// Stores part of an outcome (the audit event, the result). A failure for good is returned
 /// at once ([`NotStored::Permanent`]): retrying would fail the same way. A failure for now
-/// NAKs the job before the last delivery (it comes back with backoff). On the last delivery
-/// nothing would bring it back, so the job keeps trying in process, telling JetStream it is
-/// still in progress, for `retry_budget`; then the message is terminated (logged, counted
-/// in `signer_jobs_abandoned_total`): the outcome could not be stored by anyone meanwhile.
+/// NAKs the job before the last delivery (it comes back with backoff) when `on_transient`
+/// allows it. Otherwise (the last delivery: nothing would bring it back; or a signed,
+/// unrecorded result that a redelivery would sign again) the job keeps trying in process,
+/// telling JetStream it is still in progress, for `retry_budget`. Then the message is
+/// NAKed if deliveries remain, else terminated (logged, counted in
+/// `signer_jobs_abandoned_total`): the outcome could not be stored by anyone meanwhile.
 async fn persist<T, F, Fut>(
     shared: &Shared,
     d: &dyn Delivery,
+    on_transient: OnTransient,
     mut attempt: F,
 ) -> Result<T, NotStored>
 where
@@ -1266,19 +1313,26 @@ where
             }
             Err(e) => e,
         };
-        if d.delivered() < shared.cfg.max_deliver {
+        let last = d.delivered() >= shared.cfg.max_deliver;
+        if !last && on_transient == OnTransient::Redeliver {
             return Err(NotStored::Settle(retry_later(shared, d, &e)));
         }
         let ends = *budget_ends.get_or_insert_with(|| Instant::now() + shared.cfg.retry_budget);
         if Instant::now() + delay > ends {
+            if !last {
+                tracing::error!(error = %e, budget_s = shared.cfg.retry_budget.as_secs(),
+                    "the signed outcome could not be stored within the retry budget; NAKed, the redelivery signs again");
+                metrics::counter!("signer_signed_outcomes_dropped_total").increment(1);
+                return Err(NotStored::Settle(retry_later(shared, d, &e)));
+            }
             tracing::error!(error = %e, budget_s = shared.cfg.retry_budget.as_secs(),
                 "last delivery: the outcome could not be stored within the retry budget; the message is terminated without a result");
             metrics::counter!("signer_jobs_abandoned_total", "reason" => "retry_budget")
                 .increment(1);
             return Err(NotStored::Settle(Settle::Term));
         }
-        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-            "last delivery: could not store the outcome; retrying in process");
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, last_delivery = last,
+            "could not store the outcome; retrying in process");
         let extended = tokio::time::timeout(shared.cfg.call_timeout, d.in_progress()).await;
         if !matches!(extended, Ok(Ok(()))) {
             tracing::warn!("could not extend the delivery");
@@ -1395,6 +1449,7 @@ async fn publish_message(
     message: OutMessage,
     outcome: &'static str,
     code: Option<ErrorCode>,
+    on_transient: OnTransient,
 ) -> Result<Settle, StoreError> {
     let publish = || {
         let message = message.clone();
@@ -1409,7 +1464,7 @@ async fn publish_message(
         }
     };
     let t_publish = Instant::now();
-    let stored = match persist(shared, d, publish).await {
+    let stored = match persist(shared, d, on_transient, publish).await {
         Ok(s) => s,
         Err(NotStored::Settle(settle)) => return Ok(settle),
         Err(NotStored::Permanent(e)) => return Err(e),

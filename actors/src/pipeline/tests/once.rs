@@ -239,6 +239,78 @@ async fn a_failed_result_publish_after_signing_republishes_the_recorded_outcome(
     assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
 
+/// The idempotency store with its `record` down (as while its bucket elects a leader):
+/// claims, completions and releases pass to `inner`.
+struct RecordDown(Arc<MemIdempotency>);
+
+#[async_trait]
+impl IdempotencyStore for RecordDown {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, PortError> {
+        self.0.claim(key, owner, lease).await
+    }
+    async fn record(&self, _: &str, _: &str, _: &OutMessage) -> Result<Recorded, PortError> {
+        Err(PortError::transient("no responders"))
+    }
+    async fn complete(&self, key: &str, seq: u64) -> Result<(), PortError> {
+        self.0.complete(key, seq).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
+        self.0.release(key, owner).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_result_that_is_not_recorded_is_retried_here_not_redelivered() {
+    // The record cannot be written and the first two result publishes fail: the signed
+    // result exists only in this job, so the job keeps it and retries, instead of a NAK
+    // whose redelivery would find no record and sign again once the lease expired.
+    let signs = Arc::new(AtomicUsize::new(0));
+    let keys = Arc::new(CountingKeys {
+        signs: signs.clone(),
+        delay: Duration::ZERO,
+    });
+    let publisher = Arc::new(StreamPublisher::default());
+    publisher.fail_results.store(2, Ordering::SeqCst);
+    let records = Arc::new(MemIdempotency::default());
+    let (p, r) = (publisher.clone(), records.clone());
+    let (queue, _unused, pipeline) = start_with(keys, "k", move |cfg, ports| {
+        cfg.call_timeout = Duration::from_millis(200);
+        ports.publisher = p;
+        ports.idempotency = Arc::new(RecordDown(r));
+    })
+    .await;
+    let status = pipeline.status();
+    until("keys loaded", || status.ready().is_ok()).await;
+    queue
+        .tx
+        .send(MemDelivery {
+            queue: queue.clone(),
+            subject: "sign.requests".into(),
+            body: request_body("r-1"),
+            seq: 1,
+            delivered: 1,
+            published: SystemTime::now(),
+        })
+        .unwrap();
+    until("job acked", || acked(&queue, 1)).await;
+    assert_eq!(publisher.fail_results.load(Ordering::SeqCst), 0);
+    let settled = queue.settled.lock().unwrap().clone();
+    assert_eq!(settled, vec![(1, Settled::Ack)], "never handed back");
+    assert_eq!(signs.load(Ordering::SeqCst), 1, "signed once");
+    assert_eq!(publisher.signed_events("r-1").len(), 1);
+    let results: Vec<_> = publisher
+        .json("sign.")
+        .into_iter()
+        .filter(|r| r["requestId"] == "r-1")
+        .collect();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(matches!(
+        records.0.lock().unwrap().get("acme/r-1"),
+        Some(MemRecord::Done(_))
+    ));
+    assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_copies_of_a_request_at_once_are_signed_once() {
     // Each signature takes 300 ms, so the second copy is claimed while the first is signing
