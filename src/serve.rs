@@ -202,10 +202,8 @@ pub fn pipeline_config(
     p.max_deliver = max_deliver;
     p.backoff_base = cfg.worker.backoff_base;
     p.backoff_max = cfg.worker.backoff_max;
-    // A lease must end before JetStream redelivers, so the next worker can take over.
-    p.lease = ack_wait
-        .saturating_sub(Duration::from_secs(1))
-        .max(Duration::from_secs(1));
+    p.lease = cfg.idempotency.lease;
+    p.ack_wait = ack_wait;
     p.audit_batch_max = cfg.worker.audit_batch_max;
     p.audit_flush_interval = cfg.worker.audit_flush_interval;
     p.max_queue_age = cfg.worker.max_queue_age;

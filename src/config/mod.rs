@@ -242,6 +242,14 @@ pub struct IdempotencyConfig {
     /// How long a finished request is remembered.
     #[serde(with = "duration")]
     pub ttl: Duration,
+    /// How long a job attempt's claim on its request lasts unless renewed (it is renewed
+    /// every third of it while the job works). It must outlast the store outages a replica
+    /// should ride out (a JetStream leader election, a Redis failover): a lease that expires
+    /// while its holder cannot reach the store may be taken over by a redelivery, which then
+    /// signs again. The cost of a long lease: the requests a crashed replica held wait this
+    /// long before another replica takes them over.
+    #[serde(with = "duration")]
+    pub lease: Duration,
     pub bucket: String,
     pub redis_prefix: String,
 }
@@ -251,6 +259,7 @@ impl Default for IdempotencyConfig {
         IdempotencyConfig {
             backend: None,
             ttl: Duration::from_secs(7 * 24 * 3600),
+            lease: Duration::from_secs(30),
             bucket: "SIGNER_IDEMPOTENCY".into(),
             redis_prefix: "signer:idem:".into(),
         }
@@ -474,6 +483,9 @@ impl Config {
         }
         if let Some(r) = &self.redis {
             check_url(&r.url, &["redis", "rediss"], "redis.url")?;
+        }
+        if self.idempotency.lease < Duration::from_secs(1) {
+            return invalid("idempotency.lease must be at least 1s".into());
         }
         if self.idempotency.backend == Some(IdempotencyBackend::Redis) && self.redis.is_none() {
             return invalid("idempotency.backend = \"redis\" needs a [redis] section".into());
@@ -960,6 +972,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn the_idempotency_lease_is_its_own_setting_of_at_least_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = Config::from_toml(&text, []).unwrap();
+        assert_eq!(cfg.idempotency.lease, Duration::from_secs(30));
+        let env = |v: &str| [("SIGNER_IDEMPOTENCY__LEASE".to_string(), v.to_string())];
+        let cfg = Config::from_toml(&text, env("2m")).unwrap();
+        assert_eq!(cfg.idempotency.lease, Duration::from_secs(120));
+        let p = crate::serve::pipeline_config(&cfg, "w".into(), 5, Duration::from_secs(5));
+        assert_eq!(p.lease, Duration::from_secs(120), "not derived from ack_wait");
+        assert_eq!(p.ack_wait, Duration::from_secs(5));
+        let err = Config::from_toml(&text, env("500ms"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idempotency.lease"), "{err}");
     }
 
     #[test]

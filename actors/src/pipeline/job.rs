@@ -497,12 +497,7 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     let idem_key = format!("{}/{}", ids.tenant, ids.request_id);
     let owner = attempt_owner(&shared.cfg.worker_id);
     let t_claim = Instant::now();
-    let claimed = match shared
-        .ports
-        .idempotency
-        .claim(&idem_key, &owner, shared.cfg.lease)
-        .await
-    {
+    let claimed = match claim(shared, d, &idem_key, &owner).await {
         Ok(Claim::Acquired) => Ok(()),
         Ok(Claim::Done { result_sequence }) => {
             return answer_duplicate(shared, &ids, result_sequence).await;
@@ -587,6 +582,41 @@ async fn process(shared: &Arc<Shared>, d: &dyn Delivery) -> Settle {
     settle
 }
 
+/// Claims the request for this attempt. On the last delivery a lease held by another
+/// attempt is waited for here (telling JetStream the job is in progress), not NAKed:
+/// nothing would deliver the message again. `job_timeout` bounds the wait.
+async fn claim(
+    shared: &Shared,
+    d: &dyn Delivery,
+    key: &str,
+    owner: &str,
+) -> Result<Claim, PortError> {
+    loop {
+        let claim = shared
+            .ports
+            .idempotency
+            .claim(key, owner, shared.cfg.lease)
+            .await;
+        match claim {
+            Ok(Claim::Busy { retry_after }) if d.delivered() >= shared.cfg.max_deliver => {
+                tracing::info!(
+                    wait_ms = retry_after.as_millis() as u64,
+                    "last delivery: another attempt holds the request; waiting for its lease"
+                );
+                let extended = tokio::time::timeout(shared.cfg.call_timeout, d.in_progress()).await;
+                if !matches!(extended, Ok(Ok(()))) {
+                    tracing::warn!("could not extend the delivery");
+                }
+                let wait = retry_after
+                    .min(shared.cfg.lease / 3)
+                    .max(Duration::from_millis(10));
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Gives an attempt's lease back when its job is dropped before it settled (cut off at
 /// `job_timeout` or at the drain deadline) and had not signed. A job that signed keeps its
 /// lease: its redelivery must find the recorded outcome, not sign again.
@@ -637,8 +667,8 @@ fn attempt_owner(worker_id: &str) -> String {
 }
 
 /// Runs `work` while keeping this attempt's lease and its delivery alive: every third of the
-/// lease the lease is renewed (a claim by the same owner) and JetStream told the job is in
-/// progress. A job slowed down by a failover (an audit or result stream electing a leader)
+/// lease (or of the consumer's AckWait, if shorter) the lease is renewed (a claim by the same
+/// owner) and JetStream told the job is in progress. A job slowed down by a failover (an audit or result stream electing a leader)
 /// therefore keeps its request: neither a redelivery nor another replica can take the
 /// request over and sign it again while this attempt still works on it. Renewal stops once
 /// the record is no longer this attempt's lease (the outcome is recorded, or the lease was
@@ -649,7 +679,7 @@ async fn hold_lease<T>(
     (key, owner): (&str, &str),
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    let period = (shared.cfg.lease / 3).max(Duration::from_millis(100));
+    let period = (shared.cfg.lease.min(shared.cfg.ack_wait) / 3).max(Duration::from_millis(100));
     let keep_alive = async {
         let mut renewing = true;
         loop {

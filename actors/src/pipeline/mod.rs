@@ -78,8 +78,12 @@ pub struct PipelineConfig {
     /// First retry delay; doubles per delivery up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Idempotency lease: how long a job may run before another replica may take it over.
+    /// Idempotency lease: how long a job attempt's claim lasts unless renewed (renewed every
+    /// third of it while the job works).
     pub lease: Duration,
+    /// The consumer's AckWait: while a job works, it tells JetStream so every third of it
+    /// (or of the lease, if shorter), so the message is not redelivered meanwhile.
+    pub ack_wait: Duration,
     /// Signing profiles: the keys of each profile (one signature per key, in order), per
     /// tenant and plan.
     pub profiles: crate::profiles::ProfileTable,
@@ -132,6 +136,7 @@ impl PipelineConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             lease: Duration::from_secs(25),
+            ack_wait: Duration::from_secs(30),
             profiles: profiles.into(),
             audit_batch_max: 256,
             audit_flush_interval: Duration::from_millis(1),
