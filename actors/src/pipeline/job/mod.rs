@@ -33,9 +33,10 @@
 //! with a compact `sign.failed` (`payload_too_large` or `internal`) and acked; or for now
 //! (unreachable, timed out), NAKed before the last delivery and retried in process within
 //! `retry_budget` on it, after which the message is terminated. A signed job whose result
-//! message is not yet recorded is never NAKed for such a failure: it retries in process
-//! within `retry_budget` on every delivery ([`store::OnTransient::RetryHere`]), because the
-//! signature exists nowhere else. A job never holds its slot longer than `job_timeout`, nor
+//! message is not yet recorded is not NAKed at once for such a failure: it retries in
+//! process within `retry_budget` on every delivery ([`store::OnTransient::RetryHere`]),
+//! because the signature exists nowhere else, and only then is NAKed (terminated on the
+//! last delivery). A job never holds its slot longer than `job_timeout`, nor
 //! past the drain deadline (it is then NAKed, and a lease it holds before signing is given
 //! back by [`claim::LeaseGuard`]).
 
