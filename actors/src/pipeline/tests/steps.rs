@@ -209,6 +209,8 @@ enum Seen {
 
 /// One delivery of a request, on its `delivered`-th delivery.
 struct One {
+    subject: String,
+    headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
     delivered: u64,
     published: SystemTime,
@@ -218,6 +220,8 @@ struct One {
 impl One {
     fn new(request_id: &str, delivered: u64) -> Self {
         One {
+            subject: "sign.requests.acme".into(),
+            headers: Vec::new(),
             body: request_body(request_id),
             delivered,
             published: SystemTime::now(),
@@ -229,10 +233,13 @@ impl One {
 #[async_trait]
 impl Delivery for One {
     fn subject(&self) -> &str {
-        "sign.requests.acme"
+        &self.subject
     }
-    fn header(&self, _: &str) -> Option<&str> {
-        None
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn body(&self) -> &[u8] {
         &self.body
@@ -636,6 +643,58 @@ async fn a_failing_gate_stops_the_job_before_every_later_gate_and_the_claim() {
     drop(job);
     assert_eq!(rig.process(&old).await, Settle::Ack);
     assert_eq!(rig.failed("r-old")["error"]["code"], "request_expired");
+    assert!(rig.log.calls().is_empty(), "{:?}", rig.log.calls());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_refuses_with_the_code_and_addresses_the_refusal_as_well_as_it_can() {
+    let rig = rig(Gates::default(), |_, _| {}).await;
+    let refused = |d: &One| {
+        let mut job = Job::new(rig.shared(), d);
+        match job::decode::decode(&mut job) {
+            Err(Stop::Refused(e)) => (e.code(), job.ids.request_id, job.ids.tenant),
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    };
+    let id = |s: &str| s.to_string();
+    // Undecodable: addressed by the stream sequence and the subject's tenant.
+    let mut d = One::new("r-x", 1);
+    d.body = b"{not json".to_vec();
+    assert_eq!(
+        refused(&d),
+        (ErrorCode::InvalidRequest, id("seq-7"), id("acme"))
+    );
+    // ... or by Nats-Msg-Id when it is a valid requestId.
+    d.headers.push(("Nats-Msg-Id", "r-from-header".into()));
+    assert_eq!(refused(&d).1, "r-from-header");
+    // Another apiVersion, a Content-Type we do not speak, a body over the limit.
+    let mut d = One::new("r-v2", 1);
+    let mut body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    body["apiVersion"] = "signer.stella-ops.org/v2".into();
+    d.body = serde_json::to_vec(&body).unwrap();
+    assert_eq!(refused(&d).0, ErrorCode::UnsupportedApiVersion);
+    let mut d = One::new("r-ct", 1);
+    d.headers.push(("Content-Type", "text/plain".into()));
+    assert_eq!(refused(&d).0, ErrorCode::UnsupportedMediaType);
+    let mut d = One::new("r-big", 1);
+    d.body = vec![b' '; rig.shared().cfg.max_body_bytes + 1];
+    assert_eq!(refused(&d).0, ErrorCode::PayloadTooLarge);
+    // The subject's tenant binds the job; a subject outside the requests subject cannot.
+    let mut d = One::new("r-other", 1);
+    d.subject = "sign.requests.globex".into();
+    assert_eq!(
+        refused(&d),
+        (ErrorCode::TenantMismatch, id("r-other"), id("acme"))
+    );
+    d.subject = "elsewhere.acme".into();
+    assert_eq!(refused(&d).0, ErrorCode::TenantMismatch);
+    // An unknown profile is refused before any gate.
+    let mut d = One::new("r-profile", 1);
+    let mut body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    body["options"] = serde_json::json!({"profile": "nope"});
+    d.body = serde_json::to_vec(&body).unwrap();
+    assert_eq!(refused(&d).0, ErrorCode::InvalidRequest);
     assert!(rig.log.calls().is_empty(), "{:?}", rig.log.calls());
     rig.stop().await;
 }
