@@ -984,7 +984,11 @@ mod tests {
         let cfg = Config::from_toml(&text, env("2m")).unwrap();
         assert_eq!(cfg.idempotency.lease, Duration::from_secs(120));
         let p = crate::serve::pipeline_config(&cfg, "w".into(), 5, Duration::from_secs(5));
-        assert_eq!(p.lease, Duration::from_secs(120), "not derived from ack_wait");
+        assert_eq!(
+            p.lease,
+            Duration::from_secs(120),
+            "not derived from ack_wait"
+        );
         assert_eq!(p.ack_wait, Duration::from_secs(5));
         let err = Config::from_toml(&text, env("500ms"))
             .unwrap_err()

@@ -1108,3 +1108,5 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
 /// Payloads and results by reference, with the in-memory blob store.
 mod blobs;
 mod bounded;
+/// The job's decisions step by step (issue 9, item 1).
+mod steps;
