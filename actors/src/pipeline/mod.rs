@@ -27,7 +27,9 @@ mod latency;
 mod publisher;
 mod supervisor;
 
-pub use gates::ProvenanceLimits;
+pub use gates::{
+    Entitlement, EntitlementMsg, EntitlementStats, Provenance, ProvenanceLimits, ProvenanceMsg,
+};
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 

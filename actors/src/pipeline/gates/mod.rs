@@ -6,11 +6,12 @@
 //! [`ProvenanceLimits`]): only an actor sees every lookup of the replica, so only it can
 //! share them fairly between tenants.
 
+mod cache;
 mod entitlement;
 mod provenance;
 mod quota;
 
-pub use entitlement::{Entitlement, EntitlementMsg};
+pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
 pub use provenance::{Provenance, ProvenanceLimits, ProvenanceMsg};
 pub use quota::{Quota, QuotaMsg};
 
