@@ -557,12 +557,38 @@ pub enum ProvenanceGrant {
     Disabled,
 }
 
-/// Scanner release provenance.
+/// Scanner release provenance, without a cache: the Provenance actor keeps the verdicts,
+/// makes one lookup per scanner image at a time and bounds lookups per tenant.
 #[async_trait]
 pub trait ReleaseVerifier: Send + Sync {
-    async fn verify(
+    /// What is decided without a registry (gate disabled, malformed input, allowlisted
+    /// digest, nothing to check signatures with): `Some` is the answer; `None`: the registry
+    /// must be asked ([`look_up`](Self::look_up)). Cheap and without I/O: the actor calls it
+    /// in its mailbox.
+    fn decide_offline(
+        &self,
+        _repository: &str,
+        _image_digest: &str,
+    ) -> Option<Result<ProvenanceGrant, SignerError>> {
+        None
+    }
+    /// Asks the registry about `repository@image_digest`, uncached. A definite answer is
+    /// `Ok(Trusted)` or `provenance_untrusted` (the actor keeps those for its TTL); any
+    /// other error (e.g. `provenance_unavailable`) is not kept.
+    async fn look_up(
         &self,
         repository: &str,
         image_digest: &str,
     ) -> Result<ProvenanceGrant, SignerError>;
+    /// Both steps, uncached (tools and tests that use the adapter without the actor).
+    async fn verify(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Result<ProvenanceGrant, SignerError> {
+        match self.decide_offline(repository, image_digest) {
+            Some(answer) => answer,
+            None => self.look_up(repository, image_digest).await,
+        }
+    }
 }

@@ -52,7 +52,11 @@ pub struct DisabledProvenance;
 
 #[async_trait]
 impl ReleaseVerifier for DisabledProvenance {
-    async fn verify(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
+    fn decide_offline(&self, _: &str, _: &str) -> Option<Result<ProvenanceGrant, SignerError>> {
+        Some(Ok(ProvenanceGrant::Disabled))
+    }
+
+    async fn look_up(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
         Ok(ProvenanceGrant::Disabled)
     }
 }

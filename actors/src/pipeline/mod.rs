@@ -28,7 +28,8 @@ mod publisher;
 mod supervisor;
 
 pub use gates::{
-    Entitlement, EntitlementMsg, EntitlementStats, Provenance, ProvenanceLimits, ProvenanceMsg,
+    Entitlement, EntitlementMsg, EntitlementStats, LookupKey, Provenance, ProvenanceLimits,
+    ProvenanceMsg, ProvenanceStats,
 };
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};

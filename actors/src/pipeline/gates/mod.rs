@@ -12,7 +12,7 @@ mod provenance;
 mod quota;
 
 pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
-pub use provenance::{Provenance, ProvenanceLimits, ProvenanceMsg};
+pub use provenance::{LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats};
 pub use quota::{Quota, QuotaMsg};
 
 use ractor::ActorRef;
