@@ -168,9 +168,9 @@ impl Tokens {
     /// the set could not be reloaded (the kid may be a rotation we cannot see).
     fn unknown_key_error(&self, error: SignerError) -> SignerError {
         match &self.last_error {
-            Some(e) => SignerError::EntitlementUnavailable(format!(
-                "Authority keys unavailable: key set unavailable: {e}"
-            )),
+            Some(e) => {
+                SignerError::EntitlementUnavailable(format!("Authority keys unavailable: {e}"))
+            }
             None => error,
         }
     }
