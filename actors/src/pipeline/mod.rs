@@ -3,9 +3,9 @@
 //! ```text
 //! SignerSupervisor
 //! ├── Intake        pulls jobs, bounded in-flight, runs each job (job.rs)
-//! ├── Entitlement   OpTok + DPoP + PoE          (EntitlementVerifier port)
+//! ├── Entitlement   OpTok + DPoP + PoE; key set + verified tokens (EntitlementVerifier port)
 //! ├── Quota         plan limits                  (QuotaStore port)
-//! ├── Provenance    scanner release signature    (ReleaseVerifier port)
+//! ├── Provenance    scanner release; verdict cache, per-tenant bound (ReleaseVerifier port)
 //! ├── Keyring       a pool of KeySigner actors per key (KeyFactory port)
 //! ├── Publisher     sign.completed / sign.failed (MessagePublisher port)
 //! └── AuditWriter   hash-chained, batched        (MessagePublisher port)
