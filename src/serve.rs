@@ -212,6 +212,8 @@ pub fn pipeline_config(
     p.provenance_limits = signer_actors::pipeline::ProvenanceLimits {
         per_tenant: cfg.gates.provenance.tenant_lookups,
         wait: cfg.gates.provenance.tenant_wait,
+        cache_ttl: cfg.gates.provenance.cache_ttl,
+        ..signer_actors::pipeline::ProvenanceLimits::default()
     };
     p.max_payload_ref_bytes = cfg.worker.max_payload_ref_bytes;
     p

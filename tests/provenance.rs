@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::registry::{TestRegistry, free_port};
@@ -17,6 +18,7 @@ use oci_client::secrets::RegistryAuth;
 use signer_actors::dsse::{Envelope, Signature, pae};
 use signer_actors::error::{ErrorCode, SignerError};
 use signer_actors::keys::{KeyAlgorithm, KeySigner as _};
+use signer_actors::pipeline::{Provenance, ProvenanceLimits, ProvenanceMsg};
 use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
 use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 use stella_signer::config::gates::ProvenanceGate;
@@ -312,6 +314,55 @@ async fn unreachable_registry_is_unavailable_and_never_cached() {
     assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
 }
 
+/// The gate as the pipeline runs it: the adapter behind the Provenance actor, which owns
+/// the verdict cache.
+struct ActorGate(ractor::ActorRef<ProvenanceMsg>);
+
+impl ActorGate {
+    async fn new(host: &str, keys: &Keys, cache_ttl: Duration) -> Self {
+        let port: Arc<dyn ReleaseVerifier> = Arc::new(verifier(host, keys, cache_ttl));
+        let limits = ProvenanceLimits {
+            cache_ttl,
+            ..ProvenanceLimits::default()
+        };
+        let (actor, _) = ractor::Actor::spawn(None, Provenance, (port, limits))
+            .await
+            .unwrap();
+        ActorGate(actor)
+    }
+
+    async fn verify(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Result<ProvenanceGrant, SignerError> {
+        let (repository, image_digest) = (repository.to_string(), image_digest.to_string());
+        match self
+            .0
+            .call(
+                |reply| ProvenanceMsg::Verify {
+                    tenant: "acme".into(),
+                    repository,
+                    image_digest,
+                    reply,
+                },
+                Some(Duration::from_secs(30)),
+            )
+            .await
+            .unwrap()
+        {
+            ractor::rpc::CallResult::Success(r) => r,
+            other => panic!("the Provenance actor did not answer: {other:?}"),
+        }
+    }
+}
+
+impl Drop for ActorGate {
+    fn drop(&mut self) {
+        self.0.stop(None);
+    }
+}
+
 #[tokio::test]
 async fn cached_verdicts_answer_while_the_registry_is_down() {
     let keys = keys();
@@ -324,8 +375,8 @@ async fn cached_verdicts_answer_while_the_registry_is_down() {
         .unwrap();
     let unsigned = push.push_test_image(&repo).await.unwrap();
 
-    let long = verifier(&reg.host(), &keys, Duration::from_secs(60));
-    let short = verifier(&reg.host(), &keys, Duration::from_millis(300));
+    let long = ActorGate::new(&reg.host(), &keys, Duration::from_secs(60)).await;
+    let short = ActorGate::new(&reg.host(), &keys, Duration::from_millis(300)).await;
     for v in [&long, &short] {
         assert_eq!(v.verify(&repo, &signed).await, Ok(ProvenanceGrant::Trusted));
         untrusted(v.verify(&repo, &unsigned).await);
@@ -344,6 +395,12 @@ async fn cached_verdicts_answer_while_the_registry_is_down() {
     // The cache is per repository: the same digest elsewhere was never checked.
     unavailable(
         long.verify(&reg.repository("stella-ops/other"), &signed)
+            .await,
+    );
+    // The adapter alone keeps nothing: without the actor, the registry is needed.
+    unavailable(
+        verifier(&reg.host(), &keys, Duration::from_secs(60))
+            .verify(&repo, &signed)
             .await,
     );
 }

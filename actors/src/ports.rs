@@ -414,10 +414,106 @@ impl From<SignerError> for GateDenial {
     }
 }
 
-/// OpTok + DPoP + Proof-of-Entitlement.
+/// OpTok + DPoP + Proof-of-Entitlement, without caches: the Entitlement actor keeps the
+/// Authority's key set and the verified tokens, and calls [`verify`](Self::verify) with the
+/// job's token already checked.
 #[async_trait]
 pub trait EntitlementVerifier: Send + Sync {
-    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial>;
+    /// The token step, when this gate checks OpToks (`None`: [`verify`](Self::verify)
+    /// decides alone, with `token` `None`: a disabled gate, test doubles).
+    fn tokens(&self) -> Option<Arc<dyn TokenAuthority>> {
+        None
+    }
+    /// Everything after the token: its dates and tenant binding for this job, DPoP,
+    /// Proof-of-Entitlement. `token` is the job's OpTok as [`TokenAuthority::verify_token`]
+    /// verified it (perhaps for an earlier job: dates are judged again here, at this job's
+    /// publish time).
+    async fn verify(
+        &self,
+        input: &GateInput,
+        token: Option<&VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial>;
+}
+
+/// A key set of the Authority as its adapter parsed it. Opaque to the actor, which only
+/// keeps it, hands it back to [`TokenAuthority::verify_token`], and asks whether a key that
+/// verified a cached token is still published.
+pub trait TokenKeys: std::any::Any + Send + Sync {
+    /// Whether the key with this id (the adapter's choice: a JWK thumbprint) is in the set.
+    fn has_key(&self, key_id: &str) -> bool;
+    /// Keys in the set.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An OpTok whose signature and claims were verified, as the Entitlement actor caches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub issuer: String,
+    pub subject: String,
+    /// `tid`: the tenant the token was issued for.
+    pub tenant: String,
+    pub scope: Vec<String>,
+    /// `exp`, `nbf`, `iat` (unix seconds), judged again for every job.
+    pub expires: u64,
+    pub not_before: Option<u64>,
+    pub issued_at: Option<u64>,
+    /// `cnf.jkt`: the token needs a DPoP proof by this key.
+    pub jkt: Option<String>,
+    /// The key that verified it ([`TokenKeys::has_key`]): a cached token counts only while
+    /// that key is still published.
+    pub key_id: String,
+    /// Until when (unix seconds, compared with jobs' publish times) the verdict may be
+    /// reused: past it every job is refused anyway.
+    pub reuse_until: u64,
+}
+
+/// Why [`TokenAuthority::verify_token`] did not verify a token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenRefusal {
+    /// The token names a key (`kid`) the set does not hold: perhaps a key the Authority
+    /// rotated in since the set was loaded. The actor reloads the set (at most once per
+    /// [`TokenAuthority::unknown_kid_interval`]) and checks again; `error` is the refusal
+    /// when the key is still unknown.
+    UnknownKey { kid: String, error: SignerError },
+    /// Refused for good (forged, confused, expired, wrong audience...).
+    Refused(SignerError),
+}
+
+/// The Authority's tokens: loading its key set and checking a token against it. Neither is
+/// cached here; the Entitlement actor owns the key set (refresh, one load at a time) and the
+/// verified tokens.
+#[async_trait]
+pub trait TokenAuthority: Send + Sync {
+    /// Loads the Authority's current key set (its JWKS file or URL).
+    async fn fetch_keys(&self) -> Result<Arc<dyn TokenKeys>, PortError>;
+    /// The set loaded at startup (to check the configuration), handed over once so the
+    /// first actor does not load it again; `None` afterwards.
+    fn startup_keys(&self) -> Option<Arc<dyn TokenKeys>> {
+        None
+    }
+    /// Checks `raw`'s signature and claims against `keys`, as of `now` (unix seconds: the
+    /// job's publish time). CPU-bound and without I/O: the actor runs it on the blocking
+    /// pool. Does not check the tenant binding (that is the job's, see
+    /// [`EntitlementVerifier::verify`]).
+    fn verify_token(
+        &self,
+        raw: &str,
+        keys: &dyn TokenKeys,
+        now: u64,
+    ) -> Result<VerifiedToken, TokenRefusal>;
+    /// How often the key set is reloaded.
+    fn refresh_every(&self) -> Duration;
+    /// Least time between two reloads caused by unknown kids, so that tokens with made-up
+    /// kids cannot turn the signer into a load generator against the Authority.
+    fn unknown_kid_interval(&self) -> Duration;
+    /// How many verified tokens the actor keeps (a flood of distinct valid tokens must not
+    /// grow memory without limit).
+    fn token_cache_capacity(&self) -> usize {
+        100_000
+    }
 }
 
 /// What the quota gate decided.
@@ -461,12 +557,38 @@ pub enum ProvenanceGrant {
     Disabled,
 }
 
-/// Scanner release provenance.
+/// Scanner release provenance, without a cache: the Provenance actor keeps the verdicts,
+/// makes one lookup per scanner image at a time and bounds lookups per tenant.
 #[async_trait]
 pub trait ReleaseVerifier: Send + Sync {
-    async fn verify(
+    /// What is decided without a registry (gate disabled, malformed input, allowlisted
+    /// digest, nothing to check signatures with): `Some` is the answer; `None`: the registry
+    /// must be asked ([`look_up`](Self::look_up)). Cheap and without I/O: the actor calls it
+    /// in its mailbox.
+    fn decide_offline(
+        &self,
+        _repository: &str,
+        _image_digest: &str,
+    ) -> Option<Result<ProvenanceGrant, SignerError>> {
+        None
+    }
+    /// Asks the registry about `repository@image_digest`, uncached. A definite answer is
+    /// `Ok(Trusted)` or `provenance_untrusted` (the actor keeps those for its TTL); any
+    /// other error (e.g. `provenance_unavailable`) is not kept.
+    async fn look_up(
         &self,
         repository: &str,
         image_digest: &str,
     ) -> Result<ProvenanceGrant, SignerError>;
+    /// Both steps, uncached (tools and tests that use the adapter without the actor).
+    async fn verify(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Result<ProvenanceGrant, SignerError> {
+        match self.decide_offline(repository, image_digest) {
+            Some(answer) => answer,
+            None => self.look_up(repository, image_digest).await,
+        }
+    }
 }

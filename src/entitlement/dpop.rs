@@ -185,12 +185,12 @@ mod tests {
     use serde_json::json;
     use signer_actors::audit::{AuthState, PoeState};
     use signer_actors::error::ErrorCode;
-    use signer_actors::ports::{EntitlementVerifier, GateInput};
+    use signer_actors::ports::GateInput;
 
     use super::super::EntitlementGateImpl;
     use super::super::mint::{self, MintAlg};
     use super::super::replay::RedisReplayCache;
-    use super::super::testkit::{self, Fixture, KeyPair, code, deny, now};
+    use super::super::testkit::{self, Fixture, KeyPair, TestGate, code, deny, now};
     use super::*;
 
     fn job(fx: &Fixture, optok: &str, proof: Option<&str>) -> GateInput {
@@ -363,11 +363,7 @@ mod tests {
         assert_eq!(v.auth, AuthState::Valid);
     }
 
-    async fn replay_is_refused(
-        gate_a: &EntitlementGateImpl,
-        gate_b: &EntitlementGateImpl,
-        fx: &Fixture,
-    ) {
+    async fn replay_is_refused(gate_a: &TestGate, gate_b: &TestGate, fx: &Fixture) {
         let optok = fx.optok(&fx.optok_claims());
         let p = fx.dpop(&optok);
         let first = job(fx, &optok, Some(&p));
@@ -401,14 +397,18 @@ mod tests {
     #[tokio::test]
     async fn replayed_jti_in_redis_across_replicas() {
         let fx = Fixture::new(); // its replay prefix is unique to this test
-        let a =
+        let a = TestGate::new(
             EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, testkit::redis_pool()))
                 .await
-                .unwrap();
-        let b =
+                .unwrap(),
+        )
+        .await;
+        let b = TestGate::new(
             EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, testkit::redis_pool()))
                 .await
-                .unwrap();
+                .unwrap(),
+        )
+        .await;
         replay_is_refused(&a, &b, &fx).await;
     }
 
@@ -447,9 +447,12 @@ mod tests {
     async fn replay_cache_outage_is_retryable() {
         let fx = Fixture::new();
         let pool = crate::redis::connect_url("redis://127.0.0.1:1").unwrap();
-        let gate = EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, pool))
-            .await
-            .unwrap();
+        let gate = TestGate::new(
+            EntitlementGateImpl::from_config(&fx.cfg, redis_records(&fx, pool))
+                .await
+                .unwrap(),
+        )
+        .await;
         let optok = fx.optok(&fx.optok_claims());
         let d = deny(&gate, &job(&fx, &optok, Some(&fx.dpop(&optok)))).await;
         assert_eq!(d.error.code(), ErrorCode::EntitlementUnavailable);

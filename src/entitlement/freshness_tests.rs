@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use signer_actors::audit::{AuthState, PoeState};
 use signer_actors::error::ErrorCode;
-use signer_actors::ports::{EntitlementVerifier, GateInput};
+use signer_actors::ports::GateInput;
 
 use super::testkit::{Fixture, TestServer, deny, now, unique_prefix};
 
@@ -109,7 +109,7 @@ async fn optok_exp_is_judged_at_publish_time() {
     // A job published exactly at exp + skew is still in time (from the cache).
     let edge = exp + skew(&fx);
     gate.verify(&job(&fx, &optok, edge, edge)).await.unwrap();
-    let stats = gate.stats();
+    let stats = gate.stats().await;
     assert_eq!(
         (stats.token_signature_checks, stats.token_cache_hits),
         (1, 1)
@@ -118,7 +118,7 @@ async fn optok_exp_is_judged_at_publish_time() {
     let late = edge + 1;
     let d = deny(&gate, &job(&fx, &optok, late, late)).await;
     assert_eq!(d.error.code(), ErrorCode::AuthExpired, "{}", d.error);
-    assert_eq!(gate.stats().token_cache_hits, 1, "refused, not a hit");
+    assert_eq!(gate.stats().await.token_cache_hits, 1, "refused, not a hit");
 }
 
 #[tokio::test]
@@ -135,12 +135,12 @@ async fn optok_nbf_and_iat_are_judged_at_publish_time_even_from_the_cache() {
     let early = nbf - skew(&fx) - 1;
     let d = deny(&gate, &job(&fx, &optok, early, early)).await;
     assert_eq!(d.error.code(), ErrorCode::AuthExpired, "{}", d.error);
-    assert_eq!(gate.stats().token_signature_checks, 1);
+    assert_eq!(gate.stats().await.token_signature_checks, 1);
 
     // Published after nbf: good, and now cached.
     let later = nbf + 10;
     gate.verify(&job(&fx, &optok, later, later)).await.unwrap();
-    let checks = gate.stats().token_signature_checks;
+    let checks = gate.stats().await.token_signature_checks;
 
     // Jobs are not processed in publish order: an earlier one must not ride on the cache.
     let d = deny(&gate, &job(&fx, &optok, early, early)).await;
@@ -151,7 +151,7 @@ async fn optok_nbf_and_iat_are_judged_at_publish_time_even_from_the_cache() {
         d.error
     );
     assert_eq!(
-        gate.stats().token_signature_checks,
+        gate.stats().await.token_signature_checks,
         checks,
         "judged from the cache entry"
     );
@@ -219,12 +219,12 @@ async fn licence_exp_and_nbf_are_judged_at_publish_time_even_from_the_cache() {
     gate.verify(&licence_job(&fx, &licence, nbf + 5))
         .await
         .unwrap();
-    let checks = gate.stats().licence_signature_checks;
+    let checks = gate.stats().await.licence_signature_checks;
     let d = deny(&gate, &licence_job(&fx, &licence, nbf - skew(&fx) - 1)).await;
     assert_eq!(d.error.code(), ErrorCode::PoeExpired, "{}", d.error);
     assert_eq!(d.poe, Some(PoeState::Expired));
     assert_eq!(
-        gate.stats().licence_signature_checks,
+        gate.stats().await.licence_signature_checks,
         checks,
         "judged from the cache entry"
     );

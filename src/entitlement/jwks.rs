@@ -4,11 +4,12 @@
 //! The signature algorithm is a property of the KEY, derived from `kty`/`crv`; a token header
 //! only names it, and must name the same one. A JWK `alg` member, when present, must agree.
 //!
-//! Key sets come from a file or a URL. [`JwksStore`] keeps the current set, reloads it every
-//! `jwks_refresh`, and reloads it early when a token names an unknown `kid` (an Authority key
-//! rotation), at most once per `min_interval` so that tokens with made-up kids cannot turn
-//! the signer into a load generator against the Authority. A failed reload keeps the last
-//! good set.
+//! Key sets come from a file or a URL. The Authority's set is kept by the Entitlement actor
+//! (`signer_actors::pipeline::Entitlement`: refresh every `jwks_refresh`, early reload on an
+//! unknown `kid` at most once per interval, one load in flight); this module only loads and
+//! parses it ([`KeySet::load`]). [`JwksStore`] keeps the licensing service's set (a file):
+//! it reloads it every `jwks_refresh`, and early when a licence names an unknown `kid`, at
+//! most once per `min_interval`. A failed reload keeps the last good set.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -223,6 +224,12 @@ impl PublicKey {
         self.alg
     }
 
+    /// Names this key in the Entitlement actor's cache: its kid and its thumbprint, so that
+    /// a cached token stops counting when either changes.
+    pub fn key_id(&self) -> String {
+        format!("{}#{}", self.kid.as_deref().unwrap_or(""), self.thumbprint)
+    }
+
     /// Its RFC 7638 SHA-256 thumbprint (base64url).
     pub fn thumbprint(&self) -> &str {
         &self.thumbprint
@@ -317,12 +324,33 @@ impl KeySet {
             .any(|k| k.kid() == key.kid() && k.thumbprint() == key.thumbprint())
     }
 
+    /// Loads and parses a set from `source`, logging the keys it skipped.
+    pub(crate) async fn load(name: &str, source: &JwksSource) -> Result<KeySet, JwksError> {
+        let bytes = source.load().await?;
+        let (set, skipped) = KeySet::parse(&bytes)?;
+        for note in &skipped {
+            tracing::warn!(jwks = name, source = %source.describe(), "skipping JWK: {note}");
+        }
+        Ok(set)
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+}
+
+/// The Entitlement actor keeps the Authority's set; a key is known by [`PublicKey::key_id`].
+impl signer_actors::ports::TokenKeys for KeySet {
+    fn has_key(&self, key_id: &str) -> bool {
+        self.keys.iter().any(|k| k.key_id() == key_id)
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
     }
 }
 
@@ -337,7 +365,7 @@ pub enum JwksSource {
 }
 
 impl JwksSource {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             JwksSource::File(p) => p.display().to_string(),
             JwksSource::Url { url, .. } => url.clone(),
@@ -635,11 +663,10 @@ mod url_tests {
     use std::sync::Mutex;
 
     use signer_actors::error::ErrorCode;
-    use signer_actors::ports::EntitlementVerifier;
 
     use super::super::EntitlementGateImpl;
     use super::super::mint::{self, Jwk, MintAlg};
-    use super::super::testkit::{Fixture, KeyPair, TestServer, code};
+    use super::super::testkit::{Fixture, KeyPair, TestGate, TestServer, code};
     use super::*;
 
     #[tokio::test]
@@ -656,9 +683,12 @@ mod url_tests {
         cfg.jwks_file = None;
         cfg.jwks_url = Some(format!("{}/jwks.json", server.url()));
         let interval = Duration::from_millis(300);
-        let gate = EntitlementGateImpl::build(&cfg, None, interval)
-            .await
-            .unwrap();
+        let gate = TestGate::new(
+            EntitlementGateImpl::build(&cfg, None, interval)
+                .await
+                .unwrap(),
+        )
+        .await;
         let job = |optok: &str| {
             let licence = fx.licence(&fx.licence_claims());
             fx.input(optok, Some(&fx.dpop(optok)), ("jwt", &licence))
@@ -666,14 +696,14 @@ mod url_tests {
         let token_by =
             |key: &KeyPair| mint::mint_optok(&key.pem, key.kid(), &fx.optok_claims()).unwrap();
         gate.verify(&job(&token_by(&fx.authority))).await.unwrap();
-        assert_eq!(gate.stats().authority_jwks_loads, 1);
+        assert_eq!(gate.stats().await.authority_jwks_loads, 1);
 
         // The Authority rotates in a new key; a token by it triggers one reload...
         tokio::time::sleep(interval).await;
         let rotated = KeyPair::new(MintAlg::EdDsa);
         published.lock().unwrap().push(rotated.jwk.clone());
         gate.verify(&job(&token_by(&rotated))).await.unwrap();
-        assert_eq!(gate.stats().authority_jwks_loads, 2);
+        assert_eq!(gate.stats().await.authority_jwks_loads, 2);
 
         // ...but made-up kids do not reload more than once per interval.
         let stranger = KeyPair::new(MintAlg::Es256);
@@ -683,13 +713,13 @@ mod url_tests {
                 ErrorCode::AuthInvalid
             );
         }
-        assert_eq!(gate.stats().authority_jwks_loads, 2);
+        assert_eq!(gate.stats().await.authority_jwks_loads, 2);
         tokio::time::sleep(interval).await;
         assert_eq!(
             code(&gate, &job(&token_by(&stranger))).await,
             ErrorCode::AuthInvalid
         );
-        assert_eq!(gate.stats().authority_jwks_loads, 3);
+        assert_eq!(gate.stats().await.authority_jwks_loads, 3);
 
         // Withdrawn key: its cached tokens stop working once the set is reloaded.
         let cached = token_by(&rotated);
@@ -699,7 +729,7 @@ mod url_tests {
             .unwrap()
             .retain(|k| k.kid != rotated.jwk.kid);
         tokio::time::sleep(interval).await;
-        gate.authority_keys.refresh().await.unwrap();
+        gate.refresh().await;
         assert_eq!(code(&gate, &job(&cached)).await, ErrorCode::AuthInvalid);
 
         // Authority unreachable: known keys keep working from the last good set; an unknown

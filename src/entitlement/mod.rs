@@ -26,20 +26,24 @@ pub mod replay;
 mod testkit;
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use signer_actors::audit::{AuthState, Caller, PoeState};
 use signer_actors::error::SignerError;
-use signer_actors::ports::{EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput};
+use signer_actors::ports::{
+    EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput, PortError, TokenAuthority,
+    TokenKeys, TokenRefusal, VerifiedToken,
+};
 use signer_actors::request::SignRequest;
 
 use crate::config::gates::EntitlementGate;
 use dpop::{DpopError, DpopVerifier, ProofContext};
-use jwks::{JwksError, JwksSource, JwksStore, UNKNOWN_KID_REFRESH_INTERVAL};
-use optok::{OpTokError, OpTokPolicy, OpTokVerifier};
+use jwks::{JwksError, JwksSource, JwksStore, KeySet, UNKNOWN_KID_REFRESH_INTERVAL};
+use optok::{OpTok, OpTokError, OpTokPolicy, OpTokVerifier, TokenDates};
 use poe::{Introspector, JwtLicences, PoeVerifier};
 use replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 
@@ -97,13 +101,12 @@ pub enum EntitlementSetupError {
     HttpClient(String),
 }
 
-/// Counters for tests and diagnostics.
+/// Counters for tests and diagnostics (what the Entitlement actor counts is in
+/// `signer_actors::pipeline::EntitlementStats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GateStats {
-    /// OpTok signatures checked (cache misses).
+    /// OpTok signatures checked (tokens the actor did not have verified yet).
     pub token_signature_checks: u64,
-    /// OpToks answered from the cache.
-    pub token_cache_hits: u64,
     /// Licence (`format: jwt`) signatures checked.
     pub licence_signature_checks: u64,
     /// Requests to the licensing service (`format: introspect`).
@@ -112,13 +115,94 @@ pub struct GateStats {
     pub authority_jwks_loads: u64,
 }
 
-/// The enforcing [`EntitlementVerifier`].
-pub struct EntitlementGateImpl {
+/// The Authority's tokens as the Entitlement actor drives them ([`TokenAuthority`]): loads
+/// its JWKS and checks tokens against a set it is given, keeping neither.
+pub struct AuthorityTokens {
     optok: OpTokVerifier,
+    source: JwksSource,
+    /// The set loaded at startup, until the first actor takes it.
+    startup: Mutex<Option<Arc<KeySet>>>,
+    loads: AtomicU64,
+    refresh: Duration,
+    unknown_kid_interval: Duration,
+}
+
+impl AuthorityTokens {
+    /// The verified token as the actor keeps it.
+    fn to_port(&self, token: &OpTok, key: &jwks::PublicKey) -> VerifiedToken {
+        VerifiedToken {
+            issuer: token.iss.clone(),
+            subject: token.sub.clone(),
+            tenant: token.tid.clone(),
+            scope: token.scope.clone(),
+            expires: token.dates.exp,
+            not_before: token.dates.nbf,
+            issued_at: token.dates.iat,
+            jkt: token.jkt.clone(),
+            key_id: key.key_id(),
+            reuse_until: self.optok.reuse_until(token),
+        }
+    }
+}
+
+#[async_trait]
+impl TokenAuthority for AuthorityTokens {
+    async fn fetch_keys(&self) -> Result<Arc<dyn TokenKeys>, PortError> {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let set = KeySet::load("authority", &self.source)
+            .await
+            .map_err(|e| PortError::transient(e).context("Authority JWKS"))?;
+        Ok(Arc::new(set))
+    }
+
+    fn startup_keys(&self) -> Option<Arc<dyn TokenKeys>> {
+        let set = self
+            .startup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some(set)
+    }
+
+    fn verify_token(
+        &self,
+        raw: &str,
+        keys: &dyn TokenKeys,
+        now: u64,
+    ) -> Result<VerifiedToken, TokenRefusal> {
+        let any: &dyn std::any::Any = keys;
+        let Some(keys) = any.downcast_ref::<KeySet>() else {
+            return Err(TokenRefusal::Refused(SignerError::Internal(
+                "the Entitlement actor passed a key set of another adapter".into(),
+            )));
+        };
+        match self.optok.verify(raw, keys, now) {
+            Ok((token, key)) => Ok(self.to_port(&token, &key)),
+            Err(OpTokError::UnknownKey(kid)) => {
+                let error = OpTokError::UnknownKey(kid.clone()).into();
+                Err(TokenRefusal::UnknownKey { kid, error })
+            }
+            Err(e) => Err(TokenRefusal::Refused(e.into())),
+        }
+    }
+
+    fn refresh_every(&self) -> Duration {
+        self.refresh
+    }
+
+    fn unknown_kid_interval(&self) -> Duration {
+        self.unknown_kid_interval
+    }
+}
+
+/// The enforcing [`EntitlementVerifier`]. Keeps no token or Authority key: those are the
+/// Entitlement actor's ([`EntitlementVerifier::tokens`] gives it what it needs).
+pub struct EntitlementGateImpl {
+    tokens: Arc<AuthorityTokens>,
     dpop: DpopVerifier,
     poe: PoeVerifier,
     allow_bearer: bool,
-    authority_keys: Arc<JwksStore>,
+    skew: u64,
 }
 
 /// `t` in whole unix seconds (0 before the epoch), the unit of JWT dates.
@@ -235,10 +319,12 @@ impl EntitlementGateImpl {
         if let Some(url) = &poe_cfg.introspect_url {
             check_url("poe.introspect_url", url)?;
         }
-        let authority_keys = JwksStore::open("authority", source, unknown_kid_interval)
+        // Loaded once here so that a configuration that cannot work stops the service; the
+        // Entitlement actor takes this set over and keeps it fresh.
+        let startup = KeySet::load("authority", &source)
             .await
             .map_err(E::AuthorityJwks)?;
-        authority_keys.spawn_periodic_refresh(cfg.jwks_refresh);
+        tracing::info!(jwks = "authority", source = %source.describe(), keys = startup.len(), "key set loaded");
 
         let skew = cfg.clock_skew.as_secs();
         let jwt = match &poe_cfg.licensing_jwks_file {
@@ -282,52 +368,59 @@ impl EntitlementGateImpl {
         }
 
         Ok(EntitlementGateImpl {
-            optok: OpTokVerifier::new(
-                authority_keys.clone(),
-                OpTokPolicy {
+            tokens: Arc::new(AuthorityTokens {
+                optok: OpTokVerifier::new(OpTokPolicy {
                     issuer: cfg.issuer.clone(),
                     audience: cfg.audience.clone(),
                     scope: cfg.scope.clone(),
                     skew,
-                },
-            ),
+                }),
+                source,
+                startup: Mutex::new(Some(Arc::new(startup))),
+                loads: AtomicU64::new(1),
+                refresh: cfg.jwks_refresh,
+                unknown_kid_interval,
+            }),
             dpop: DpopVerifier::new(cfg.dpop_htu.clone(), cfg.dpop_max_age, replay),
             poe: PoeVerifier::new(bypass_plan, jwt, introspect),
             allow_bearer: cfg.allow_bearer,
-            authority_keys,
+            skew,
         })
     }
 
     /// Counters for tests and diagnostics.
     pub fn stats(&self) -> GateStats {
         GateStats {
-            token_signature_checks: self.optok.signature_checks(),
-            token_cache_hits: self.optok.cache_hits(),
+            token_signature_checks: self.tokens.optok.signature_checks(),
             licence_signature_checks: self.poe.licence_signature_checks(),
             introspect_calls: self.poe.introspect_calls(),
-            authority_jwks_loads: self.authority_keys.loads(),
+            authority_jwks_loads: self.tokens.loads.load(Ordering::Relaxed),
         }
     }
 
-    /// The OpTok verifier (e.g. to check a token outside a job).
-    pub fn optok_verifier(&self) -> &OpTokVerifier {
-        &self.optok
-    }
-
-    async fn check(&self, input: &GateInput, now: u64) -> Result<EntitlementVerdict, GateDenial> {
+    async fn check(
+        &self,
+        input: &GateInput,
+        token: &VerifiedToken,
+        now: u64,
+    ) -> Result<EntitlementVerdict, GateDenial> {
         let request = &input.request;
-
-        let token = self
-            .optok
-            .verify(&request.auth.op_tok, now)
-            .await
-            .map_err(|e| {
-                let auth = match e {
-                    OpTokError::KeysUnavailable(_) => AuthState::NotChecked,
-                    _ => AuthState::Invalid,
-                };
-                denial(e, None, auth, PoeState::NotChecked, None)
-            })?;
+        let token = OpTok {
+            iss: token.issuer.clone(),
+            sub: token.subject.clone(),
+            tid: token.tenant.clone(),
+            scope: token.scope.clone(),
+            dates: TokenDates {
+                exp: token.expires,
+                nbf: token.not_before,
+                iat: token.issued_at,
+            },
+            jkt: token.jkt.clone(),
+        };
+        // Every job has its own time: the dates are judged again for this one, whether the
+        // token was verified for it or for an earlier job.
+        optok::check_dates(token.dates, now, self.skew)
+            .map_err(|e| denial(e, None, AuthState::Invalid, PoeState::NotChecked, None))?;
         let caller = Caller {
             iss: token.iss.clone(),
             sub: token.sub.clone(),
@@ -399,16 +492,28 @@ impl EntitlementGateImpl {
 
 #[async_trait]
 impl EntitlementVerifier for EntitlementGateImpl {
+    fn tokens(&self) -> Option<Arc<dyn TokenAuthority>> {
+        Some(self.tokens.clone())
+    }
+
     /// Judges the job as of its publish time (CONTRACT.md, "Freshness"): a token, proof or
     /// licence that was valid when the request was made is honoured however long the job
     /// waited in the queue (the pipeline bounds that wait with `worker.max_queue_age`).
-    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
-        let result = self.check(input, unix_seconds(input.published)).await;
-        if let Err(denial) = &result {
-            metrics::counter!("signer_auth_failures_total", "code" => denial.error.code().as_str())
-                .increment(1);
-        }
-        result
+    /// `token` is the job's OpTok as the Entitlement actor had it verified (denials are
+    /// counted in `signer_auth_failures_total` by the actor).
+    async fn verify(
+        &self,
+        input: &GateInput,
+        token: Option<&VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial> {
+        let Some(token) = token else {
+            return Err(SignerError::Internal(
+                "entitlement gate called without a verified OpTok".into(),
+            )
+            .into());
+        };
+        self.check(input, token, unix_seconds(input.published))
+            .await
     }
 }
 
@@ -422,7 +527,7 @@ mod tests {
     #[tokio::test]
     async fn a_good_job_passes_with_caller_auth_poe_and_plan() {
         let fx = Fixture::new();
-        let gate: Arc<dyn EntitlementVerifier> = Arc::new(fx.gate().await);
+        let gate = fx.gate().await;
         let v = gate.verify(&fx.good_input()).await.unwrap();
         assert_eq!(
             v,

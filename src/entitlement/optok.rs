@@ -4,28 +4,23 @@
 //! algorithm), `iss`, `exp`/`nbf`/`iat` (with the configured clock skew), `aud`, `scope`,
 //! `sub` and `tid`, and an optional `cnf.jkt` (RFC 9449 section 6: the thumbprint of the key
 //! whose DPoP proofs must accompany it). Publishers reuse one token for thousands of jobs, so
-//! verified tokens are cached until they expire (keyed by the SHA-256 of the token text):
-//! one signature check per token, not per job. What depends on the job (the tenant binding)
-//! or on time (`exp`, `nbf`, `iat`) is checked on every use, cached or not: jobs are judged at
-//! their publish time, which is not monotonic across jobs (a job published before a token's
-//! `nbf` may be processed after one published later), so a cache hit proves nothing about
-//! time.
+//! the Entitlement actor caches verified tokens until they expire (keyed by the SHA-256 of
+//! the token text): one signature check per token, not per job. This module keeps nothing.
+//! What depends on the job (the tenant binding) or on time (`exp`, `nbf`, `iat`) is checked
+//! on every use, cached or not (`EntitlementGateImpl::verify`): jobs are judged at their
+//! publish time, which is not monotonic across jobs (a job published before a token's `nbf`
+//! may be processed after one published later), so a cache hit proves nothing about time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use signer_actors::error::SignerError;
 
 use super::Verified;
-use super::cache::TtlCache;
-use super::jwks::{JwksStore, KeyLookupError, PublicKey};
+use super::jwks::{KeyLookupError, KeySet, PublicKey};
 use super::jws::{self, JwsError, numeric_date};
-
-/// How many verified tokens are kept.
-pub const TOKEN_CACHE_CAPACITY: usize = 100_000;
 
 /// The claims of a verified OpTok that the signer uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +30,8 @@ pub struct OpTok {
     /// The tenant the token was issued for.
     pub tid: String,
     pub scope: Vec<String>,
-    pub exp: u64,
+    /// `exp`, `nbf`, `iat`: judged again for every job that uses the token.
+    pub dates: TokenDates,
     /// `cnf.jkt`: when present, the token is sender-constrained and needs a DPoP proof.
     pub jkt: Option<String>,
 }
@@ -131,65 +127,42 @@ pub struct OpTokPolicy {
 
 /// The dates of a token that are judged against the job's time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TokenDates {
-    exp: u64,
-    nbf: Option<u64>,
-    iat: Option<u64>,
+pub struct TokenDates {
+    pub exp: u64,
+    pub nbf: Option<u64>,
+    pub iat: Option<u64>,
 }
 
-struct CachedToken {
-    token: Verified<OpTok>,
-    /// Re-checked on every hit, at that job's time.
-    dates: TokenDates,
-    /// The key that verified it: a cache hit counts only while that key is still published.
-    key: Arc<PublicKey>,
-}
-
-/// Verifies OpToks and caches the verified ones.
+/// Verifies OpToks against a key set it is given. Keeps nothing: the key set and the
+/// verified tokens are the Entitlement actor's (see `signer_actors::pipeline::Entitlement`).
 pub struct OpTokVerifier {
-    keys: Arc<JwksStore>,
     policy: OpTokPolicy,
-    cache: TtlCache<[u8; 32], Arc<CachedToken>, u64>,
     signature_checks: AtomicU64,
-    cache_hits: AtomicU64,
 }
 
 impl OpTokVerifier {
-    pub fn new(keys: Arc<JwksStore>, policy: OpTokPolicy) -> Self {
+    pub fn new(policy: OpTokPolicy) -> Self {
         OpTokVerifier {
-            keys,
             policy,
-            cache: TtlCache::new(TOKEN_CACHE_CAPACITY),
             signature_checks: AtomicU64::new(0),
-            cache_hits: AtomicU64::new(0),
         }
     }
 
-    /// Signature checks done so far (cache misses that reached the cryptography).
+    /// Signature checks done so far (that reached the cryptography).
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
     }
 
-    /// Tokens answered from the cache so far.
-    pub fn cache_hits(&self) -> u64 {
-        self.cache_hits.load(Ordering::Relaxed)
-    }
-
-    /// Verifies `raw` as of `now` (unix seconds: the job's publish time). Does not check
-    /// the tenant binding: that depends on the job, see [`check_tenant`].
-    pub async fn verify(&self, raw: &str, now: u64) -> Result<Verified<OpTok>, OpTokError> {
-        let id: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
-        if let Some(hit) = self.cache.get(&id, now) {
-            if self.keys.keys().contains(&hit.key) {
-                // Every job has its own time: the dates are judged again for this one.
-                self.check_dates(hit.dates, now)?;
-                self.cache_hits.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("signer_auth_cache_hits_total").increment(1);
-                return Ok(hit.token.clone());
-            }
-            // Its key was withdrawn from the JWKS: verify again (and most likely refuse).
-            self.cache.remove(&id);
-        }
+    /// Verifies `raw` against `keys` as of `now` (unix seconds: the job's publish time), and
+    /// says which key verified it. Does not check the tenant binding: that depends on the
+    /// job, see [`check_tenant`]. An unknown `kid` is [`OpTokError::UnknownKey`]: the caller
+    /// may reload the set and try again.
+    pub fn verify(
+        &self,
+        raw: &str,
+        keys: &KeySet,
+        now: u64,
+    ) -> Result<(Verified<OpTok>, Arc<PublicKey>), OpTokError> {
         let header = jws::read_header(raw)?;
         if header
             .typ
@@ -198,53 +171,32 @@ impl OpTokVerifier {
         {
             return Err(OpTokError::WrongType);
         }
-        let key = self
-            .keys
-            .find(header.kid.as_deref())
-            .await
-            .map_err(|e| match e {
-                KeyLookupError::Unknown(kid) => OpTokError::UnknownKey(kid),
-                KeyLookupError::NoKid(_) => OpTokError::NoKid(e.to_string()),
-                KeyLookupError::Unavailable(reason) => OpTokError::KeysUnavailable(reason),
-            })?;
+        let key = match keys.find(header.kid.as_deref()) {
+            Some(key) => key,
+            None => {
+                return Err(match header.kid {
+                    Some(kid) => OpTokError::UnknownKey(kid),
+                    None => OpTokError::NoKid(KeyLookupError::NoKid(keys.len()).to_string()),
+                });
+            }
+        };
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let claims: RawClaims = jws::verify(raw, &header, &key)?;
-        let (token, dates) = self.check_claims(claims, now)?;
-        let expires = token.exp.saturating_add(self.policy.skew).saturating_add(1);
-        let token = Verified(token);
-        self.cache.insert(
-            id,
-            Arc::new(CachedToken {
-                token: token.clone(),
-                dates,
-                key,
-            }),
-            expires,
-            now,
-        );
-        Ok(token)
+        let token = self.check_claims(claims, now)?;
+        Ok((Verified(token), key))
     }
 
-    /// `exp`, `nbf` and `iat` as of `now` (the job's publish time), with the clock skew.
-    fn check_dates(&self, d: TokenDates, now: u64) -> Result<(), OpTokError> {
-        let skew = self.policy.skew;
-        if d.exp.saturating_add(skew) < now {
-            return Err(OpTokError::Expired { exp: d.exp, now });
-        }
-        if let Some(nbf) = d.nbf
-            && nbf > now.saturating_add(skew)
-        {
-            return Err(OpTokError::NotYetValid { nbf, now });
-        }
-        if let Some(iat) = d.iat
-            && iat > now.saturating_add(skew)
-        {
-            return Err(OpTokError::IssuedInFuture { iat, now });
-        }
-        Ok(())
+    /// Until when (unix seconds, compared with jobs' publish times) a verified token may be
+    /// reused: past `exp` plus the skew every job is refused anyway.
+    pub fn reuse_until(&self, token: &OpTok) -> u64 {
+        token
+            .dates
+            .exp
+            .saturating_add(self.policy.skew)
+            .saturating_add(1)
     }
 
-    fn check_claims(&self, c: RawClaims, now: u64) -> Result<(OpTok, TokenDates), OpTokError> {
+    fn check_claims(&self, c: RawClaims, now: u64) -> Result<OpTok, OpTokError> {
         let p = &self.policy;
         if c.iss.as_deref() != Some(p.issuer.as_str()) {
             return Err(OpTokError::WrongIssuer { found: c.iss });
@@ -258,7 +210,7 @@ impl OpTokVerifier {
             nbf: date(c.nbf, "nbf")?,
             iat: date(c.iat, "iat")?,
         };
-        self.check_dates(dates, now)?;
+        check_dates(dates, now, p.skew)?;
         let audience_ok = match &c.aud {
             Some(Audience::One(a)) => *a == p.audience,
             Some(Audience::Many(list)) => list.contains(&p.audience),
@@ -293,16 +245,34 @@ impl OpTokVerifier {
                 None => return Err(OpTokError::UnsupportedConfirmation),
             },
         };
-        let token = OpTok {
+        Ok(OpTok {
             iss: p.issuer.clone(),
             sub,
             tid,
             scope,
-            exp: dates.exp,
+            dates,
             jkt,
-        };
-        Ok((token, dates))
+        })
     }
+}
+
+/// `exp`, `nbf` and `iat` as of `now` (the job's publish time), with `skew` seconds of
+/// tolerated clock difference.
+pub fn check_dates(d: TokenDates, now: u64, skew: u64) -> Result<(), OpTokError> {
+    if d.exp.saturating_add(skew) < now {
+        return Err(OpTokError::Expired { exp: d.exp, now });
+    }
+    if let Some(nbf) = d.nbf
+        && nbf > now.saturating_add(skew)
+    {
+        return Err(OpTokError::NotYetValid { nbf, now });
+    }
+    if let Some(iat) = d.iat
+        && iat > now.saturating_add(skew)
+    {
+        return Err(OpTokError::IssuedInFuture { iat, now });
+    }
+    Ok(())
 }
 
 /// The token's tenant must be the job's: the body's, and the subject's when the job was
@@ -336,7 +306,6 @@ mod tests {
     use serde_json::json;
     use signer_actors::audit::{AuthState, PoeState};
     use signer_actors::error::ErrorCode;
-    use signer_actors::ports::EntitlementVerifier;
 
     use super::super::jws::{b64url, b64url_decode};
     use super::super::mint::{self, MintAlg};
@@ -351,7 +320,7 @@ mod tests {
 
     async fn code_for_claims(
         fx: &Fixture,
-        gate: &super::super::EntitlementGateImpl,
+        gate: &super::super::testkit::TestGate,
         change: impl FnOnce(&mut Value),
     ) -> ErrorCode {
         let mut claims = fx.optok_claims();
@@ -436,7 +405,7 @@ mod tests {
             assert_eq!(d.auth, Some(AuthState::Invalid), "{name}");
             assert_eq!(d.poe, Some(PoeState::NotChecked), "{name}");
         }
-        assert_eq!(gate.stats().token_cache_hits, 0);
+        assert_eq!(gate.stats().await.token_cache_hits, 0);
     }
 
     #[tokio::test]
@@ -604,7 +573,7 @@ mod tests {
         for _ in 0..5 {
             gate.verify(&job(&fx, &token)).await.unwrap();
         }
-        let stats = gate.stats();
+        let stats = gate.stats().await;
         assert_eq!(stats.token_signature_checks, 1);
         assert_eq!(stats.token_cache_hits, 4);
 
@@ -612,25 +581,33 @@ mod tests {
         let mut other = job(&fx, &token);
         other.subject_tenant = Some("globex".into());
         assert_eq!(code(&gate, &other).await, ErrorCode::TenantMismatch);
-        assert_eq!(gate.stats().token_signature_checks, 1);
+        assert_eq!(gate.stats().await.token_signature_checks, 1);
 
         // Up to the skew past exp it is still good, from the cache...
-        let v = gate.optok_verifier();
-        let verified = v.verify(&token, now()).await.unwrap();
-        let hits = v.cache_hits();
-        v.verify(&token, verified.exp + gate_skew(&fx))
+        let exp = testkit::tamper_claims(&token)["exp"].as_u64().unwrap();
+        let licence = fx.licence(&fx.licence_claims());
+        let jti = std::sync::atomic::AtomicU64::new(0);
+        let published_at = |secs: u64| {
+            let n = jti.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let proof = fx.dpop_with(&token, &fx.cfg.dpop_htu, secs, &format!("jti-late-{n}"));
+            let mut input = fx.input(&token, Some(&proof), ("jwt", &licence));
+            input.published = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            input
+        };
+        let hits = gate.stats().await.token_cache_hits;
+        gate.verify(&published_at(exp + gate_skew(&fx)))
             .await
             .unwrap();
-        assert_eq!(v.cache_hits(), hits + 1);
+        assert_eq!(gate.stats().await.token_cache_hits, hits + 1);
         // ...and one second later it is refused, cached or not.
-        let late = verified.exp + gate_skew(&fx) + 1;
+        let late = exp + gate_skew(&fx) + 1;
         for _ in 0..2 {
-            assert!(matches!(
-                v.verify(&token, late).await,
-                Err(OpTokError::Expired { .. })
-            ));
+            assert_eq!(
+                code(&gate, &published_at(late)).await,
+                ErrorCode::AuthExpired
+            );
         }
-        assert_eq!(v.cache_hits(), hits + 1);
+        assert_eq!(gate.stats().await.token_cache_hits, hits + 1);
     }
 
     fn gate_skew(fx: &Fixture) -> u64 {

@@ -552,9 +552,8 @@ mod tests {
     use serde_json::json;
     use signer_actors::audit::{AuthState, PoeState};
     use signer_actors::error::ErrorCode;
-    use signer_actors::ports::{EntitlementVerifier, GateDenial, GateInput};
+    use signer_actors::ports::{GateDenial, GateInput};
 
-    use super::super::EntitlementGateImpl;
     use super::super::mint;
     use super::super::testkit::{self, Fixture, TestServer, deny, now};
     use super::*;
@@ -697,10 +696,10 @@ mod tests {
         }
 
         // Verified once, then served from the cache (still checked per job).
-        let checks = gate.stats().licence_signature_checks;
+        let checks = gate.stats().await.licence_signature_checks;
         gate.verify(&job(&fx, "jwt", &good)).await.unwrap();
         gate.verify(&job(&fx, "jwt", &good)).await.unwrap();
-        assert_eq!(gate.stats().licence_signature_checks, checks);
+        assert_eq!(gate.stats().await.licence_signature_checks, checks);
     }
 
     #[tokio::test]
@@ -795,7 +794,7 @@ mod tests {
             assert_eq!((v.poe, v.plan.as_str()), (PoeState::Valid, "enterprise"));
         }
         assert_eq!(server.calls(), 1, "one call, then the cache");
-        assert_eq!(gate.stats().introspect_calls, 1);
+        assert_eq!(gate.stats().await.introspect_calls, 1);
 
         for (value, code, state, plan) in [
             (
@@ -925,7 +924,7 @@ mod tests {
         let failing = Arc::new(AtomicBool::new(true));
         let server = licensing(failing.clone()).await;
         let fx = introspect_fixture(&server, 200, 200);
-        let gate: EntitlementGateImpl = fx.gate().await;
+        let gate = fx.gate().await;
         let d = deny(&gate, &job(&fx, "introspect", "good")).await;
         assert_eq!(d.error.code(), ErrorCode::EntitlementUnavailable);
         failing.store(false, Ordering::SeqCst);

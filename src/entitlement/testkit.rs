@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ractor::ActorRef;
 use serde_json::{Value, json};
 use signer_actors::error::ErrorCode;
-use signer_actors::ports::{EntitlementVerifier, GateDenial, GateInput};
+use signer_actors::pipeline::{Entitlement, EntitlementMsg, EntitlementStats};
+use signer_actors::ports::{EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput};
 use signer_actors::request::SignRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -185,21 +187,113 @@ impl Fixture {
         self.input(&optok, Some(&proof), ("jwt", &licence))
     }
 
-    pub async fn gate(&self) -> EntitlementGateImpl {
-        EntitlementGateImpl::from_config(&self.cfg, None)
-            .await
-            .unwrap()
+    pub async fn gate(&self) -> TestGate {
+        TestGate::new(
+            EntitlementGateImpl::from_config(&self.cfg, None)
+                .await
+                .unwrap(),
+        )
+        .await
     }
 }
 
-pub(crate) async fn deny(gate: &EntitlementGateImpl, input: &GateInput) -> GateDenial {
+/// The gate as the pipeline runs it: the adapter behind the Entitlement actor (which owns
+/// the Authority's key set and the verified tokens).
+pub(crate) struct TestGate {
+    pub port: Arc<EntitlementGateImpl>,
+    actor: ActorRef<EntitlementMsg>,
+}
+
+/// What the adapter and the actor counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stats {
+    pub token_signature_checks: u64,
+    pub token_cache_hits: u64,
+    pub licence_signature_checks: u64,
+    pub introspect_calls: u64,
+    pub authority_jwks_loads: u64,
+}
+
+impl TestGate {
+    pub async fn new(port: EntitlementGateImpl) -> Self {
+        let port = Arc::new(port);
+        let (actor, _) = ractor::Actor::spawn(
+            None,
+            Entitlement,
+            port.clone() as Arc<dyn EntitlementVerifier>,
+        )
+        .await
+        .unwrap();
+        TestGate { port, actor }
+    }
+
+    pub async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+        let input = input.clone();
+        match self
+            .actor
+            .call(
+                |r| EntitlementMsg::Verify(input, r),
+                Some(std::time::Duration::from_secs(60)),
+            )
+            .await
+            .unwrap()
+        {
+            ractor::rpc::CallResult::Success(r) => r,
+            other => panic!("the Entitlement actor did not answer: {other:?}"),
+        }
+    }
+
+    async fn actor_stats(&self) -> EntitlementStats {
+        self.actor
+            .call(
+                EntitlementMsg::Stats,
+                Some(std::time::Duration::from_secs(10)),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    pub async fn stats(&self) -> Stats {
+        let actor = self.actor_stats().await;
+        let port = self.port.stats();
+        Stats {
+            token_signature_checks: port.token_signature_checks,
+            token_cache_hits: actor.token_cache_hits,
+            licence_signature_checks: port.licence_signature_checks,
+            introspect_calls: port.introspect_calls,
+            authority_jwks_loads: port.authority_jwks_loads,
+        }
+    }
+
+    /// Has the actor reload the Authority's key set now, and waits until it has.
+    pub async fn refresh(&self) {
+        let before = self.actor_stats().await.key_loads_finished;
+        self.actor.cast(EntitlementMsg::Refresh).unwrap();
+        for _ in 0..500 {
+            if self.actor_stats().await.key_loads_finished > before {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the key set was not reloaded");
+    }
+}
+
+impl Drop for TestGate {
+    fn drop(&mut self) {
+        self.actor.stop(None);
+    }
+}
+
+pub(crate) async fn deny(gate: &TestGate, input: &GateInput) -> GateDenial {
     match gate.verify(input).await {
         Ok(v) => panic!("expected a denial, got {v:?}"),
         Err(d) => d,
     }
 }
 
-pub(crate) async fn code(gate: &EntitlementGateImpl, input: &GateInput) -> ErrorCode {
+pub(crate) async fn code(gate: &TestGate, input: &GateInput) -> ErrorCode {
     deny(gate, input).await.error.code()
 }
 
@@ -304,6 +398,12 @@ pub(crate) fn tamper(token: &str, change: impl FnOnce(&mut Value)) -> String {
 }
 
 /// A JWS "signed" with HMAC-SHA256 under `header`, keyed with `secret`.
+/// The claims of a compact JWS, unverified.
+pub(crate) fn tamper_claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&super::jws::b64url_decode(payload).unwrap()).unwrap()
+}
+
 pub(crate) fn hs256(header: &Value, claims: &Value, secret: &[u8]) -> String {
     let b64 = super::jws::b64url;
     let message = format!(

@@ -2,10 +2,13 @@
 //! produced it (`scanner.repository` + `scanner.imageDigest`) carries a signature by one of
 //! the configured release keys, or its digest is allowlisted.
 //!
-//! Order of a decision (see [`ReleaseVerifierImpl::verify`]):
-//! 1. the allowlist (offline kits: no network at all);
-//! 2. the verdict cache (`cache_ttl`; definite verdicts only);
-//! 3. the registry (anonymously, or with the [`credentials`] configured for it), stopping at
+//! Order of a decision:
+//! 1. the allowlist (offline kits: no network at all), see
+//!    [`ReleaseVerifierImpl::decide_offline`];
+//! 2. the verdict cache (`cache_ttl`; definite verdicts only): the Provenance actor's
+//!    (`signer_actors::pipeline::Provenance`), not this module's;
+//! 3. the registry ([`ReleaseVerifierImpl::look_up`]; anonymously, or with the
+//!    [`credentials`] configured for it), stopping at
 //!    the first signature that verifies: the OCI 1.1 referrers of `repository@digest`
 //!    (referrers API, or the referrers tag schema `sha256-<hex>` when the registry lacks the
 //!    API) holding cosign simple-signing, DSSE or Sigstore bundle v0.3 layers (what cosign 3
@@ -25,7 +28,6 @@
 pub mod formats;
 pub mod push;
 
-mod cache;
 pub mod credentials;
 mod registry;
 mod repository;
@@ -46,7 +48,6 @@ use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
 use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 
 use crate::config::gates::{GateMode, ProvenanceGate};
-use cache::{Verdict, VerdictCache};
 use formats::{
     BUNDLE_V03_MEDIA_TYPE, BUNDLE_V03_MEDIA_TYPE_ALT, BundleCheck, COSIGN_SIGNATURE_ANNOTATION,
     Cancel, Check, DSSE_MEDIA_TYPE, Limits, SIMPLE_SIGNING_MEDIA_TYPE,
@@ -113,7 +114,6 @@ pub struct ReleaseVerifierImpl {
     /// Entries a referrers list may have.
     max_referrers: usize,
     allowlist: HashSet<String>,
-    cache: VerdictCache,
     reader: Reader,
 }
 
@@ -203,7 +203,6 @@ impl ReleaseVerifierImpl {
             max_envelope_signatures: cfg.max_envelope_signatures,
             max_referrers: cfg.max_referrers,
             allowlist,
-            cache: VerdictCache::new(cfg.cache_ttl),
             reader: Reader::new(
                 client,
                 registry::http_client(cfg.registry_timeout)
@@ -215,8 +214,8 @@ impl ReleaseVerifierImpl {
         })
     }
 
-    /// Asks the registry, without the allowlist or the cache.
-    async fn look_up(
+    /// Asks the registry, without the allowlist.
+    async fn search_registry(
         &self,
         repo: &repository::Repository<'_>,
         digest: &str,
@@ -695,43 +694,63 @@ impl Findings {
 
 #[async_trait]
 impl ReleaseVerifier for ReleaseVerifierImpl {
-    /// Decides whether `repository@image_digest` is a trusted scanner release.
+    /// Decides what needs no registry.
     ///
     /// Both inputs come from the request and are checked first: a malformed digest is
     /// `invalid_request`; a repository without a registry host, or not a valid name, is
-    /// `provenance_untrusted` (the signer never guesses which registry was meant).
-    async fn verify(
+    /// `provenance_untrusted` (the signer never guesses which registry was meant). Then the
+    /// allowlist; then, with no trusted key to check a signature with, `provenance_untrusted`.
+    fn decide_offline(
+        &self,
+        repository: &str,
+        image_digest: &str,
+    ) -> Option<Result<ProvenanceGrant, SignerError>> {
+        if self.mode == GateMode::Disabled {
+            return Some(Ok(ProvenanceGrant::Disabled));
+        }
+        if let Err(e) = parse_oci_sha256(image_digest) {
+            return Some(Err(SignerError::InvalidRequest(format!(
+                "scanner.imageDigest: {e}"
+            ))));
+        }
+        if let Err(e) = repository::parse(repository) {
+            return Some(Err(SignerError::ProvenanceUntrusted(e.to_string())));
+        }
+        if self.allowlist.contains(image_digest) {
+            tracing::debug!(repository, image_digest, "scanner release allowlisted");
+            return Some(Ok(ProvenanceGrant::Allowlisted));
+        }
+        if self.keys.is_empty() {
+            return Some(Err(SignerError::ProvenanceUntrusted(format!(
+                "{image_digest} is not in the allowlist and no trusted_keys are configured"
+            ))));
+        }
+        None
+    }
+
+    /// Decides whether `repository@image_digest` is a trusted scanner release by asking its
+    /// registry (uncached: the Provenance actor keeps verdicts). Inputs are checked again
+    /// (this may be called without [`Self::decide_offline`]).
+    async fn look_up(
         &self,
         repository: &str,
         image_digest: &str,
     ) -> Result<ProvenanceGrant, SignerError> {
-        if self.mode == GateMode::Disabled {
-            return Ok(ProvenanceGrant::Disabled);
+        if let Some(answer) = self.decide_offline(repository, image_digest) {
+            return answer;
         }
         let hex = parse_oci_sha256(image_digest)
             .map_err(|e| SignerError::InvalidRequest(format!("scanner.imageDigest: {e}")))?;
         let repo = repository::parse(repository)
             .map_err(|e| SignerError::ProvenanceUntrusted(e.to_string()))?;
-        if self.allowlist.contains(image_digest) {
-            tracing::debug!(repository, image_digest, "scanner release allowlisted");
-            return Ok(ProvenanceGrant::Allowlisted);
-        }
-        if let Some(verdict) = self.cache.get(repository, image_digest) {
-            return match verdict {
-                Verdict::Trusted => Ok(ProvenanceGrant::Trusted),
-                Verdict::Untrusted(m) => Err(SignerError::ProvenanceUntrusted(m)),
-            };
-        }
-        if self.keys.is_empty() {
-            return Err(SignerError::ProvenanceUntrusted(format!(
-                "{image_digest} is not in the allowlist and no trusted_keys are configured"
-            )));
-        }
         // Dropping this future (the Provenance actor's deadline) drops the guard, which
         // stops the signature checks still running on the blocking pool.
         let cancel = Cancel::default();
         let _stop_when_dropped = cancel.on_drop();
-        match self.look_up(&repo, image_digest, hex, &cancel).await {
+        match self
+            .search_registry(&repo, image_digest, hex, &cancel)
+            .await
+        {
             Outcome::Trusted(found) => {
                 tracing::info!(
                     repository,
@@ -741,16 +760,10 @@ impl ReleaseVerifier for ReleaseVerifierImpl {
                     kind = found.kind,
                     "scanner release signed by a trusted key"
                 );
-                self.cache.put(repository, image_digest, Verdict::Trusted);
                 Ok(ProvenanceGrant::Trusted)
             }
             Outcome::Untrusted(message) => {
                 tracing::warn!(repository, image_digest, %message, "scanner release untrusted");
-                self.cache.put(
-                    repository,
-                    image_digest,
-                    Verdict::Untrusted(message.clone()),
-                );
                 Err(SignerError::ProvenanceUntrusted(message))
             }
             Outcome::Unavailable(message) => {

@@ -8,7 +8,7 @@ use crate::audit::{AuthState, PoeState};
 use crate::error::SignerError;
 use crate::ports::{
     EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput, ProvenanceGrant, QuotaGrant,
-    QuotaStore, ReleaseVerifier,
+    QuotaStore, ReleaseVerifier, VerifiedToken,
 };
 
 /// Plan name recorded when entitlement is disabled.
@@ -20,7 +20,11 @@ pub struct DisabledEntitlement;
 
 #[async_trait]
 impl EntitlementVerifier for DisabledEntitlement {
-    async fn verify(&self, _: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+    async fn verify(
+        &self,
+        _: &GateInput,
+        _: Option<&VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial> {
         Ok(EntitlementVerdict {
             caller: None,
             auth: AuthState::Disabled,
@@ -48,7 +52,11 @@ pub struct DisabledProvenance;
 
 #[async_trait]
 impl ReleaseVerifier for DisabledProvenance {
-    async fn verify(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
+    fn decide_offline(&self, _: &str, _: &str) -> Option<Result<ProvenanceGrant, SignerError>> {
+        Some(Ok(ProvenanceGrant::Disabled))
+    }
+
+    async fn look_up(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
         Ok(ProvenanceGrant::Disabled)
     }
 }

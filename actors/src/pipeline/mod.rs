@@ -3,9 +3,9 @@
 //! ```text
 //! SignerSupervisor
 //! ├── Intake        pulls jobs, bounded in-flight, runs each job (job.rs)
-//! ├── Entitlement   OpTok + DPoP + PoE          (EntitlementVerifier port)
+//! ├── Entitlement   OpTok + DPoP + PoE; key set + verified tokens (EntitlementVerifier port)
 //! ├── Quota         plan limits                  (QuotaStore port)
-//! ├── Provenance    scanner release signature    (ReleaseVerifier port)
+//! ├── Provenance    scanner release; verdict cache, per-tenant bound (ReleaseVerifier port)
 //! ├── Keyring       a pool of KeySigner actors per key (KeyFactory port)
 //! ├── Publisher     sign.completed / sign.failed (MessagePublisher port)
 //! └── AuditWriter   hash-chained, batched        (MessagePublisher port)
@@ -27,7 +27,10 @@ mod latency;
 mod publisher;
 mod supervisor;
 
-pub use gates::ProvenanceLimits;
+pub use gates::{
+    Entitlement, EntitlementMsg, EntitlementStats, LookupKey, Provenance, ProvenanceLimits,
+    ProvenanceMsg, ProvenanceStats,
+};
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 

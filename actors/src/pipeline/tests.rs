@@ -592,7 +592,11 @@ struct OnPlan(String);
 
 #[async_trait]
 impl EntitlementVerifier for OnPlan {
-    async fn verify(&self, _: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+    async fn verify(
+        &self,
+        _: &GateInput,
+        _: Option<&crate::ports::VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial> {
         Ok(EntitlementVerdict {
             caller: None,
             auth: crate::audit::AuthState::Valid,
@@ -1075,9 +1079,13 @@ struct RecordingEntitlement(Mutex<Vec<SystemTime>>);
 
 #[async_trait]
 impl EntitlementVerifier for RecordingEntitlement {
-    async fn verify(&self, input: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+    async fn verify(
+        &self,
+        input: &GateInput,
+        token: Option<&crate::ports::VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial> {
         self.0.lock().unwrap().push(input.published);
-        DisabledEntitlement.verify(input).await
+        DisabledEntitlement.verify(input, token).await
     }
 }
 

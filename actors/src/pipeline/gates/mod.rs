@@ -1,17 +1,20 @@
-//! The three gate actors, a file each. Each owns its port and answers checks concurrently: a
-//! check that waits on the network (Redis, a licensing service, a registry) never holds up
-//! the next. A check that panics makes the actor fail; its supervisor restarts it.
+//! The three gate actors, a file each. Each answers checks concurrently: a check that waits
+//! on the network (Redis, a licensing service, a registry) never holds up the next. A check
+//! that panics makes the actor fail; its supervisor restarts it (with empty caches).
 //!
-//! The Provenance actor also owns the per-tenant bound on registry lookups (see
-//! [`ProvenanceLimits`]): only an actor sees every lookup of the replica, so only it can
-//! share them fairly between tenants.
+//! Each owns what only one owner per replica can keep (docs/architecture.md, "What the gate
+//! actors own"): the Entitlement actor the Authority's key set (one load in flight) and the
+//! verified tokens (one check per token); the Provenance actor the verdict cache, one
+//! lookup per image at a time and the per-tenant bound on registry lookups (see
+//! [`ProvenanceLimits`]). Their ports do uncached work only.
 
+mod cache;
 mod entitlement;
 mod provenance;
 mod quota;
 
-pub use entitlement::{Entitlement, EntitlementMsg};
-pub use provenance::{Provenance, ProvenanceLimits, ProvenanceMsg};
+pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
+pub use provenance::{LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats};
 pub use quota::{Quota, QuotaMsg};
 
 use ractor::ActorRef;

@@ -1,31 +1,77 @@
-//! The Provenance actor: scanner release provenance through its port, with the per-tenant
-//! bound on registry lookups it owns.
+//! The Provenance actor: scanner release provenance through its port, with what it owns.
+//!
+//! What it owns, and why that needs an actor (it sees every lookup of the replica):
+//! - **The verdict cache**: `repository@digest` to its definite verdict (trusted, or
+//!   untrusted with the reason) for [`ProvenanceLimits::cache_ttl`], bounded in number. A
+//!   busy signer asks the registry once per scanner release rather than once per job, and
+//!   keeps signing through a registry outage for releases it checked within the TTL. "The
+//!   registry could not be asked" is never kept.
+//! - **One lookup per image at a time**: jobs of a tenant that need the same
+//!   `repository@digest` while it is being looked up wait for that lookup instead of each
+//!   making one. Lookups are shared within a tenant, not across tenants, so that one
+//!   tenant's slow or hostile lookup never holds another's job.
+//! - **The per-tenant bound on lookups** ([`ProvenanceLimits::per_tenant`]), so one tenant
+//!   cannot delay another.
+//!
+//! Decisions that need no registry (disabled, malformed input, allowlist) are answered in
+//! the mailbox; lookups run in tasks that report back by message (signature checks on the
+//! blocking pool), ended at their first caller's deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::Semaphore;
 
-use super::failer;
-use crate::error::SignerError;
-use crate::pipeline::spawn_reply;
+use super::cache::TtlCache;
+use crate::error::{ErrorCode, SignerError};
 use crate::ports::{ProvenanceGrant, ReleaseVerifier};
+
+type Reply = RpcReplyPort<Result<ProvenanceGrant, SignerError>>;
+
+/// A lookup in flight: whose it is and which image.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LookupKey {
+    tenant: String,
+    repository: String,
+    image_digest: String,
+}
 
 /// Messages of the Provenance actor.
 pub enum ProvenanceMsg {
     Verify {
-        /// Whose job it is: lookups are bounded per tenant.
+        /// Whose job it is: lookups are bounded and shared per tenant.
         tenant: String,
         repository: String,
         image_digest: String,
-        reply: RpcReplyPort<Result<ProvenanceGrant, SignerError>>,
+        reply: Reply,
     },
+    /// A lookup finished.
+    LookedUp {
+        key: LookupKey,
+        result: Result<ProvenanceGrant, SignerError>,
+    },
+    /// Counters, for tests and diagnostics.
+    Stats(RpcReplyPort<ProvenanceStats>),
     Failed(String),
 }
 
-/// How the Provenance actor shares registry lookups between tenants.
+/// What the Provenance actor counted since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProvenanceStats {
+    /// Lookups started (calls of [`ReleaseVerifier::look_up`], or waits for a permit).
+    pub lookups: u64,
+    /// Jobs answered from the verdict cache.
+    pub cache_hits: u64,
+    /// Jobs that waited for a lookup another job of their tenant had started.
+    pub joined: u64,
+    /// Verdicts cached now.
+    pub cached: usize,
+}
+
+/// How the Provenance actor shares registry lookups between tenants, and how long it keeps
+/// their verdicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProvenanceLimits {
     /// Lookups one tenant may have running at once (values below 1 count as 1). A tenant
@@ -35,6 +81,11 @@ pub struct ProvenanceLimits {
     /// How long a job waits for one of its tenant's lookups before it fails
     /// `provenance_unavailable` (retryable: the job is redelivered later).
     pub wait: Duration,
+    /// How long a definite verdict is reused (`[gates.provenance] cache_ttl`; zero keeps
+    /// nothing).
+    pub cache_ttl: Duration,
+    /// Most verdicts kept (repositories come from requests: the key space is the callers').
+    pub cache_entries: usize,
 }
 
 impl Default for ProvenanceLimits {
@@ -42,6 +93,8 @@ impl Default for ProvenanceLimits {
         ProvenanceLimits {
             per_tenant: 4,
             wait: Duration::from_secs(5),
+            cache_ttl: Duration::from_secs(600),
+            cache_entries: 4096,
         }
     }
 }
@@ -51,11 +104,22 @@ const TRACKED_TENANTS: usize = 1024;
 
 pub struct Provenance;
 
-/// What the Provenance actor owns: its port, and one semaphore per tenant with lookups.
+/// A definite verdict about one `repository@digest`.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Trusted,
+    Untrusted(SignerError),
+}
+
+/// What the Provenance actor owns: its port, the verdicts, the lookups in flight with the
+/// jobs waiting for each, and one semaphore per tenant with lookups.
 pub struct ProvenanceState {
     port: Arc<dyn ReleaseVerifier>,
     limits: ProvenanceLimits,
+    verdicts: TtlCache<(String, String), Verdict, Instant>,
+    lookups: HashMap<LookupKey, Vec<Reply>>,
     tenants: HashMap<String, Arc<Semaphore>>,
+    stats: ProvenanceStats,
 }
 
 impl ProvenanceState {
@@ -72,6 +136,32 @@ impl ProvenanceState {
         let s = Arc::new(Semaphore::new(self.limits.per_tenant.max(1)));
         self.tenants.insert(tenant.to_string(), s.clone());
         s
+    }
+
+    fn cached(&mut self, repository: &str, image_digest: &str) -> Option<Verdict> {
+        let key = (repository.to_string(), image_digest.to_string());
+        self.verdicts.get(&key, Instant::now())
+    }
+
+    fn remember(&mut self, key: &LookupKey, result: &Result<ProvenanceGrant, SignerError>) {
+        let verdict = match result {
+            Ok(ProvenanceGrant::Trusted) => Verdict::Trusted,
+            Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => Verdict::Untrusted(e.clone()),
+            _ => return,
+        };
+        let now = Instant::now();
+        let Some(expires) = now.checked_add(self.limits.cache_ttl) else {
+            return;
+        };
+        if self.limits.cache_ttl.is_zero() {
+            return;
+        }
+        self.verdicts.insert(
+            (key.repository.clone(), key.image_digest.clone()),
+            verdict,
+            expires,
+            now,
+        );
     }
 }
 
@@ -94,7 +184,7 @@ async fn bounded_lookup(
             )));
         }
     };
-    let result = port.verify(&repository, &image_digest).await;
+    let result = port.look_up(&repository, &image_digest).await;
     drop(permit);
     result
 }
@@ -112,7 +202,10 @@ impl Actor for Provenance {
         Ok(ProvenanceState {
             port,
             limits,
+            verdicts: TtlCache::new(limits.cache_entries),
+            lookups: HashMap::new(),
             tenants: HashMap::new(),
+            stats: ProvenanceStats::default(),
         })
     }
 
@@ -129,191 +222,81 @@ impl Actor for Provenance {
                 image_digest,
                 reply,
             } => {
-                let lookup = bounded_lookup(
-                    state.port.clone(),
-                    state.permits(&tenant),
-                    state.limits.wait,
+                if let Some(answer) = state.port.decide_offline(&repository, &image_digest) {
+                    let _ = reply.send(answer);
+                    return Ok(());
+                }
+                if let Some(verdict) = state.cached(&repository, &image_digest) {
+                    state.stats.cache_hits += 1;
+                    let _ = reply.send(match verdict {
+                        Verdict::Trusted => Ok(ProvenanceGrant::Trusted),
+                        Verdict::Untrusted(e) => Err(e),
+                    });
+                    return Ok(());
+                }
+                let key = LookupKey {
+                    tenant,
                     repository,
                     image_digest,
+                };
+                if let Some(waiting) = state.lookups.get_mut(&key) {
+                    state.stats.joined += 1;
+                    waiting.push(reply);
+                    return Ok(());
+                }
+                state.stats.lookups += 1;
+                let lookup = bounded_lookup(
+                    state.port.clone(),
+                    state.permits(&key.tenant),
+                    state.limits.wait,
+                    key.repository.clone(),
+                    key.image_digest.clone(),
                 );
-                // The caller's deadline ends the lookup too: dropping it frees the
-                // tenant's permit and cancels signature checks still running.
+                // The first caller's deadline ends the lookup (the others came later, with
+                // the same call timeout): dropping it frees the tenant's permit and cancels
+                // signature checks still running.
                 let deadline = reply.get_timeout();
-                spawn_reply(
-                    reply,
-                    async move {
-                        match deadline {
-                            Some(d) => tokio::time::timeout(d, lookup).await.unwrap_or_else(|_| {
-                                Err(SignerError::ProvenanceUnavailable(
-                                    "no provenance verdict within the call timeout".into(),
-                                ))
-                            }),
-                            None => lookup.await,
-                        }
-                    },
-                    failer(&myself, ProvenanceMsg::Failed),
-                );
-                Ok(())
+                state.lookups.insert(key.clone(), vec![reply]);
+                let task = tokio::spawn(async move {
+                    match deadline {
+                        Some(d) => tokio::time::timeout(d, lookup).await.unwrap_or_else(|_| {
+                            Err(SignerError::ProvenanceUnavailable(
+                                "no provenance verdict within the call timeout".into(),
+                            ))
+                        }),
+                        None => lookup.await,
+                    }
+                });
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let msg = match task.await {
+                        Ok(result) => ProvenanceMsg::LookedUp { key, result },
+                        Err(e) => ProvenanceMsg::Failed(e.to_string()),
+                    };
+                    let _ = me.cast(msg);
+                });
             }
-            ProvenanceMsg::Failed(e) => Err(format!("provenance check panicked: {e}").into()),
+            ProvenanceMsg::LookedUp { key, result } => {
+                state.remember(&key, &result);
+                state.stats.cached = state.verdicts.len();
+                for reply in state.lookups.remove(&key).unwrap_or_default() {
+                    let _ = reply.send(result.clone());
+                }
+            }
+            ProvenanceMsg::Stats(reply) => {
+                let _ = reply.send(ProvenanceStats {
+                    cached: state.verdicts.len(),
+                    ..state.stats
+                });
+            }
+            ProvenanceMsg::Failed(e) => {
+                return Err(format!("provenance check panicked: {e}").into());
+            }
         }
+        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use async_trait::async_trait;
-    use ractor::rpc::CallResult;
-
-    use super::*;
-    use crate::error::ErrorCode;
-
-    /// A registry stand-in: the repository `hang` never answers (and counts the lookups
-    /// dropped unfinished), anything else is trusted at once.
-    struct Port {
-        dropped: Arc<AtomicUsize>,
-    }
-
-    struct CountDrop(Arc<AtomicUsize>);
-
-    impl Drop for CountDrop {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[async_trait]
-    impl ReleaseVerifier for Port {
-        async fn verify(&self, repository: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
-            if repository == "hang" {
-                let _guard = CountDrop(self.dropped.clone());
-                std::future::pending::<()>().await;
-            }
-            Ok(ProvenanceGrant::Trusted)
-        }
-    }
-
-    async fn ask(
-        actor: &ActorRef<ProvenanceMsg>,
-        tenant: &str,
-        repository: &str,
-        timeout: Duration,
-    ) -> CallResult<Result<ProvenanceGrant, SignerError>> {
-        let (tenant, repository) = (tenant.to_string(), repository.to_string());
-        actor
-            .call(
-                |reply| ProvenanceMsg::Verify {
-                    tenant,
-                    repository,
-                    image_digest: "sha256:x".into(),
-                    reply,
-                },
-                Some(timeout),
-            )
-            .await
-            .unwrap()
-    }
-
-    /// The caller's timeout and the actor's deadline are the same instant: either may
-    /// answer first (the caller sees a timeout, or the actor's "unavailable").
-    fn ended_at_the_deadline(r: CallResult<Result<ProvenanceGrant, SignerError>>) {
-        match r {
-            CallResult::Timeout => {}
-            CallResult::Success(Err(e)) if e.code() == ErrorCode::ProvenanceUnavailable => {}
-            CallResult::Success(other) => panic!("a hanging lookup answered {other:?}"),
-            CallResult::SenderError => panic!("the actor dropped the reply"),
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_tenant_over_its_bound_waits_or_fails_while_others_are_answered() {
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let port: Arc<dyn ReleaseVerifier> = Arc::new(Port {
-            dropped: dropped.clone(),
-        });
-        let limits = ProvenanceLimits {
-            per_tenant: 2,
-            wait: Duration::from_millis(300),
-        };
-        let (actor, handle) = Actor::spawn(None, Provenance, (port, limits))
-            .await
-            .unwrap();
-        let long = Duration::from_secs(30);
-
-        // Tenant A fills its bound with two lookups that never end.
-        let hung: Vec<_> = (0..2)
-            .map(|_| {
-                let actor = actor.clone();
-                tokio::spawn(async move { ask(&actor, "a", "hang", long).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-
-        // Tenant B is answered at once, whatever A does.
-        let started = std::time::Instant::now();
-        let CallResult::Success(b) = ask(&actor, "b", "ok", long).await else {
-            panic!("no answer for tenant b");
-        };
-        assert_eq!(b, Ok(ProvenanceGrant::Trusted));
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
-
-        // A third lookup of A waits `wait`, then is unavailable (retryable).
-        let started = std::time::Instant::now();
-        let CallResult::Success(a) = ask(&actor, "a", "ok", long).await else {
-            panic!("no answer for tenant a");
-        };
-        let err = a.unwrap_err();
-        assert_eq!(err.code(), ErrorCode::ProvenanceUnavailable, "{err}");
-        assert!(err.code().retryable());
-        assert!(started.elapsed() >= Duration::from_millis(300));
-        assert_eq!(dropped.load(Ordering::SeqCst), 0);
-
-        // A lookup is ended at its caller's deadline: it is dropped (so its checks are
-        // cancelled) and gives its permit back.
-        for h in hung {
-            h.abort();
-        }
-        ended_at_the_deadline(ask(&actor, "c", "hang", Duration::from_millis(200)).await);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while dropped.load(Ordering::SeqCst) < 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the lookup was not dropped"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        actor.stop(None);
-        let _ = handle.await;
-    }
-
-    #[tokio::test]
-    async fn permits_come_back_at_the_deadline() {
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let port: Arc<dyn ReleaseVerifier> = Arc::new(Port {
-            dropped: dropped.clone(),
-        });
-        let limits = ProvenanceLimits {
-            per_tenant: 1,
-            wait: Duration::from_secs(5),
-        };
-        let (actor, handle) = Actor::spawn(None, Provenance, (port, limits))
-            .await
-            .unwrap();
-        // The only permit of A is held by a lookup that hangs until its 200 ms deadline.
-        ended_at_the_deadline(ask(&actor, "a", "hang", Duration::from_millis(200)).await);
-        // The next lookup of A gets the permit back (within its 5 s wait).
-        let CallResult::Success(r) = ask(&actor, "a", "ok", Duration::from_secs(30)).await else {
-            panic!("no answer");
-        };
-        assert_eq!(r, Ok(ProvenanceGrant::Trusted));
-        assert_eq!(dropped.load(Ordering::SeqCst), 1);
-        actor.stop(None);
-        let _ = handle.await;
-    }
-}
+#[path = "provenance_tests.rs"]
+mod tests;

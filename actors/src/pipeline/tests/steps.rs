@@ -56,7 +56,11 @@ struct LoggedEntitlement(Arc<Log>, Gate);
 
 #[async_trait]
 impl EntitlementVerifier for LoggedEntitlement {
-    async fn verify(&self, _: &GateInput) -> Result<EntitlementVerdict, GateDenial> {
+    async fn verify(
+        &self,
+        _: &GateInput,
+        _: Option<&crate::ports::VerifiedToken>,
+    ) -> Result<EntitlementVerdict, GateDenial> {
         self.0.push("entitlement");
         self.1.decide().await.map_err(GateDenial::from)?;
         Ok(EntitlementVerdict {
@@ -72,7 +76,7 @@ struct LoggedProvenance(Arc<Log>, Gate);
 
 #[async_trait]
 impl ReleaseVerifier for LoggedProvenance {
-    async fn verify(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
+    async fn look_up(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
         self.0.push("provenance");
         self.1.decide().await?;
         Ok(ProvenanceGrant::Trusted)
