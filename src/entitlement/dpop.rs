@@ -269,7 +269,7 @@ mod tests {
             ),
             (
                 "iat in the future",
-                Some(fx.dpop_with(&optok, &fx.cfg.dpop_htu, now + 61, "j-4")),
+                Some(fx.dpop_with(&optok, &fx.cfg.dpop_htu, now + 90, "j-4")),
             ),
             ("no jti", Some(without_claim("jti"))),
             ("empty jti", Some(with_claim("jti", "".into()))),
