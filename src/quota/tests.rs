@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ::redis as redis_rs;
 use signer_actors::error::{ErrorCode, SignerError};
-use signer_actors::ports::{QuotaGrant, QuotaStore};
+use signer_actors::ports::{QuotaGrant, QuotaRelease, QuotaRequest, QuotaStore};
 
 use super::*;
 
@@ -53,6 +53,7 @@ impl Space {
             mode: GateMode::Enforce,
             fail_open: false,
             redis_prefix: self.prefix.clone(),
+            batch_max: 64,
             plans: plans(p),
         }
     }
@@ -543,6 +544,253 @@ async fn redis_that_never_answers_fails_open_in_time() {
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     silent.abort();
+}
+
+// ---- batches (Redis) ----
+
+fn request(tenant: &str, plan: &str, payload_bytes: usize, signatures: u32) -> QuotaRequest {
+    QuotaRequest {
+        tenant: tenant.into(),
+        plan: plan.into(),
+        payload_bytes,
+        signatures,
+    }
+}
+
+/// An answer in a form two runs can be compared in: the grant, or the code and message of
+/// the refusal with its `retryAfterMs` rounded to seconds.
+fn comparable(r: &Result<QuotaGrant, SignerError>) -> String {
+    match r {
+        Ok(g) => format!("{g:?}"),
+        Err(e) => format!(
+            "{} {} {:?}",
+            e.code(),
+            e.message(),
+            e.retry_after_ms().map(|ms| ms.div_ceil(1000))
+        ),
+    }
+}
+
+/// A batch with every kind of answer: two tenants, a rate limit reached in the middle, a
+/// two-signature request refused where a one-signature one still passes, a payload too
+/// large, an unknown plan, the concurrency limit.
+fn mixed_batch() -> Vec<QuotaRequest> {
+    vec![
+        request("acme", "team", 10, 1),
+        request("acme", "team", 10, 2),
+        request("globex", "team", 10, 1),
+        request("acme", "team", 5000, 1), // payload too large: nothing charged
+        request("acme", "gold", 10, 1),   // unknown plan
+        request("acme", "team", 10, 1),   // 4 of 5 units
+        request("acme", "team", 10, 2),   // 2 more do not fit: refused, takes nothing
+        request("acme", "team", 10, 1),   // the last unit
+        request("acme", "team", 10, 1),   // rate
+        request("globex", "team", 10, 1),
+        request("globex", "team", 10, 1),
+        request("globex", "team", 10, 1), // its 4th slot
+        request("globex", "team", 10, 1), // concurrency (4 slots)
+    ]
+}
+
+#[tokio::test]
+async fn redis_a_batch_answers_as_sequential_calls_do() {
+    // burst 5 for each tenant, nothing refills during the test, 4 concurrent jobs
+    let p = plan(0.001, 5, 4, 0);
+    let (one, many) = (Space::new(), Space::new());
+    let sequential = one.replica(p.clone());
+    let mut expected = Vec::new();
+    for r in mixed_batch() {
+        expected.push(
+            sequential
+                .acquire(&r.tenant, &r.plan, r.payload_bytes, r.signatures)
+                .await,
+        );
+    }
+    let batched = many.replica(p).acquire_many(&mixed_batch()).await;
+    let expected: Vec<String> = expected.iter().map(comparable).collect();
+    let got: Vec<String> = batched.iter().map(comparable).collect();
+    assert_eq!(got, expected);
+    // and the answers are the ones the rules give
+    let codes: Vec<_> = batched
+        .iter()
+        .map(|r| r.clone().map_err(|e| e.code()))
+        .collect();
+    use ErrorCode::*;
+    let allowed = Ok(QuotaGrant::Allowed);
+    assert_eq!(
+        codes,
+        [
+            allowed,
+            allowed,
+            allowed,
+            Err(PayloadTooLarge),
+            Err(EntitlementDenied),
+            allowed,
+            Err(QuotaExceeded),
+            allowed,
+            Err(QuotaExceeded),
+            allowed,
+            allowed,
+            allowed,
+            Err(QuotaExceeded),
+        ]
+    );
+    assert!(comparable(&batched[6]).contains("signatures/s"));
+    assert!(comparable(&batched[12]).contains("concurrent"));
+    one.clean().await;
+    many.clean().await;
+}
+
+#[tokio::test]
+async fn redis_batches_from_two_replicas_share_one_budget_exactly() {
+    let s = Space::new();
+    // burst 10, nothing refills: 4 rounds of 2 concurrent batches of 8 (from two replicas)
+    // get exactly 10 units, whatever the interleaving.
+    let p = plan(0.001, 10, 1000, 0);
+    let replicas = [Arc::new(s.replica(p.clone())), Arc::new(s.replica(p))];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let q = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let batch: Vec<_> = (0..8)
+                .map(|j| request("acme", "team", 10, 1 + ((i + j) % 2) as u32))
+                .collect();
+            let answers = q.acquire_many(&batch).await;
+            batch
+                .iter()
+                .zip(answers)
+                .map(|(r, a)| match a {
+                    Ok(QuotaGrant::Allowed) => r.signatures,
+                    other => {
+                        refused(other);
+                        0
+                    }
+                })
+                .sum::<u32>()
+        }));
+    }
+    let mut units = 0;
+    for t in tasks {
+        units += t.await.unwrap();
+    }
+    assert_eq!(units, 10, "granted units");
+    refused(replicas[0].acquire("acme", "team", 10, 1).await);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_a_batch_loads_the_script_when_redis_has_lost_it() {
+    let s = Space::new();
+    let salt = s.prefix.clone();
+    let q = s
+        .replica(plan(0.001, 3, 100, 0))
+        .with_unloaded_script(&salt);
+    // every command of the first pipeline is refused NOSCRIPT (nothing runs), then sent
+    // again: each request is decided once
+    let answers = q
+        .acquire_many(&vec![request("acme", "team", 10, 1); 5])
+        .await;
+    let allowed = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(QuotaGrant::Allowed)))
+        .count();
+    assert_eq!(allowed, 3, "{answers:?}");
+    for a in answers.into_iter().skip(3) {
+        refused(a);
+    }
+    // the single call takes the same path
+    let q = s
+        .replica(plan(0.001, 3, 100, 0))
+        .with_unloaded_script(&format!("{salt}-single"));
+    refused(q.acquire("acme", "team", 10, 1).await);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_a_batch_releases_in_one_go() {
+    let s = Space::new();
+    let q = s.replica(plan(1000.0, 100, 1, 0));
+    let batch = [
+        request("acme", "team", 10, 1),
+        request("globex", "team", 10, 1),
+    ];
+    assert!(q.acquire_many(&batch).await.iter().all(Result::is_ok));
+    assert!(q.acquire_many(&batch).await.into_iter().all(|a| a.is_err()));
+    q.release_many(&[
+        QuotaRelease {
+            tenant: "acme".into(),
+            plan: "team".into(),
+        },
+        QuotaRelease {
+            tenant: "globex".into(),
+            plan: "team".into(),
+        },
+        // nothing held: a no-op
+        QuotaRelease {
+            tenant: "initech".into(),
+            plan: "team".into(),
+        },
+    ])
+    .await;
+    assert!(q.acquire_many(&batch).await.iter().all(Result::is_ok));
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_each_request_of_a_batch_as_configured() {
+    for fail_open in [false, true] {
+        let gate = QuotaGate {
+            fail_open,
+            plans: plans(plan(1.0, 1, 1, 0)),
+            ..QuotaGate::default()
+        };
+        let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
+        let answers = q
+            .acquire_many(&[
+                request("acme", "team", 10, 1),
+                request("acme", "team", 2000, 1),
+                request("globex", "team", 10, 1),
+            ])
+            .await;
+        // the local check needs no Redis
+        assert_eq!(
+            answers[1].as_ref().unwrap_err().code(),
+            ErrorCode::PayloadTooLarge
+        );
+        for a in [&answers[0], &answers[2]] {
+            if fail_open {
+                assert_eq!(a, &Ok(QuotaGrant::FailOpen));
+            } else {
+                let e = a.as_ref().unwrap_err();
+                assert_eq!(e.code(), ErrorCode::Internal);
+                assert!(e.message().starts_with("quota store unavailable: "), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_the_batch_size_comes_from_the_configuration() {
+    let s = Space::new();
+    let gate = QuotaGate {
+        batch_max: 7,
+        ..s.gate(plan(1.0, 1, 1, 0))
+    };
+    let q = from_config(&gate, Some(pool(REDIS_URL))).unwrap();
+    assert_eq!(q.batch_max(), 7);
+    assert_eq!(from_config(&gate, None).unwrap().batch_max(), 7);
+    let zero = QuotaGate {
+        batch_max: 0,
+        ..gate
+    };
+    assert_eq!(
+        from_config(&zero, Some(pool(REDIS_URL))).err(),
+        Some(QuotaSetupError::BatchMax)
+    );
+    assert_eq!(
+        from_config(&zero, None).err(),
+        Some(QuotaSetupError::BatchMax)
+    );
 }
 
 // ---- memory ----
