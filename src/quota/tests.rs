@@ -946,3 +946,166 @@ async fn stores_report_the_plans_payload_limit() {
     assert_eq!(redis.max_payload_bytes("team"), Some(1024));
     assert_eq!(redis.max_payload_bytes("other"), None);
 }
+
+// ---- measurement ----
+
+/// Reads `field` (a number) from Redis `INFO` of `url`.
+async fn info_number(url: &str, section: &str, field: &str) -> f64 {
+    let mut conn = pool(url);
+    let info: String = redis_rs::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// This process's CPU seconds (user + system) from `/proc/self/stat`.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A measurement, not a check: what a job's quota acquire and release cost in Redis, asked
+/// the way the Quota actor asked before batching (a task and a script call per acquire, a
+/// task and a `ZREM` per release) and through the batching actor now, with `CONCURRENCY`
+/// jobs at once against a `redis-server` of its own. Run with
+/// `cargo test -p stella-signer --lib measure_quota_batching -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_quota_batching() {
+    use signer_actors::pipeline::{Quota, QuotaMsg};
+    const JOBS: usize = 40_000;
+    const CONCURRENCY: usize = 256;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{port}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = plan(1e9, 1_000_000_000, 1_000_000, 0);
+    for mode in [
+        "per call (before)",
+        "batching actor (after)",
+        "per call (before)",
+        "batching actor (after)",
+    ] {
+        let gate = QuotaGate {
+            mode: GateMode::Enforce,
+            fail_open: false,
+            redis_prefix: format!("m{}:", unix_ms()),
+            batch_max: 64,
+            plans: plans(p.clone()),
+        };
+        let store: Arc<dyn QuotaStore> = Arc::new(RedisQuota::new(pool(&url), gate).unwrap());
+        store.acquire("warm", "team", 10, 1).await.unwrap(); // loads the script
+        let actor = if mode.starts_with("batching") {
+            let (a, _) = ractor::Actor::spawn(None, Quota, store.clone())
+                .await
+                .unwrap();
+            Some(a)
+        } else {
+            None
+        };
+        let cpu = info_number(&url, "cpu", "used_cpu_user").await
+            + info_number(&url, "cpu", "used_cpu_sys").await;
+        let commands = info_number(&url, "stats", "total_commands_processed").await;
+        let own = own_cpu_seconds();
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for w in 0..CONCURRENCY {
+            let store = store.clone();
+            let actor = actor.clone();
+            workers.push(tokio::spawn(async move {
+                let tenant = format!("t{}", w % 16);
+                for _ in 0..JOBS / CONCURRENCY {
+                    match &actor {
+                        None => {
+                            let (s, t) = (store.clone(), tenant.clone());
+                            let grant =
+                                tokio::spawn(async move { s.acquire(&t, "team", 10, 1).await })
+                                    .await
+                                    .unwrap();
+                            assert_eq!(grant, Ok(QuotaGrant::Allowed));
+                            let (s, t) = (store.clone(), tenant.clone());
+                            tokio::spawn(async move { s.release(&t, "team").await });
+                        }
+                        Some(a) => {
+                            let grant = a
+                                .call(
+                                    |reply| QuotaMsg::Acquire {
+                                        tenant: tenant.clone(),
+                                        plan: "team".into(),
+                                        payload_bytes: 10,
+                                        signatures: 1,
+                                        reply,
+                                    },
+                                    Some(Duration::from_secs(10)),
+                                )
+                                .await
+                                .unwrap();
+                            assert!(matches!(
+                                grant,
+                                ractor::rpc::CallResult::Success(Ok(QuotaGrant::Allowed))
+                            ));
+                            a.cast(QuotaMsg::Release {
+                                tenant: tenant.clone(),
+                                plan: "team".into(),
+                            })
+                            .unwrap();
+                        }
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let took = started.elapsed().as_secs_f64();
+        let own = own_cpu_seconds() - own;
+        tokio::time::sleep(Duration::from_millis(300)).await; // the last releases
+        let cpu = info_number(&url, "cpu", "used_cpu_user").await
+            + info_number(&url, "cpu", "used_cpu_sys").await
+            - cpu;
+        let commands = info_number(&url, "stats", "total_commands_processed").await - commands;
+        let jobs = (JOBS / CONCURRENCY * CONCURRENCY) as f64;
+        println!(
+            "{mode:>24}: {:>7.0} acquire+release/s, Redis CPU {:>5.1} µs/job, Redis commands {:.2}/job (pipelined commands count one each), test process CPU {:>5.1} µs/job",
+            jobs / took,
+            cpu * 1e6 / jobs,
+            commands / jobs,
+            own * 1e6 / jobs
+        );
+        if let Some(a) = actor {
+            a.stop(None);
+        }
+    }
+    // where Redis spends it (`calls`, `usec_per_call`): the script's commands, EVALSHA, ZREM
+    let mut conn = pool(&url);
+    let stats: String = redis_rs::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_")) {
+        println!("  {line}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

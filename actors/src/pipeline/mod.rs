@@ -28,6 +28,7 @@ mod publisher;
 mod supervisor;
 
 pub use gates::ProvenanceLimits;
+pub use gates::{ACQUIRE_LANES, Quota, QuotaMsg};
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
 

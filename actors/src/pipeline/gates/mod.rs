@@ -12,7 +12,7 @@ mod quota;
 
 pub use entitlement::{Entitlement, EntitlementMsg};
 pub use provenance::{Provenance, ProvenanceLimits, ProvenanceMsg};
-pub use quota::{Quota, QuotaMsg};
+pub use quota::{ACQUIRE_LANES, Quota, QuotaMsg};
 
 use ractor::ActorRef;
 
