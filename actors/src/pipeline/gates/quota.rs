@@ -13,7 +13,9 @@
 //!   when a lane frees, at most the store's [`QuotaStore::batch_max`] in one batch
 //!   (`gates.quota.batch_max` with the Redis and in-memory stores, default 64);
 //! - releases are batched the same way on a lane of their own ([`QuotaStore::release_many`]),
-//!   one release batch at a time;
+//!   one release batch at a time, of up to [`RELEASE_BATCH_MAX`] (a release is one cheap
+//!   command, and the release lane must keep up with every acquire lane); the releases still
+//!   waiting when the actor stops are given back in `post_stop` (within 500 ms);
 //! - every caller gets its own answer. A waiting request whose caller has gone (its call
 //!   timed out, its job was cut off) is dropped before it is sent, so it charges nothing; a
 //!   grant whose caller has gone is released at once; a batch whose callers have all gone, or
@@ -64,6 +66,14 @@ enum Lane {
 /// Acquire batches in flight at once. Two: a batch can be on its way while the answers of
 /// the previous one are read, yet requests that arrive meanwhile still wait and go together.
 pub const ACQUIRE_LANES: usize = 2;
+
+/// Most releases in one release batch. Far more than `batch_max`: a release is one cheap
+/// command (`ZREM`), and the one release lane must keep up with every acquire lane, or
+/// slots would stay taken after their jobs ended.
+pub const RELEASE_BATCH_MAX: usize = 4096;
+
+/// How long a stopping actor waits to give back the releases it still holds.
+const FLUSH_ON_STOP: Duration = Duration::from_millis(500);
 
 /// How often a batch in flight checks whether all its callers have gone.
 const GONE_CHECK: Duration = Duration::from_millis(50);
@@ -130,7 +140,7 @@ impl QuotaState {
         if self.releasing || self.releases.is_empty() {
             return;
         }
-        let take = self.releases.len().min(self.batch_max);
+        let take = self.releases.len().min(RELEASE_BATCH_MAX);
         let batch: Vec<QuotaRelease> = self.releases.drain(..take).collect();
         self.releasing = true;
         let port = self.port.clone();
@@ -245,6 +255,20 @@ impl Actor for Quota {
             releases: Vec::new(),
             releasing: false,
         })
+    }
+
+    /// Gives back the releases still waiting (the actor stops with the pipeline, or fails):
+    /// otherwise their slots would stay taken until their lease ends.
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if !state.releases.is_empty() {
+            let releases = std::mem::take(&mut state.releases);
+            let _ = tokio::time::timeout(FLUSH_ON_STOP, state.port.release_many(&releases)).await;
+        }
+        Ok(())
     }
 
     async fn handle(
