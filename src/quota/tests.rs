@@ -975,15 +975,13 @@ fn own_cpu_seconds() -> f64 {
 
 /// A measurement, not a check: what a job's quota acquire and release cost in Redis, asked
 /// the way the Quota actor asked before batching (a task and a script call per acquire, a
-/// task and a `ZREM` per release) and through the batching actor now, with `CONCURRENCY`
-/// jobs at once against a `redis-server` of its own. Run with
+/// task and a `ZREM` per release) and through the batching actor now, one job at a time and
+/// 256 jobs at once, against a `redis-server` of its own. Run with
 /// `cargo test -p stella-signer --lib measure_quota_batching -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_quota_batching() {
     use signer_actors::pipeline::{Quota, QuotaMsg};
-    const JOBS: usize = 40_000;
-    const CONCURRENCY: usize = 256;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -1000,12 +998,16 @@ async fn measure_quota_batching() {
     let url = format!("redis://127.0.0.1:{port}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let p = plan(1e9, 1_000_000_000, 1_000_000, 0);
-    for mode in [
-        "per call (before)",
-        "batching actor (after)",
-        "per call (before)",
-        "batching actor (after)",
-    ] {
+    let modes = ["per call (before)", "batching actor (after)"];
+    let loads = [
+        (1, 5_000),
+        (1, 5_000),
+        (256, 40_000),
+        (256, 40_000),
+        (256, 40_000),
+        (256, 40_000),
+    ];
+    for (mode, (concurrency, jobs)) in modes.iter().cycle().zip(loads) {
         let gate = QuotaGate {
             mode: GateMode::Enforce,
             fail_open: false,
@@ -1029,12 +1031,12 @@ async fn measure_quota_batching() {
         let own = own_cpu_seconds();
         let started = Instant::now();
         let mut workers = Vec::new();
-        for w in 0..CONCURRENCY {
+        for w in 0..concurrency {
             let store = store.clone();
             let actor = actor.clone();
             workers.push(tokio::spawn(async move {
                 let tenant = format!("t{}", w % 16);
-                for _ in 0..JOBS / CONCURRENCY {
+                for _ in 0..jobs / concurrency {
                     match &actor {
                         None => {
                             let (s, t) = (store.clone(), tenant.clone());
@@ -1084,10 +1086,11 @@ async fn measure_quota_batching() {
             + info_number(&url, "cpu", "used_cpu_sys").await
             - cpu;
         let commands = info_number(&url, "stats", "total_commands_processed").await - commands;
-        let jobs = (JOBS / CONCURRENCY * CONCURRENCY) as f64;
+        let jobs = (jobs / concurrency * concurrency) as f64;
         println!(
-            "{mode:>24}: {:>7.0} acquire+release/s, Redis CPU {:>5.1} µs/job, Redis commands {:.2}/job (pipelined commands count one each), test process CPU {:>5.1} µs/job",
+            "{mode:>24}, {concurrency:>3} at once: {:>7.0} acquire+release/s, {:>6.1} µs per job (acquire + release, wall), Redis CPU {:>5.1} µs/job, Redis commands {:.2}/job (pipelined commands count one each), test process CPU {:>5.1} µs/job",
             jobs / took,
+            took * 1e6 / jobs * concurrency as f64,
             cpu * 1e6 / jobs,
             commands / jobs,
             own * 1e6 / jobs
