@@ -524,11 +524,38 @@ pub enum QuotaGrant {
     FailOpen,
 }
 
+/// One job's quota request: what [`QuotaStore::acquire`] takes, as one entry of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaRequest {
+    pub tenant: String,
+    pub plan: String,
+    pub payload_bytes: usize,
+    /// Signatures the job makes (the units charged; values below 1 count as 1).
+    pub signatures: u32,
+}
+
+/// One job's concurrency slot to give back: what [`QuotaStore::release`] takes, as one
+/// entry of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaRelease {
+    pub tenant: String,
+    pub plan: String,
+}
+
+/// Requests one batch carries when the store does not say otherwise
+/// ([`QuotaStore::batch_max`]).
+pub const QUOTA_BATCH_MAX: usize = 64;
+
 /// Plan quotas. `release` ends a concurrency slot taken by `acquire`.
 ///
 /// Quota is charged per signature: a job signed by `signatures` keys takes that many units
 /// of the tenant's rate bucket and daily cap, all or nothing in one atomic step, and one
 /// concurrency slot (a slot counts jobs in flight, whatever their key count).
+///
+/// The Quota actor calls the batch methods ([`acquire_many`](Self::acquire_many),
+/// [`release_many`](Self::release_many)); their default implementations call the single
+/// ones in order, so a store only implements them when it can do a batch in fewer round
+/// trips (Redis: one pipeline).
 #[async_trait]
 pub trait QuotaStore: Send + Sync {
     /// Admits a job of `tenant` on `plan` that signs `payload_bytes` with `signatures` keys
@@ -541,6 +568,36 @@ pub trait QuotaStore: Send + Sync {
         signatures: u32,
     ) -> Result<QuotaGrant, SignerError>;
     async fn release(&self, tenant: &str, plan: &str);
+
+    /// [`acquire`](Self::acquire) for each request, in order: the answer `i` is request
+    /// `i`'s, with exactly the result `acquire` would have given it had the requests been
+    /// made one after another (a refusal takes nothing, so a later request of the same
+    /// tenant may still pass). Always one answer per request.
+    async fn acquire_many(
+        &self,
+        requests: &[QuotaRequest],
+    ) -> Vec<Result<QuotaGrant, SignerError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for r in requests {
+            answers.push(
+                self.acquire(&r.tenant, &r.plan, r.payload_bytes, r.signatures)
+                    .await,
+            );
+        }
+        answers
+    }
+
+    /// [`release`](Self::release) for each entry, in order.
+    async fn release_many(&self, releases: &[QuotaRelease]) {
+        for r in releases {
+            self.release(&r.tenant, &r.plan).await;
+        }
+    }
+
+    /// The most requests the Quota actor puts in one batch (values below 1 count as 1).
+    fn batch_max(&self) -> usize {
+        QUOTA_BATCH_MAX
+    }
     /// The largest payload `plan` allows, when the store knows the plan (`None`: no plan
     /// limit to apply here). Asked before a referenced payload is read, so an object over
     /// the plan's `max_payload_bytes` is refused without reading it or charging anything.

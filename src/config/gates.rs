@@ -234,6 +234,9 @@ pub struct QuotaGate {
     pub fail_open: bool,
     /// Redis key prefix of the buckets and counters.
     pub redis_prefix: String,
+    /// Most quota requests the Quota actor sends to the store in one batch (with Redis: one
+    /// round trip). At least 1.
+    pub batch_max: usize,
     /// Plans by name (the PoE's `plan` claim selects one).
     pub plans: BTreeMap<String, Plan>,
 }
@@ -244,6 +247,7 @@ impl Default for QuotaGate {
             mode: GateMode::Enforce,
             fail_open: false,
             redis_prefix: "signer:quota:".into(),
+            batch_max: signer_actors::ports::QUOTA_BATCH_MAX,
             plans: BTreeMap::new(),
         }
     }

@@ -32,6 +32,7 @@ struct Tenant {
 pub struct MemoryQuota {
     plans: BTreeMap<String, Plan>,
     tenants: Mutex<HashMap<String, Tenant>>,
+    batch_max: usize,
 }
 
 impl MemoryQuota {
@@ -40,7 +41,16 @@ impl MemoryQuota {
         Ok(MemoryQuota {
             plans,
             tenants: Mutex::new(HashMap::new()),
+            batch_max: signer_actors::ports::QUOTA_BATCH_MAX,
         })
+    }
+
+    /// Changes how many requests the Quota actor batches (default
+    /// [`QUOTA_BATCH_MAX`](signer_actors::ports::QUOTA_BATCH_MAX)); at least 1. In memory a
+    /// batch only saves the actor's task spawns: each request is decided as before.
+    pub fn with_batch_max(mut self, batch_max: usize) -> Self {
+        self.batch_max = batch_max.max(1);
+        self
     }
 }
 
@@ -115,5 +125,9 @@ impl QuotaStore for MemoryQuota {
 
     fn max_payload_bytes(&self, plan: &str) -> Option<u64> {
         self.plans.get(plan).map(|p| p.max_payload_bytes)
+    }
+
+    fn batch_max(&self) -> usize {
+        self.batch_max
     }
 }

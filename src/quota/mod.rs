@@ -33,7 +33,12 @@
 //!   replicas. One Lua script per `acquire` reads and updates the tenant's three keys
 //!   (`<prefix>{<tenant>}:bucket`, `:daily`, `:slots`; the hash tag keeps them in one cluster
 //!   slot). Redis runs a script atomically, so concurrent acquires from any number of replicas
-//!   can never over-grant. Time comes from Redis `TIME` inside the script, so replicas with
+//!   can never over-grant. The Quota actor sends acquires in batches
+//!   ([`QuotaStore::acquire_many`], at most `batch_max`): a batch is one pipeline of that same
+//!   script, one `EVALSHA` per request in batch order, so it costs one round trip and gives each
+//!   request the answer it would have had alone (a `NOSCRIPT` refusal, after a `SCRIPT FLUSH`
+//!   or a Redis restart, runs nothing; those commands are sent again once the script is
+//!   loaded). Releases go in batches too (one pipeline of `ZREM`s). Time comes from Redis `TIME` inside the script, so replicas with
 //!   skewed clocks agree on refills and on the UTC day. Every key has an expiry: the bucket
 //!   when it would be full again anyway, the daily counter an hour after its UTC day ends, the
 //!   slots when the last slot's lease ends.
@@ -54,7 +59,8 @@
 //! # When Redis fails
 //!
 //! Any Redis error (no connection from the pool, connection refused, script error, unexpected
-//! reply, or no answer within 2 s) makes the gate
+//! reply, or no answer within 2 s) makes the gate, for each request it concerns (every request
+//! of a batch when the round trip fails, one request when its command fails),
 //! - **fail closed** (default, `fail_open = false`): `internal` ("quota store unavailable: ..."),
 //!   which the contract marks retryable: the job is NAKed and retried with backoff;
 //! - **fail open** (`fail_open = true`): the job passes as [`QuotaGrant::FailOpen`], recorded in
@@ -102,6 +108,8 @@ pub enum QuotaSetupError {
     NoPlans,
     #[error("gates.quota.plans.{plan}: {reason}")]
     InvalidPlan { plan: String, reason: String },
+    #[error("gates.quota.batch_max must be at least 1")]
+    BatchMax,
 }
 
 /// Builds the quota gate: [`DisabledQuota`] when `mode = "disabled"`, else [`RedisQuota`] when a
@@ -115,7 +123,12 @@ pub fn from_config(
     }
     Ok(match redis {
         Some(pool) => Arc::new(RedisQuota::new(pool, cfg.clone())?),
-        None => Arc::new(MemoryQuota::new(cfg.plans.clone())?),
+        None => {
+            if cfg.batch_max == 0 {
+                return Err(QuotaSetupError::BatchMax);
+            }
+            Arc::new(MemoryQuota::new(cfg.plans.clone())?.with_batch_max(cfg.batch_max))
+        }
     })
 }
 

@@ -1,14 +1,15 @@
-//! Quotas in Redis, shared by every replica: one atomic Lua script per acquire.
+//! Quotas in Redis, shared by every replica: one atomic Lua script per acquire, a batch of
+//! acquires in one round trip (a pipeline of `EVALSHA`s).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ::redis::{self as redis_rs, Script};
+use ::redis::{self as redis_rs, Script, ServerErrorKind, Value};
 use async_trait::async_trait;
 use signer_actors::error::SignerError;
-use signer_actors::ports::{QuotaGrant, QuotaStore};
+use signer_actors::ports::{QuotaGrant, QuotaRelease, QuotaRequest, QuotaStore};
 
 use super::{
     CONCURRENCY_RETRY_MS, DAILY_MARGIN, QuotaSetupError, REDIS_TIMEOUT, Reason, SLOT_LEASE,
@@ -98,6 +99,32 @@ enum Outcome {
     Refused(Reason, u64),
 }
 
+/// Why Redis gave no decision for a request.
+#[derive(Debug, thiserror::Error)]
+enum StoreFailure {
+    /// The connection or the command failed (also: the server answered the command with an
+    /// error, e.g. a script error).
+    #[error("{0}")]
+    Redis(#[from] redis_rs::RedisError),
+    /// The pipeline's reply did not have one entry per command.
+    #[error("the quota pipeline answered {got} of {sent} commands")]
+    ShortReply { sent: usize, got: usize },
+    /// The script's reply is not `{granted, reason, wait}`.
+    #[error("unexpected reply from the quota script: {0}")]
+    Reply(String),
+}
+
+/// One request of a batch that passed the local checks and goes to Redis.
+struct Sent<'a> {
+    /// Its place in the batch.
+    index: usize,
+    tenant: &'a str,
+    plan: &'a str,
+    limits: &'a Plan,
+    member: String,
+    units: u32,
+}
+
 /// Plan quotas in Redis, shared by all replicas (see the [module docs](super)).
 pub struct RedisQuota {
     pool: crate::redis::Redis,
@@ -111,6 +138,7 @@ pub struct RedisQuota {
     /// The slots this instance holds, by tenant, for `release`.
     held: Mutex<HashMap<String, Vec<String>>>,
     warn: WarnLimiter,
+    batch_max: usize,
 }
 
 impl RedisQuota {
@@ -118,9 +146,11 @@ impl RedisQuota {
     /// (its `mode` is not looked at: see [`super::from_config`]).
     pub fn new(pool: crate::redis::Redis, gate: QuotaGate) -> Result<Self, QuotaSetupError> {
         validate(&gate.plans)?;
+        if gate.batch_max == 0 {
+            return Err(QuotaSetupError::BatchMax);
+        }
         Ok(RedisQuota {
             pool,
-            gate,
             acquire: Script::new(ACQUIRE),
             slot_lease: SLOT_LEASE,
             timeout: REDIS_TIMEOUT,
@@ -128,6 +158,8 @@ impl RedisQuota {
             next_slot: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
             warn: WarnLimiter::new(Duration::from_secs(10)),
+            batch_max: gate.batch_max.max(1),
+            gate,
         })
     }
 
@@ -144,41 +176,94 @@ impl RedisQuota {
         self
     }
 
+    /// The same script under another hash, one Redis has never loaded: its first call is
+    /// answered `NOSCRIPT`, as after a `SCRIPT FLUSH` or a Redis restart.
+    #[cfg(test)]
+    pub(crate) fn with_unloaded_script(mut self, salt: &str) -> Self {
+        self.acquire = Script::new(&format!("{ACQUIRE}\n-- {salt}"));
+        self
+    }
+
     fn key(&self, tenant: &str, what: &str) -> String {
         format!("{}{{{tenant}}}:{what}", self.gate.redis_prefix)
     }
 
-    async fn run(
+    /// Runs the script for each of `sent`, in order, in one pipeline (one round trip). A
+    /// command refused with `NOSCRIPT` (the script cache was flushed; nothing ran) is sent
+    /// again after loading the script, so every request runs exactly once.
+    async fn run_many(
         &self,
-        tenant: &str,
-        plan: &Plan,
-        member: &str,
-        units: u32,
-    ) -> Result<Outcome, String> {
+        sent: &[Sent<'_>],
+    ) -> Result<Vec<Result<Outcome, StoreFailure>>, StoreFailure> {
         let mut conn = self.pool.clone();
-        let (granted, reason, wait): (i64, String, u64) = self
-            .acquire
-            .key(self.key(tenant, "bucket"))
-            .key(self.key(tenant, "daily"))
-            .key(self.key(tenant, "slots"))
-            .arg(plan.requests_per_second.to_string())
-            .arg(plan.burst)
-            .arg(plan.max_concurrent)
-            .arg(plan.daily_cap)
-            .arg(millis(self.slot_lease))
-            .arg(member)
-            .arg(CONCURRENCY_RETRY_MS)
-            .arg(millis(DAILY_MARGIN))
-            .arg(units)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        if granted == 1 {
-            return Ok(Outcome::Allowed);
+        let replies = self.pipeline(&mut conn, sent.iter()).await?;
+        let mut outcomes = Vec::with_capacity(sent.len());
+        let mut again = Vec::new();
+        for (i, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                    again.push(i);
+                    outcomes.push(Err(StoreFailure::Redis(e.into())));
+                }
+                reply => outcomes.push(outcome(reply)),
+            }
         }
-        Reason::parse(&reason)
-            .map(|r| Outcome::Refused(r, wait))
-            .ok_or_else(|| format!("unexpected reply from the quota script: {reason:?}"))
+        if !again.is_empty() {
+            self.acquire.load_async(&mut conn).await?;
+            let replies = self
+                .pipeline(&mut conn, again.iter().map(|&i| &sent[i]))
+                .await?;
+            for (&i, reply) in again.iter().zip(replies) {
+                outcomes[i] = outcome(reply);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Sends one `EVALSHA` per request of `sent` in one pipeline; one reply per command
+    /// (errors included, as `Value::ServerError`).
+    async fn pipeline<'s, 'a: 's>(
+        &self,
+        conn: &mut crate::redis::Redis,
+        sent: impl ExactSizeIterator<Item = &'s Sent<'a>>,
+    ) -> Result<Vec<Value>, StoreFailure> {
+        let count = sent.len();
+        let mut pipe = redis_rs::pipe();
+        pipe.ignore_errors();
+        for s in sent {
+            pipe.invoke_script(
+                self.acquire
+                    .key(self.key(s.tenant, "bucket"))
+                    .key(self.key(s.tenant, "daily"))
+                    .key(self.key(s.tenant, "slots"))
+                    .arg(s.limits.requests_per_second.to_string())
+                    .arg(s.limits.burst)
+                    .arg(s.limits.max_concurrent)
+                    .arg(s.limits.daily_cap)
+                    .arg(millis(self.slot_lease))
+                    .arg(&s.member)
+                    .arg(CONCURRENCY_RETRY_MS)
+                    .arg(millis(DAILY_MARGIN))
+                    .arg(s.units),
+            );
+        }
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        if replies.len() != count {
+            return Err(StoreFailure::ShortReply {
+                sent: count,
+                got: replies.len(),
+            });
+        }
+        Ok(replies)
+    }
+
+    /// A fresh slot member: `<replica>:<n>`.
+    fn member(&self) -> String {
+        format!(
+            "{}:{}",
+            self.replica,
+            self.next_slot.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Redis could not answer: fail open or closed as configured.
@@ -186,7 +271,7 @@ impl RedisQuota {
         &self,
         tenant: &str,
         plan: &str,
-        detail: &str,
+        detail: &dyn std::fmt::Display,
     ) -> Result<QuotaGrant, SignerError> {
         if self.gate.fail_open {
             metrics::counter!("signer_quota_fail_open_total").increment(1);
@@ -194,7 +279,7 @@ impl RedisQuota {
                 tracing::warn!(
                     tenant,
                     plan,
-                    error = detail,
+                    error = %detail,
                     occurrences,
                     "quota store unavailable: letting jobs through unchecked (gates.quota.fail_open = true)"
                 );
@@ -205,7 +290,7 @@ impl RedisQuota {
                 tracing::warn!(
                     tenant,
                     plan,
-                    error = detail,
+                    error = %detail,
                     occurrences,
                     "quota store unavailable: refusing jobs with a retryable error"
                 );
@@ -226,79 +311,176 @@ impl QuotaStore for RedisQuota {
         payload_bytes: usize,
         signatures: u32,
     ) -> Result<QuotaGrant, SignerError> {
-        let signatures = signatures.max(1);
-        let limits = admit(&self.gate.plans, plan, payload_bytes, signatures)?;
-        let member = format!(
-            "{}:{}",
-            self.replica,
-            self.next_slot.fetch_add(1, Ordering::Relaxed)
-        );
-        match tokio::time::timeout(self.timeout, self.run(tenant, limits, &member, signatures))
+        let request = QuotaRequest {
+            tenant: tenant.to_owned(),
+            plan: plan.to_owned(),
+            payload_bytes,
+            signatures,
+        };
+        self.acquire_many(std::slice::from_ref(&request))
             .await
-        {
-            Ok(Ok(Outcome::Allowed)) => {
-                lock(&self.held)
-                    .entry(tenant.to_owned())
-                    .or_default()
-                    .push(member);
-                Ok(QuotaGrant::Allowed)
+            .pop()
+            .unwrap_or_else(|| Err(SignerError::Internal("quota store gave no answer".into())))
+    }
+
+    /// The local checks for each request, then one pipeline for those that pass, in batch
+    /// order: Redis runs each script atomically and in the order sent, so the answers are
+    /// those of the same requests made one after another. A failure of the round trip fails
+    /// every request it carried (open or closed, as configured); a failure of one command
+    /// fails that request only.
+    async fn acquire_many(
+        &self,
+        requests: &[QuotaRequest],
+    ) -> Vec<Result<QuotaGrant, SignerError>> {
+        let mut answers: Vec<Option<Result<QuotaGrant, SignerError>>> =
+            Vec::with_capacity(requests.len());
+        let mut sent = Vec::new();
+        for (index, r) in requests.iter().enumerate() {
+            let units = r.signatures.max(1);
+            match admit(&self.gate.plans, &r.plan, r.payload_bytes, units) {
+                Ok(limits) => {
+                    answers.push(None);
+                    sent.push(Sent {
+                        index,
+                        tenant: &r.tenant,
+                        plan: &r.plan,
+                        limits,
+                        member: self.member(),
+                        units,
+                    });
+                }
+                Err(e) => answers.push(Some(Err(e))),
             }
-            Ok(Ok(Outcome::Refused(reason, wait))) => {
-                Err(exceeded(tenant, plan, limits, reason, wait))
-            }
-            Ok(Err(e)) => self.unavailable(tenant, plan, &e),
-            Err(_) => self.unavailable(
-                tenant,
-                plan,
-                &format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.timeout)
-                ),
-            ),
         }
+        if !sent.is_empty() {
+            match tokio::time::timeout(self.timeout, self.run_many(&sent)).await {
+                Ok(Ok(outcomes)) => {
+                    for (s, outcome) in sent.into_iter().zip(outcomes) {
+                        let index = s.index;
+                        answers[index] = Some(self.decided(s, outcome));
+                    }
+                }
+                Ok(Err(e)) => {
+                    for s in &sent {
+                        answers[s.index] = Some(self.unavailable(s.tenant, s.plan, &e));
+                    }
+                }
+                Err(_) => {
+                    let e = format!(
+                        "no answer within {}",
+                        humantime::format_duration(self.timeout)
+                    );
+                    for s in &sent {
+                        answers[s.index] = Some(self.unavailable(s.tenant, s.plan, &e));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| Err(SignerError::Internal("quota request not decided".into())))
+            })
+            .collect()
+    }
+
+    async fn release_many(&self, releases: &[QuotaRelease]) {
+        let mut members = Vec::with_capacity(releases.len());
+        {
+            let mut held = lock(&self.held);
+            for r in releases {
+                let member = held.get_mut(&r.tenant).and_then(Vec::pop);
+                if held.get(&r.tenant).is_some_and(Vec::is_empty) {
+                    held.remove(&r.tenant);
+                }
+                // Nothing taken here (fail-open grant, or released already): nothing to give
+                // back.
+                if let Some(member) = member {
+                    members.push((self.key(&r.tenant, "slots"), member));
+                }
+            }
+        }
+        if members.is_empty() {
+            return;
+        }
+        let removed = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.pool.clone();
+            let mut pipe = redis_rs::pipe();
+            for (key, member) in &members {
+                pipe.cmd("ZREM").arg(key).arg(member).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await;
+        let error = match removed {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        if let Some(occurrences) = self.warn.due() {
+            tracing::warn!(
+                slots = members.len(),
+                error,
+                occurrences,
+                lease = %humantime::format_duration(self.slot_lease),
+                "releasing quota concurrency slots failed; they free themselves when their lease ends"
+            );
+        }
+    }
+
+    fn batch_max(&self) -> usize {
+        self.batch_max
     }
 
     fn max_payload_bytes(&self, plan: &str) -> Option<u64> {
         self.gate.plans.get(plan).map(|p| p.max_payload_bytes)
     }
 
-    async fn release(&self, tenant: &str, _plan: &str) {
-        let member = {
-            let mut held = lock(&self.held);
-            let member = held.get_mut(tenant).and_then(Vec::pop);
-            if held.get(tenant).is_some_and(Vec::is_empty) {
-                held.remove(tenant);
-            }
-            member
-        };
-        // Nothing taken here (fail-open grant, or released already): nothing to give back.
-        let Some(member) = member else { return };
-        let key = self.key(tenant, "slots");
-        let removed = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.pool.clone();
-            redis_rs::cmd("ZREM")
-                .arg(&key)
-                .arg(&member)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
-        })
+    async fn release(&self, tenant: &str, plan: &str) {
+        self.release_many(&[QuotaRelease {
+            tenant: tenant.to_owned(),
+            plan: plan.to_owned(),
+        }])
         .await;
-        let error = match removed {
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => e,
-            Err(_) => "no answer in time".to_owned(),
-        };
-        if let Some(occurrences) = self.warn.due() {
-            tracing::warn!(
-                tenant,
-                error,
-                occurrences,
-                lease = %humantime::format_duration(self.slot_lease),
-                "releasing a quota concurrency slot failed; it frees itself when its lease ends"
-            );
+    }
+}
+
+impl RedisQuota {
+    /// The answer of one request Redis decided (or failed to).
+    fn decided(
+        &self,
+        s: Sent<'_>,
+        outcome: Result<Outcome, StoreFailure>,
+    ) -> Result<QuotaGrant, SignerError> {
+        match outcome {
+            Ok(Outcome::Allowed) => {
+                lock(&self.held)
+                    .entry(s.tenant.to_owned())
+                    .or_default()
+                    .push(s.member);
+                Ok(QuotaGrant::Allowed)
+            }
+            Ok(Outcome::Refused(reason, wait)) => {
+                Err(exceeded(s.tenant, s.plan, s.limits, reason, wait))
+            }
+            Err(e) => self.unavailable(s.tenant, s.plan, &e),
         }
     }
+}
+
+/// The script's reply `{granted, reason, wait}` (or the error Redis answered instead).
+fn outcome(reply: Value) -> Result<Outcome, StoreFailure> {
+    if let Value::ServerError(e) = reply {
+        return Err(StoreFailure::Redis(e.into()));
+    }
+    let (granted, reason, wait): (i64, String, u64) =
+        redis_rs::from_redis_value(reply).map_err(|e| StoreFailure::Reply(e.to_string()))?;
+    if granted == 1 {
+        return Ok(Outcome::Allowed);
+    }
+    Reason::parse(&reason)
+        .map(|r| Outcome::Refused(r, wait))
+        .ok_or_else(|| StoreFailure::Reply(format!("{reason:?}")))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ::redis as redis_rs;
 use signer_actors::error::{ErrorCode, SignerError};
-use signer_actors::ports::{QuotaGrant, QuotaStore};
+use signer_actors::ports::{QuotaGrant, QuotaRelease, QuotaRequest, QuotaStore};
 
 use super::*;
 
@@ -53,6 +53,7 @@ impl Space {
             mode: GateMode::Enforce,
             fail_open: false,
             redis_prefix: self.prefix.clone(),
+            batch_max: 64,
             plans: plans(p),
         }
     }
@@ -545,6 +546,253 @@ async fn redis_that_never_answers_fails_open_in_time() {
     silent.abort();
 }
 
+// ---- batches (Redis) ----
+
+fn request(tenant: &str, plan: &str, payload_bytes: usize, signatures: u32) -> QuotaRequest {
+    QuotaRequest {
+        tenant: tenant.into(),
+        plan: plan.into(),
+        payload_bytes,
+        signatures,
+    }
+}
+
+/// An answer in a form two runs can be compared in: the grant, or the code and message of
+/// the refusal with its `retryAfterMs` rounded to seconds.
+fn comparable(r: &Result<QuotaGrant, SignerError>) -> String {
+    match r {
+        Ok(g) => format!("{g:?}"),
+        Err(e) => format!(
+            "{} {} {:?}",
+            e.code(),
+            e.message(),
+            e.retry_after_ms().map(|ms| ms.div_ceil(1000))
+        ),
+    }
+}
+
+/// A batch with every kind of answer: two tenants, a rate limit reached in the middle, a
+/// two-signature request refused where a one-signature one still passes, a payload too
+/// large, an unknown plan, the concurrency limit.
+fn mixed_batch() -> Vec<QuotaRequest> {
+    vec![
+        request("acme", "team", 10, 1),
+        request("acme", "team", 10, 2),
+        request("globex", "team", 10, 1),
+        request("acme", "team", 5000, 1), // payload too large: nothing charged
+        request("acme", "gold", 10, 1),   // unknown plan
+        request("acme", "team", 10, 1),   // 4 of 5 units
+        request("acme", "team", 10, 2),   // 2 more do not fit: refused, takes nothing
+        request("acme", "team", 10, 1),   // the last unit
+        request("acme", "team", 10, 1),   // rate
+        request("globex", "team", 10, 1),
+        request("globex", "team", 10, 1),
+        request("globex", "team", 10, 1), // its 4th slot
+        request("globex", "team", 10, 1), // concurrency (4 slots)
+    ]
+}
+
+#[tokio::test]
+async fn redis_a_batch_answers_as_sequential_calls_do() {
+    // burst 5 for each tenant, nothing refills during the test, 4 concurrent jobs
+    let p = plan(0.001, 5, 4, 0);
+    let (one, many) = (Space::new(), Space::new());
+    let sequential = one.replica(p.clone());
+    let mut expected = Vec::new();
+    for r in mixed_batch() {
+        expected.push(
+            sequential
+                .acquire(&r.tenant, &r.plan, r.payload_bytes, r.signatures)
+                .await,
+        );
+    }
+    let batched = many.replica(p).acquire_many(&mixed_batch()).await;
+    let expected: Vec<String> = expected.iter().map(comparable).collect();
+    let got: Vec<String> = batched.iter().map(comparable).collect();
+    assert_eq!(got, expected);
+    // and the answers are the ones the rules give
+    let codes: Vec<_> = batched
+        .iter()
+        .map(|r| r.clone().map_err(|e| e.code()))
+        .collect();
+    use ErrorCode::*;
+    let allowed = Ok(QuotaGrant::Allowed);
+    assert_eq!(
+        codes,
+        [
+            allowed,
+            allowed,
+            allowed,
+            Err(PayloadTooLarge),
+            Err(EntitlementDenied),
+            allowed,
+            Err(QuotaExceeded),
+            allowed,
+            Err(QuotaExceeded),
+            allowed,
+            allowed,
+            allowed,
+            Err(QuotaExceeded),
+        ]
+    );
+    assert!(comparable(&batched[6]).contains("signatures/s"));
+    assert!(comparable(&batched[12]).contains("concurrent"));
+    one.clean().await;
+    many.clean().await;
+}
+
+#[tokio::test]
+async fn redis_batches_from_two_replicas_share_one_budget_exactly() {
+    let s = Space::new();
+    // burst 10, nothing refills: 4 rounds of 2 concurrent batches of 8 (from two replicas)
+    // get exactly 10 units, whatever the interleaving.
+    let p = plan(0.001, 10, 1000, 0);
+    let replicas = [Arc::new(s.replica(p.clone())), Arc::new(s.replica(p))];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let q = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let batch: Vec<_> = (0..8)
+                .map(|j| request("acme", "team", 10, 1 + ((i + j) % 2) as u32))
+                .collect();
+            let answers = q.acquire_many(&batch).await;
+            batch
+                .iter()
+                .zip(answers)
+                .map(|(r, a)| match a {
+                    Ok(QuotaGrant::Allowed) => r.signatures,
+                    other => {
+                        refused(other);
+                        0
+                    }
+                })
+                .sum::<u32>()
+        }));
+    }
+    let mut units = 0;
+    for t in tasks {
+        units += t.await.unwrap();
+    }
+    assert_eq!(units, 10, "granted units");
+    refused(replicas[0].acquire("acme", "team", 10, 1).await);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_a_batch_loads_the_script_when_redis_has_lost_it() {
+    let s = Space::new();
+    let salt = s.prefix.clone();
+    let q = s
+        .replica(plan(0.001, 3, 100, 0))
+        .with_unloaded_script(&salt);
+    // every command of the first pipeline is refused NOSCRIPT (nothing runs), then sent
+    // again: each request is decided once
+    let answers = q
+        .acquire_many(&vec![request("acme", "team", 10, 1); 5])
+        .await;
+    let allowed = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(QuotaGrant::Allowed)))
+        .count();
+    assert_eq!(allowed, 3, "{answers:?}");
+    for a in answers.into_iter().skip(3) {
+        refused(a);
+    }
+    // the single call takes the same path
+    let q = s
+        .replica(plan(0.001, 3, 100, 0))
+        .with_unloaded_script(&format!("{salt}-single"));
+    refused(q.acquire("acme", "team", 10, 1).await);
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_a_batch_releases_in_one_go() {
+    let s = Space::new();
+    let q = s.replica(plan(1000.0, 100, 1, 0));
+    let batch = [
+        request("acme", "team", 10, 1),
+        request("globex", "team", 10, 1),
+    ];
+    assert!(q.acquire_many(&batch).await.iter().all(Result::is_ok));
+    assert!(q.acquire_many(&batch).await.into_iter().all(|a| a.is_err()));
+    q.release_many(&[
+        QuotaRelease {
+            tenant: "acme".into(),
+            plan: "team".into(),
+        },
+        QuotaRelease {
+            tenant: "globex".into(),
+            plan: "team".into(),
+        },
+        // nothing held: a no-op
+        QuotaRelease {
+            tenant: "initech".into(),
+            plan: "team".into(),
+        },
+    ])
+    .await;
+    assert!(q.acquire_many(&batch).await.iter().all(Result::is_ok));
+    s.clean().await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_each_request_of_a_batch_as_configured() {
+    for fail_open in [false, true] {
+        let gate = QuotaGate {
+            fail_open,
+            plans: plans(plan(1.0, 1, 1, 0)),
+            ..QuotaGate::default()
+        };
+        let q = RedisQuota::new(pool("redis://127.0.0.1:1"), gate).unwrap();
+        let answers = q
+            .acquire_many(&[
+                request("acme", "team", 10, 1),
+                request("acme", "team", 2000, 1),
+                request("globex", "team", 10, 1),
+            ])
+            .await;
+        // the local check needs no Redis
+        assert_eq!(
+            answers[1].as_ref().unwrap_err().code(),
+            ErrorCode::PayloadTooLarge
+        );
+        for a in [&answers[0], &answers[2]] {
+            if fail_open {
+                assert_eq!(a, &Ok(QuotaGrant::FailOpen));
+            } else {
+                let e = a.as_ref().unwrap_err();
+                assert_eq!(e.code(), ErrorCode::Internal);
+                assert!(e.message().starts_with("quota store unavailable: "), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_the_batch_size_comes_from_the_configuration() {
+    let s = Space::new();
+    let gate = QuotaGate {
+        batch_max: 7,
+        ..s.gate(plan(1.0, 1, 1, 0))
+    };
+    let q = from_config(&gate, Some(pool(REDIS_URL))).unwrap();
+    assert_eq!(q.batch_max(), 7);
+    assert_eq!(from_config(&gate, None).unwrap().batch_max(), 7);
+    let zero = QuotaGate {
+        batch_max: 0,
+        ..gate
+    };
+    assert_eq!(
+        from_config(&zero, Some(pool(REDIS_URL))).err(),
+        Some(QuotaSetupError::BatchMax)
+    );
+    assert_eq!(
+        from_config(&zero, None).err(),
+        Some(QuotaSetupError::BatchMax)
+    );
+}
+
 // ---- memory ----
 
 #[tokio::test]
@@ -697,4 +945,170 @@ async fn stores_report_the_plans_payload_limit() {
     let redis = s.replica(plan(1.0, 5, 100, 0));
     assert_eq!(redis.max_payload_bytes("team"), Some(1024));
     assert_eq!(redis.max_payload_bytes("other"), None);
+}
+
+// ---- measurement ----
+
+/// Reads `field` (a number) from Redis `INFO` of `url`.
+async fn info_number(url: &str, section: &str, field: &str) -> f64 {
+    let mut conn = pool(url);
+    let info: String = redis_rs::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// This process's CPU seconds (user + system) from `/proc/self/stat`.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A measurement, not a check: what a job's quota acquire and release cost in Redis, asked
+/// the way the Quota actor asked before batching (a task and a script call per acquire, a
+/// task and a `ZREM` per release) and through the batching actor now, one job at a time and
+/// 256 jobs at once, against a `redis-server` of its own. Run with
+/// `cargo test -p stella-signer --lib measure_quota_batching -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_quota_batching() {
+    use signer_actors::pipeline::{Quota, QuotaMsg};
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{port}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = plan(1e9, 1_000_000_000, 1_000_000, 0);
+    let modes = ["per call (before)", "batching actor (after)"];
+    let loads = [
+        (1, 5_000),
+        (1, 5_000),
+        (256, 40_000),
+        (256, 40_000),
+        (256, 40_000),
+        (256, 40_000),
+    ];
+    for (mode, (concurrency, jobs)) in modes.iter().cycle().zip(loads) {
+        let gate = QuotaGate {
+            mode: GateMode::Enforce,
+            fail_open: false,
+            redis_prefix: format!("m{}:", unix_ms()),
+            batch_max: 64,
+            plans: plans(p.clone()),
+        };
+        let store: Arc<dyn QuotaStore> = Arc::new(RedisQuota::new(pool(&url), gate).unwrap());
+        store.acquire("warm", "team", 10, 1).await.unwrap(); // loads the script
+        let actor = if mode.starts_with("batching") {
+            let (a, _) = ractor::Actor::spawn(None, Quota, store.clone())
+                .await
+                .unwrap();
+            Some(a)
+        } else {
+            None
+        };
+        let cpu = info_number(&url, "cpu", "used_cpu_user").await
+            + info_number(&url, "cpu", "used_cpu_sys").await;
+        let commands = info_number(&url, "stats", "total_commands_processed").await;
+        let own = own_cpu_seconds();
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for w in 0..concurrency {
+            let store = store.clone();
+            let actor = actor.clone();
+            workers.push(tokio::spawn(async move {
+                let tenant = format!("t{}", w % 16);
+                for _ in 0..jobs / concurrency {
+                    match &actor {
+                        None => {
+                            let (s, t) = (store.clone(), tenant.clone());
+                            let grant =
+                                tokio::spawn(async move { s.acquire(&t, "team", 10, 1).await })
+                                    .await
+                                    .unwrap();
+                            assert_eq!(grant, Ok(QuotaGrant::Allowed));
+                            let (s, t) = (store.clone(), tenant.clone());
+                            tokio::spawn(async move { s.release(&t, "team").await });
+                        }
+                        Some(a) => {
+                            let grant = a
+                                .call(
+                                    |reply| QuotaMsg::Acquire {
+                                        tenant: tenant.clone(),
+                                        plan: "team".into(),
+                                        payload_bytes: 10,
+                                        signatures: 1,
+                                        reply,
+                                    },
+                                    Some(Duration::from_secs(10)),
+                                )
+                                .await
+                                .unwrap();
+                            assert!(matches!(
+                                grant,
+                                ractor::rpc::CallResult::Success(Ok(QuotaGrant::Allowed))
+                            ));
+                            a.cast(QuotaMsg::Release {
+                                tenant: tenant.clone(),
+                                plan: "team".into(),
+                            })
+                            .unwrap();
+                        }
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await.unwrap();
+        }
+        let took = started.elapsed().as_secs_f64();
+        let own = own_cpu_seconds() - own;
+        tokio::time::sleep(Duration::from_millis(300)).await; // the last releases
+        let cpu = info_number(&url, "cpu", "used_cpu_user").await
+            + info_number(&url, "cpu", "used_cpu_sys").await
+            - cpu;
+        let commands = info_number(&url, "stats", "total_commands_processed").await - commands;
+        let jobs = (jobs / concurrency * concurrency) as f64;
+        println!(
+            "{mode:>24}, {concurrency:>3} at once: {:>7.0} acquire+release/s, {:>6.1} µs per job (acquire + release, wall), Redis CPU {:>5.1} µs/job, Redis commands {:.2}/job (pipelined commands count one each), test process CPU {:>5.1} µs/job",
+            jobs / took,
+            took * 1e6 / jobs * concurrency as f64,
+            cpu * 1e6 / jobs,
+            commands / jobs,
+            own * 1e6 / jobs
+        );
+        if let Some(a) = actor {
+            a.stop(None);
+        }
+    }
+    // where Redis spends it (`calls`, `usec_per_call`): the script's commands, EVALSHA, ZREM
+    let mut conn = pool(&url);
+    let stats: String = redis_rs::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_")) {
+        println!("  {line}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -28,8 +28,8 @@ mod publisher;
 mod supervisor;
 
 pub use gates::{
-    Entitlement, EntitlementMsg, EntitlementStats, LookupKey, Provenance, ProvenanceLimits,
-    ProvenanceMsg, ProvenanceStats,
+    ACQUIRE_LANES, Entitlement, EntitlementMsg, EntitlementStats, LookupKey, Provenance,
+    ProvenanceLimits, ProvenanceMsg, ProvenanceStats, Quota, QuotaMsg,
 };
 pub use health::{IntakeState, NotReady, Reason, Store};
 pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};

@@ -15,7 +15,7 @@ mod quota;
 
 pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
 pub use provenance::{LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats};
-pub use quota::{Quota, QuotaMsg};
+pub use quota::{ACQUIRE_LANES, Quota, QuotaMsg};
 
 use ractor::ActorRef;
 
