@@ -39,7 +39,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use oci_client::Reference;
 use oci_client::manifest::{
-    IMAGE_MANIFEST_MEDIA_TYPE, ImageIndexEntry, OCI_IMAGE_MEDIA_TYPE, OciImageManifest,
+    IMAGE_MANIFEST_MEDIA_TYPE, ImageIndexEntry, OCI_IMAGE_MEDIA_TYPE, OciImageIndex,
+    OciImageManifest,
 };
 use signer_actors::digest::parse_oci_sha256;
 use signer_actors::error::SignerError;
@@ -286,14 +287,8 @@ impl ReleaseVerifierImpl {
             other => f.take(other)?,
         };
         if let Some(index) = index {
-            if index.manifests.len() > self.max_referrers {
-                // Refused unread: a list this long is an attack or a misuse, and reading
-                // it would let the registry decide how much work a job causes.
-                f.malformed.push(format!(
-                    "the referrers list has {} entries, over the limit of {} ([gates.provenance] max_referrers)",
-                    index.manifests.len(),
-                    self.max_referrers
-                ));
+            if let Some(refusal) = index_refusal(&index, self.max_referrers) {
+                f.malformed.push(refusal);
                 return Ok(None);
             }
             for entry in prioritise(index.manifests) {
@@ -301,17 +296,8 @@ impl ReleaseVerifierImpl {
                     f.truncated = true;
                     break;
                 }
-                // Digests from the registry end up in request paths: only well-formed ones.
-                if parse_oci_sha256(&entry.digest).is_err() {
-                    f.malformed
-                        .push(format!("referrer with a bad digest {:?}", entry.digest));
-                    continue;
-                }
-                if usize::try_from(entry.size).map_or(true, |s| s > MAX_MANIFEST_BYTES) {
-                    f.malformed.push(format!(
-                        "referrer {}: declared size {} is over the {MAX_MANIFEST_BYTES}-byte manifest limit",
-                        entry.digest, entry.size
-                    ));
+                if let Some(refusal) = entry_refusal(&entry) {
+                    f.malformed.push(refusal);
                     continue;
                 }
                 let reference = image.clone_with_digest(entry.digest.clone());
@@ -362,31 +348,9 @@ impl ReleaseVerifierImpl {
         limits: &Limits,
         f: &mut Findings,
     ) -> Result<Option<Found>, String> {
-        let signature_layers = manifest
-            .layers
-            .iter()
-            .filter(|l| layer_kind(&l.media_type).is_some())
-            .count();
-        if signature_layers > limits.max_signatures {
+        if let Some(refusal) = manifest_refusal(manifest, limits.max_signatures) {
             f.checked += 1;
-            f.malformed.push(format!(
-                "{place}: {signature_layers} signature layers, more than {} ([gates.provenance] max_envelope_signatures); refused unread",
-                limits.max_signatures
-            ));
-            return Ok(None);
-        }
-        // A bundle manifest has exactly one layer, the bundle (cosign BUNDLE_SPEC.md): more
-        // is more than one signature, refused before anything is fetched.
-        let bundles = manifest
-            .layers
-            .iter()
-            .filter(|l| layer_kind(&l.media_type) == Some(LayerKind::Bundle))
-            .count();
-        if bundles > 1 {
-            f.checked += 1;
-            f.malformed.push(format!(
-                "{place}: {bundles} Sigstore bundle layers; a bundle manifest carries exactly one"
-            ));
+            f.malformed.push(format!("{place}: {refusal}"));
             return Ok(None);
         }
         for layer in &manifest.layers {
@@ -557,6 +521,110 @@ fn layer_kind(media_type: &str) -> Option<LayerKind> {
         DSSE_MEDIA_TYPE => Some(LayerKind::Dsse),
         BUNDLE_V03_MEDIA_TYPE | BUNDLE_V03_MEDIA_TYPE_ALT => Some(LayerKind::Bundle),
         _ => None,
+    }
+}
+
+/// Why a referrers list is refused unread, if it is: a list this long is an attack or a
+/// misuse, and reading it would let the registry decide how much work a job causes.
+fn index_refusal(index: &OciImageIndex, max_referrers: usize) -> Option<String> {
+    (index.manifests.len() > max_referrers).then(|| {
+        format!(
+            "the referrers list has {} entries, over the limit of {max_referrers} ([gates.provenance] max_referrers)",
+            index.manifests.len(),
+        )
+    })
+}
+
+/// Why one referrer is skipped unread, if it is. Digests from the registry end up in
+/// request paths: only well-formed ones; and a declared size over the manifest limit.
+fn entry_refusal(entry: &ImageIndexEntry) -> Option<String> {
+    if parse_oci_sha256(&entry.digest).is_err() {
+        return Some(format!("referrer with a bad digest {:?}", entry.digest));
+    }
+    if usize::try_from(entry.size).map_or(true, |s| s > MAX_MANIFEST_BYTES) {
+        return Some(format!(
+            "referrer {}: declared size {} is over the {MAX_MANIFEST_BYTES}-byte manifest limit",
+            entry.digest, entry.size
+        ));
+    }
+    None
+}
+
+/// Why a signature manifest is refused before any of its layers is fetched, if it is: more
+/// signature layers than an envelope may have signatures, or more than one bundle layer (a
+/// bundle manifest has exactly one layer, the bundle: cosign BUNDLE_SPEC.md).
+fn manifest_refusal(manifest: &OciImageManifest, max_signatures: usize) -> Option<String> {
+    let signature_layers = manifest
+        .layers
+        .iter()
+        .filter(|l| layer_kind(&l.media_type).is_some())
+        .count();
+    if signature_layers > max_signatures {
+        return Some(format!(
+            "{signature_layers} signature layers, more than {max_signatures} ([gates.provenance] max_envelope_signatures); refused unread"
+        ));
+    }
+    let bundles = manifest
+        .layers
+        .iter()
+        .filter(|l| layer_kind(&l.media_type) == Some(LayerKind::Bundle))
+        .count();
+    if bundles > 1 {
+        return Some(format!(
+            "{bundles} Sigstore bundle layers; a bundle manifest carries exactly one"
+        ));
+    }
+    None
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (not an API): the gate's own functions that
+/// read what a registry serves, without a registry.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// What the gate makes of a referrers list: `Err` when it does not decode or is refused
+    /// unread; else, in the order they would be read, each referrer's digest and why it is
+    /// skipped (`None`: its manifest would be fetched).
+    pub fn referrers(
+        bytes: &[u8],
+        max_referrers: usize,
+    ) -> Result<Vec<(String, Option<String>)>, String> {
+        let index = registry::decode_index(bytes, "referrers API").map_err(|f| format!("{f:?}"))?;
+        if let Some(refusal) = index_refusal(&index, max_referrers) {
+            return Err(refusal);
+        }
+        Ok(prioritise(index.manifests)
+            .into_iter()
+            .map(|e| {
+                let refusal = entry_refusal(&e);
+                (e.digest, refusal)
+            })
+            .collect())
+    }
+
+    /// What the gate makes of a signature manifest: `Err` when it does not decode or is
+    /// refused before any layer is fetched; else, per layer, the kind of signature the gate
+    /// would read from it (`None`: skipped unread) and whether its digest is well-formed.
+    pub fn manifest(
+        bytes: &[u8],
+        max_signatures: usize,
+    ) -> Result<Vec<(Option<&'static str>, bool)>, String> {
+        let manifest =
+            registry::decode_manifest(bytes, "manifest").map_err(|f| format!("{f:?}"))?;
+        if let Some(refusal) = manifest_refusal(&manifest, max_signatures) {
+            return Err(refusal);
+        }
+        Ok(manifest
+            .layers
+            .iter()
+            .map(|l| {
+                (
+                    layer_kind(&l.media_type).map(LayerKind::describe),
+                    parse_oci_sha256(&l.digest).is_ok(),
+                )
+            })
+            .collect())
     }
 }
 

@@ -53,6 +53,19 @@ pub enum Access {
     Bearer(String),
 }
 
+/// A referrers list (the API's answer or the tag schema's index) as the registry served it;
+/// `what` names where it came from in the refusal.
+pub(crate) fn decode_index(bytes: &[u8], what: &str) -> Result<OciImageIndex, Failure> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::Malformed(format!("{what}: not an image index: {e}")))
+}
+
+/// An image manifest (a referrer's, or the signature tag's) as the registry served it.
+pub(crate) fn decode_manifest(bytes: &[u8], what: &str) -> Result<OciImageManifest, Failure> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::Malformed(format!("{what}: not an image manifest: {e}")))
+}
+
 /// The HTTP client for manifests and referrers: bounded like the registry client, and
 /// following at most a few redirects.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, String> {
@@ -270,9 +283,7 @@ impl Reader {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Failure::Malformed(format!("{what}: not an image index: {e}")))
+        decode_index(&bytes, what).map(Some)
     }
 
     /// The referrers tag schema read directly: the index tagged `sha256-<hex>`. Used when
@@ -295,9 +306,7 @@ impl Reader {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Failure::Malformed(format!("{what}: not an image index: {e}")))
+        decode_index(&bytes, &what).map(Some)
     }
 
     /// An image manifest by tag or digest (a digest reference is checked against the bytes).
@@ -310,9 +319,7 @@ impl Reader {
         let Some(bytes) = self.raw(reference, access, &what, MANIFEST_TYPES).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Failure::Malformed(format!("{what}: not an image manifest: {e}")))
+        decode_manifest(&bytes, &what).map(Some)
     }
 
     /// The image's own manifest bytes (the message of a bundle's message signature).
