@@ -6,7 +6,7 @@
 #     registry), libpcsclite-dev + pkg-config (the `yubikey` feature), prometheus
 #     (`prometheus` and `promtool`: tests/alerts.rs checks and fires the alert rules),
 #     nats-server and redis-server (tests that break a server start their own)
-#   - just (from PyPI's rust-just wheel), cargo-fuzz (crates.io; `just fuzz`)
+#   - just (from PyPI's rust-just wheel)
 #   - the independent verifiers of ../shared/conformance into target/conformance, and
 #     PyNaCl in their venv (tests/tools/make_cosign_key.py writes cosign keys with it)
 #   - NATS with JetStream on 127.0.0.1:4222 and Redis on 127.0.0.1:6379
@@ -30,12 +30,6 @@ if ! command -v just >/dev/null 2>&1; then
   echo "bootstrap: installing just"
   python3 -m pip install -q --disable-pip-version-check rust-just
   command -v pyenv >/dev/null 2>&1 && pyenv rehash
-fi
-
-# cargo-fuzz for `just fuzz` (fuzz/): built from crates.io, a few minutes the first time.
-if ! command -v cargo-fuzz >/dev/null 2>&1; then
-  echo "bootstrap: installing cargo-fuzz"
-  cargo install -q cargo-fuzz --locked
 fi
 
 bash "$shared/conformance/setup.sh" "$root/target/conformance"
