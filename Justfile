@@ -36,16 +36,10 @@ bench *ARGS:
 bootstrap:
     scripts/bootstrap.sh
 
-# Fuzz every target in fuzz/ for SECONDS each (default 60), one after another, starting from
-# the kept corpus (fuzz/corpus/<target>, read only: new inputs go to fuzz/target/corpus/).
-# A crash or a hang (an input over 10 s) fails the recipe; the input lands in fuzz/artifacts/.
-# cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 allows them on the stable toolchain.
-fuzz SECONDS="60":
-    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -s none
-    cd fuzz && for t in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do \
-        mkdir -p "target/corpus/$t" "corpus/$t"; \
-        echo "fuzz: $t for {{SECONDS}} s"; \
-        RUSTC_BOOTSTRAP=1 cargo fuzz run -s none "$t" "target/corpus/$t" "corpus/$t" -- \
-            -max_total_time={{SECONDS}} -timeout=10 -print_final_stats=1 2>&1 | grep -v '^#[0-9]*	\(NEW\|REDUCE\|pulse\)' ; \
-    done
+# Fuzz every target in fuzz/ (or the TARGETS named) for SECONDS each (default 60), two at a
+# time, from the kept corpus (fuzz/corpus/<target>, read only: new inputs go to
+# target/fuzz/corpus/). Needs no cargo-fuzz and no nightly: scripts/fuzz.sh instruments the
+# service's crates itself and reuses the dependencies `cargo test` built. A crash or a hang
+# (an input over 10 s) fails the recipe; the input lands in target/fuzz/artifacts/<target>/.
+fuzz SECONDS="60" *TARGETS:
+    scripts/fuzz.sh {{SECONDS}} {{TARGETS}}

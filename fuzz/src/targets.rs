@@ -87,6 +87,9 @@ struct JwsFixture {
     proof_jwk: Value,
     proof_jkt: String,
     optoks: OpTokVerifier,
+    /// The Authority's key set the OpToks are verified against (the Entitlement actor's in
+    /// the service).
+    authority_keys: Arc<KeySet>,
     licences: JwtLicences,
     poe: PoeVerifier,
     dpop: DpopVerifier,
@@ -140,7 +143,8 @@ fn jws_fixture() -> &'static JwsFixture {
         };
         let replay = Arc::new(MemoryReplayCache::new(10_000, Duration::from_secs(600)));
         JwsFixture {
-            optoks: OpTokVerifier::new(authority_keys, policy),
+            optoks: OpTokVerifier::new(policy),
+            authority_keys: authority_keys.keys(),
             licences: JwtLicences::new(licensing_keys.clone(), 60),
             poe: PoeVerifier::new(None, Some(JwtLicences::new(licensing_keys, 60)), None),
             dpop: DpopVerifier::new(HTU, Duration::from_secs(300), replay),
@@ -179,7 +183,7 @@ pub fn jws(data: &[u8]) {
             };
             let _ = jws::read_header(token);
             fx.rt.block_on(async {
-                let _ = fx.optoks.verify(token, JWS_NOW).await;
+                let _ = fx.optoks.verify(token, &fx.authority_keys, JWS_NOW);
                 let _ = fx.licences.licence(token, JWS_NOW).await;
                 let poe = Poe {
                     format: PoeFormat::Jwt,
@@ -224,7 +228,8 @@ pub fn jws(data: &[u8]) {
             fx.rt.block_on(async {
                 match m {
                     1 => {
-                        if let Ok(t) = fx.optoks.verify(&token, JWS_NOW).await {
+                        if let Ok((t, _key)) = fx.optoks.verify(&token, &fx.authority_keys, JWS_NOW)
+                        {
                             let _ =
                                 stella_signer::entitlement::optok::check_tenant(&t, "acme", None);
                         }
