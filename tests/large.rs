@@ -1,4 +1,4 @@
-//! Large artefacts through the JetStream Object Store (CONTRACT.md, "Large artefacts"),
+//! Large artefacts through the JetStream Object Store (`docs/contract.md#large-artefacts`),
 //! against the real NATS and `stella-signer serve`: 5 MB and 40 MB statements go in as
 //! `payloadRef` (uploaded by `stella-signer submit`), their results come out as
 //! `envelopeRef` / `bundleRefs`, and the fetched envelope and bundles verify with the

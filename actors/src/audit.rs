@@ -80,6 +80,8 @@ macro_rules! wire_enum {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name { $($(#[$vm])* #[serde(rename = $text)] $variant),+ }
         impl $name {
+            /// Every value, in declaration order (the closed set the schemas enumerate).
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
             pub fn as_str(self) -> &'static str { match self { $(Self::$variant => $text),+ } }
         }
     };

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A stable error code of the wire contract (`CONTRACT.md`, "Result on sign.failed").
+/// A stable error code of the wire contract (`docs/contract.md#error-codes`).
 ///
 /// The set is closed: a result never carries a free-form code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

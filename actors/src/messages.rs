@@ -33,7 +33,7 @@ pub struct Completed {
     pub audit: AuditRef,
 }
 
-/// Where a result's envelope and bundles are (CONTRACT.md, "Large artefacts").
+/// Where a result's envelope and bundles are (`docs/contract.md#large-artefacts`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Artefacts {

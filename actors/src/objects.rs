@@ -1,4 +1,4 @@
-//! Large artefacts by reference (CONTRACT.md, "Large artefacts"): a request's `payloadRef`
+//! Large artefacts by reference (`docs/contract.md#large-artefacts`): a request's `payloadRef`
 //! and a result's `envelopeRef` / `bundleRefs` name objects of the JetStream Object Store
 //! bucket (`SIGNER_BLOBS`) instead of carrying the bytes, because NATS messages are small
 //! (`max_payload`, 1 MiB by default) and SBOM attestations are not.

@@ -160,7 +160,7 @@ pub trait Delivery: Send + Sync {
     fn delivered(&self) -> u64;
     /// When the broker stored the message (the JetStream message timestamp): the moment
     /// the request was made. A job is judged as of this time, not the time a worker gets
-    /// to it, so a backlog does not turn fresh credentials stale (CONTRACT.md, "Freshness").
+    /// to it, so a backlog does not turn fresh credentials stale (`docs/contract.md#freshness`).
     /// The same on every redelivery.
     fn published(&self) -> SystemTime;
     /// Acknowledges: the job is finished and must not come back.

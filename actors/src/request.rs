@@ -45,7 +45,7 @@ pub struct SignRequest {
     pub payload: Option<Vec<u8>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_type: Option<String>,
-    /// The payload as an object of the blob bucket (CONTRACT.md, "Large artefacts").
+    /// The payload as an object of the blob bucket (`docs/contract.md#large-artefacts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_ref: Option<ObjectRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

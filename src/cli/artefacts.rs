@@ -1,6 +1,6 @@
 //! What `submit --out` and `watch --fetch` share: writing a completed result's envelope and
 //! bundles to a directory, whether the result carried them inline or as `envelopeRef` /
-//! `bundleRefs` to objects of the blob bucket (CONTRACT.md, "Large artefacts").
+//! `bundleRefs` to objects of the blob bucket (`docs/contract.md#large-artefacts`).
 
 use std::path::Path;
 

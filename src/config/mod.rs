@@ -111,8 +111,9 @@ pub struct NatsConfig {
     /// Credentials file (`.creds`) for NATS, when the server requires one.
     pub credentials: Option<PathBuf>,
     /// Object Store bucket of large artefacts: `payloadRef` objects are read from it,
-    /// results too large to publish inline are stored in it (CONTRACT.md, "Large
-    /// artefacts"). Created when missing; an existing bucket is left as it is.
+    /// results too large to publish inline are stored in it
+    /// (`docs/contract.md#large-artefacts`). Created when missing; an existing bucket is
+    /// left as it is.
     pub blobs_bucket: String,
     /// How long objects live in a bucket `serve` creates (its TTL).
     #[serde(with = "duration")]

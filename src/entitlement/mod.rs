@@ -496,7 +496,7 @@ impl EntitlementVerifier for EntitlementGateImpl {
         Some(self.tokens.clone())
     }
 
-    /// Judges the job as of its publish time (CONTRACT.md, "Freshness"): a token, proof or
+    /// Judges the job as of its publish time (`docs/contract.md#freshness`): a token, proof or
     /// licence that was valid when the request was made is honoured however long the job
     /// waited in the queue (the pipeline bounds that wait with `worker.max_queue_age`).
     /// `token` is the job's OpTok as the Entitlement actor had it verified (denials are

@@ -33,7 +33,7 @@
 //!   the job's publish time, like every other date.
 //!
 //! Licence dates (`exp`, `nbf`, with the clock skew) are judged at the job's publish time
-//! (CONTRACT.md, "Freshness"), on every use: cached licences are re-judged per job.
+//! (`docs/contract.md#freshness`), on every use: cached licences are re-judged per job.
 //!
 //! `bypass = true` skips all of this (an emergency switch): every decision is recorded as
 //! `bypassed` with `bypass_plan`, and logged.

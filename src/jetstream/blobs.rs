@@ -1,5 +1,5 @@
 //! The blob bucket (JetStream Object Store, `SIGNER_BLOBS` by default): large request
-//! payloads in, large envelopes and bundles out (CONTRACT.md, "Large artefacts").
+//! payloads in, large envelopes and bundles out (`docs/contract.md#large-artefacts`).
 
 use std::time::Duration;
 

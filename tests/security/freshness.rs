@@ -1,4 +1,4 @@
-//! Freshness through the real worker (CONTRACT.md, "Freshness"): jobs published while no
+//! Freshness through the real worker (`docs/contract.md#freshness`): jobs published while no
 //! worker runs are judged as of the moment the broker stored them, so a backlog longer than
 //! `dpop_max_age` does not turn fresh proofs into refusals; a proof that was stale when it
 //! was published is still refused; a job older than `worker.max_queue_age` is refused with

@@ -1,4 +1,4 @@
-//! Large artefacts through the blob bucket (CONTRACT.md, "Large artefacts"): reading a
+//! Large artefacts through the blob bucket (`docs/contract.md#large-artefacts`): reading a
 //! request's `payloadRef`, and deciding whether a result travels inline or as
 //! `envelopeRef` / `bundleRefs`.
 
