@@ -10,6 +10,7 @@ pub mod dev;
 pub mod entitlement;
 pub mod error_text;
 pub mod http;
+pub mod idempotency;
 pub mod jetstream;
 pub mod keys;
 pub mod provenance;

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signer_actors::pipeline::{Pipeline, PipelineConfig, Ports};
-use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
+use signer_actors::ports::{EntitlementVerifier, QuotaStore, ReleaseVerifier};
 
-use crate::config::{Config, GateMode, IdempotencyBackend, ReplayBackend};
+use crate::config::{Config, GateMode, ReplayBackend};
 use crate::entitlement::replay::{DeferredReplayCache, RedisReplayCache, ReplayCache};
 use crate::jetstream::{
-    self, idempotency::KvIdempotency, provision, publisher::JsPublisher, replay::KvReplayCache,
-    source::PullSourceFactory,
+    self, provision, publisher::JsPublisher, replay::KvReplayCache, source::PullSourceFactory,
 };
 use crate::keys::factory::ConfiguredKeys;
 use crate::readiness::{self, NotReady, Probes, Readiness};
@@ -21,6 +20,10 @@ use crate::readiness::{self, NotReady, Probes, Readiness};
 pub enum ServeError {
     #[error(transparent)]
     Nats(#[from] jetstream::NatsError),
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::OpenError),
+    #[error(transparent)]
+    Redis(#[from] crate::redis::ConnectError),
     #[error("{0}")]
     Setup(String),
 }
@@ -250,12 +253,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     crate::telemetry::initialize_series();
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
-    let redis = cfg
-        .redis
-        .as_ref()
-        .map(crate::redis::connect)
-        .transpose()
-        .map_err(ServeError::Setup)?;
+    let redis = cfg.redis.as_ref().map(crate::redis::connect).transpose()?;
     let replay = Arc::new(DeferredReplayCache::default());
     let GatePorts {
         entitlement,
@@ -302,24 +300,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     if cfg.gates.entitlement.mode == GateMode::Enforce {
         replay.set(replay_store(&cfg, redis.clone(), &js).await?);
     }
-    let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
-        IdempotencyBackend::Redis => {
-            tracing::warn!(
-                "idempotency records in Redis: a Redis restart without persistence forgets which requests were signed, and republished ones are signed again"
-            );
-            let conn = redis
-                .clone()
-                .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;
-            Arc::new(crate::redis::idempotency::RedisIdempotency::new(
-                conn,
-                cfg.idempotency.redis_prefix.clone(),
-                cfg.idempotency.ttl,
-            ))
-        }
-        IdempotencyBackend::Jetstream => {
-            Arc::new(KvIdempotency::open(&js, &cfg.idempotency.bucket, cfg.idempotency.ttl).await?)
-        }
-    };
+    let idempotency = crate::idempotency::open(
+        cfg.idempotency_backend(),
+        &cfg.idempotency,
+        &js,
+        redis.clone(),
+    )
+    .await?;
     let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
     key_state.record_profiles(&cfg.profile_table()).await;
     let watcher = key_state.watch();

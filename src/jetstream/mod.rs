@@ -1,9 +1,8 @@
 //! NATS JetStream adapters: provisioning of the contract's streams and consumer, the job
-//! source (durable pull consumer), the publisher, the key-value idempotency and DPoP
-//! replay stores, and the object store bucket of large artefacts.
+//! source (durable pull consumer), the publisher, the key-value DPoP replay store, and the
+//! object store bucket of large artefacts.
 
 pub mod blobs;
-pub mod idempotency;
 pub mod key_state;
 pub mod provision;
 pub mod publisher;
