@@ -17,6 +17,7 @@ pub mod provenance;
 pub mod quota;
 pub mod readiness;
 pub mod redis;
+pub mod replay;
 pub mod schemas;
 pub mod serve;
 pub mod telemetry;

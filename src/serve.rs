@@ -7,11 +7,8 @@ use std::time::Duration;
 use signer_actors::pipeline::{Pipeline, PipelineConfig, Ports};
 use signer_actors::ports::{EntitlementVerifier, QuotaStore, ReleaseVerifier};
 
-use crate::config::{Config, GateMode, ReplayBackend};
-use crate::entitlement::replay::{DeferredReplayCache, RedisReplayCache, ReplayCache};
-use crate::jetstream::{
-    self, provision, publisher::JsPublisher, replay::KvReplayCache, source::PullSourceFactory,
-};
+use crate::config::{Config, GateMode};
+use crate::jetstream::{self, provision, publisher::JsPublisher, source::PullSourceFactory};
 use crate::keys::factory::ConfiguredKeys;
 use crate::readiness::{self, NotReady, Probes, Readiness};
 
@@ -22,6 +19,8 @@ pub enum ServeError {
     Nats(#[from] jetstream::NatsError),
     #[error(transparent)]
     Idempotency(#[from] crate::idempotency::OpenError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::OpenError),
     #[error(transparent)]
     Redis(#[from] crate::redis::ConnectError),
     #[error("{0}")]
@@ -69,47 +68,13 @@ struct GatePorts {
     provenance: Arc<dyn ReleaseVerifier>,
 }
 
-/// The DPoP replay records: by default in a JetStream bucket beside the jobs, so that losing
-/// Redis cannot let a replay through; Redis when chosen explicitly.
-async fn replay_store(
-    cfg: &Config,
-    redis: Option<crate::redis::Redis>,
-    js: &async_nats::jetstream::Context,
-) -> Result<Arc<dyn ReplayCache>, ServeError> {
-    let gate = &cfg.gates.entitlement;
-    let lifetime = cfg.dpop_replay_lifetime();
-    Ok(match gate.dpop_replay_backend {
-        ReplayBackend::Jetstream => {
-            let store = KvReplayCache::open(js, &gate.dpop_replay_bucket, lifetime).await?;
-            tracing::info!(bucket = %gate.dpop_replay_bucket, lifetime_s = lifetime.as_secs(), "DPoP replay records in JetStream");
-            Arc::new(store)
-        }
-        ReplayBackend::Redis => {
-            let pool = redis.ok_or_else(|| {
-                ServeError::Setup(
-                    "gates.entitlement.dpop_replay_backend = \"redis\" needs [redis]".into(),
-                )
-            })?;
-            tracing::warn!(
-                lifetime_s = lifetime.as_secs(),
-                "DPoP replay records in Redis: a Redis restart without persistence forgets them and lets proofs be replayed"
-            );
-            Arc::new(RedisReplayCache::new(
-                pool,
-                gate.dpop_replay_prefix.clone(),
-                lifetime,
-            ))
-        }
-    })
-}
-
 /// Builds the three gates. A disabled gate is loud at startup; an enforcing gate whose
 /// configuration is incomplete stops the service here, before it waits for NATS or takes a
 /// job. `replay` is filled with the replay store once NATS is provisioned.
 async fn gates(
     cfg: &Config,
     redis: Option<crate::redis::Redis>,
-    replay: Arc<DeferredReplayCache>,
+    replay: Arc<crate::replay::DeferredReplayCache>,
 ) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
@@ -254,7 +219,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     crate::telemetry::initialize_series();
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
     let redis = cfg.redis.as_ref().map(crate::redis::connect).transpose()?;
-    let replay = Arc::new(DeferredReplayCache::default());
+    let replay = Arc::new(crate::replay::DeferredReplayCache::default());
     let GatePorts {
         entitlement,
         quota,
@@ -298,7 +263,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         "large artefacts go through the object store"
     );
     if cfg.gates.entitlement.mode == GateMode::Enforce {
-        replay.set(replay_store(&cfg, redis.clone(), &js).await?);
+        let store = crate::replay::open(
+            &cfg.gates.entitlement,
+            cfg.dpop_replay_lifetime(),
+            &js,
+            redis.clone(),
+        )
+        .await?;
+        replay.set(store);
     }
     let idempotency = crate::idempotency::open(
         cfg.idempotency_backend(),

@@ -26,7 +26,7 @@ use signer_actors::error::SignerError;
 
 use super::jwks::PublicKey;
 use super::jws::{self, JwsError, b64url, numeric_date};
-use super::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
+use crate::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
 
 /// The `htm` of a proof for publishing a job.
 pub const DPOP_HTM: &str = "PUBLISH";
@@ -189,9 +189,9 @@ mod tests {
 
     use super::super::EntitlementGateImpl;
     use super::super::mint::{self, MintAlg};
-    use super::super::replay::RedisReplayCache;
     use super::super::testkit::{self, Fixture, KeyPair, TestGate, code, deny, now};
     use super::*;
+    use crate::replay::RedisReplayCache;
 
     fn job(fx: &Fixture, optok: &str, proof: Option<&str>) -> GateInput {
         let licence = fx.licence(&fx.licence_claims());

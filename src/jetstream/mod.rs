@@ -1,12 +1,11 @@
 //! NATS JetStream adapters: provisioning of the contract's streams and consumer, the job
-//! source (durable pull consumer), the publisher, the key-value DPoP replay store, and the
-//! object store bucket of large artefacts.
+//! source (durable pull consumer), the publisher, and the object store bucket of large
+//! artefacts.
 
 pub mod blobs;
 pub mod key_state;
 pub mod provision;
 pub mod publisher;
-pub mod replay;
 pub mod source;
 
 use crate::config::NatsConfig;
