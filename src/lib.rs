@@ -2,6 +2,7 @@
 //! the outside world; the domain lives in the `signer-actors` crate.
 
 pub mod bench;
+pub mod blobs;
 pub mod capped;
 pub mod cli;
 pub mod config;

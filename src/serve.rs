@@ -252,7 +252,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
-    let blobs = jetstream::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
+    let blobs = crate::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
     let inline_limit = inline_result_limit(
         cfg.worker.max_inline_result_bytes,
         client.server_info().max_payload,
@@ -320,7 +320,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         entitlement,
         quota,
         provenance,
-        blobs: Some(Arc::new(jetstream::blobs::JsBlobStore::new(
+        blobs: Some(Arc::new(crate::blobs::JsBlobStore::new(
             blobs,
             cfg.nats.blobs_bucket.clone(),
         ))),
