@@ -14,6 +14,7 @@ pub mod http;
 pub mod idempotency;
 pub mod jetstream;
 pub mod keys;
+pub mod keystate;
 pub mod provenance;
 pub mod quota;
 pub mod readiness;

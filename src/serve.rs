@@ -279,9 +279,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         redis.clone(),
     )
     .await?;
-    let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
-    key_state.record_profiles(&cfg.profile_table()).await;
-    let watcher = key_state.watch();
+    let key_ledger = crate::keystate::KeyLedger::open(&js, &cfg.nats.keys_bucket).await?;
+    key_ledger.record_profiles(&cfg.profile_table()).await;
+    let watcher = key_ledger.watch();
     let operators = match &cfg.gates.control {
         Some(c) => Some(
             crate::control::auth::OperatorAuthority::open(c, &js)
@@ -299,7 +299,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         js.clone(),
         cfg.nats.requests_stream.clone(),
         cfg.nats.consumer.clone(),
-        key_state.clone(),
+        key_ledger.clone(),
     );
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
@@ -314,9 +314,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             results: provisioned.results,
         }),
         idempotency,
-        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_state.clone())),
-        revocations: key_state.clone(),
-        assignments: key_state.clone(),
+        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_ledger.clone())),
+        revocations: key_ledger.clone(),
+        assignments: key_ledger.clone(),
         entitlement,
         quota,
         provenance,
@@ -337,7 +337,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Setup(e.to_string()))?;
     // after the pipeline: control decisions go into its audit chain
     let control = crate::control::server::ControlServer {
-        state: key_state.clone(),
+        state: key_ledger.clone(),
         authority: operators,
         audit: pipeline.audit_sink(),
     }

@@ -17,7 +17,7 @@ use signer_actors::pipeline::AuditSink;
 
 use super::auth::{OperatorAuthority, Refusal};
 use super::command::{ControlCommand, ControlEnvelope, ControlReply};
-use crate::jetstream::key_state::KeyState;
+use crate::keystate::KeyLedger;
 
 /// Largest control message read (a command with a few signatures is a few kilobytes).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
@@ -34,9 +34,9 @@ enum ApplyError {
     #[error(transparent)]
     Scope(#[from] super::command::BothTenantAndPlan),
     #[error(transparent)]
-    Restore(#[from] crate::jetstream::key_state::RestoreError),
+    Restore(#[from] crate::keystate::RestoreError),
     #[error(transparent)]
-    RevokeIdentity(#[from] crate::jetstream::key_state::RevokeError),
+    RevokeIdentity(#[from] crate::keystate::RevokeError),
     /// The key state refused it (unknown or revoked key, bad keyid, bucket error).
     #[error("{0}")]
     Refused(String),
@@ -44,7 +44,7 @@ enum ApplyError {
 
 /// What the server needs.
 pub struct ControlServer {
-    pub state: Arc<KeyState>,
+    pub state: Arc<KeyLedger>,
     /// `None` without `[gates.control]`: every command is refused (`control_disabled`).
     pub authority: Option<Arc<OperatorAuthority>>,
     pub audit: AuditSink,

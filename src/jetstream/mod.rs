@@ -4,7 +4,6 @@
 //! Those stores live in their feature's folder (`idempotency/kv.rs`, `replay/kv.rs`,
 //! `keystate/`, `blobs/object_store.rs`).
 
-pub mod key_state;
 pub mod provision;
 pub mod publisher;
 pub mod source;

@@ -31,7 +31,7 @@ use signer_actors::keys::SignerIdentity;
 use signer_actors::ports::RevocationList;
 use signer_actors::profiles::{KeyAssignments, ProfileTable, Scope};
 
-use super::NatsError;
+use crate::jetstream::NatsError;
 
 /// A public key a replica has loaded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,7 +181,7 @@ pub enum RestoreError {
 }
 
 /// The bucket, and this replica's view of the revocations in it.
-pub struct KeyState {
+pub struct KeyLedger {
     store: kv::Store,
     revoked: RwLock<HashMap<String, String>>,
     /// Revoked keyless identities, by bucket key.
@@ -189,11 +189,11 @@ pub struct KeyState {
     assigned: RwLock<HashMap<(String, Scope), Vec<String>>>,
 }
 
-impl KeyState {
+impl KeyLedger {
     /// Opens the bucket and loads the current revocations (without watching).
     pub async fn open(js: &jetstream::Context, bucket: &str) -> Result<Arc<Self>, NatsError> {
-        let store = super::open_bucket(js, bucket, Duration::ZERO).await?;
-        let state = Arc::new(KeyState {
+        let store = crate::jetstream::open_bucket(js, bucket, Duration::ZERO).await?;
+        let state = Arc::new(KeyLedger {
             store,
             revoked: RwLock::new(HashMap::new()),
             revoked_identities: RwLock::new(HashMap::new()),
@@ -779,14 +779,14 @@ fn keyless_entry(
 }
 
 #[async_trait::async_trait]
-impl crate::keys::keyless::KeylessLedger for KeyState {
+impl crate::keys::keyless::KeylessLedger for KeyLedger {
     async fn record_certificate(
         &self,
         name: &str,
         identity: &SignerIdentity,
         leaf: &crate::keys::fulcio_trust::VerifiedLeaf,
     ) {
-        KeyState::record_certificate(self, name, identity, leaf).await;
+        KeyLedger::record_certificate(self, name, identity, leaf).await;
     }
 
     fn certificate_revoked(&self, keyid: &str) -> Option<String> {
@@ -802,7 +802,7 @@ impl crate::keys::keyless::KeylessLedger for KeyState {
     }
 }
 
-impl KeyAssignments for KeyState {
+impl KeyAssignments for KeyLedger {
     fn assigned(&self, profile: &str, scope: &Scope) -> Option<Vec<String>> {
         let assigned = self.assigned.read().unwrap_or_else(|p| p.into_inner());
         // asked for every job: without rotations, no lookup key is built
@@ -813,7 +813,7 @@ impl KeyAssignments for KeyState {
     }
 }
 
-impl RevocationList for KeyState {
+impl RevocationList for KeyLedger {
     fn revoked(&self, keyid: &str) -> Option<String> {
         self.revoked
             .read()
