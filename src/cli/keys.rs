@@ -515,7 +515,7 @@ impl KeysCommand {
                     .await?
                     .list()
                     .await
-                    .map_err(CliError::Unusable)?;
+                    .map_err(|e| CliError::Unusable(e.to_string()))?;
                 if json {
                     println!(
                         "{}",

@@ -13,7 +13,7 @@
 //!   ±`dpop_max_age` of the moment the job was published (the broker's timestamp, not the
 //!   time a worker gets to it: a proof is made for publishing, and a backlog must not make
 //!   fresh proofs stale), and a `jti` this key has not used before for another request
-//!   (see [`super::replay`]: records are per proof key, so one client cannot burn another's,
+//!   (see [`crate::replay`]: records are per proof key, so one client cannot burn another's,
 //!   and outlive every copy's wait in the stream).
 
 use std::sync::Arc;
@@ -97,7 +97,7 @@ pub struct ProofContext<'a> {
     pub op_tok: &'a str,
     /// The OpTok's `cnf.jkt`.
     pub jkt: &'a str,
-    /// Identifies the request (see [`super::replay`]): a redelivery presents the same.
+    /// Identifies the request (see [`crate::replay`]): a redelivery presents the same.
     pub binding: &'a str,
     /// When the job was published (unix seconds): `iat` is judged against this.
     pub now: u64,
