@@ -2,6 +2,7 @@
 //! the outside world; the domain lives in the `signer-actors` crate.
 
 pub mod bench;
+pub mod blobs;
 pub mod capped;
 pub mod cli;
 pub mod config;
@@ -10,12 +11,15 @@ pub mod dev;
 pub mod entitlement;
 pub mod error_text;
 pub mod http;
+pub mod idempotency;
 pub mod jetstream;
 pub mod keys;
+pub mod keystate;
 pub mod provenance;
 pub mod quota;
 pub mod readiness;
 pub mod redis;
+pub mod replay;
 pub mod schemas;
 pub mod serve;
 pub mod telemetry;

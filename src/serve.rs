@@ -5,14 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use signer_actors::pipeline::{Pipeline, PipelineConfig, Ports};
-use signer_actors::ports::{EntitlementVerifier, IdempotencyStore, QuotaStore, ReleaseVerifier};
+use signer_actors::ports::{EntitlementVerifier, QuotaStore, ReleaseVerifier};
 
-use crate::config::{Config, GateMode, IdempotencyBackend, ReplayBackend};
-use crate::entitlement::replay::{DeferredReplayCache, RedisReplayCache, ReplayCache};
-use crate::jetstream::{
-    self, idempotency::KvIdempotency, provision, publisher::JsPublisher, replay::KvReplayCache,
-    source::PullSourceFactory,
-};
+use crate::config::{Config, GateMode};
+use crate::jetstream::{self, provision, publisher::JsPublisher, source::PullSourceFactory};
 use crate::keys::factory::ConfiguredKeys;
 use crate::readiness::{self, NotReady, Probes, Readiness};
 
@@ -21,6 +17,12 @@ use crate::readiness::{self, NotReady, Probes, Readiness};
 pub enum ServeError {
     #[error(transparent)]
     Nats(#[from] jetstream::NatsError),
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::OpenError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::OpenError),
+    #[error(transparent)]
+    Redis(#[from] crate::redis::ConnectError),
     #[error("{0}")]
     Setup(String),
 }
@@ -66,47 +68,13 @@ struct GatePorts {
     provenance: Arc<dyn ReleaseVerifier>,
 }
 
-/// The DPoP replay records: by default in a JetStream bucket beside the jobs, so that losing
-/// Redis cannot let a replay through; Redis when chosen explicitly.
-async fn replay_store(
-    cfg: &Config,
-    redis: Option<crate::redis::Redis>,
-    js: &async_nats::jetstream::Context,
-) -> Result<Arc<dyn ReplayCache>, ServeError> {
-    let gate = &cfg.gates.entitlement;
-    let lifetime = cfg.dpop_replay_lifetime();
-    Ok(match gate.dpop_replay_backend {
-        ReplayBackend::Jetstream => {
-            let store = KvReplayCache::open(js, &gate.dpop_replay_bucket, lifetime).await?;
-            tracing::info!(bucket = %gate.dpop_replay_bucket, lifetime_s = lifetime.as_secs(), "DPoP replay records in JetStream");
-            Arc::new(store)
-        }
-        ReplayBackend::Redis => {
-            let pool = redis.ok_or_else(|| {
-                ServeError::Setup(
-                    "gates.entitlement.dpop_replay_backend = \"redis\" needs [redis]".into(),
-                )
-            })?;
-            tracing::warn!(
-                lifetime_s = lifetime.as_secs(),
-                "DPoP replay records in Redis: a Redis restart without persistence forgets them and lets proofs be replayed"
-            );
-            Arc::new(RedisReplayCache::new(
-                pool,
-                gate.dpop_replay_prefix.clone(),
-                lifetime,
-            ))
-        }
-    })
-}
-
 /// Builds the three gates. A disabled gate is loud at startup; an enforcing gate whose
 /// configuration is incomplete stops the service here, before it waits for NATS or takes a
 /// job. `replay` is filled with the replay store once NATS is provisioned.
 async fn gates(
     cfg: &Config,
     redis: Option<crate::redis::Redis>,
-    replay: Arc<DeferredReplayCache>,
+    replay: Arc<crate::replay::DeferredReplayCache>,
 ) -> Result<GatePorts, ServeError> {
     use signer_actors::pipeline::disabled::{
         DisabledEntitlement, DisabledProvenance, DisabledQuota,
@@ -250,13 +218,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     crate::telemetry::initialize_series();
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
-    let redis = cfg
-        .redis
-        .as_ref()
-        .map(crate::redis::connect)
-        .transpose()
-        .map_err(ServeError::Setup)?;
-    let replay = Arc::new(DeferredReplayCache::default());
+    let redis = cfg.redis.as_ref().map(crate::redis::connect).transpose()?;
+    let replay = Arc::new(crate::replay::DeferredReplayCache::default());
     let GatePorts {
         entitlement,
         quota,
@@ -289,7 +252,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             }
         }
     };
-    let blobs = jetstream::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
+    let blobs = crate::blobs::open(&js, &cfg.nats.blobs_bucket, cfg.nats.blobs_max_age).await?;
     let inline_limit = inline_result_limit(
         cfg.worker.max_inline_result_bytes,
         client.server_info().max_payload,
@@ -300,29 +263,25 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         "large artefacts go through the object store"
     );
     if cfg.gates.entitlement.mode == GateMode::Enforce {
-        replay.set(replay_store(&cfg, redis.clone(), &js).await?);
+        let store = crate::replay::open(
+            &cfg.gates.entitlement,
+            cfg.dpop_replay_lifetime(),
+            &js,
+            redis.clone(),
+        )
+        .await?;
+        replay.set(store);
     }
-    let idempotency: Arc<dyn IdempotencyStore> = match cfg.idempotency_backend() {
-        IdempotencyBackend::Redis => {
-            tracing::warn!(
-                "idempotency records in Redis: a Redis restart without persistence forgets which requests were signed, and republished ones are signed again"
-            );
-            let conn = redis
-                .clone()
-                .ok_or_else(|| ServeError::Setup("[redis] missing".into()))?;
-            Arc::new(crate::redis::idempotency::RedisIdempotency::new(
-                conn,
-                cfg.idempotency.redis_prefix.clone(),
-                cfg.idempotency.ttl,
-            ))
-        }
-        IdempotencyBackend::Jetstream => {
-            Arc::new(KvIdempotency::open(&js, &cfg.idempotency.bucket, cfg.idempotency.ttl).await?)
-        }
-    };
-    let key_state = crate::jetstream::key_state::KeyState::open(&js, &cfg.nats.keys_bucket).await?;
-    key_state.record_profiles(&cfg.profile_table()).await;
-    let watcher = key_state.watch();
+    let idempotency = crate::idempotency::open(
+        cfg.idempotency_backend(),
+        &cfg.idempotency,
+        &js,
+        redis.clone(),
+    )
+    .await?;
+    let key_ledger = crate::keystate::KeyLedger::open(&js, &cfg.nats.keys_bucket).await?;
+    key_ledger.record_profiles(&cfg.profile_table()).await;
+    let watcher = key_ledger.watch();
     let operators = match &cfg.gates.control {
         Some(c) => Some(
             crate::control::auth::OperatorAuthority::open(c, &js)
@@ -340,7 +299,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         js.clone(),
         cfg.nats.requests_stream.clone(),
         cfg.nats.consumer.clone(),
-        key_state.clone(),
+        key_ledger.clone(),
     );
     let ports = Ports {
         source: Arc::new(PullSourceFactory {
@@ -355,13 +314,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             results: provisioned.results,
         }),
         idempotency,
-        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_state.clone())),
-        revocations: key_state.clone(),
-        assignments: key_state.clone(),
+        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_ledger.clone())),
+        revocations: key_ledger.clone(),
+        assignments: key_ledger.clone(),
         entitlement,
         quota,
         provenance,
-        blobs: Some(Arc::new(jetstream::blobs::JsBlobStore::new(
+        blobs: Some(Arc::new(crate::blobs::JsBlobStore::new(
             blobs,
             cfg.nats.blobs_bucket.clone(),
         ))),
@@ -378,7 +337,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Setup(e.to_string()))?;
     // after the pipeline: control decisions go into its audit chain
     let control = crate::control::server::ControlServer {
-        state: key_state.clone(),
+        state: key_ledger.clone(),
         authority: operators,
         audit: pipeline.audit_sink(),
     }

@@ -265,7 +265,7 @@ async fn five_and_forty_megabyte_statements_are_signed_by_reference_and_verify_w
 /// Uploads `bytes` as `name` to the stack's bucket.
 async fn upload(stack: &Stack, js: &async_nats::jetstream::Context, name: &str, bytes: &[u8]) {
     let store = js.get_object_store(stack.stream("BLOBS")).await.unwrap();
-    stella_signer::jetstream::blobs::put(&store, name, bytes)
+    stella_signer::blobs::put(&store, name, bytes)
         .await
         .unwrap();
 }

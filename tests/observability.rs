@@ -169,7 +169,7 @@ async fn a_revoked_key_shows_in_its_gauge() {
     stack.spawn_worker();
     assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
     let (_c, js) = stack.connect().await;
-    let state = stella_signer::jetstream::key_state::KeyState::open(&js, &stack.stream("KEYS"))
+    let state = stella_signer::keystate::KeyLedger::open(&js, &stack.stream("KEYS"))
         .await
         .unwrap();
     state

@@ -20,7 +20,7 @@ use stella_signer::entitlement::jws;
 use stella_signer::entitlement::mint::{self, MintAlg};
 use stella_signer::entitlement::optok::{OpTokPolicy, OpTokVerifier};
 use stella_signer::entitlement::poe::{JwtLicences, PoeVerifier};
-use stella_signer::entitlement::replay::MemoryReplayCache;
+use stella_signer::replay::MemoryReplayCache;
 use stella_signer::provenance::formats::{
     self, BundleCheck, DEFAULT_MAX_ENVELOPE_SIGNATURES, Limits,
 };

@@ -81,7 +81,7 @@ pub async fn fetch(
         .get_object_store(&r.bucket)
         .await
         .map_err(|e| CliError::Unusable(format!("object store {}: {e}", r.bucket)))?;
-    let bytes = crate::jetstream::blobs::get_bounded(&store, &r.name, r.size)
+    let bytes = crate::blobs::get_bounded(&store, &r.name, r.size)
         .await
         .map_err(|e| CliError::Invalid(format!("{}/{}: {e}", r.bucket, r.name)))?;
     r.check(&bytes)

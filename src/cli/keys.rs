@@ -297,11 +297,11 @@ pub enum KeysCommand {
     },
 }
 
-async fn key_state(
+async fn key_ledger(
     nats: &super::nats_client::NatsArgs,
-) -> Result<std::sync::Arc<crate::jetstream::key_state::KeyState>, CliError> {
+) -> Result<std::sync::Arc<crate::keystate::KeyLedger>, CliError> {
     let (cfg, _client, js) = nats.connect().await?;
-    crate::jetstream::key_state::KeyState::open(&js, &cfg.keys_bucket)
+    crate::keystate::KeyLedger::open(&js, &cfg.keys_bucket)
         .await
         .map_err(|e| CliError::Unusable(e.to_string()))
 }
@@ -511,11 +511,11 @@ impl KeysCommand {
                 }
             }
             KeysCommand::List { json, nats } => super::nats_client::runtime()?.block_on(async {
-                let keys = key_state(&nats)
+                let keys = key_ledger(&nats)
                     .await?
                     .list()
                     .await
-                    .map_err(CliError::Unusable)?;
+                    .map_err(|e| CliError::Unusable(e.to_string()))?;
                 if json {
                     println!(
                         "{}",

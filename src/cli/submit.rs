@@ -136,10 +136,10 @@ impl SubmitArgs {
             .unwrap_or_default()
             .to_string();
         let name = signer_actors::objects::request_object_name(&self.tenant, &request_id);
-        let store = crate::jetstream::blobs::open(js, &cfg.blobs_bucket, cfg.blobs_max_age)
+        let store = crate::blobs::open(js, &cfg.blobs_bucket, cfg.blobs_max_age)
             .await
             .map_err(|e| unusable(e.to_string()))?;
-        crate::jetstream::blobs::put(&store, &name, &bytes)
+        crate::blobs::put(&store, &name, &bytes)
             .await
             .map_err(|e| unusable(format!("uploading the statement: {e}")))?;
         let object = signer_actors::objects::ObjectRef::of(&cfg.blobs_bucket, &name, &bytes);

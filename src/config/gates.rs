@@ -181,13 +181,9 @@ impl EntitlementGate {
     /// How long a replay record must live so that no copy of a proof can outwait it: a copy
     /// may be published up to `iat + dpop_max_age` and wait `max_queue_age` in the stream,
     /// while the first use may come as early as `iat - dpop_max_age`. See
-    /// [`crate::entitlement::replay::record_lifetime`].
+    /// [`crate::replay::record_lifetime`].
     pub fn replay_lifetime(&self, max_queue_age: Duration) -> Duration {
-        crate::entitlement::replay::record_lifetime(
-            self.dpop_max_age,
-            max_queue_age,
-            self.clock_skew,
-        )
+        crate::replay::record_lifetime(self.dpop_max_age, max_queue_age, self.clock_skew)
     }
 }
 

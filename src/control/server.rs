@@ -17,7 +17,7 @@ use signer_actors::pipeline::AuditSink;
 
 use super::auth::{OperatorAuthority, Refusal};
 use super::command::{ControlCommand, ControlEnvelope, ControlReply};
-use crate::jetstream::key_state::KeyState;
+use crate::keystate::{KeyLedger, KeyStateError};
 
 /// Largest control message read (a command with a few signatures is a few kilobytes).
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
@@ -28,23 +28,30 @@ pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 /// then says the command was not applied.
 pub const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
 
-/// Why an authorised command was not applied (`invalid_command`).
+/// Why an authorised command was not applied: `unavailable` when the key bucket did not
+/// answer (sending the command again may work), `invalid_command` otherwise.
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {
     #[error(transparent)]
     Scope(#[from] super::command::BothTenantAndPlan),
+    /// The key ledger refused it (unknown or revoked key, bad keyid, nothing to restore) or
+    /// its bucket failed.
     #[error(transparent)]
-    Restore(#[from] crate::jetstream::key_state::RestoreError),
-    #[error(transparent)]
-    RevokeIdentity(#[from] crate::jetstream::key_state::RevokeError),
-    /// The key state refused it (unknown or revoked key, bad keyid, bucket error).
-    #[error("{0}")]
-    Refused(String),
+    KeyState(#[from] KeyStateError),
+}
+
+impl ApplyError {
+    fn code(&self) -> ControlRefusal {
+        match self {
+            ApplyError::KeyState(e) if e.is_transient() => ControlRefusal::Unavailable,
+            _ => ControlRefusal::InvalidCommand,
+        }
+    }
 }
 
 /// What the server needs.
 pub struct ControlServer {
-    pub state: Arc<KeyState>,
+    pub state: Arc<KeyLedger>,
     /// `None` without `[gates.control]`: every command is refused (`control_disabled`).
     pub authority: Option<Arc<OperatorAuthority>>,
     pub audit: AuditSink,
@@ -202,8 +209,9 @@ impl ControlServer {
             }
             Err(e) => {
                 let detail = e.to_string();
-                tracing::warn!(action, %detail, "authorised key control command not applied");
-                record.refusal = Some(ControlRefusal::InvalidCommand);
+                let code = e.code();
+                tracing::warn!(action, code = code.as_str(), %detail, "authorised key control command not applied");
+                record.refusal = Some(code);
                 record.detail = Some(detail.clone());
                 if let Err(e) = self
                     .audit
@@ -212,10 +220,7 @@ impl ControlServer {
                 {
                     tracing::error!(error = %e, "audit event of a failed control command not stored");
                 }
-                ControlReply::Failed {
-                    code: ControlRefusal::InvalidCommand,
-                    detail,
-                }
+                ControlReply::Failed { code, detail }
             }
         }
     }
@@ -301,10 +306,7 @@ impl ControlServer {
         let scope = command.scope()?;
         match command {
             ControlCommand::Revoke { keyid, reason } => {
-                self.state
-                    .revoke(keyid, reason)
-                    .await
-                    .map_err(ApplyError::Refused)?;
+                self.state.revoke(keyid, reason).await?;
                 Ok(format!("revoked {keyid}"))
             }
             ControlCommand::RevokeIdentity {
@@ -324,8 +326,7 @@ impl ControlServer {
                 let a = self
                     .state
                     .rotate(profile, scope, keys.clone(), reason)
-                    .await
-                    .map_err(ApplyError::Refused)?;
+                    .await?;
                 Ok(format!(
                     "profile {} ({}): [{}] -> [{}] at {}",
                     a.profile,
@@ -345,5 +346,30 @@ impl ControlServer {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keystate::InvalidCommand;
+
+    #[test]
+    fn a_bucket_outage_is_unavailable_and_anything_else_an_invalid_command() {
+        let down = KeyStateError::bucket("writing", std::io::Error::other("no responders"));
+        assert_eq!(
+            ApplyError::from(down).code(),
+            ControlRefusal::Unavailable,
+            "sending the command again may work"
+        );
+        let unknown = KeyStateError::from(InvalidCommand::KeyNotLoaded { name: "k".into() });
+        assert_eq!(
+            ApplyError::from(unknown).code(),
+            ControlRefusal::InvalidCommand
+        );
+        assert_eq!(
+            ApplyError::from(super::super::command::BothTenantAndPlan).code(),
+            ControlRefusal::InvalidCommand
+        );
     }
 }

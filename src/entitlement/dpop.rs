@@ -13,7 +13,7 @@
 //!   ±`dpop_max_age` of the moment the job was published (the broker's timestamp, not the
 //!   time a worker gets to it: a proof is made for publishing, and a backlog must not make
 //!   fresh proofs stale), and a `jti` this key has not used before for another request
-//!   (see [`super::replay`]: records are per proof key, so one client cannot burn another's,
+//!   (see [`crate::replay`]: records are per proof key, so one client cannot burn another's,
 //!   and outlive every copy's wait in the stream).
 
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use signer_actors::error::SignerError;
 
 use super::jwks::PublicKey;
 use super::jws::{self, JwsError, b64url, numeric_date};
-use super::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
+use crate::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
 
 /// The `htm` of a proof for publishing a job.
 pub const DPOP_HTM: &str = "PUBLISH";
@@ -97,7 +97,7 @@ pub struct ProofContext<'a> {
     pub op_tok: &'a str,
     /// The OpTok's `cnf.jkt`.
     pub jkt: &'a str,
-    /// Identifies the request (see [`super::replay`]): a redelivery presents the same.
+    /// Identifies the request (see [`crate::replay`]): a redelivery presents the same.
     pub binding: &'a str,
     /// When the job was published (unix seconds): `iat` is judged against this.
     pub now: u64,
@@ -189,9 +189,9 @@ mod tests {
 
     use super::super::EntitlementGateImpl;
     use super::super::mint::{self, MintAlg};
-    use super::super::replay::RedisReplayCache;
     use super::super::testkit::{self, Fixture, KeyPair, TestGate, code, deny, now};
     use super::*;
+    use crate::replay::RedisReplayCache;
 
     fn job(fx: &Fixture, optok: &str, proof: Option<&str>) -> GateInput {
         let licence = fx.licence(&fx.licence_claims());

@@ -21,7 +21,6 @@ pub mod jws;
 pub mod mint;
 pub mod optok;
 pub mod poe;
-pub mod replay;
 #[cfg(test)]
 mod testkit;
 
@@ -41,11 +40,11 @@ use signer_actors::ports::{
 use signer_actors::request::SignRequest;
 
 use crate::config::gates::EntitlementGate;
+use crate::replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 use dpop::{DpopError, DpopVerifier, ProofContext};
 use jwks::{JwksError, JwksSource, JwksStore, KeySet, UNKNOWN_KID_REFRESH_INTERVAL};
 use optok::{OpTok, OpTokError, OpTokPolicy, OpTokVerifier, TokenDates};
 use poe::{Introspector, JwtLicences, PoeVerifier};
-use replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 
 /// A value that passed verification. Only the verifiers of this module can make one (the
 /// field is private), so code that takes a `Verified<OpTok>` cannot be handed claims that
@@ -351,7 +350,7 @@ impl EntitlementGateImpl {
         let replay = replay.unwrap_or_else(|| {
             tracing::info!("DPoP replay records in memory: proofs are checked per process");
             let lifetime =
-                replay::record_lifetime(cfg.dpop_max_age, Duration::ZERO, cfg.clock_skew);
+                crate::replay::record_lifetime(cfg.dpop_max_age, Duration::ZERO, cfg.clock_skew);
             Arc::new(MemoryReplayCache::new(MEMORY_REPLAY_CAPACITY, lifetime))
         });
 

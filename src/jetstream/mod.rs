@@ -1,13 +1,11 @@
-//! NATS JetStream adapters: provisioning of the contract's streams and consumer, the job
-//! source (durable pull consumer), the publisher, the key-value idempotency and DPoP
-//! replay stores, and the object store bucket of large artefacts.
+//! The broker itself: the connection ([`connect`]), provisioning of the contract's streams
+//! and consumer, the job source (durable pull consumer) and the publisher, plus the helpers
+//! the features that keep their state in JetStream share ([`open_bucket`], [`NatsError`]).
+//! Those stores live in their feature's folder (`idempotency/kv.rs`, `replay/kv.rs`,
+//! `keystate/`, `blobs/object_store.rs`).
 
-pub mod blobs;
-pub mod idempotency;
-pub mod key_state;
 pub mod provision;
 pub mod publisher;
-pub mod replay;
 pub mod source;
 
 use crate::config::NatsConfig;

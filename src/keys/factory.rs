@@ -20,7 +20,7 @@ pub const NO_YUBIKEY_SUPPORT: &str =
 pub struct ConfiguredKeys {
     keys: Vec<KeyConfig>,
     /// Where loaded keys are recorded for `keys list` (every replica shares it).
-    registry: Option<Arc<crate::jetstream::key_state::KeyState>>,
+    registry: Option<Arc<crate::keystate::KeyLedger>>,
 }
 
 impl ConfiguredKeys {
@@ -32,7 +32,7 @@ impl ConfiguredKeys {
     }
 
     /// Records every key it loads in `registry`.
-    pub fn with_registry(mut self, registry: Arc<crate::jetstream::key_state::KeyState>) -> Self {
+    pub fn with_registry(mut self, registry: Arc<crate::keystate::KeyLedger>) -> Self {
         self.registry = Some(registry);
         self
     }

@@ -1,5 +1,4 @@
-//! The blob bucket (JetStream Object Store, `SIGNER_BLOBS` by default): large request
-//! payloads in, large envelopes and bundles out (`docs/contract.md#large-artefacts`).
+//! The blob bucket on a JetStream Object Store (`SIGNER_BLOBS` by default).
 
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use signer_actors::objects::ObjectRef;
 use signer_actors::ports::{BlobError, BlobStore, PortError};
 use tokio::io::AsyncReadExt as _;
 
-use super::NatsError;
+use crate::jetstream::NatsError;
 
 /// Chunk size of objects the signer stores: well under the default `max_payload` (1 MiB),
 /// large enough that a 50 MB envelope is a few hundred messages.

@@ -17,18 +17,36 @@
 //! have been processed as early as `iat - dpop_max_age`: a record must outlive its first use
 //! by `2 × dpop_max_age + max_queue_age` (plus the clock skew), see [`record_lifetime`].
 //!
-//! **Where.** By default in a JetStream key-value bucket (`crate::jetstream::replay`), beside
-//! the jobs and replicated like them, so a Redis restart forgets nothing. Redis (`SET NX PX`
-//! in a Lua script) is selectable for operators who run it with persistence; memory is for
-//! tests and a single process.
+//! **Where.** A file per store, behind the [`ReplayCache`] trait:
+//! - [`KvReplayCache`] (`kv.rs`): a JetStream key-value bucket, the default: beside the jobs
+//!   and replicated like them, so a Redis restart forgets nothing;
+//! - [`RedisReplayCache`] (`redis.rs`): `SET NX PX` in a Lua script, selectable for operators
+//!   who run Redis with persistence;
+//! - [`MemoryReplayCache`] (`memory.rs`): for tests and a single process (the entitlement
+//!   gate's own default when it is given no store).
+//!
+//! [`open`] opens the configured shared store; [`DeferredReplayCache`] stands in for it until
+//! NATS is there.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+mod kv;
+mod memory;
+mod redis;
 
-use ::redis::Script;
+use std::sync::Arc;
+use std::time::Duration;
+#[cfg(test)]
+use std::time::Instant;
+
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+
+use crate::config::ReplayBackend;
+use crate::config::gates::EntitlementGate;
+use crate::jetstream::NatsError;
+
+pub use self::kv::KvReplayCache;
+pub use self::memory::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache};
+pub use self::redis::RedisReplayCache;
 
 /// What the records said about a proof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,76 +148,45 @@ pub trait ReplayCache: Send + Sync {
     async fn record(&self, key: &ReplayKey, binding: &str) -> Result<ReplayOutcome, ReplayError>;
 }
 
-/// Most records kept in memory. Past it new proofs are refused with a retryable error rather
-/// than forgetting live records (which would let their proofs be replayed).
-pub const MEMORY_REPLAY_CAPACITY: usize = 500_000;
+/// Why the configured store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The JetStream bucket could not be opened, created or have its age raised.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// `dpop_replay_backend = "redis"` without a Redis connection (`[redis]`).
+    #[error("gates.entitlement.dpop_replay_backend = \"redis\" needs [redis]")]
+    NoRedis,
+}
 
-type Digest32 = [u8; 32];
-
-/// In-memory records, for a single process (or tests).
-pub struct MemoryReplayCache {
-    inner: Mutex<MemoryInner>,
-    capacity: usize,
+/// Opens the store `gate.dpop_replay_backend` names, keeping records `lifetime`: by default
+/// the JetStream bucket `gate.dpop_replay_bucket`, beside the jobs, so that losing Redis
+/// cannot let a replay through; Redis (`gate.dpop_replay_prefix`) when chosen explicitly.
+pub async fn open(
+    gate: &EntitlementGate,
     lifetime: Duration,
-}
-
-#[derive(Default)]
-struct MemoryInner {
-    records: HashMap<Digest32, (Digest32, Instant)>,
-    /// Insertion order, which is expiry order since every record has the same lifetime.
-    queue: VecDeque<(Instant, Digest32)>,
-}
-
-impl MemoryReplayCache {
-    pub fn new(capacity: usize, lifetime: Duration) -> Self {
-        MemoryReplayCache {
-            inner: Mutex::new(MemoryInner::default()),
-            capacity: capacity.max(1),
-            lifetime,
+    js: &async_nats::jetstream::Context,
+    redis: Option<crate::redis::Redis>,
+) -> Result<Arc<dyn ReplayCache>, OpenError> {
+    Ok(match gate.dpop_replay_backend {
+        ReplayBackend::Jetstream => {
+            let store = KvReplayCache::open(js, &gate.dpop_replay_bucket, lifetime).await?;
+            tracing::info!(bucket = %gate.dpop_replay_bucket, lifetime_s = lifetime.as_secs(), "DPoP replay records in JetStream");
+            Arc::new(store)
         }
-    }
-}
-
-#[async_trait]
-impl ReplayCache for MemoryReplayCache {
-    async fn record(&self, key: &ReplayKey, binding: &str) -> Result<ReplayOutcome, ReplayError> {
-        let key: Digest32 = Sha256::digest(key.kv_key().as_bytes()).into();
-        let binding: Digest32 = Sha256::digest(binding.as_bytes()).into();
-        let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(&(expires, k)) = inner.queue.front() {
-            if expires > now {
-                break;
-            }
-            inner.queue.pop_front();
-            if inner.records.get(&k).is_some_and(|(_, e)| *e == expires) {
-                inner.records.remove(&k);
-            }
+        ReplayBackend::Redis => {
+            let pool = redis.ok_or(OpenError::NoRedis)?;
+            tracing::warn!(
+                lifetime_s = lifetime.as_secs(),
+                "DPoP replay records in Redis: a Redis restart without persistence forgets them and lets proofs be replayed"
+            );
+            Arc::new(RedisReplayCache::new(
+                pool,
+                gate.dpop_replay_prefix.clone(),
+                lifetime,
+            ))
         }
-        if let Some((seen, expires)) = inner.records.get(&key)
-            && *expires > now
-        {
-            return Ok(if *seen == binding {
-                ReplayOutcome::SameRequest
-            } else {
-                ReplayOutcome::Replayed
-            });
-        }
-        if inner.records.len() >= self.capacity {
-            return Err(ReplayError {
-                kind: ReplayErrorKind::Full,
-                store: "memory",
-                detail: format!(
-                    "full ({} live proofs); use the jetstream store for this load",
-                    self.capacity
-                ),
-            });
-        }
-        let expires = now + self.lifetime;
-        inner.records.insert(key, (binding, expires));
-        inner.queue.push_back((expires, key));
-        Ok(ReplayOutcome::First)
-    }
+    })
 }
 
 /// A store that is opened later: the service builds (and so checks) its gates before it waits
@@ -207,12 +194,12 @@ impl ReplayCache for MemoryReplayCache {
 /// record is refused as unavailable (retryable), never let through.
 #[derive(Default)]
 pub struct DeferredReplayCache {
-    store: std::sync::OnceLock<std::sync::Arc<dyn ReplayCache>>,
+    store: std::sync::OnceLock<Arc<dyn ReplayCache>>,
 }
 
 impl DeferredReplayCache {
     /// Installs the store; a second call is ignored (returns `false`).
-    pub fn set(&self, store: std::sync::Arc<dyn ReplayCache>) -> bool {
+    pub fn set(&self, store: Arc<dyn ReplayCache>) -> bool {
         self.store.set(store).is_ok()
     }
 }
@@ -230,60 +217,7 @@ impl ReplayCache for DeferredReplayCache {
     }
 }
 
-/// 1: recorded now; 2: recorded before with the same binding; 0: replay.
-const RECORD: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return 2
-end
-return 0
-";
-
-/// Records in Redis, shared by every replica. Only as durable as the Redis deployment: a
-/// restart without persistence forgets every record (docs/security.md).
-pub struct RedisReplayCache {
-    pool: crate::redis::Redis,
-    prefix: String,
-    lifetime_ms: u64,
-    script: Script,
-}
-
-impl RedisReplayCache {
-    pub fn new(pool: crate::redis::Redis, prefix: impl Into<String>, lifetime: Duration) -> Self {
-        RedisReplayCache {
-            pool,
-            prefix: prefix.into(),
-            lifetime_ms: u64::try_from(lifetime.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-            script: Script::new(RECORD),
-        }
-    }
-}
-
-#[async_trait]
-impl ReplayCache for RedisReplayCache {
-    async fn record(&self, key: &ReplayKey, binding: &str) -> Result<ReplayOutcome, ReplayError> {
-        let mut conn = self.pool.clone();
-        let answer: i64 = self
-            .script
-            .key(key.redis_key(&self.prefix))
-            .arg(binding)
-            .arg(self.lifetime_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| ReplayError::unavailable("redis", e))?;
-        Ok(match answer {
-            1 => ReplayOutcome::First,
-            2 => ReplayOutcome::SameRequest,
-            _ => ReplayOutcome::Replayed,
-        })
-    }
-}
-
-/// The behaviour every store must have; shared with the JetStream store's tests.
+/// The behaviour every store must have; each store's tests run it.
 #[cfg(test)]
 pub(crate) async fn exercise_store(cache: &dyn ReplayCache, lifetime: Duration, tag: &str) {
     let key = ReplayKey::new(&format!("jkt-{tag}"), "jti-1");
@@ -367,20 +301,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn memory_records_once_per_request_and_expire() {
-        let lifetime = Duration::from_millis(300);
-        exercise_store(&MemoryReplayCache::new(100, lifetime), lifetime, "m").await;
-        let small = MemoryReplayCache::new(1, Duration::from_secs(60));
-        small.record(&ReplayKey::new("k", "a"), "x").await.unwrap();
-        let full = small.record(&ReplayKey::new("k", "b"), "x").await;
-        assert_eq!(
-            full.map_err(|e| e.kind),
-            Err(ReplayErrorKind::Full),
-            "full: refuse, never forget"
-        );
-    }
-
-    #[tokio::test]
     async fn a_deferred_store_refuses_until_it_is_set() {
         let deferred = DeferredReplayCache::default();
         let key = ReplayKey::new("k", "j");
@@ -388,7 +308,7 @@ mod tests {
             deferred.record(&key, "a").await.map_err(|e| e.kind),
             Err(ReplayErrorKind::Unavailable)
         );
-        let memory = std::sync::Arc::new(MemoryReplayCache::new(10, Duration::from_secs(60)));
+        let memory = Arc::new(MemoryReplayCache::new(10, Duration::from_secs(60)));
         assert!(deferred.set(memory.clone()));
         assert!(!deferred.set(memory), "set once");
         assert_eq!(deferred.record(&key, "a").await, Ok(ReplayOutcome::First));
@@ -396,13 +316,5 @@ mod tests {
             deferred.record(&key, "b").await,
             Ok(ReplayOutcome::Replayed)
         );
-    }
-
-    #[tokio::test]
-    async fn redis_records_once_per_request_and_expire() {
-        let pool = super::super::testkit::redis_pool();
-        let lifetime = Duration::from_millis(300);
-        let cache = RedisReplayCache::new(pool, super::super::testkit::unique_prefix(), lifetime);
-        exercise_store(&cache, lifetime, "r").await;
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 
-use super::NatsError;
-use crate::entitlement::replay::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
+use super::{ReplayCache, ReplayError, ReplayKey, ReplayOutcome};
+use crate::jetstream::NatsError;
 
 /// Tries of create-then-read when a record expires between the two.
 const RECORD_ATTEMPTS: usize = 3;
@@ -39,7 +39,7 @@ impl KvReplayCache {
         bucket: &str,
         lifetime: Duration,
     ) -> Result<Self, NatsError> {
-        let store = super::open_bucket(js, bucket, lifetime).await?;
+        let store = crate::jetstream::open_bucket(js, bucket, lifetime).await?;
         ensure_max_age(js, bucket, lifetime).await?;
         Ok(KvReplayCache { store })
     }
@@ -107,7 +107,7 @@ impl ReplayCache for KvReplayCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entitlement::replay::exercise_store;
+    use crate::replay::exercise_store;
 
     fn bucket(tag: &str) -> String {
         let mut rnd = [0u8; 4];

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use sha2::{Digest as _, Sha256};
 use signer_actors::ports::{Claim, IdempotencyStore, OutMessage, PortError, Recorded};
 
-use super::NatsError;
+use crate::jetstream::NatsError;
 
 pub struct KvIdempotency {
     store: kv::Store,
@@ -95,7 +95,7 @@ impl KvIdempotency {
         bucket: &str,
         ttl: Duration,
     ) -> Result<Self, NatsError> {
-        let store = super::open_bucket(js, bucket, ttl).await?;
+        let store = crate::jetstream::open_bucket(js, bucket, ttl).await?;
         Ok(KvIdempotency { store })
     }
 
