@@ -215,6 +215,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     // Listen for SIGTERM before anything else, so a stop request is never lost.
     let mut stop =
         StopSignal::new().map_err(|e| ServeError::Setup(format!("signal handler: {e}")))?;
+    // Key files, chains and Fulcio roots: a wrong one stops startup before any connection.
+    let keys = ConfiguredKeys::new(cfg.keys.clone());
+    keys.check().map_err(|e| ServeError::Setup(e.to_string()))?;
     let metrics = crate::telemetry::metrics().map_err(ServeError::Setup)?;
     crate::telemetry::initialize_series();
     let worker_id = cfg.worker.id.clone().unwrap_or_else(default_worker_id);
@@ -314,7 +317,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             results: provisioned.results,
         }),
         idempotency,
-        keys: Arc::new(ConfiguredKeys::new(cfg.keys.clone()).with_registry(key_ledger.clone())),
+        keys: Arc::new(keys.with_registry(key_ledger.clone())),
         revocations: key_ledger.clone(),
         assignments: key_ledger.clone(),
         entitlement,

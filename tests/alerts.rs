@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::stack::{Stack, request};
+use common::stack::{Stack, disabled_gates, request};
 use serde_json::Value;
+use stella_signer::config::{GateMode, GatesConfig, KeyConfig, Plan};
+use stella_signer::keys::factory::ConfiguredKeys;
 
 fn compose() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("compose")
@@ -131,9 +133,13 @@ fn the_compose_files_are_valid_for_prometheus_and_the_signer() {
     )
     .unwrap();
     let text = std::fs::read_to_string(compose().join("signer/signer.toml")).unwrap();
-    assert!(text.contains("\"/keys/release.key\""));
-    let text = text.replace("/keys/release.key", &key.private_key.display().to_string());
-    stella_signer::config::Config::from_toml(&text, std::iter::empty()).unwrap();
+    let mut cfg = stella_signer::config::Config::from_toml(&text, std::iter::empty()).unwrap();
+    let release = cfg.keys.iter_mut().find_map(|k| match k {
+        KeyConfig::File(k) if k.path == Path::new("/keys/release.key") => Some(k),
+        _ => None,
+    });
+    release.expect("the keys service's release key").path = key.private_key.clone();
+    ConfiguredKeys::new(cfg.keys).check().unwrap();
     // the dashboard is Grafana JSON naming the provisioned datasource
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(compose().join("grafana/dashboards/signer.json")).unwrap(),
@@ -318,55 +324,49 @@ fn test_rules(dir: &Path) -> (PathBuf, usize) {
 
 /// Gates for this test: entitlement off (its plan is `unverified`), quota enforced with a
 /// small bucket so that a burst is refused in part, provenance off.
-const GATES: &str = r#"
-[gates.entitlement]
-mode = "disabled"
-[gates.quota]
-mode = "enforce"
-[gates.quota.plans.unverified]
-requests_per_second = 5.0
-burst = 4
-max_concurrent = 64
-max_payload_bytes = 1048576
-[gates.provenance]
-mode = "disabled"
-"#;
+fn gates() -> GatesConfig {
+    let mut gates = disabled_gates();
+    gates.quota.mode = GateMode::Enforce;
+    gates.quota.plans.insert(
+        "unverified".into(),
+        Plan {
+            requests_per_second: 5.0,
+            burst: 4,
+            max_concurrent: 64,
+            max_payload_bytes: 1048576,
+            daily_cap: 0,
+            max_signatures_per_request: None,
+        },
+    );
+    gates
+}
 
 /// Gives the stack's `ec` key a self-signed certificate valid 30 days, so the certificate
 /// expiry gauge has a series.
 fn certify_ec_key(stack: &Stack) {
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    let marker = "name = \"ec\"\nsource = \"file\"\npath = \"";
-    let start = text.find(marker).expect("the stack's ec key") + marker.len();
-    let key = &text[start..start + text[start..].find('"').unwrap()];
     let chain = stack.dir.path().join("ec-chain.pem");
-    let mut openssl = Command::new("openssl");
-    openssl
-        .args([
-            "req", "-x509", "-subj", "/CN=ec", "-days", "30", "-key", key, "-out",
-        ])
-        .arg(&chain);
-    run_ok(openssl);
-    let line = format!("{marker}{key}\"");
-    std::fs::write(
-        &stack.config,
-        text.replacen(
-            &line,
-            &format!("{line}\ncertificate_chain = \"{}\"", chain.display()),
-            1,
-        ),
-    )
-    .unwrap();
+    stack.configure(|c| {
+        let ec = c.keys.iter_mut().find_map(|k| match k {
+            KeyConfig::File(k) if k.name == "ec" => Some(k),
+            _ => None,
+        });
+        let ec = ec.expect("the stack's ec key");
+        let mut openssl = Command::new("openssl");
+        openssl
+            .args(["req", "-x509", "-subj", "/CN=ec", "-days", "30", "-key"])
+            .arg(&ec.path)
+            .arg("-out")
+            .arg(&chain);
+        run_ok(openssl);
+        ec.certificate_chain = Some(chain.clone());
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_spike_and_backlog_age_fire_and_every_dashboard_panel_has_a_series() {
-    let mut stack = Stack::with_gates("al", GATES, "");
+    let mut stack = Stack::with_gates("al", gates());
     // A stopped replica holds its jobs until AckWait: long enough for the backlog to age.
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap()
-        .replace("ack_wait = \"5s\"", "ack_wait = \"180s\"");
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| c.nats.ack_wait = Duration::from_secs(180));
     certify_ec_key(&stack);
     let (ports, prom_dir) = ([free_port(), free_port()], tempfile::tempdir().unwrap());
     let (rules, alert_count) = test_rules(prom_dir.path());

@@ -249,22 +249,17 @@ async fn stored_count(js: &jetstream::Context, name: &str) -> u64 {
 async fn killing_the_results_leader_mid_load_signs_every_job_once() {
     let mut cluster = Cluster::start();
     let url = cluster.url();
-    let mut stack = Stack::new("fo", "");
-    // the worker (and `audit verify`) use all three servers
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    let text = text.replacen(
-        &format!("url = \"{}\"", common::stack::NATS_URL),
-        &format!("url = \"{url}\""),
-        1,
-    );
-    // A retry budget that outlasts a leader election (about 8 s instead of the template's
-    // 0.3 s): otherwise a job whose stores are all away that long is answered with a
-    // retryable `internal`, which is the contract but not what this test looks at.
-    let text = text
-        .replacen("max_deliver = 3", "max_deliver = 8", 1)
-        .replacen("backoff_max = \"1s\"", "backoff_max = \"2s\"", 1);
-    std::fs::write(&stack.config, text).unwrap();
-    stack.worker_setting("max_inflight = 128");
+    let mut stack = Stack::new("fo");
+    stack.configure(|c| {
+        // the worker (and `audit verify`) use all three servers
+        c.nats.url = url.clone();
+        // A retry budget that outlasts a leader election (about 8 s instead of the
+        // template's 0.3 s): otherwise a job whose stores are all away that long is answered
+        // with a retryable `internal`, which is the contract but not what this test looks at.
+        c.nats.max_deliver = 8;
+        c.worker.backoff_max = Duration::from_secs(2);
+        c.worker.max_inflight = 128;
+    });
 
     let servers: Vec<String> = url.split(',').map(str::to_owned).collect();
     let client = async_nats::ConnectOptions::new()

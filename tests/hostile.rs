@@ -69,7 +69,7 @@ async fn assert_bounded_events(stack: &Stack, js: &async_nats::jetstream::Contex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_hostile_message_gets_one_compact_refusal_and_a_bounded_event() {
-    let mut stack = Stack::new("h", "");
+    let mut stack = Stack::new("h");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -118,8 +118,8 @@ async fn each_hostile_message_gets_one_compact_refusal_and_a_bounded_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_hostile_messages_do_not_stop_a_replica_of_256_slots() {
-    let mut stack = Stack::new("hh", "");
-    stack.worker_setting("max_inflight = 256");
+    let mut stack = Stack::new("hh");
+    stack.configure(|c| c.worker.max_inflight = 256);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -195,13 +195,8 @@ async fn three_hundred_hostile_messages_do_not_stop_a_replica_of_256_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_hostile_messages_in_flight_exits_within_the_drain_timeout() {
-    let mut stack = Stack::new("ht", "");
-    let config = std::fs::read_to_string(&stack.config).unwrap();
-    std::fs::write(
-        &stack.config,
-        config.replace("drain_timeout = \"20s\"", "drain_timeout = \"5s\""),
-    )
-    .unwrap();
+    let mut stack = Stack::new("ht");
+    stack.configure(|c| c.worker.drain_timeout = Duration::from_secs(5));
     let w = stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -248,7 +243,7 @@ async fn sigterm_with_hostile_messages_in_flight_exits_within_the_drain_timeout(
 /// redelivered. (A result over the inline limit goes by reference instead: tests/large.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_max_payload_is_answered_payload_too_large_at_once() {
-    let mut stack = Stack::new("hl", "");
+    let mut stack = Stack::new("hl");
     let (client, js) = stack.connect().await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: stack.stream("RES"),

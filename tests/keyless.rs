@@ -14,18 +14,23 @@ use common::operators::Operators;
 use common::sigstore::{MockSigstore, write_identity_token};
 use common::stack::{ResultMsg, Stack, request};
 use common::{run, verify_bundle_peer, verify_dsse_peer, write_json};
+use stella_signer::config::{FulcioKeyConfig, ProfileConfig};
 
 const ISSUER: &str = "https://token.actions.example.com";
 const SUBJECT: &str = "https://ci.example.com/acme/scanner/.ci/release.yml@refs/heads/main";
 
-/// A `fulcio` key for Fulcio at `fulcio`, whose certificates must chain to `roots`.
-fn keyless_key(name: &str, fulcio: &str, token: &Path, roots: &Path, extra: &str) -> String {
-    format!(
-        "[[keys]]\nname = \"{name}\"\nsource = \"fulcio\"\nfulcio_url = \"{fulcio}\"\n\
-         identity_token_file = \"{}\"\nfulcio_roots = \"{}\"\n{extra}\n",
-        token.display(),
-        roots.display()
-    )
+/// A `fulcio` key `keyless` for Fulcio at `fulcio`, whose certificates must chain to `roots`.
+fn keyless_key(fulcio: &str, token: &Path, roots: &Path) -> FulcioKeyConfig {
+    FulcioKeyConfig::new("keyless", fulcio, token, roots)
+}
+
+/// Adds `key` and the profile `keyless` it signs alone to `stack`.
+fn configure_keyless(stack: &Stack, key: FulcioKeyConfig) {
+    stack.configure(|c| {
+        c.keys.push(key.into());
+        c.profiles
+            .insert("keyless".into(), ProfileConfig::new(["keyless"]));
+    });
 }
 
 /// The public key of a PEM certificate, by openssl (independent of our parsing).
@@ -153,17 +158,18 @@ async fn keyless_bundles_verify_with_sigstore_js_and_one_certificate_serves_many
     let secrets = tempfile::tempdir().unwrap();
     let token = secrets.path().join("token");
     write_identity_token(&token, ISSUER, SUBJECT);
-    let extra = format!(
-        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n[profiles.keyless-multi]\nkeys = [\"keyless\", \"ed\"]\n",
-        keyless_key(
-            "keyless",
-            &mock.url(),
-            &token,
-            &mock.trusted_root(),
-            &format!("tsa_url = \"{}\"", mock.tsa_url())
-        ),
-    );
-    let mut stack = Stack::new("keyless", &extra);
+    let mut stack = Stack::new("keyless");
+    let key = FulcioKeyConfig {
+        tsa_url: Some(mock.tsa_url()),
+        ..keyless_key(&mock.url(), &token, &mock.trusted_root())
+    };
+    configure_keyless(&stack, key);
+    stack.configure(|c| {
+        c.profiles.insert(
+            "keyless-multi".into(),
+            ProfileConfig::new(["keyless", "ed"]),
+        );
+    });
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -269,17 +275,13 @@ async fn a_certificate_near_its_end_is_replaced_for_the_token_the_file_holds_now
     write_identity_token(&token, ISSUER, "https://ci.example.com/first");
     // Fulcio certificates live 10 minutes: renewing 10 minutes ahead means a new one for
     // every signature, which is how this test sees renewals without waiting.
-    let extra = format!(
-        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key(
-            "keyless",
-            &mock.url(),
-            &token,
-            &mock.trusted_root(),
-            &format!("tsa_url = \"{}\"\nrenew_before = \"10m\"", mock.tsa_url())
-        ),
-    );
-    let mut stack = Stack::new("klrenew", &extra);
+    let mut stack = Stack::new("klrenew");
+    let key = FulcioKeyConfig {
+        tsa_url: Some(mock.tsa_url()),
+        renew_before: Duration::from_secs(600),
+        ..keyless_key(&mock.url(), &token, &mock.trusted_root())
+    };
+    configure_keyless(&stack, key);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -332,17 +334,12 @@ async fn an_unreachable_fulcio_fails_jobs_as_retryable_key_unavailable() {
     let closed = format!("http://127.0.0.1:{}", common::registry::free_port());
     // any valid roots file: Fulcio never answers
     let mock = MockSigstore::start();
-    let extra = format!(
-        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key(
-            "keyless",
-            &closed,
-            &token,
-            &mock.trusted_root(),
-            "http_timeout = \"2s\""
-        )
-    );
-    let mut stack = Stack::new("kldown", &extra);
+    let mut stack = Stack::new("kldown");
+    let key = FulcioKeyConfig {
+        http_timeout: Duration::from_secs(2),
+        ..keyless_key(&closed, &token, &mock.trusted_root())
+    };
+    configure_keyless(&stack, key);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -449,11 +446,11 @@ async fn a_certificate_that_does_not_chain_to_the_configured_root_is_not_used() 
     let secrets = tempfile::tempdir().unwrap();
     let token = secrets.path().join("token");
     write_identity_token(&token, ISSUER, SUBJECT);
-    let extra = format!(
-        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key("keyless", &fulcio.url(), &token, &other.trusted_root(), "")
+    let mut stack = Stack::new("klroot");
+    configure_keyless(
+        &stack,
+        keyless_key(&fulcio.url(), &token, &other.trusted_root()),
     );
-    let mut stack = Stack::new("klroot", &extra);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -511,21 +508,16 @@ async fn keyless_certificates_are_listed_and_revoked_by_certificate_or_identity(
     let secrets = tempfile::tempdir().unwrap();
     let token = secrets.path().join("token");
     write_identity_token(&token, ISSUER, SUBJECT);
-    let extra = format!(
-        "{}[profiles.keyless]\nkeys = [\"keyless\"]\n",
-        keyless_key(
-            "keyless",
-            &mock.url(),
-            &token,
-            &mock.trusted_root(),
-            &format!("tsa_url = \"{}\"", mock.tsa_url())
-        ),
-    );
     // key commands are operator-signed ([gates.control] trusts this operator)
     let operator_dir = tempfile::tempdir().unwrap();
     let ops = Operators::new(operator_dir.path(), 1);
     let operator_key = ops.all[0].key_file.to_str().unwrap().to_string();
-    let mut stack = ops.stack("klrevoke", &extra, 1);
+    let mut stack = ops.stack("klrevoke", 1);
+    let key = FulcioKeyConfig {
+        tsa_url: Some(mock.tsa_url()),
+        ..keyless_key(&mock.url(), &token, &mock.trusted_root())
+    };
+    configure_keyless(&stack, key);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::stack::{Stack, request};
 use common::*;
 use signer_actors::keys::PublicKey;
+use stella_signer::config::{FileKeyConfig, ProfileConfig};
 
 /// The conformance venv's Python (it has `cryptography`; bootstrap adds PyNaCl).
 fn python() -> PathBuf {
@@ -271,25 +272,14 @@ async fn openssl_and_cosign_keys_sign_through_the_pipeline_and_verify_with_the_p
     );
     assert_eq!(code, 0, "{text}");
 
-    let extra = format!(
-        r#"
-[[keys]]
-name = "sec1"
-source = "file"
-path = "{}"
-
-[[keys]]
-name = "cosign"
-source = "file"
-path = "{}"
-
-[profiles.interop]
-keys = ["sec1", "cosign"]
-"#,
-        sec1_key.display(),
-        keys.path().join("imported.key").display()
-    );
-    let mut stack = Stack::new("ki", &extra);
+    let mut stack = Stack::new("ki");
+    stack.configure(|c| {
+        c.keys.push(FileKeyConfig::new("sec1", &sec1_key).into());
+        c.keys
+            .push(FileKeyConfig::new("cosign", keys.path().join("imported.key")).into());
+        c.profiles
+            .insert("interop".into(), ProfileConfig::new(["sec1", "cosign"]));
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

@@ -19,13 +19,8 @@ use stella_signer::schemas::SchemaKind;
 /// A stack whose jobs may take long (a 40 MB job on a busy machine): a redelivery in the
 /// middle of one would only make the test slower, but it is not what this test is about.
 fn large_stack(tag: &str) -> Stack {
-    let stack = Stack::new(tag, "");
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    std::fs::write(
-        &stack.config,
-        text.replace("ack_wait = \"5s\"", "ack_wait = \"120s\""),
-    )
-    .unwrap();
+    let stack = Stack::new(tag);
+    stack.configure(|c| c.nats.ack_wait = Duration::from_secs(120));
     stack
 }
 
@@ -280,7 +275,7 @@ fn with_ref(id: &str, r: &ObjectRef) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_references_are_refused_audited_and_a_small_statement_stays_inline() {
     let mut stack = large_stack("lgbad");
-    stack.worker_setting("max_payload_ref_bytes = 2000000");
+    stack.configure(|c| c.worker.max_payload_ref_bytes = 2_000_000);
     let (_c, js) = stack.connect().await;
     let bucket = stack.stream("BLOBS");
     // an operator provisioned the bucket with a TTL of their own: serve leaves it so

@@ -46,16 +46,12 @@ fn wait_status(port: u16, path: &str, want: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_before_ready_and_not_ready_without_nats() {
-    let mut stack = Stack::new("h", "");
+    let mut stack = Stack::new("h");
     let port = free_port();
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
-        .replace(
-            "url = \"nats://127.0.0.1:4222\"",
-            "url = \"nats://127.0.0.1:1\"",
-        );
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| {
+        c.http.listen = format!("127.0.0.1:{port}");
+        c.nats.url = "nats://127.0.0.1:1".into();
+    });
     stack.spawn_worker();
     assert_eq!(wait_status(port, "/healthz", 200), "ok\n");
     let body = wait_status(port, "/readyz", 503);
@@ -64,12 +60,9 @@ async fn live_before_ready_and_not_ready_without_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_readiness_and_logs_describe_the_work() {
-    let mut stack = Stack::new("m", "");
+    let mut stack = Stack::new("m");
     let port = free_port();
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| c.http.listen = format!("127.0.0.1:{port}"));
     stack.spawn_worker();
     assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
     let (_c, js) = stack.connect().await;
@@ -160,12 +153,9 @@ async fn metrics_readiness_and_logs_describe_the_work() {
 /// replica, for the revoked key only (the poller refreshes it every 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_shows_in_its_gauge() {
-    let mut stack = Stack::new("rv", "");
+    let mut stack = Stack::new("rv");
     let port = free_port();
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap()
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| c.http.listen = format!("127.0.0.1:{port}"));
     stack.spawn_worker();
     assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
     let (_c, js) = stack.connect().await;

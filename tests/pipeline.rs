@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::stack::{ResultMsg, Stack, request, verify_completed};
 use serde_json::Value;
+use stella_signer::config::{IdempotencyBackend, KeyConfig, RedisConfig};
 use stella_signer::schemas::SchemaKind;
 
 fn by_id(results: &[ResultMsg]) -> HashMap<String, Vec<&ResultMsg>> {
@@ -29,7 +30,7 @@ fn assert_schema(kind: SchemaKind, value: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_one_verifiable_result_in_its_encoding() {
-    let mut stack = Stack::new("p", "");
+    let mut stack = Stack::new("p");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -144,8 +145,8 @@ async fn every_request_gets_one_verifiable_result_in_its_encoding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_acked_and_never_redelivered() {
-    let mut stack = Stack::new("b", "");
-    stack.worker_setting("max_body_bytes = 20000");
+    let mut stack = Stack::new("b");
+    stack.configure(|c| c.worker.max_body_bytes = 20000);
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -244,7 +245,7 @@ async fn bad_input_is_answered_acked_and_never_redelivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_republished_request_is_not_signed_twice() {
-    let mut stack = Stack::new("d", "");
+    let mut stack = Stack::new("d");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -293,8 +294,13 @@ async fn a_republished_request_is_not_signed_twice() {
 async fn retryable_failures_back_off_and_end_as_failed_at_max_deliveries() {
     // Idempotency in a Redis that does not answer: every attempt fails with a retryable
     // `internal`; the third (max_deliver = 3) publishes it.
-    let mut stack = Stack::new("r", "[redis]\nurl = \"redis://127.0.0.1:1\"\n");
-    stack.setting("idempotency", "backend = \"redis\"");
+    let mut stack = Stack::new("r");
+    stack.configure(|c| {
+        c.redis = Some(RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+        });
+        c.idempotency.backend = Some(IdempotencyBackend::Redis);
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -332,7 +338,7 @@ async fn retryable_failures_back_off_and_end_as_failed_at_max_deliveries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_jobs_and_loses_none() {
-    let mut stack = Stack::new("s", "");
+    let mut stack = Stack::new("s");
     let w = stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -371,9 +377,9 @@ async fn sigterm_drains_in_flight_jobs_and_loses_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_is_bounded_whatever_the_backlog() {
-    let mut stack = Stack::new("f", "");
+    let mut stack = Stack::new("f");
     let (_c, js) = stack.connect().await;
-    stack.worker_setting("max_inflight = 4");
+    stack.configure(|c| c.worker.max_inflight = 4);
     stack.spawn_worker();
     stack.wait_provisioned(&js).await;
     let n = 1500;
@@ -418,7 +424,7 @@ async fn in_flight_is_bounded_whatever_the_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
-    let mut stack = Stack::new("w", "");
+    let mut stack = Stack::new("w");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -504,7 +510,7 @@ async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_certificate_chain_goes_with_the_keys_signatures() {
-    let mut stack = Stack::new("c", "");
+    let mut stack = Stack::new("c");
     let dir = stack.dir.path().to_path_buf();
     let cert = dir.join("ec-chain.pem");
     let made = std::process::Command::new("openssl")
@@ -528,28 +534,32 @@ async fn a_configured_certificate_chain_goes_with_the_keys_signatures() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    let ec_path = format!("path = \"{}\"", dir.join("ec.key").display());
-    let ed_path = format!("path = \"{}\"", dir.join("ed.key").display());
+    // the chain goes with `name` (a file key), no other key has one
+    let with_chain = |stack: &Stack, name: &str| {
+        stack.configure(|c| {
+            for key in &mut c.keys {
+                if let KeyConfig::File(k) = key {
+                    k.certificate_chain = (k.name == name).then(|| cert.clone());
+                }
+            }
+        })
+    };
 
-    // a chain whose leaf is not this key's is refused before the service starts
-    let wrong = text.replace(
-        &ed_path,
-        &format!("{ed_path}\ncertificate_chain = \"{}\"", cert.display()),
+    // a chain whose leaf is not this key's stops the service before it takes a job
+    with_chain(&stack, "ed");
+    let refused = stack.spawn_worker();
+    assert_eq!(
+        stack.wait(refused, Duration::from_secs(20)),
+        Some(2),
+        "unusable input"
     );
-    let err = stella_signer::config::Config::from_toml(&wrong, [])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("does not certify this key"), "{err}");
+    let log = stack.log(refused);
+    assert!(
+        log.contains("key \"ed\"") && log.contains("does not certify this key"),
+        "{log}"
+    );
 
-    std::fs::write(
-        &stack.config,
-        text.replace(
-            &ec_path,
-            &format!("{ec_path}\ncertificate_chain = \"{}\"", cert.display()),
-        ),
-    )
-    .unwrap();
+    with_chain(&stack, "ec");
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

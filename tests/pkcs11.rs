@@ -14,6 +14,7 @@ use common::{verify_bundle_peer, verify_dsse_peer, write_json};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use signer_actors::keys::{KeyAlgorithm, KeyError, KeySigner as _, KeySource};
+use stella_signer::config::{PinSource, Pkcs11KeyConfig, Pkcs11Object, ProfileConfig};
 use stella_signer::keys::pkcs11::Pkcs11Key;
 
 fn pin_file(dir: &Path, pin: &str) -> PathBuf {
@@ -54,16 +55,13 @@ async fn token_keys_sign_der_that_verifies_and_keyid_is_sha256_of_spki() {
 
     // the same pair selected by CKA_ID, with the PIN from the environment
     let mut by_id = hsm.key_config("hsm-id", &hsm.token, EC_LABEL, &pin);
-    by_id.key_label = None;
-    by_id.key_id = Some(EC_ID.into());
-    by_id.pin_file = None;
-    by_id.pin_env = Some("SIGNER_TEST_HSM_PIN_UNUSED_BY_OTHERS".into());
+    by_id.object = Pkcs11Object::Id(hex::decode(EC_ID).unwrap());
+    by_id.pin = PinSource::Env("SIGNER_TEST_HSM_PIN_UNUSED_BY_OTHERS".into());
     assert!(
         matches!(Pkcs11Key::open("hsm-id", &by_id), Err(KeyError::Unavailable(m)) if m.contains("SIGNER_TEST_HSM_PIN")),
         "an unset PIN variable is retryable"
     );
-    by_id.pin_env = None;
-    by_id.pin_file = Some(pin.clone());
+    by_id.pin = PinSource::File(pin.clone());
     let key = Pkcs11Key::open("hsm-id", &by_id).expect("selected by CKA_ID");
     assert_eq!(key.identity().keyid, identity.keyid);
 
@@ -129,12 +127,21 @@ async fn serve_signs_with_the_token_and_the_peers_verify() {
     let hsm = softhsm();
     let pins = tempfile::tempdir().unwrap();
     let pin = pin_file(pins.path(), PIN);
-    let extra = format!(
-        "{}{}\n[profiles.hsm]\nkeys = [\"hsm\"]\n[profiles.hsm-multi]\nkeys = [\"hsm\", \"ed\"]\n[profiles.hsm-ed]\nkeys = [\"hsm-ed\"]\n",
-        hsm.key_toml("hsm", &hsm.token, EC_LABEL, &pin),
-        hsm.key_toml("hsm-ed", &hsm.token, ED_LABEL, &pin),
-    );
-    let mut stack = Stack::new("hsm", &extra);
+    let mut stack = Stack::new("hsm");
+    stack.configure(|c| {
+        c.keys
+            .push(hsm.key_config("hsm", &hsm.token, EC_LABEL, &pin).into());
+        c.keys
+            .push(hsm.key_config("hsm-ed", &hsm.token, ED_LABEL, &pin).into());
+        for (name, keys) in [
+            ("hsm", &["hsm"][..]),
+            ("hsm-multi", &["hsm", "ed"]),
+            ("hsm-ed", &["hsm-ed"]),
+        ] {
+            c.profiles
+                .insert(name.into(), ProfileConfig::new(keys.iter().copied()));
+        }
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -234,11 +241,14 @@ async fn a_token_that_refuses_the_pin_fails_jobs_retryably_until_the_pin_is_fixe
     let hsm = softhsm();
     let pins = tempfile::tempdir().unwrap();
     let pin = pin_file(pins.path(), "9999");
-    let extra = format!(
-        "{}\n[profiles.hsm]\nkeys = [\"hsm\"]\n",
-        hsm.key_toml("hsm", &hsm.fault_token, EC_LABEL, &pin),
-    );
-    let mut stack = Stack::new("hsmpin", &extra);
+    let mut stack = Stack::new("hsmpin");
+    stack.configure(|c| {
+        c.keys.push(
+            hsm.key_config("hsm", &hsm.fault_token, EC_LABEL, &pin)
+                .into(),
+        );
+        c.profiles.insert("hsm".into(), ProfileConfig::new(["hsm"]));
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -370,11 +380,15 @@ async fn closing_the_sessions_of_a_pool_mid_stream_loses_no_job_and_signs_none_t
     )
     .unwrap()
     .identity();
-    let extra = format!(
-        "{}sessions = 2\n\n[profiles.hsm]\nkeys = [\"hsm\"]\n",
-        hsm.key_toml("hsm", &hsm.session_token, EC_LABEL, &pin),
-    );
-    let stack = Stack::new("hsmpool", &extra);
+    let stack = Stack::new("hsmpool");
+    stack.configure(|c| {
+        let key = Pkcs11KeyConfig {
+            sessions: 2,
+            ..hsm.key_config("hsm", &hsm.session_token, EC_LABEL, &pin)
+        };
+        c.keys.push(key.into());
+        c.profiles.insert("hsm".into(), ProfileConfig::new(["hsm"]));
+    });
     let log = std::fs::File::create(stack.dir.path().join("worker-0.log")).unwrap();
     tracing_subscriber::fmt()
         .json()
@@ -382,17 +396,17 @@ async fn closing_the_sessions_of_a_pool_mid_stream_loses_no_job_and_signs_none_t
         .with_writer(std::sync::Mutex::new(log))
         .try_init()
         .expect("no other test of this binary installs a log subscriber");
-    let cfg = stella_signer::config::Config::load(
-        &stack.config,
-        [
-            // Room for the retries of the jobs that meet the closed sessions.
-            ("SIGNER_NATS__MAX_DELIVER".to_string(), "10".to_string()),
-            ("SIGNER_WORKER__ID".to_string(), format!("{}-w0", stack.id)),
-        ],
-    )
-    .unwrap();
+    let mut cfg = stack.cfg();
+    // Room for the retries of the jobs that meet the closed sessions.
+    cfg.nats.max_deliver = 10;
+    cfg.worker.id = Some(format!("{}-w0", stack.id));
+    cfg.validate().unwrap();
     assert_eq!(
-        cfg.keys.iter().find(|k| k.name == "hsm").unwrap().sessions,
+        cfg.keys
+            .iter()
+            .find(|k| k.name() == "hsm")
+            .unwrap()
+            .sessions(),
         2
     );
     let serve = tokio::spawn(stella_signer::serve::run(cfg));

@@ -766,7 +766,7 @@ async fn private_registry_is_read_with_credentials_and_refused_without() {
 /// when it has none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_reads_a_private_registry_with_credentials_and_fails_jobs_without() {
-    use common::stack::{Stack, request, verify_completed};
+    use common::stack::{Stack, disabled_gates, request, verify_completed};
 
     let reg = TestRegistry::start_with_htpasswd(USER, PASSWORD);
     let keys = keys();
@@ -784,18 +784,14 @@ async fn worker_reads_a_private_registry_with_credentials_and_fails_jobs_without
     let config = docker_config(dir.path(), &reg.host(), USER, PASSWORD);
 
     for (tag, with_credentials) in [("provcred", true), ("provanon", false)] {
-        let credentials = if with_credentials {
-            format!("docker_config = \"{}\"\n", config.display())
-        } else {
-            String::new()
+        let mut gates = disabled_gates();
+        gates.provenance = ProvenanceGate {
+            trusted_keys: vec![keys.trusted_public[0].clone()],
+            insecure_registries: vec![reg.host()],
+            docker_config: with_credentials.then(|| config.clone()),
+            ..ProvenanceGate::default()
         };
-        let gates = format!(
-            "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n\
-             [gates.provenance]\ntrusted_keys = [\"{}\"]\ninsecure_registries = [\"{}\"]\n{credentials}",
-            keys.trusted_public[0].display(),
-            reg.host()
-        );
-        let mut stack = Stack::with_gates(tag, &gates, "");
+        let mut stack = Stack::with_gates(tag, gates);
         stack.spawn_worker();
         let (_c, js) = stack.connect().await;
         stack.wait_provisioned(&js).await;

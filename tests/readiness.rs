@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use common::registry::free_port;
 use common::servers::OwnRedis;
-use common::stack::{Stack, request};
+use common::stack::{Stack, disabled_gates, request};
+use stella_signer::config::{Plan, QuotaGate, RedisConfig};
 
 /// GET over plain TCP; returns (status code, body).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -78,17 +79,13 @@ fn wait_counter(port: u16, name: &str, want: u64) {
 /// Points the stack's worker at `nats_url` (when given) and serves `/readyz` on `port`,
 /// probing every second.
 fn serve_http(stack: &Stack, port: u16, nats_url: Option<&str>) {
-    let mut text = std::fs::read_to_string(&stack.config).unwrap().replace(
-        "[http]\nlisten = \"\"",
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\nprobe_interval = \"1s\""),
-    );
-    if let Some(url) = nats_url {
-        text = text.replace(
-            "url = \"nats://127.0.0.1:4222\"",
-            &format!("url = \"{url}\""),
-        );
-    }
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| {
+        c.http.listen = format!("127.0.0.1:{port}");
+        c.http.probe_interval = Duration::from_secs(1);
+        if let Some(url) = nats_url {
+            c.nats.url = url.into();
+        }
+    });
 }
 
 /// Publishes job `id` and waits until its result is on the results stream; returns whether
@@ -242,7 +239,7 @@ fn log_has(stack: &Stack, needles: &[&str]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_then_signs() {
     let mut nats = OwnNats::start();
-    let mut stack = Stack::new("zn", "");
+    let mut stack = Stack::new("zn");
     let port = free_port();
     serve_http(&stack, port, Some(&nats.url()));
     stack.spawn_worker();
@@ -296,7 +293,7 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_picked_up() {
-    let mut stack = Stack::new("zc", "");
+    let mut stack = Stack::new("zc");
     let port = free_port();
     serve_http(&stack, port, None);
     stack.spawn_worker();
@@ -362,14 +359,11 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_results_stream_makes_the_replica_not_ready_until_it_stores_again() {
-    let mut stack = Stack::new("zs", "");
+    let mut stack = Stack::new("zs");
     let port = free_port();
     serve_http(&stack, port, None);
     // retried (every second at most) until the stream is back, not answered as final
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap()
-        .replace("max_deliver = 3", "max_deliver = 1000");
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| c.nats.max_deliver = 1000);
     stack.spawn_worker();
     wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
     let (_c, js) = stack.connect().await;
@@ -422,15 +416,28 @@ async fn a_missing_results_stream_makes_the_replica_not_ready_until_it_stores_ag
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_shows_in_readiness_while_the_quota_gate_needs_it() {
     let mut redis = OwnRedis::start();
-    let gates = "[gates.entitlement]\nmode = \"disabled\"\n\
-        [gates.quota]\nfail_open = false\n\
-        [gates.quota.plans.unverified]\nrequests_per_second = 1000.0\nburst = 1000\nmax_concurrent = 100\nmax_payload_bytes = 1048576\n\
-        [gates.provenance]\nmode = \"disabled\"\n";
-    let mut stack = Stack::with_gates(
-        "zr",
-        gates,
-        &format!("[redis]\nurl = \"redis://127.0.0.1:{}\"\n", redis.port),
+    let mut gates = disabled_gates();
+    gates.quota = QuotaGate {
+        fail_open: false,
+        ..QuotaGate::default()
+    };
+    gates.quota.plans.insert(
+        "unverified".into(),
+        Plan {
+            requests_per_second: 1000.0,
+            burst: 1000,
+            max_concurrent: 100,
+            max_payload_bytes: 1048576,
+            daily_cap: 0,
+            max_signatures_per_request: None,
+        },
     );
+    let mut stack = Stack::with_gates("zr", gates);
+    stack.configure(|c| {
+        c.redis = Some(RedisConfig {
+            url: format!("redis://127.0.0.1:{}", redis.port),
+        })
+    });
     let port = free_port();
     serve_http(&stack, port, None);
     stack.spawn_worker();

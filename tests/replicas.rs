@@ -7,12 +7,18 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::stack::{Stack, request, verify_completed};
+use stella_signer::config::RedisConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_midway_loses_and_duplicates_nothing() {
     // idempotency records in JetStream KV (the default, even with [redis]), shared by the replicas
-    let mut stack = Stack::new("k", "[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
-    stack.worker_setting("max_inflight = 64");
+    let mut stack = Stack::new("k");
+    stack.configure(|c| {
+        c.redis = Some(RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+        });
+        c.worker.max_inflight = 64;
+    });
     for _ in 0..3 {
         stack.spawn_worker();
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::operators::{Operators, send as send_control};
 use common::stack::{Stack, request};
+use stella_signer::config::FileKeyConfig;
 
 /// One operator key (configure it with [`Operators::stack`]).
 fn operators() -> (tempfile::TempDir, Operators) {
@@ -66,7 +67,7 @@ async fn replicas_whose_audit(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
     let (_ops_dir, ops) = operators();
-    let mut stack = ops.stack("rv", "", 1);
+    let mut stack = ops.stack("rv", 1);
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
@@ -223,12 +224,17 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     )
     .unwrap();
     // `next` is configured but in no profile: loaded by every replica, waiting.
-    let extra = format!(
-        "[profiles.default.tenants]\nglobex = [\"ed\"]\n\n[[keys]]\nname = \"next\"\nsource = \"file\"\npath = \"{}\"\n",
-        next.private_key.display()
-    );
     let (_ops_dir, ops) = operators();
-    let mut stack = ops.stack("rot", &extra, 1);
+    let mut stack = ops.stack("rot", 1);
+    stack.configure(|c| {
+        c.keys
+            .push(FileKeyConfig::new("next", &next.private_key).into());
+        let default = c
+            .profiles
+            .get_mut("default")
+            .expect("the stack's default profile");
+        default.tenants.insert("globex".into(), vec!["ed".into()]);
+    });
     stack.spawn_worker();
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
@@ -408,7 +414,7 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_a_new_configuration_stops_using_is_listed_as_retired() {
-    let mut stack = Stack::new("cfgout", "");
+    let mut stack = Stack::new("cfgout");
     stack.spawn_worker();
     let (_client, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -421,14 +427,11 @@ async fn a_key_a_new_configuration_stops_using_is_listed_as_retired() {
     // the next roll-out signs everything with ed; ec stays configured (and loaded)
     stack.signal(0, "TERM");
     assert_eq!(stack.wait(0, Duration::from_secs(20)), Some(0));
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    let text = text
-        .replace(
-            "[profiles.default]\nkeys = [\"ec\"]",
-            "[profiles.default]\nkeys = [\"ed\"]",
-        )
-        .replace("keys = [\"ec\", \"ed\"]", "keys = [\"ed\"]");
-    std::fs::write(&stack.config, text).unwrap();
+    stack.configure(|c| {
+        for profile in c.profiles.values_mut() {
+            profile.keys = vec!["ed".into()];
+        }
+    });
     stack.spawn_worker();
     stack.wait_log(1, &["stella-signer serving"], Duration::from_secs(20));
 

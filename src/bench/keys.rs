@@ -25,7 +25,7 @@ use signer_actors::pipeline::{KeyActorState, KeyMsg, KeySignerActor};
 use signer_actors::ports::NoRevocations;
 
 use crate::cli::CliError;
-use crate::config::{KeyConfig, KeySourceConfig};
+use crate::config::{PinSource, Pkcs11KeyConfig, Pkcs11Object};
 use crate::keys::keyless::{KeylessKey, KeylessSettings};
 use crate::keys::pkcs11::{DEFAULT_MODULE, Pkcs11Key, create_token_key};
 
@@ -388,13 +388,15 @@ pub async fn run(
     }))
 }
 
-fn pkcs11_config(setup: &SoftHsmSetup) -> KeyConfig {
-    KeyConfig {
+fn pkcs11_config(setup: &SoftHsmSetup) -> Pkcs11KeyConfig {
+    Pkcs11KeyConfig {
         module: Some(PathBuf::from(DEFAULT_MODULE)),
-        token_label: Some(setup.token.clone()),
-        key_label: Some("bench-ec".into()),
-        pin_file: Some(setup.pin_file.clone()),
-        ..KeyConfig::new("bench-ec", KeySourceConfig::Pkcs11)
+        ..Pkcs11KeyConfig::new(
+            "bench-ec",
+            setup.token.clone(),
+            Pkcs11Object::Label("bench-ec".into()),
+            PinSource::File(setup.pin_file.clone()),
+        )
     }
 }
 

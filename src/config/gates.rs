@@ -20,7 +20,7 @@ pub enum GateMode {
     Disabled,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatesConfig {
     pub entitlement: EntitlementGate,
@@ -33,7 +33,7 @@ pub struct GatesConfig {
 
 /// Who may change key state: commands on `signer.control.keys` must carry compact JWS
 /// signatures by keys of this operator key set (see docs/security.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlGate {
     /// Operator public keys as a JWKS file...
@@ -108,7 +108,7 @@ impl ControlGate {
 }
 
 /// OpTok (Authority token), DPoP and Proof-of-Entitlement.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EntitlementGate {
     pub mode: GateMode,
@@ -188,7 +188,7 @@ impl EntitlementGate {
 }
 
 /// Proof-of-Entitlement (licence) checks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoeConfig {
     /// Licensing public keys (JWKS) for `format: jwt`.
@@ -221,7 +221,7 @@ impl Default for PoeConfig {
 }
 
 /// Plan quotas.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotaGate {
     pub mode: GateMode,
@@ -273,7 +273,7 @@ pub struct Plan {
 }
 
 /// Scanner release provenance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProvenanceGate {
     pub mode: GateMode,

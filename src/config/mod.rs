@@ -4,6 +4,10 @@
 //! Environment overrides name a key path with `__` between levels, upper case:
 //! `SIGNER_NATS__URL=nats://nats:4222`, `SIGNER_WORKER__MAX_INFLIGHT=512`. A value is read
 //! as a TOML literal when it parses as one (`512`, `true`, `["a","b"]`), else as a string.
+//!
+//! Every table refuses settings it does not know. Validation checks values only and reads no
+//! file (the key factory reads the key files when `serve` starts). [`Config::to_toml`]
+//! writes a configuration that reads back as the same value (tests build theirs that way).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -26,13 +30,20 @@ pub enum ConfigError {
     Env { var: String, reason: String },
     #[error("configuration: {0}")]
     Invalid(String),
+    #[error("configuration: cannot write it as TOML: {0}")]
+    Write(#[source] toml::ser::Error),
 }
 
 pub mod gates;
+pub mod keys;
 
 pub use gates::{
     ControlGate, EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate,
-    QuotaGate, ReplayBackend,
+    QuotaGate, RegistryCredentialsEnv, ReplayBackend,
+};
+pub use keys::{
+    FileKeyConfig, FulcioKeyConfig, KEYLESS_HTTP_TIMEOUT, KEYLESS_RENEW_BEFORE, KeyConfig,
+    MAX_KEY_SESSIONS, PinSource, PivSlot, Pkcs11KeyConfig, Pkcs11Object, YubikeyKeyConfig,
 };
 
 pub(crate) mod duration {
@@ -48,27 +59,10 @@ pub(crate) mod duration {
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
     }
-
-    /// The same for an optional setting.
-    pub mod option {
-        use serde::{Deserializer, Serializer};
-        use std::time::Duration;
-
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => super::serialize(d, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            super::deserialize(d).map(Some)
-        }
-    }
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub nats: NatsConfig,
@@ -77,12 +71,13 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     pub http: HttpConfig,
     pub gates: GatesConfig,
+    #[serde(deserialize_with = "keys::deserialize_keys")]
     pub keys: Vec<KeyConfig>,
     pub profiles: BTreeMap<String, ProfileConfig>,
 }
 
 /// NATS connection, streams, subjects and the durable consumer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// The NATS server, or a comma-separated list of the servers of a cluster
@@ -164,7 +159,7 @@ impl NatsConfig {
 pub const MIN_INLINE_RESULT_BYTES: usize = 16 << 10;
 
 /// How one replica works.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Name in logs, audit events and leases; default `<hostname>-<pid>-<random>`.
@@ -235,7 +230,7 @@ pub enum IdempotencyBackend {
     Jetstream,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdempotencyConfig {
     /// `jetstream` (default, also when `[redis]` is configured) or `redis`.
@@ -267,13 +262,13 @@ impl Default for IdempotencyConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `/metrics`, `/healthz`, `/readyz`; empty to disable.
@@ -293,131 +288,8 @@ impl Default for HttpConfig {
     }
 }
 
-/// Where a key lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeySourceConfig {
-    File,
-    Pkcs11,
-    /// A PIV slot of a YubiKey over PC/SC; needs a build with `--features yubikey`.
-    Yubikey,
-    /// Keyless: an ephemeral key certified by Fulcio for an OIDC identity.
-    Fulcio,
-}
-
-/// The PIV slots a `yubikey` key may name: authentication, signature (the default),
-/// key management and card authentication.
-pub const YUBIKEY_SLOTS: [&str; 4] = ["9a", "9c", "9d", "9e"];
-/// The PIV slot used when a `yubikey` key names none: the digital signature slot.
-pub const YUBIKEY_DEFAULT_SLOT: &str = "9c";
-
-/// One signing key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    pub name: String,
-    pub source: KeySourceConfig,
-    /// `file`: the PKCS#8 PEM private key (mode 0600).
-    pub path: Option<PathBuf>,
-    /// `pkcs11`: the module (default: SoftHSM2's `/usr/lib/softhsm/libsofthsm2.so`).
-    pub module: Option<PathBuf>,
-    /// `pkcs11`: label of the token holding the key.
-    pub token_label: Option<String>,
-    /// `pkcs11`: the key's `CKA_LABEL`...
-    pub key_label: Option<String>,
-    /// ...or its `CKA_ID` in hex.
-    pub key_id: Option<String>,
-    /// `yubikey`: the PIV slot holding the P-256 key, one of `9a`, `9c`, `9d`, `9e`
-    /// (default `9c`, the signature slot).
-    pub slot: Option<String>,
-    /// `yubikey`: serial number of the device to use, needed when more than one YubiKey
-    /// is attached (without it, exactly one must be present).
-    pub serial: Option<u32>,
-    /// `pkcs11`, `yubikey`: user PIN read from this file (trailing newline ignored)...
-    pub pin_file: Option<PathBuf>,
-    /// ...or from this environment variable.
-    pub pin_env: Option<String>,
-    /// How many KeySigner actors serve this key, each with its own backend: for `pkcs11`,
-    /// its own logged-in session, so the token signs that many jobs at once. Accepted for
-    /// every source; 1 to [`MAX_KEY_SESSIONS`], default 1.
-    #[serde(default = "default_sessions")]
-    pub sessions: u32,
-    /// A PEM X.509 chain (leaf first) for this keyful key, reported in
-    /// `signers[].certificateChain`. Its leaf must carry the key's public key.
-    pub certificate_chain: Option<PathBuf>,
-    /// `fulcio`: Fulcio's base URL (the v2 `signingCert` endpoint is under it).
-    pub fulcio_url: Option<String>,
-    /// `fulcio`: the OIDC identity token (a JWT), read again for every new certificate.
-    pub identity_token_file: Option<PathBuf>,
-    /// `fulcio`: an RFC 3161 timestamp authority; every signature gets a timestamp from it.
-    pub tsa_url: Option<String>,
-    /// `fulcio`: a new certificate is requested this long before the current one expires
-    /// (default 1m; Fulcio certificates live 10 minutes).
-    #[serde(default, with = "duration::option")]
-    pub renew_before: Option<Duration>,
-    /// `fulcio`: timeout of each Fulcio and TSA request (default 10s).
-    #[serde(default, with = "duration::option")]
-    pub http_timeout: Option<Duration>,
-    /// `fulcio` (required): the Fulcio roots every certificate must chain to, a Sigstore
-    /// `trusted_root.json` (its `certificateAuthorities`) or a PEM bundle of root and
-    /// intermediate certificates. A certificate that does not chain to them is not used.
-    pub fulcio_roots: Option<PathBuf>,
-}
-
-/// Default of a `fulcio` key's `renew_before`.
-pub const KEYLESS_RENEW_BEFORE: Duration = Duration::from_secs(60);
-/// Default of a `fulcio` key's `http_timeout`.
-pub const KEYLESS_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl KeyConfig {
-    /// A key named `name` from `source` with every optional setting at its default, to be
-    /// completed with struct update syntax (`KeyConfig { path: Some(..), ..KeyConfig::new(..) }`).
-    pub fn new(name: impl Into<String>, source: KeySourceConfig) -> Self {
-        KeyConfig {
-            name: name.into(),
-            source,
-            path: None,
-            module: None,
-            token_label: None,
-            key_label: None,
-            key_id: None,
-            slot: None,
-            serial: None,
-            pin_file: None,
-            pin_env: None,
-            sessions: default_sessions(),
-            certificate_chain: None,
-            fulcio_url: None,
-            identity_token_file: None,
-            tsa_url: None,
-            renew_before: None,
-            http_timeout: None,
-            fulcio_roots: None,
-        }
-    }
-
-    /// The settings of a `fulcio` key (validated: the required fields are present).
-    pub fn keyless(&self) -> Option<crate::keys::keyless::KeylessSettings> {
-        Some(crate::keys::keyless::KeylessSettings {
-            fulcio_url: self.fulcio_url.clone()?,
-            identity_token_file: self.identity_token_file.clone()?,
-            fulcio_roots: self.fulcio_roots.clone()?,
-            tsa_url: self.tsa_url.clone(),
-            renew_before: self.renew_before.unwrap_or(KEYLESS_RENEW_BEFORE),
-            timeout: self.http_timeout.unwrap_or(KEYLESS_HTTP_TIMEOUT),
-        })
-    }
-}
-
-/// The most pool members (`sessions`) one key may have.
-pub const MAX_KEY_SESSIONS: u32 = 64;
-
-fn default_sessions() -> u32 {
-    1
-}
-
 /// A signing profile: the keys that sign, one signature each.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     pub keys: Vec<String>,
@@ -435,6 +307,19 @@ pub struct ProfileConfig {
     /// plan). With both lists, a job must be admitted by both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_plans: Option<BTreeSet<String>>,
+}
+
+impl ProfileConfig {
+    /// A profile signed by `keys`, for every tenant and plan, without refinements.
+    pub fn new<K: Into<String>>(keys: impl IntoIterator<Item = K>) -> Self {
+        ProfileConfig {
+            keys: keys.into_iter().map(Into::into).collect(),
+            tenants: BTreeMap::new(),
+            plans: BTreeMap::new(),
+            allow_tenants: None,
+            allow_plans: None,
+        }
+    }
 }
 
 impl Config {
@@ -460,6 +345,11 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The configuration as TOML text that [`Config::from_toml`] reads back as `self`.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(ConfigError::Write)
+    }
+
     /// Parses TOML text and applies overrides without validating (for the client
     /// commands, which need only the [nats] section and never load keys).
     pub fn parse(
@@ -473,7 +363,9 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
     }
 
-    /// Checks what serde cannot: URLs, key files, profiles, limits.
+    /// Checks the values serde cannot: URLs, names, profiles, limits. Reads no file: key
+    /// files, chains and Fulcio roots are checked by the key factory
+    /// (`keys::factory::ConfiguredKeys::check`) when `serve` starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.nats.servers().is_empty() {
@@ -563,137 +455,27 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for key in &self.keys {
-            if !names.insert(key.name.as_str()) {
-                return invalid(format!("key {:?} is configured twice", key.name));
+            let name = key.name();
+            if !names.insert(name) {
+                return invalid(format!("key {name:?} is configured twice"));
             }
-            if !(1..=MAX_KEY_SESSIONS).contains(&key.sessions) {
+            if !(1..=MAX_KEY_SESSIONS).contains(&key.sessions()) {
                 return invalid(format!(
-                    "key {:?}: sessions = {} is out of range (1 to {MAX_KEY_SESSIONS})",
-                    key.name, key.sessions
+                    "key {name:?}: sessions = {} is out of range (1 to {MAX_KEY_SESSIONS})",
+                    key.sessions()
                 ));
             }
-            match key.source {
-                KeySourceConfig::File => {
-                    let Some(path) = &key.path else {
-                        return invalid(format!("key {:?}: source \"file\" needs path", key.name));
-                    };
-                    let loaded = crate::keys::file::FileKey::load(path, &key.name)
-                        .map_err(|e| ConfigError::Invalid(format!("key {:?}: {e}", key.name)))?;
-                    if let Some(chain) = &key.certificate_chain {
-                        use signer_actors::keys::KeySigner as _;
-                        crate::keys::certified::load_chain(chain, &loaded.identity()).map_err(
-                            |e| ConfigError::Invalid(format!("key {:?}: {e}", key.name)),
-                        )?;
-                    }
+            // What each source needs is in its type; its files (and Fulcio) are the key
+            // factory's to read.
+            if let KeyConfig::Fulcio(k) = key {
+                check_url(
+                    &k.fulcio_url,
+                    &["http", "https"],
+                    &format!("key {name:?}: fulcio_url"),
+                )?;
+                if let Some(tsa) = &k.tsa_url {
+                    check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
                 }
-                // The token may be unreachable at startup: only the settings are checked here;
-                // the Keyring keeps retrying and /readyz says which key is not loaded.
-                KeySourceConfig::Pkcs11 => {
-                    if key.token_label.is_none() {
-                        return invalid(format!(
-                            "key {:?}: source \"pkcs11\" needs token_label",
-                            key.name
-                        ));
-                    }
-                    if key.key_label.is_none() == key.key_id.is_none() {
-                        return invalid(format!(
-                            "key {:?}: source \"pkcs11\" needs exactly one of key_label or key_id",
-                            key.name
-                        ));
-                    }
-                    if key.pin_file.is_none() == key.pin_env.is_none() {
-                        return invalid(format!(
-                            "key {:?}: source \"pkcs11\" needs exactly one of pin_file or pin_env",
-                            key.name
-                        ));
-                    }
-                }
-                // As for pkcs11: the device may be absent at startup (or the build may lack
-                // the feature), so only the settings are checked; the Keyring reports the rest.
-                KeySourceConfig::Yubikey => {
-                    if let Some(slot) = &key.slot
-                        && !YUBIKEY_SLOTS.contains(&slot.to_ascii_lowercase().as_str())
-                    {
-                        return invalid(format!(
-                            "key {:?}: slot {slot:?} is not a PIV key slot ({})",
-                            key.name,
-                            YUBIKEY_SLOTS.join(", ")
-                        ));
-                    }
-                    if key.pin_file.is_none() == key.pin_env.is_none() {
-                        return invalid(format!(
-                            "key {:?}: source \"yubikey\" needs exactly one of pin_file or pin_env",
-                            key.name
-                        ));
-                    }
-                    if key.path.is_some()
-                        || key.module.is_some()
-                        || key.token_label.is_some()
-                        || key.key_label.is_some()
-                        || key.key_id.is_some()
-                    {
-                        return invalid(format!(
-                            "key {:?}: source \"yubikey\" takes slot, serial and a PIN, not \
-                             path, module, token_label, key_label or key_id \
-                             (for ykcs11 use source \"pkcs11\")",
-                            key.name
-                        ));
-                    }
-                }
-                // Fulcio may be down at startup: the settings are checked here, the Keyring
-                // retries the first certificate and /readyz says the key is not loaded.
-                KeySourceConfig::Fulcio => {
-                    let name = &key.name;
-                    let (Some(url), Some(_)) = (&key.fulcio_url, &key.identity_token_file) else {
-                        return invalid(format!(
-                            "key {name:?}: source \"fulcio\" needs fulcio_url and identity_token_file"
-                        ));
-                    };
-                    check_url(
-                        url,
-                        &["http", "https"],
-                        &format!("key {name:?}: fulcio_url"),
-                    )?;
-                    // Mandatory: without a root the signer would sign with whatever
-                    // certificate the network answered with. Read now so a wrong path or
-                    // file stops startup (the key reads it again whenever it loads).
-                    let Some(roots) = &key.fulcio_roots else {
-                        return invalid(format!(
-                            "key {name:?}: source \"fulcio\" needs fulcio_roots, the Fulcio \
-                             trusted_root.json (or a PEM bundle of its roots) its certificates \
-                             must chain to"
-                        ));
-                    };
-                    crate::keys::fulcio_trust::FulcioTrust::load(roots)
-                        .map_err(|e| ConfigError::Invalid(format!("key {name:?}: {e}")))?;
-                    if let Some(tsa) = &key.tsa_url {
-                        check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
-                    }
-                    if key.path.is_some()
-                        || key.module.is_some()
-                        || key.pin_file.is_some()
-                        || key.pin_env.is_some()
-                        || key.certificate_chain.is_some()
-                    {
-                        return invalid(format!(
-                            "key {name:?}: source \"fulcio\" has no key file, module, PIN or \
-                             configured chain (Fulcio issues the certificate)"
-                        ));
-                    }
-                }
-            }
-            let keyless_only = key.fulcio_url.is_some()
-                || key.identity_token_file.is_some()
-                || key.tsa_url.is_some()
-                || key.renew_before.is_some()
-                || key.http_timeout.is_some()
-                || key.fulcio_roots.is_some();
-            if keyless_only && key.source != KeySourceConfig::Fulcio {
-                return invalid(format!(
-                    "key {:?}: fulcio_url, identity_token_file, fulcio_roots, tsa_url, \
-                     renew_before and http_timeout belong to source \"fulcio\"",
-                    key.name
-                ));
             }
         }
         if !self.profiles.contains_key("default") {
@@ -881,23 +663,17 @@ fn apply_env(
 mod tests {
     use super::*;
 
-    fn key_file(dir: &Path) -> PathBuf {
-        crate::keys::file::FileKey::generate(signer_actors::keys::KeyAlgorithm::Ed25519, dir, "k")
-            .unwrap()
-            .private_key
-    }
+    /// One file key `k` (never read: validation reads no file) and the default profile.
+    const BASE: &str = "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"/nonexistent/k.key\"\n\n\
+        [profiles.default]\nkeys = [\"k\"]\n";
 
-    fn base(dir: &Path) -> String {
-        format!(
-            "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"{}\"\n\n[profiles.default]\nkeys = [\"k\"]\n",
-            key_file(dir).display()
-        )
+    fn base() -> String {
+        BASE.to_string()
     }
 
     #[test]
     fn defaults_env_overrides_and_validation() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let cfg = Config::from_toml(&text, []).unwrap();
         assert_eq!(cfg.nats.url, "nats://127.0.0.1:4222");
         assert_eq!(
@@ -922,8 +698,7 @@ mod tests {
 
     #[test]
     fn blob_bucket_and_large_artefact_limits_default_parse_and_are_validated() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let cfg = Config::from_toml(&text, []).unwrap();
         assert_eq!(cfg.nats.blobs_bucket, "SIGNER_BLOBS");
         assert_eq!(cfg.nats.blobs_max_age, Duration::from_secs(7 * 24 * 3600));
@@ -960,8 +735,7 @@ mod tests {
 
     #[test]
     fn max_queue_age_defaults_to_a_day_parses_humantime_and_must_be_positive() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let cfg = Config::from_toml(&text, []).unwrap();
         assert_eq!(cfg.worker.max_queue_age, Duration::from_secs(24 * 3600));
         let env = |v: &str| [("SIGNER_WORKER__MAX_QUEUE_AGE".to_string(), v.to_string())];
@@ -977,8 +751,7 @@ mod tests {
 
     #[test]
     fn the_idempotency_lease_is_its_own_setting_of_at_least_a_second() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let cfg = Config::from_toml(&text, []).unwrap();
         assert_eq!(cfg.idempotency.lease, Duration::from_secs(30));
         let env = |v: &str| [("SIGNER_IDEMPOTENCY__LEASE".to_string(), v.to_string())];
@@ -999,8 +772,7 @@ mod tests {
 
     #[test]
     fn nats_url_may_list_the_servers_of_a_cluster() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let env = |v: &str| [("SIGNER_NATS__URL".to_string(), v.to_string())];
         let cfg =
             Config::from_toml(&text, env("nats://a:4222, nats://b:4223,nats://c:4224")).unwrap();
@@ -1025,8 +797,7 @@ mod tests {
 
     #[test]
     fn mistakes_are_reported_with_a_clear_message() {
-        let dir = tempfile::tempdir().unwrap();
-        let text = base(dir.path());
+        let text = base();
         let err = |t: &str, env: Vec<(String, String)>| {
             Config::from_toml(t, env).unwrap_err().to_string()
         };
@@ -1037,11 +808,16 @@ mod tests {
         assert!(
             err(&text, vec![("SIGNER_NATS__URL".into(), "http//x".into())]).contains("nats.url")
         );
-        assert!(err(&text.replace(".key\"", ".missing\""), vec![]).contains("key \"k\""));
-        assert!(
-            err(&text.replace("keys = [\"k\"]", "keys = [\"nope\"]"), vec![])
-                .contains("unknown key \"nope\"")
-        );
+        let mut unknown = Config::from_toml(&text, []).unwrap();
+        unknown
+            .profiles
+            .insert("default".into(), ProfileConfig::new(["nope"]));
+        let e = unknown.validate().unwrap_err().to_string();
+        assert!(e.contains("unknown key \"nope\""), "{e}");
+        let mut twice = Config::from_toml(&text, []).unwrap();
+        twice.keys.push(twice.keys[0].clone());
+        let e = twice.validate().unwrap_err().to_string();
+        assert!(e.contains("key \"k\" is configured twice"), "{e}");
         assert!(
             err(
                 &format!("{text}\n[idempotency]\nbackend = \"redis\"\n"),
@@ -1051,10 +827,126 @@ mod tests {
         );
     }
 
+    /// A configuration with every optional section present and a key of every source.
+    fn everything() -> Config {
+        let mut cfg = Config::from_toml(&base(), []).unwrap();
+        cfg.redis = Some(RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+        });
+        cfg.worker.id = Some("w".into());
+        cfg.idempotency.backend = Some(IdempotencyBackend::Redis);
+        cfg.gates.control = Some(ControlGate {
+            jwks_file: Some("/ops.json".into()),
+            ..ControlGate::default()
+        });
+        cfg.gates.quota.plans.insert(
+            "team".into(),
+            Plan {
+                requests_per_second: 1.5,
+                burst: 2,
+                max_concurrent: 3,
+                max_payload_bytes: 4,
+                daily_cap: 5,
+                max_signatures_per_request: Some(6),
+            },
+        );
+        cfg.gates.provenance.registry_credentials = vec![RegistryCredentialsEnv {
+            registry: "registry.example".into(),
+            username_env: "U".into(),
+            password_env: "P".into(),
+        }];
+        cfg.keys.push(
+            Pkcs11KeyConfig {
+                module: Some("/m.so".into()),
+                ..Pkcs11KeyConfig::new(
+                    "hsm",
+                    "t",
+                    Pkcs11Object::Id(vec![1, 2]),
+                    PinSource::Env("P".into()),
+                )
+            }
+            .into(),
+        );
+        cfg.keys.push(
+            YubikeyKeyConfig {
+                serial: Some(7),
+                ..YubikeyKeyConfig::new("yk", PinSource::File("/pin".into()))
+            }
+            .into(),
+        );
+        cfg.keys.push(
+            FulcioKeyConfig {
+                tsa_url: Some("https://tsa.example".into()),
+                ..FulcioKeyConfig::new("kl", "https://fulcio.example", "/t", "/r.json")
+            }
+            .into(),
+        );
+        let mut multi = ProfileConfig::new(["k", "hsm"]);
+        multi.tenants.insert("acme".into(), vec!["kl".into()]);
+        multi.plans.insert("team".into(), vec!["yk".into()]);
+        multi.allow_plans = Some(["team".to_string()].into());
+        multi.allow_tenants = Some(["acme".to_string()].into());
+        cfg.profiles.insert("multi".into(), multi);
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    #[test]
+    fn a_configuration_written_as_toml_reads_back_the_same() {
+        for cfg in [Config::from_toml(&base(), []).unwrap(), everything()] {
+            let text = cfg.to_toml().unwrap();
+            assert_eq!(Config::from_toml(&text, []).unwrap(), cfg, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_setting_in_any_section_is_an_error_naming_it() {
+        let full: toml::Table = toml::from_str(&everything().to_toml().unwrap()).unwrap();
+        let sections = [
+            "",
+            "nats",
+            "worker",
+            "idempotency",
+            "redis",
+            "http",
+            "gates",
+            "gates.entitlement",
+            "gates.entitlement.poe",
+            "gates.quota",
+            "gates.quota.plans.team",
+            "gates.provenance",
+            "gates.provenance.registry_credentials.0",
+            "gates.control",
+            "keys.0",
+            "keys.1",
+            "keys.2",
+            "keys.3",
+            "profiles.multi",
+        ];
+        for section in sections {
+            let mut doc = toml::Value::Table(full.clone());
+            let mut at = &mut doc;
+            for step in section.split('.').filter(|s| !s.is_empty()) {
+                at = match step.parse::<usize>() {
+                    Ok(i) => at.get_mut(i),
+                    Err(_) => at.get_mut(step),
+                }
+                .expect(section);
+            }
+            let table = at.as_table_mut().expect(section);
+            table.insert("bogus_setting".into(), toml::Value::Integer(1));
+            let text = toml::to_string(&doc).unwrap();
+            let err = Config::from_toml(&text, []).unwrap_err().to_string();
+            assert!(
+                err.contains("unknown field `bogus_setting`"),
+                "[{section}]: {err}"
+            );
+        }
+    }
+
     #[test]
     fn replay_and_idempotency_records_default_to_jetstream_even_with_redis() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = base(dir.path());
+        let plain = base();
         let text = format!("{plain}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
         let cfg = Config::from_toml(&text, []).unwrap();
         assert_eq!(cfg.idempotency_backend(), IdempotencyBackend::Jetstream);
@@ -1109,22 +1001,10 @@ mod profile_and_keyless_tests {
     use super::*;
     use signer_actors::profiles::{NoAssignments, Scope};
 
-    /// A configuration with a file key `k` and `extra`, where `@ROOTS@` is the path of a
-    /// PEM file holding a (generated) Fulcio root.
+    /// A configuration with a file key `k` (never read) and `extra`.
     fn with(extra: &str) -> Result<Config, String> {
-        let dir = tempfile::tempdir().unwrap();
-        let key = crate::keys::file::FileKey::generate(
-            signer_actors::keys::KeyAlgorithm::Ed25519,
-            dir.path(),
-            "k",
-        )
-        .unwrap();
-        let roots = dir.path().join("fulcio.pem");
-        std::fs::write(&roots, crate::keys::fulcio_trust::test_root_pem()).unwrap();
-        let extra = extra.replace("@ROOTS@", &roots.display().to_string());
         let text = format!(
-            "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"{}\"\n\n{extra}",
-            key.private_key.display()
+            "[[keys]]\nname = \"k\"\nsource = \"file\"\npath = \"/nonexistent/k.key\"\n\n{extra}"
         );
         Config::from_toml(&text, []).map_err(|e| e.to_string())
     }
@@ -1135,7 +1015,7 @@ mod profile_and_keyless_tests {
     fn profiles_refine_per_tenant_and_plan() {
         let cfg = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
-             fulcio_roots = \"@ROOTS@\"\n\
+             fulcio_roots = \"/roots/fulcio.pem\"\n\
              [profiles.default]\nkeys = [\"k\"]\n\
              [profiles.default.tenants]\nacme = [\"kl\"]\n\
              [profiles.default.plans]\nenterprise = [\"kl\", \"k\"]\n"
@@ -1231,60 +1111,44 @@ mod profile_and_keyless_tests {
     }
 
     #[test]
-    fn keyless_keys_need_fulcio_and_a_token_and_nothing_of_keyful_keys() {
+    fn keyless_keys_are_validated_without_reading_their_files_or_asking_fulcio() {
         let ok = with(&format!(
             "{FULCIO}fulcio_url = \"https://fulcio.example\"\nidentity_token_file = \"/t\"\n\
-             fulcio_roots = \"@ROOTS@\"\n\
+             fulcio_roots = \"/nonexistent/r.json\"\n\
              tsa_url = \"https://tsa.example/api/v1/timestamp\"\nrenew_before = \"2m\"\n\
              [profiles.default]\nkeys = [\"kl\"]\n"
         ))
         .unwrap();
-        let settings = ok.keys[1].keyless().unwrap();
-        assert_eq!(settings.renew_before, Duration::from_secs(120));
-        assert_eq!(settings.timeout, KEYLESS_HTTP_TIMEOUT);
-        assert!(settings.tsa_url.is_some());
-        assert!(settings.fulcio_roots.ends_with("fulcio.pem"));
+        let KeyConfig::Fulcio(k) = &ok.keys[1] else {
+            panic!("{:?}", ok.keys[1])
+        };
+        assert_eq!(k.renew_before, Duration::from_secs(120));
+        assert_eq!(k.http_timeout, KEYLESS_HTTP_TIMEOUT);
+        assert!(k.tsa_url.is_some());
 
         let err = |k: &str| {
             with(&format!("{FULCIO}{k}[profiles.default]\nkeys = [\"kl\"]\n")).unwrap_err()
         };
+        const ROOTS: &str = "fulcio_roots = \"/r.json\"\n";
+        let e = err("fulcio_url = \"https://f\"\n");
         assert!(
-            err("fulcio_url = \"https://f\"\n")
-                .contains("needs fulcio_url and identity_token_file")
+            e.contains("keys[1] (key \"kl\")") && e.contains("missing field `identity_token_file`"),
+            "{e}"
         );
-        const ROOTS: &str = "fulcio_roots = \"@ROOTS@\"\n";
-        assert!(
-            err(&format!(
-                "fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n{ROOTS}"
-            ))
-            .contains("fulcio_url")
-        );
-        assert!(
-            err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n")
-                .contains("needs fulcio_roots"),
-            "the Fulcio root is mandatory"
-        );
-        let unreadable = err(
-            "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\nfulcio_roots = \"/nonexistent/r.json\"\n",
-        );
-        assert!(
-            unreadable.contains("fulcio_roots /nonexistent/r.json"),
-            "read at startup: {unreadable}"
-        );
-        assert!(
-            err(&format!(
-                "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}tsa_url = \"x\"\n"
-            ))
-            .contains("tsa_url")
-        );
-        assert!(
-            err(&format!(
-                "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}pin_env = \"P\"\n"
-            ))
-            .contains("Fulcio issues the certificate")
-        );
-        let keyful = with("[profiles.default]\nkeys = [\"k\"]\n");
-        assert!(keyful.is_ok());
+        let e = err("fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n");
+        assert!(e.contains("missing field `fulcio_roots`"), "mandatory: {e}");
+        let e = err(&format!(
+            "fulcio_url = \"ftp://f\"\nidentity_token_file = \"/t\"\n{ROOTS}"
+        ));
+        assert!(e.contains("key \"kl\": fulcio_url \"ftp://f\""), "{e}");
+        let e = err(&format!(
+            "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}tsa_url = \"x\"\n"
+        ));
+        assert!(e.contains("key \"kl\": tsa_url"), "{e}");
+        let e = err(&format!(
+            "fulcio_url = \"https://f\"\nidentity_token_file = \"/t\"\n{ROOTS}pin_env = \"P\"\n"
+        ));
+        assert!(e.contains("unknown field `pin_env`"), "{e}");
         let misplaced = Config::from_toml(
             "[[keys]]\nname = \"h\"\nsource = \"pkcs11\"\ntoken_label = \"t\"\nkey_label = \"l\"\n\
              pin_env = \"P\"\ntsa_url = \"https://tsa\"\n[profiles.default]\nkeys = [\"h\"]\n",
@@ -1293,7 +1157,8 @@ mod profile_and_keyless_tests {
         .unwrap_err()
         .to_string();
         assert!(
-            misplaced.contains("belong to source \"fulcio\""),
+            misplaced.contains("keys[0] (key \"h\")")
+                && misplaced.contains("unknown field `tsa_url`"),
             "{misplaced}"
         );
     }

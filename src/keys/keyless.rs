@@ -57,6 +57,19 @@ pub struct KeylessSettings {
     pub fulcio_roots: PathBuf,
 }
 
+impl From<&crate::config::FulcioKeyConfig> for KeylessSettings {
+    fn from(k: &crate::config::FulcioKeyConfig) -> Self {
+        KeylessSettings {
+            fulcio_url: k.fulcio_url.clone(),
+            identity_token_file: k.identity_token_file.clone(),
+            tsa_url: k.tsa_url.clone(),
+            renew_before: k.renew_before,
+            timeout: k.http_timeout,
+            fulcio_roots: k.fulcio_roots.clone(),
+        }
+    }
+}
+
 /// Where a keyless key records the certificates it obtains and learns which are revoked:
 /// the shared key bucket (`SIGNER_KEYS`) in `serve`.
 #[async_trait]

@@ -27,7 +27,7 @@ use signer_actors::keys::{
     KeyAlgorithm, KeyError, KeySignature, KeySigner, KeySource, PublicKey, SignerIdentity,
 };
 
-use crate::config::KeyConfig;
+use crate::config::{Pkcs11KeyConfig, Pkcs11Object};
 
 /// The module used when a key names none: Debian's SoftHSM2.
 pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -136,8 +136,8 @@ fn unavailable(what: impl std::fmt::Display) -> impl FnOnce(CkError) -> KeyError
 }
 
 /// Where the PIN comes from.
-fn read_pin(name: &str, cfg: &KeyConfig) -> Result<AuthPin, KeyError> {
-    super::pin::read_pin(name, cfg).map(AuthPin::from)
+fn read_pin(name: &str, cfg: &Pkcs11KeyConfig) -> Result<AuthPin, KeyError> {
+    super::pin::read_pin(name, &cfg.pin).map(AuthPin::from)
 }
 
 /// Strips a DER OCTET STRING header (short or long form length) when `der` is exactly one.
@@ -276,15 +276,12 @@ impl Pkcs11Key {
     /// Opens a session on the configured token, logs in and finds the key pair. Blocking
     /// (module calls and the PIN file); every failure is [`KeyError::Unavailable`], so the
     /// Keyring retries.
-    pub fn open(name: &str, cfg: &KeyConfig) -> Result<Self, KeyError> {
+    pub fn open(name: &str, cfg: &Pkcs11KeyConfig) -> Result<Self, KeyError> {
         let module = cfg
             .module
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
-        let token_label = cfg
-            .token_label
-            .as_deref()
-            .ok_or_else(|| KeyError::Unavailable(format!("key {name}: no token_label")))?;
+        let token_label = cfg.token_label.as_str();
         let ctx = context(&module)?;
         let slot = ctx
             .get_slots_with_token()
@@ -310,16 +307,9 @@ impl Pkcs11Key {
             Err(e) => return Err(unavailable(format_args!("key {name}: login"))(e)),
         }
 
-        let selector = if let Some(label) = &cfg.key_label {
-            Attribute::Label(label.as_bytes().to_vec())
-        } else if let Some(id) = &cfg.key_id {
-            Attribute::Id(hex::decode(id).map_err(|_| {
-                KeyError::Unavailable(format!("key {name}: key_id {id:?} is not hex"))
-            })?)
-        } else {
-            return Err(KeyError::Unavailable(format!(
-                "key {name}: neither key_label nor key_id is set"
-            )));
+        let selector = match &cfg.object {
+            Pkcs11Object::Label(label) => Attribute::Label(label.as_bytes().to_vec()),
+            Pkcs11Object::Id(id) => Attribute::Id(id.clone()),
         };
         let find_one = |class: ObjectClass, what: &str| -> Result<ObjectHandle, KeyError> {
             let found = session

@@ -28,7 +28,7 @@ use signer_actors::keys::{
 use yubikey::piv::{self, AlgorithmId, SlotId};
 use yubikey::{Certificate, Serial, YubiKey};
 
-use crate::config::{KeyConfig, YUBIKEY_DEFAULT_SLOT};
+use crate::config::{PivSlot, YubikeyKeyConfig};
 use crate::keys::pkcs11::ecdsa_raw_to_der;
 
 /// OID of id-ecPublicKey.
@@ -36,14 +36,13 @@ const ID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 /// OID of prime256v1 (P-256).
 const PRIME256V1: &str = "1.2.840.10045.3.1.7";
 
-/// The PIV slot named by `9a`, `9c`, `9d` or `9e` (any case).
-pub fn parse_slot(slot: &str) -> Option<SlotId> {
-    match slot.to_ascii_lowercase().as_str() {
-        "9a" => Some(SlotId::Authentication),
-        "9c" => Some(SlotId::Signature),
-        "9d" => Some(SlotId::KeyManagement),
-        "9e" => Some(SlotId::CardAuthentication),
-        _ => None,
+/// The device's slot for a configured one.
+pub fn slot_id(slot: PivSlot) -> SlotId {
+    match slot {
+        PivSlot::Authentication => SlotId::Authentication,
+        PivSlot::Signature => SlotId::Signature,
+        PivSlot::KeyManagement => SlotId::KeyManagement,
+        PivSlot::CardAuthentication => SlotId::CardAuthentication,
     }
 }
 
@@ -74,8 +73,8 @@ impl Drop for Pin {
 }
 
 /// Reads the PIN from `pin_file` or `pin_env` (trailing newline ignored).
-fn read_pin(name: &str, cfg: &KeyConfig) -> Result<Pin, KeyError> {
-    super::pin::read_pin(name, cfg).map(|pin| Pin(pin.into_bytes()))
+fn read_pin(name: &str, cfg: &YubikeyKeyConfig) -> Result<Pin, KeyError> {
+    super::pin::read_pin(name, &cfg.pin).map(|pin| Pin(pin.into_bytes()))
 }
 
 /// The P-256 public key a certificate certifies, or `None` for any other key type.
@@ -163,13 +162,9 @@ impl YubiKeySigner {
     /// Opens the configured YubiKey, verifies the PIN and reads the slot's public key.
     /// Blocking (PC/SC calls and the PIN file); every failure is [`KeyError::Unavailable`],
     /// so the Keyring retries.
-    pub fn open(name: &str, cfg: &KeyConfig) -> Result<Self, KeyError> {
-        let slot_name = cfg.slot.as_deref().unwrap_or(YUBIKEY_DEFAULT_SLOT);
-        let slot = parse_slot(slot_name).ok_or_else(|| {
-            KeyError::Unavailable(format!(
-                "key {name}: slot {slot_name:?} is not a PIV key slot (9a, 9c, 9d, 9e)"
-            ))
-        })?;
+    pub fn open(name: &str, cfg: &YubikeyKeyConfig) -> Result<Self, KeyError> {
+        let slot_name = cfg.slot.as_str();
+        let slot = slot_id(cfg.slot);
         let pin = read_pin(name, cfg)?;
 
         let which = match cfg.serial {
@@ -310,7 +305,7 @@ impl KeySigner for YubiKeySigner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeySourceConfig;
+    use crate::config::PinSource;
 
     /// A self-signed P-256 certificate (openssl), and its SubjectPublicKeyInfo in hex.
     const P256_CERT: &str = "-----BEGIN CERTIFICATE-----
@@ -345,31 +340,28 @@ cANBAG+4VUYBz2irUJZ3gcy9cZgfS2n88Qd+SLd7vmgqva8p4Oq7Jl385ccOeXFu
         (Certificate::from_bytes(der.clone()).unwrap(), der)
     }
 
-    fn key_config(serial: Option<u32>, pin_file: &std::path::Path) -> KeyConfig {
-        KeyConfig {
-            slot: Some("9c".into()),
+    fn key_config(serial: Option<u32>, pin_file: &std::path::Path) -> YubikeyKeyConfig {
+        YubikeyKeyConfig {
             serial,
-            pin_file: Some(pin_file.to_path_buf()),
-            ..KeyConfig::new("yk", KeySourceConfig::Yubikey)
+            ..YubikeyKeyConfig::new("yk", PinSource::File(pin_file.to_path_buf()))
         }
     }
 
     #[test]
-    fn slots_are_the_four_piv_key_slots() {
-        assert_eq!(parse_slot("9c"), Some(SlotId::Signature));
-        assert_eq!(parse_slot("9A"), Some(SlotId::Authentication));
-        assert_eq!(parse_slot("9d"), Some(SlotId::KeyManagement));
-        assert_eq!(parse_slot("9e"), Some(SlotId::CardAuthentication));
-        assert_eq!(parse_slot(YUBIKEY_DEFAULT_SLOT), Some(SlotId::Signature));
-        for bad in ["f9", "82", "9b", ""] {
-            assert_eq!(parse_slot(bad), None, "{bad}");
-        }
-        for slot in crate::config::YUBIKEY_SLOTS {
-            assert!(
-                parse_slot(slot).is_some(),
-                "config accepts {slot}, so must we"
-            );
-        }
+    fn every_configured_slot_is_its_piv_key_slot() {
+        let slots: Vec<_> = PivSlot::ALL.into_iter().map(slot_id).collect();
+        assert_eq!(
+            slots,
+            [
+                SlotId::Authentication,
+                SlotId::Signature,
+                SlotId::KeyManagement,
+                SlotId::CardAuthentication
+            ]
+        );
+        assert_eq!(slot_id(PivSlot::default()), SlotId::Signature);
+        let names: Vec<_> = PivSlot::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["9a", "9c", "9d", "9e"]);
     }
 
     #[test]
@@ -462,13 +454,5 @@ cANBAG+4VUYBz2irUJZ3gcy9cZgfS2n88Qd+SLd7vmgqva8p4Oq7Jl385ccOeXFu
         };
         assert!(m.contains("PC/SC") && m.contains("pcscd"), "{m}");
         assert!(m.contains("serial 1"), "{m}");
-
-        let mut bad_slot = key_config(None, &pin);
-        bad_slot.slot = Some("f9".into());
-        let err = YubiKeySigner::open("yk", &bad_slot).unwrap_err();
-        assert!(
-            matches!(&err, KeyError::Unavailable(m) if m.contains("\"f9\"")),
-            "{err:?}"
-        );
     }
 }

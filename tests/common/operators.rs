@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use stella_signer::config::ControlGate;
 use stella_signer::control::command::command_digest;
 use stella_signer::control::sign::{OperatorKey, add_signature};
 use stella_signer::control::{CONTROL_TOKEN_TYPE, ControlEnvelope};
@@ -64,14 +65,16 @@ impl Operators {
     /// A test stack (see [`Stack::new`]) whose `[gates.control]` trusts these operators and
     /// needs `required` of them; its jti bucket is the stack's `<ID>_JTI` (deleted by
     /// [`Stack::cleanup`]).
-    pub fn stack(&self, tag: &str, extra: &str, required: u32) -> Stack {
-        let control = format!(
-            "\n[gates.control]\njwks_file = \"{}\"\nrequired_signatures = {required}\njti_bucket = \"@JTI@\"\n",
-            self.jwks.display()
-        );
-        let stack = Stack::new(tag, &format!("{extra}{control}"));
-        let text = std::fs::read_to_string(&stack.config).unwrap();
-        std::fs::write(&stack.config, text.replace("@JTI@", &stack.stream("JTI"))).unwrap();
+    pub fn stack(&self, tag: &str, required: u32) -> Stack {
+        let stack = Stack::new(tag);
+        stack.configure(|c| {
+            c.gates.control = Some(ControlGate {
+                jwks_file: Some(self.jwks.clone()),
+                required_signatures: required,
+                jti_bucket: stack.stream("JTI"),
+                ..ControlGate::default()
+            })
+        });
         stack
     }
 

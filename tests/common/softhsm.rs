@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use signer_actors::keys::KeyAlgorithm;
-use stella_signer::config::{KeyConfig, KeySourceConfig};
+use stella_signer::config::{PinSource, Pkcs11KeyConfig, Pkcs11Object};
 use stella_signer::keys::pkcs11::{DEFAULT_MODULE, create_token_key};
 
 pub const PIN: &str = "1234";
@@ -155,29 +155,22 @@ impl SoftHsm {
         .map_err(|e| e.to_string())
     }
 
-    /// The `[[keys]]` entry of a token key, as `serve` reads it.
+    /// The `[[keys]]` entry of a token key, as `serve` reads it (`.into()` a `KeyConfig`).
     pub fn key_config(
         &self,
         name: &str,
         token: &str,
         key_label: &str,
         pin_file: &Path,
-    ) -> KeyConfig {
-        KeyConfig {
+    ) -> Pkcs11KeyConfig {
+        Pkcs11KeyConfig {
             module: Some(self.module.clone()),
-            token_label: Some(token.into()),
-            key_label: Some(key_label.into()),
-            pin_file: Some(pin_file.to_path_buf()),
-            ..KeyConfig::new(name, KeySourceConfig::Pkcs11)
+            ..Pkcs11KeyConfig::new(
+                name,
+                token,
+                Pkcs11Object::Label(key_label.into()),
+                PinSource::File(pin_file.to_path_buf()),
+            )
         }
-    }
-
-    /// The same entry as TOML.
-    pub fn key_toml(&self, name: &str, token: &str, key_label: &str, pin_file: &Path) -> String {
-        format!(
-            "\n[[keys]]\nname = \"{name}\"\nsource = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{token}\"\nkey_label = \"{key_label}\"\npin_file = \"{}\"\n",
-            self.module.display(),
-            pin_file.display()
-        )
     }
 }

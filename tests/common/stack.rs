@@ -11,11 +11,39 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use signer_actors::keys::{KeyAlgorithm, PublicKey};
+use stella_signer::config::{
+    Config, FileKeyConfig, GateMode, GatesConfig, Plan, ProfileConfig, RedisConfig,
+};
 use stella_signer::keys::file::FileKey;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
-const DISABLED_GATES: &str = "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n";
+/// Every gate disabled: what [`Stack::new`] runs with.
+pub fn disabled_gates() -> GatesConfig {
+    let mut gates = GatesConfig::default();
+    gates.entitlement.mode = GateMode::Disabled;
+    gates.quota.mode = GateMode::Disabled;
+    gates.provenance.mode = GateMode::Disabled;
+    gates
+}
+
+/// A quota plan of `requests_per_second`, `burst` and `max_concurrent`, for payloads up to
+/// 1 MiB, with no daily or per-request cap.
+pub fn plan(requests_per_second: f64, burst: u32, max_concurrent: u32) -> Plan {
+    Plan {
+        requests_per_second,
+        burst,
+        max_concurrent,
+        max_payload_bytes: 1 << 20,
+        daily_cap: 0,
+        max_signatures_per_request: None,
+    }
+}
+
+/// `[redis]` at `url`.
+pub fn redis_at(url: impl Into<String>) -> Option<RedisConfig> {
+    Some(RedisConfig { url: url.into() })
+}
 
 /// One result message as a consumer sees it.
 #[derive(Debug, Clone)]
@@ -58,17 +86,18 @@ fn unique_id(tag: &str) -> String {
 
 impl Stack {
     /// A deployment with an ECDSA and an Ed25519 key (profiles `default` = ECDSA, `ed` =
-    /// Ed25519, `multi` = both) and gates disabled. `extra` is appended to the TOML.
-    pub fn new(tag: &str, extra: &str) -> Stack {
-        Self::with_gates(tag, DISABLED_GATES, extra)
+    /// Ed25519, `multi` = both) and gates disabled. Change it with [`Stack::configure`].
+    pub fn new(tag: &str) -> Stack {
+        Self::with_gates(tag, disabled_gates())
     }
 
-    /// Like [`Stack::new`] with `gates` as the `[gates.*]` configuration.
-    pub fn with_gates(tag: &str, gates: &str, extra: &str) -> Stack {
+    /// Like [`Stack::new`] with `gates` as the `[gates]` configuration; the quota buckets and
+    /// DPoP replay records in Redis get prefixes of the stack's own (`<id>:quota:`,
+    /// `<id>:dpop:`).
+    pub fn with_gates(tag: &str, gates: GatesConfig) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let id = unique_id(tag);
         let prefix = format!("{id}.");
-        let upper = id.to_ascii_uppercase();
         let ec = FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, dir.path(), "ec").unwrap();
         let ed = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "ed").unwrap();
         let public_keys = [&ec, &ed]
@@ -76,84 +105,69 @@ impl Stack {
             .map(|g| PublicKey::from_pem(&std::fs::read_to_string(&g.public_key).unwrap()).unwrap())
             .collect();
         let config = dir.path().join("signer.toml");
-        let text = format!(
-            r#"
-[nats]
-url = "{NATS_URL}"
-subject_prefix = "{prefix}"
-requests_stream = "{upper}_REQ"
-results_stream = "{upper}_RES"
-audit_stream = "{upper}_AUD"
-keys_bucket = "{upper}_KEYS"
-blobs_bucket = "{upper}_BLOBS"
-consumer = "{id}"
-ack_wait = "5s"
-max_deliver = 3
-
-[worker]
-backoff_base = "100ms"
-backoff_max = "1s"
-drain_timeout = "20s"
-
-[idempotency]
-bucket = "{upper}_IDEM"
-redis_prefix = "{id}:idem:"
-
-[http]
-listen = ""
-
-{gates}
-
-[[keys]]
-name = "ec"
-source = "file"
-path = "{ec}"
-
-[[keys]]
-name = "ed"
-source = "file"
-path = "{ed}"
-
-[profiles.default]
-keys = ["ec"]
-[profiles.ed]
-keys = ["ed"]
-[profiles.multi]
-keys = ["ec", "ed"]
-{extra}
-"#,
-            ec = ec.private_key.display(),
-            ed = ed.private_key.display(),
-        );
-        std::fs::write(&config, text).unwrap();
-        Stack {
+        let stack = Stack {
             dir,
             id,
             prefix,
             config,
             public_keys,
             workers: Vec::new(),
-        }
+        };
+        let mut cfg = Config {
+            gates,
+            ..Config::default()
+        };
+        let nats = &mut cfg.nats;
+        nats.url = NATS_URL.into();
+        nats.subject_prefix = stack.prefix.clone();
+        nats.requests_stream = stack.stream("REQ");
+        nats.results_stream = stack.stream("RES");
+        nats.audit_stream = stack.stream("AUD");
+        nats.keys_bucket = stack.stream("KEYS");
+        nats.blobs_bucket = stack.stream("BLOBS");
+        nats.consumer = stack.id.clone();
+        nats.ack_wait = Duration::from_secs(5);
+        nats.max_deliver = 3;
+        cfg.worker.backoff_base = Duration::from_millis(100);
+        cfg.worker.backoff_max = Duration::from_secs(1);
+        cfg.worker.drain_timeout = Duration::from_secs(20);
+        cfg.idempotency.bucket = stack.stream("IDEM");
+        cfg.idempotency.redis_prefix = format!("{}:idem:", stack.id);
+        cfg.http.listen = String::new();
+        cfg.gates.quota.redis_prefix = format!("{}:quota:", stack.id);
+        cfg.gates.entitlement.dpop_replay_prefix = format!("{}:dpop:", stack.id);
+        cfg.keys = vec![
+            FileKeyConfig::new("ec", ec.private_key).into(),
+            FileKeyConfig::new("ed", ed.private_key).into(),
+        ];
+        cfg.profiles = [
+            ("default", ProfileConfig::new(["ec"])),
+            ("ed", ProfileConfig::new(["ed"])),
+            ("multi", ProfileConfig::new(["ec", "ed"])),
+        ]
+        .into_iter()
+        .map(|(name, p)| (name.to_string(), p))
+        .collect();
+        stack.write_config(&cfg);
+        stack
     }
 
-    /// Adds `line` at the start of the `[worker]` table (before any worker is started).
-    pub fn worker_setting(&self, line: &str) {
-        self.setting("worker", line);
-    }
-
-    /// Adds `line` at the start of the template's `[table]` (`worker`, `idempotency`, `nats`).
-    pub fn setting(&self, table: &str, line: &str) {
+    /// The configuration `serve` reads (the stack's file, without `SIGNER_*` overrides).
+    pub fn cfg(&self) -> Config {
         let text = std::fs::read_to_string(&self.config).unwrap();
-        let header = format!("[{table}]\n");
-        assert!(
-            text.contains(&header),
-            "no [{table}] in the stack's configuration"
-        );
-        std::fs::write(
-            &self.config,
-            text.replacen(&header, &format!("{header}{line}\n"), 1),
-        )
-        .unwrap();
+        Config::parse(&text, []).unwrap()
+    }
+
+    /// Changes the configuration file, for the workers started from now on. Not validated
+    /// here: `serve` does that, so a test may also write one it must refuse.
+    pub fn configure(&self, edit: impl FnOnce(&mut Config)) {
+        let mut cfg = self.cfg();
+        edit(&mut cfg);
+        self.write_config(&cfg);
+    }
+
+    fn write_config(&self, cfg: &Config) {
+        std::fs::write(&self.config, cfg.to_toml().unwrap()).unwrap();
     }
 
     pub fn subject(&self, base: &str) -> String {

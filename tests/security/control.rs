@@ -57,7 +57,7 @@ fn refusal(reply: &Value) -> &str {
 }
 
 fn stack_with(tag: &str, ops: &Operators, required: u32) -> Stack {
-    ops.stack(tag, "", required)
+    ops.stack(tag, required)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,7 +384,7 @@ async fn dual_control_needs_two_distinct_operators() {
 async fn without_gates_control_every_command_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ops = Operators::new(dir.path(), 1);
-    let mut stack = Stack::new("noctl", "");
+    let mut stack = Stack::new("noctl");
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

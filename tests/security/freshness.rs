@@ -19,8 +19,10 @@ use futures::StreamExt as _;
 use serde_json::Value;
 use stella_signer::entitlement::mint::MintAlg;
 
-use super::{HTU, ISSUER, Issuer};
-use crate::common::stack::{NATS_URL, Stack, verify_completed};
+use stella_signer::config::GateMode;
+
+use super::{HTU, ISSUER, Issuer, entitlement_gates};
+use crate::common::stack::{NATS_URL, Stack, plan, redis_at, verify_completed};
 
 /// `dpop_max_age` of these tests: small, so the backlog is many times older than a proof
 /// may be at processing time.
@@ -84,56 +86,29 @@ struct Published {
 }
 
 impl Setup {
-    async fn new(tag: &str, worker_settings: &[&str]) -> Setup {
+    /// `max_queue_age`: the worker's, when not the default.
+    async fn new(tag: &str, max_queue_age: Option<Duration>) -> Setup {
         let keys_dir = tempfile::tempdir().unwrap();
         // ES256 for both: the publisher's `cryptography` reads ring's P-256 PKCS#8, not its
         // Ed25519 PKCS#8 v2 (the publisher's own DPoP key is Ed25519).
         let (authority, authority_jwks) = Issuer::new(keys_dir.path(), "authority", MintAlg::Es256);
         let (licensing, licensing_jwks) = Issuer::new(keys_dir.path(), "licensing", MintAlg::Es256);
-        let gates = format!(
-            r#"
-[gates.entitlement]
-issuer = "{ISSUER}"
-jwks_file = "{authority_jwks}"
-dpop_htu = "{HTU}"
-dpop_max_age = "{max_age}s"
-clock_skew = "1s"
-[gates.entitlement.poe]
-licensing_jwks_file = "{licensing_jwks}"
-[gates.quota]
-[gates.quota.plans.big]
-requests_per_second = 100000.0
-burst = 100000
-max_concurrent = 10000
-max_payload_bytes = 1048576
-[gates.provenance]
-mode = "disabled"
-"#,
-            authority_jwks = authority_jwks.display(),
-            licensing_jwks = licensing_jwks.display(),
-            max_age = DPOP_MAX_AGE.as_secs(),
-        );
-        let stack = Stack::with_gates(tag, &gates, "[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
-        // Redis keys of our own.
-        let text = std::fs::read_to_string(&stack.config).unwrap();
-        let text = text
-            .replacen(
-                "[gates.entitlement]\n",
-                &format!(
-                    "[gates.entitlement]\ndpop_replay_prefix = \"{}:dpop:\"\n",
-                    stack.id
-                ),
-                1,
-            )
-            .replacen(
-                "[gates.quota]\n",
-                &format!("[gates.quota]\nredis_prefix = \"{}:quota:\"\n", stack.id),
-                1,
-            );
-        std::fs::write(&stack.config, text).unwrap();
-        for line in worker_settings {
-            stack.worker_setting(line);
-        }
+        let mut gates = entitlement_gates(&authority_jwks, &licensing_jwks);
+        gates.entitlement.dpop_max_age = DPOP_MAX_AGE;
+        gates.entitlement.clock_skew = Duration::from_secs(1);
+        gates
+            .quota
+            .plans
+            .insert("big".into(), plan(100000.0, 100000, 10000));
+        gates.provenance.mode = GateMode::Disabled;
+        // Redis keys under prefixes of the stack's own.
+        let stack = Stack::with_gates(tag, gates);
+        stack.configure(|c| {
+            c.redis = redis_at("redis://127.0.0.1:6379");
+            if let Some(age) = max_queue_age {
+                c.worker.max_queue_age = age;
+            }
+        });
 
         // The streams and the consumer, created as `serve` creates them, by the same code;
         // no worker runs yet (one started and stopped could leave a pull request behind
@@ -277,7 +252,7 @@ async fn sleep_past(t: f64, min: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_published_while_no_worker_runs_are_judged_at_publish_time() {
     const JOBS: usize = 10_000;
-    let mut s = Setup::new("fresh", &[]).await;
+    let mut s = Setup::new("fresh", None).await;
     let published = s
         .publish(&[
             "--count",
@@ -382,7 +357,7 @@ async fn ten_thousand_jobs_published_while_no_worker_runs_are_judged_at_publish_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_older_than_max_queue_age_is_request_expired_unclaimed_and_uncharged() {
-    let mut s = Setup::new("qage", &["max_queue_age = \"2s\""]).await;
+    let mut s = Setup::new("qage", Some(Duration::from_secs(2))).await;
     let published = s.publish(&["--count", "1", "--prefix", "old-"]).await;
     assert_eq!(published.count, 1);
     s.assert_untouched(1).await;

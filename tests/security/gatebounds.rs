@@ -17,6 +17,8 @@ use signer_actors::keys::KeySigner as _;
 use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 
 use super::*;
+use crate::common::stack::disabled_gates;
+use stella_signer::config::ProvenanceGate;
 
 /// B's jobs per phase.
 const SAMPLES: usize = 30;
@@ -172,13 +174,14 @@ async fn a_hostile_registry_slows_no_other_tenant() {
         .unwrap();
 
     // No verdict cache: every job asks the registry, as jobs naming ever new digests would.
-    let gates = format!(
-        "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n\
-         [gates.provenance]\ntrusted_keys = [\"{}\"]\ninsecure_registries = [\"{}\"]\ncache_ttl = \"0s\"\n",
-        generated.public_key.display(),
-        reg.host()
-    );
-    let mut stack = Stack::with_gates("gatebounds", &gates, "");
+    let mut gates = disabled_gates();
+    gates.provenance = ProvenanceGate {
+        trusted_keys: vec![generated.public_key.clone()],
+        insecure_registries: vec![reg.host()],
+        cache_ttl: Duration::ZERO,
+        ..ProvenanceGate::default()
+    };
+    let mut stack = Stack::with_gates("gatebounds", gates);
     stack.spawn_worker();
     let (client, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

@@ -12,22 +12,37 @@ mod control;
 mod gatebounds;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::registry::TestRegistry;
-use common::stack::{Stack, request};
+use common::stack::{Stack, plan, redis_at, request};
 use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
 use signer_actors::keys::KeyAlgorithm;
+use stella_signer::config::GatesConfig;
 use stella_signer::entitlement::mint::{self, MintAlg};
 use stella_signer::keys::file::FileKey;
 use stella_signer::provenance::push::Pusher;
 
 const ISSUER: &str = "https://authority.test.stella-ops.local";
 const HTU: &str = "nats:sign.requests";
+
+/// Gates whose entitlement gate takes OpToks of `authority_jwks` (from [`ISSUER`], DPoP-bound
+/// to [`HTU`]) with licences of `licensing_jwks`; quota and provenance enforce, with no plan
+/// and nothing trusted until the case adds them.
+fn entitlement_gates(authority_jwks: &Path, licensing_jwks: &Path) -> GatesConfig {
+    let mut gates = GatesConfig::default();
+    let entitlement = &mut gates.entitlement;
+    entitlement.issuer = ISSUER.into();
+    entitlement.jwks_file = Some(authority_jwks.to_path_buf());
+    entitlement.dpop_htu = HTU.into();
+    entitlement.poe.licensing_jwks_file = Some(licensing_jwks.to_path_buf());
+    gates
+}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -176,51 +191,21 @@ async fn every_gate_refuses_with_its_code_audits_it_and_signs_nothing() {
         .await
         .unwrap();
 
-    let gates = format!(
-        r#"
-[gates.entitlement]
-issuer = "{ISSUER}"
-jwks_file = "{authority_jwks}"
-dpop_htu = "{HTU}"
-[gates.entitlement.poe]
-licensing_jwks_file = "{licensing_jwks}"
-[gates.quota.plans.big]
-requests_per_second = 10000.0
-burst = 10000
-max_concurrent = 1000
-max_payload_bytes = 1048576
-[gates.quota.plans.tiny]
-requests_per_second = 0.01
-burst = 2
-max_concurrent = 10
-max_payload_bytes = 1048576
-[gates.provenance]
-trusted_keys = ["{release_pub}"]
-insecure_registries = ["{host}"]
-"#,
-        authority_jwks = authority_jwks.display(),
-        licensing_jwks = licensing_jwks.display(),
-        release_pub = release.public_key.display(),
-        host = reg.host(),
-    );
-    let mut stack = Stack::with_gates("sec", &gates, "[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
-    let quota_prefix = format!("[gates.quota]\nredis_prefix = \"{}:quota:\"\n", stack.id);
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    // retryable refusals (quota) are final at once here; prefixes of our own in Redis
-    let text = text
-        .replace("max_deliver = 3", "max_deliver = 1")
-        .replace(
-            "[gates.quota.plans.big]",
-            &format!("{quota_prefix}[gates.quota.plans.big]"),
-        )
-        .replace(
-            "[gates.entitlement]\n",
-            &format!(
-                "[gates.entitlement]\ndpop_replay_prefix = \"{}:dpop:\"\n",
-                stack.id
-            ),
-        );
-    std::fs::write(&stack.config, text).unwrap();
+    let mut gates = entitlement_gates(&authority_jwks, &licensing_jwks);
+    gates
+        .quota
+        .plans
+        .insert("big".into(), plan(10000.0, 10000, 1000));
+    gates.quota.plans.insert("tiny".into(), plan(0.01, 2, 10));
+    gates.provenance.trusted_keys = vec![release.public_key.clone()];
+    gates.provenance.insecure_registries = vec![reg.host()];
+    // Redis records under prefixes of the stack's own
+    let mut stack = Stack::with_gates("sec", gates);
+    stack.configure(|c| {
+        c.redis = redis_at("redis://127.0.0.1:6379");
+        // retryable refusals (quota) are final at once here
+        c.nats.max_deliver = 1;
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

@@ -7,6 +7,7 @@
 use super::*;
 
 use common::stack::verify_completed;
+use stella_signer::config::Plan;
 
 /// The Redis keys of this test's quota prefix that belong to `tenant`.
 async fn quota_keys(prefix: &str, tenant: &str) -> Vec<String> {
@@ -28,57 +29,28 @@ async fn profiles_are_entitlements_quota_counts_signatures_and_subjects_bind_ten
 
     // team: plenty of everything, but not `multi`; enterprise: `multi`, burst 3 and about
     // nothing refilled during the test; solo: may name `multi`, one signature per request.
-    let gates = format!(
-        r#"
-[gates.entitlement]
-issuer = "{ISSUER}"
-jwks_file = "{authority_jwks}"
-dpop_htu = "{HTU}"
-dpop_replay_prefix = "STACK_ID:dpop:"
-[gates.entitlement.poe]
-licensing_jwks_file = "{licensing_jwks}"
-[gates.quota]
-redis_prefix = "STACK_ID:quota:"
-[gates.quota.plans.team]
-requests_per_second = 1000.0
-burst = 1000
-max_concurrent = 100
-max_payload_bytes = 1048576
-[gates.quota.plans.enterprise]
-requests_per_second = 0.01
-burst = 3
-max_concurrent = 10
-max_payload_bytes = 1048576
-[gates.quota.plans.solo]
-requests_per_second = 1000.0
-burst = 100
-max_concurrent = 10
-max_payload_bytes = 1048576
-max_signatures_per_request = 1
-[gates.provenance]
-allowlist = ["{scanner}"]
-"#,
-        authority_jwks = authority_jwks.display(),
-        licensing_jwks = licensing_jwks.display(),
-    );
-    let mut stack = Stack::with_gates(
-        "prof",
-        &gates,
-        "[redis]\nurl = \"redis://127.0.0.1:6379\"\n",
-    );
+    let mut gates = entitlement_gates(&authority_jwks, &licensing_jwks);
+    let plans = &mut gates.quota.plans;
+    plans.insert("team".into(), plan(1000.0, 1000, 100));
+    plans.insert("enterprise".into(), plan(0.01, 3, 10));
+    let solo = Plan {
+        max_signatures_per_request: Some(1),
+        ..plan(1000.0, 100, 10)
+    };
+    plans.insert("solo".into(), solo);
+    gates.provenance.allowlist = vec![scanner.clone()];
+    let mut stack = Stack::with_gates("prof", gates);
     let quota_prefix = format!("{}:quota:", stack.id);
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    let multi = "[profiles.multi]\nkeys = [\"ec\", \"ed\"]\n";
-    assert!(text.contains(multi));
-    let text = text
-        .replace("STACK_ID", &stack.id)
+    stack.configure(|c| {
+        c.redis = redis_at("redis://127.0.0.1:6379");
         // retryable refusals (quota) are final at once
-        .replace("max_deliver = 3", "max_deliver = 1")
-        .replace(
-            multi,
-            &format!("{multi}allow_plans = [\"enterprise\", \"solo\"]\n"),
-        );
-    std::fs::write(&stack.config, text).unwrap();
+        c.nats.max_deliver = 1;
+        let multi = c
+            .profiles
+            .get_mut("multi")
+            .expect("the stack's multi profile");
+        multi.allow_plans = Some(["enterprise", "solo"].map(String::from).into());
+    });
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;

@@ -12,51 +12,33 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use serde_json::{Value, json};
 
-use super::{HTU, ISSUER, Issuer, World, now, rand_hex};
+use super::{HTU, Issuer, World, entitlement_gates, now, rand_hex};
 use crate::common::servers::OwnRedis;
-use crate::common::stack::{ResultMsg, Stack};
+use crate::common::stack::{ResultMsg, Stack, plan, redis_at};
+use stella_signer::config::GateMode;
 use stella_signer::entitlement::mint::{self, MintAlg};
 
 /// A deployment with real entitlement and quota gates (quota in `redis`), provenance off
 /// (not what these cases are about), and retries enough to ride out a Redis reconnect.
 /// The returned directory holds the Authority's and licensing keys: keep it.
-fn stack(tag: &str, redis: &OwnRedis, dpop_max_age: &str) -> (Stack, World, tempfile::TempDir) {
+fn stack(tag: &str, redis: &OwnRedis, dpop_max_age: Duration) -> (Stack, World, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (authority, authority_jwks) = Issuer::new(dir.path(), "authority", MintAlg::EdDsa);
     let (licensing, licensing_jwks) = Issuer::new(dir.path(), "licensing", MintAlg::Es256);
     let (proof_pem, proof_jwk) = mint::generate_signing_key(MintAlg::EdDsa).unwrap();
-    let gates = format!(
-        r#"
-[gates.entitlement]
-issuer = "{ISSUER}"
-jwks_file = "{authority_jwks}"
-dpop_htu = "{HTU}"
-dpop_max_age = "{dpop_max_age}"
-clock_skew = "1s"
-[gates.entitlement.poe]
-licensing_jwks_file = "{licensing_jwks}"
-[gates.quota.plans.big]
-requests_per_second = 10000.0
-burst = 10000
-max_concurrent = 1000
-max_payload_bytes = 1048576
-[gates.provenance]
-mode = "disabled"
-"#,
-        authority_jwks = authority_jwks.display(),
-        licensing_jwks = licensing_jwks.display(),
-    );
-    let stack = Stack::with_gates(
-        tag,
-        &gates,
-        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
-    );
-    let text = std::fs::read_to_string(&stack.config).unwrap();
-    std::fs::write(
-        &stack.config,
-        text.replace("max_deliver = 3", "max_deliver = 6"),
-    )
-    .unwrap();
+    let mut gates = entitlement_gates(&authority_jwks, &licensing_jwks);
+    gates.entitlement.dpop_max_age = dpop_max_age;
+    gates.entitlement.clock_skew = Duration::from_secs(1);
+    gates
+        .quota
+        .plans
+        .insert("big".into(), plan(10000.0, 10000, 1000));
+    gates.provenance.mode = GateMode::Disabled;
+    let stack = Stack::with_gates(tag, gates);
+    stack.configure(|c| {
+        c.redis = redis_at(redis.url());
+        c.nats.max_deliver = 6;
+    });
     let world = World {
         authority,
         licensing,
@@ -143,7 +125,7 @@ fn decided<'a>(audit: &'a [Value], id: &str, decision: &str) -> Vec<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_and_idempotency_records_survive_a_redis_restart() {
     let mut redis = OwnRedis::start();
-    let (mut stack, w, _keys) = stack("rpl", &redis, "60s");
+    let (mut stack, w, _keys) = stack("rpl", &redis, Duration::from_secs(60));
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -215,7 +197,7 @@ async fn replay_and_idempotency_records_survive_a_redis_restart() {
 async fn a_copy_of_a_proof_that_waited_past_twice_its_max_age_is_still_a_replay() {
     let redis = OwnRedis::start();
     let max_age = 3;
-    let (mut stack, w, _keys) = stack("rplw", &redis, &format!("{max_age}s"));
+    let (mut stack, w, _keys) = stack("rplw", &redis, Duration::from_secs(max_age));
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
@@ -282,7 +264,7 @@ async fn a_copy_of_a_proof_that_waited_past_twice_its_max_age_is_still_a_replay(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_proof_key_cannot_burn_another_tenants_jti() {
     let redis = OwnRedis::start();
-    let (mut stack, w, _keys) = stack("rplt", &redis, "60s");
+    let (mut stack, w, _keys) = stack("rplt", &redis, Duration::from_secs(60));
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
