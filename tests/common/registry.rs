@@ -41,6 +41,8 @@ pub struct TestRegistry {
     port: u16,
     child: Option<Child>,
     auth: Auth,
+    /// Started through `setpriv --pdeathsig KILL` ([`TestRegistry::start_shared`]).
+    shared: bool,
 }
 
 /// How the registry authenticates; with any, anonymous requests get 401.
@@ -75,12 +77,20 @@ fn write_htpasswd(path: &Path, user: &str, password: &str) {
 impl TestRegistry {
     /// Starts a registry with empty storage.
     pub fn start() -> TestRegistry {
-        Self::start_inner(None, Auth::None)
+        Self::start_inner(None, Auth::None, false)
+    }
+
+    /// [`TestRegistry::start`] for a deployment shared by many tests and kept in a `static`
+    /// (never dropped): the registry gets SIGKILL when the thread that started it ends
+    /// (`setpriv --pdeathsig`), so it dies with the test process. Start it from a thread
+    /// that lives as long as the process.
+    pub fn start_shared() -> TestRegistry {
+        Self::start_inner(None, Auth::None, true)
     }
 
     /// Starts a registry that only serves `user` with `password` (HTTP basic auth).
     pub fn start_with_htpasswd(user: &str, password: &str) -> TestRegistry {
-        Self::start_inner(Some((user, password)), Auth::Htpasswd)
+        Self::start_inner(Some((user, password)), Auth::Htpasswd, false)
     }
 
     /// Starts a registry that wants bearer tokens, and the token server that issues them
@@ -93,11 +103,12 @@ impl TestRegistry {
                 realm: tokens.realm(),
                 cert: tokens.cert.clone(),
             },
+            false,
         );
         (reg, tokens)
     }
 
-    fn start_inner(users: Option<(&str, &str)>, auth: Auth) -> TestRegistry {
+    fn start_inner(users: Option<(&str, &str)>, auth: Auth, shared: bool) -> TestRegistry {
         let mut last = String::new();
         // The port is free when picked but another process may take it before the
         // registry binds: retry with a new one.
@@ -107,6 +118,7 @@ impl TestRegistry {
                 port: free_port(),
                 child: None,
                 auth: auth.clone(),
+                shared,
             };
             if let Some((user, password)) = users {
                 write_htpasswd(&reg.dir.path().join("htpasswd"), user, password);
@@ -180,7 +192,14 @@ impl TestRegistry {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(registry_binary())
+        let mut cmd = if self.shared {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--"]).arg(registry_binary());
+            c
+        } else {
+            Command::new(registry_binary())
+        };
+        let child = cmd
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())

@@ -171,9 +171,28 @@ keys = ["ec", "ed"]
 
     /// Like [`Stack::spawn_worker`], with extra environment (e.g. `SIGNER_HTTP__LISTEN`).
     pub fn spawn_worker_env(&mut self, env: &[(&str, &str)]) -> usize {
+        self.spawn(Command::new(env!("CARGO_BIN_EXE_stella-signer")), env)
+    }
+
+    /// A worker of a deployment shared by many tests and kept in a `static` (which is never
+    /// dropped): it gets SIGKILL when the thread that started it ends (`setpriv --pdeathsig`,
+    /// util-linux), so it dies with the test process however that ends. Start it from a
+    /// thread that lives as long as the process.
+    pub fn spawn_shared_worker(&mut self) -> usize {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            env!("CARGO_BIN_EXE_stella-signer"),
+        ]);
+        self.spawn(cmd, &[])
+    }
+
+    fn spawn(&mut self, mut cmd: Command, env: &[(&str, &str)]) -> usize {
         let n = self.workers.len();
         let log = std::fs::File::create(self.dir.path().join(format!("worker-{n}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_stella-signer"))
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("SIGNER_WORKER__ID", format!("{}-w{n}", self.id))
@@ -187,7 +206,7 @@ keys = ["ec", "ed"]
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .expect("stella-signer serve starts (setpriv for a shared worker)");
         self.workers.push(child);
         n
     }
@@ -314,30 +333,7 @@ keys = ["ec", "ed"]
             let Ok(Some(Ok(msg))) = tokio::time::timeout(until - now, messages.next()).await else {
                 break;
             };
-            let headers: Vec<(String, String)> = msg
-                .headers
-                .as_ref()
-                .map(|h| {
-                    h.iter()
-                        .flat_map(|(k, vs)| {
-                            vs.iter()
-                                .map(move |v| (k.to_string(), v.as_str().to_string()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let ct = headers
-                .iter()
-                .find(|(k, _)| k == "Content-Type")
-                .map(|(_, v)| v.clone());
-            let codec = signer_actors::codec::ContentType::from_header(ct.as_deref()).unwrap();
-            let body: Value = codec.decode(&msg.payload).unwrap();
-            let r = ResultMsg {
-                subject: msg.subject.to_string(),
-                headers,
-                body,
-                raw: msg.payload.to_vec(),
-            };
+            let r = result_msg(&msg);
             ids.insert(r.header("Nats-Msg-Id").unwrap_or("").to_string());
             out.push(r);
             if ids.len() >= expected && settle_until.is_none() {
@@ -345,6 +341,126 @@ keys = ["ec", "ed"]
             }
         }
         out
+    }
+
+    /// Every result stored so far for `request_id` (by its `Signer-Request-Id` header),
+    /// waiting up to `timeout` for the first: for tests that share one deployment and so
+    /// one results stream. Reads the stream up to its last message at the time of the call
+    /// (or of the first result), so a duplicate stored before then is returned too.
+    pub async fn results_for(
+        &self,
+        js: &jetstream::Context,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Vec<ResultMsg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<ResultMsg> = self
+                .stored(js, "RES")
+                .await
+                .iter()
+                .map(result_msg)
+                .filter(|r| r.header("Signer-Request-Id") == Some(request_id))
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no result for {request_id} within {timeout:?}; log:\n{}",
+                self.log(0)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The audit events of `request_id`, waiting up to `timeout` for the first (the event
+    /// is written after the result it describes).
+    pub async fn audit_for(
+        &self,
+        js: &jetstream::Context,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<Value> = self
+                .stored(js, "AUD")
+                .await
+                .iter()
+                .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+                .filter(|e| e["requestId"] == request_id)
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit event for {request_id} within {timeout:?}; log:\n{}",
+                self.log(0)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every message of stream `which` (`RES`, `AUD`) up to its last one now.
+    async fn stored(&self, js: &jetstream::Context, which: &str) -> Vec<jetstream::Message> {
+        let mut stream = js.get_stream(self.stream(which)).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        if last == 0 {
+            return Vec::new();
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_secs(30), messages.next()).await
+        {
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            out.push(msg);
+            if seq >= last {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Deletes what earlier [`Stack`]s tagged `tag` left in NATS (streams, buckets, object
+    /// store) when the process that made them is gone: a deployment shared by a test
+    /// binary's tests is never cleaned up by its last test (no test knows it is the last).
+    /// Stacks of processes still running (another run at the same time) are left alone.
+    pub async fn remove_stale(js: &jetstream::Context, tag: &str) {
+        let tag = tag.to_ascii_uppercase();
+        let mut names = js.stream_names();
+        let mut stale = Vec::new();
+        while let Some(Ok(name)) = names.next().await {
+            let bare = name
+                .strip_prefix("KV_")
+                .or_else(|| name.strip_prefix("OBJ_"))
+                .unwrap_or(&name);
+            let Some(id) = bare.strip_prefix(&tag).and_then(|r| r.split('_').next()) else {
+                continue;
+            };
+            // `<pid><8 hex digits>`, see unique_id
+            let Some(pid) = id.get(..id.len().saturating_sub(8)) else {
+                continue;
+            };
+            if !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                stale.push(name.clone());
+            }
+        }
+        for name in stale {
+            let _ = js.delete_stream(&name).await;
+        }
     }
 
     /// `stella-signer audit verify` on this deployment: (exit code, stdout).
@@ -412,6 +528,34 @@ impl Drop for Stack {
             let _ = w.kill();
             let _ = w.wait();
         }
+    }
+}
+
+/// A stored result as a consumer sees it (body decoded by its `Content-Type`).
+fn result_msg(msg: &jetstream::Message) -> ResultMsg {
+    let headers: Vec<(String, String)> = msg
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .flat_map(|(k, vs)| {
+                    vs.iter()
+                        .map(move |v| (k.to_string(), v.as_str().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let ct = headers
+        .iter()
+        .find(|(k, _)| k == "Content-Type")
+        .map(|(_, v)| v.clone());
+    let codec = signer_actors::codec::ContentType::from_header(ct.as_deref()).unwrap();
+    let body: Value = codec.decode(&msg.payload).unwrap();
+    ResultMsg {
+        subject: msg.subject.to_string(),
+        headers,
+        body,
+        raw: msg.payload.to_vec(),
     }
 }
 
