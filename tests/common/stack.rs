@@ -227,6 +227,73 @@ keys = ["ec", "ed"]
         panic!("no log line with {needles:?}; log:\n{}", self.log(n));
     }
 
+    /// The port worker `n`'s HTTP server listens on (`http.listen`, port 0 included), from
+    /// its `http server listening` log line: waits for that line up to `timeout`, and panics
+    /// at once, with the log, if the worker exits first (a port taken by someone else, a bad
+    /// configuration).
+    pub fn http_port(&mut self, n: usize, timeout: Duration) -> u16 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let port = self.log(n).lines().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                if v["fields"]["message"] != "http server listening" {
+                    return None;
+                }
+                v["fields"]["listen"]
+                    .as_str()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            if let Some(port) = port {
+                return port;
+            }
+            self.assert_running(n, "before its HTTP server listened");
+            assert!(
+                Instant::now() < deadline,
+                "worker {n} did not log its HTTP address within {timeout:?}; log:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until worker `n` answers `GET path` on `port` with `status`; returns the body.
+    /// Panics at once, with the log, if the worker exits, and at `timeout` with the last
+    /// answer and the log.
+    pub fn wait_http(
+        &mut self,
+        n: usize,
+        port: u16,
+        path: &str,
+        status: u16,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match http_get(port, path) {
+                Some((s, body)) if s == status => return body,
+                answer => last = answer.or(last),
+            }
+            self.assert_running(n, &format!("while {path} was awaited"));
+            assert!(
+                Instant::now() < deadline,
+                "{path} did not answer {status} within {timeout:?}; last answer {last:?}; log:\n{}",
+                self.log(n)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Panics, with its log, if worker `n` has exited.
+    pub fn assert_running(&mut self, n: usize, when: &str) {
+        if let Some(status) = self.workers[n].try_wait().unwrap() {
+            panic!("worker {n} exited ({status}) {when}; log:\n{}", self.log(n));
+        }
+    }
+
     pub fn log(&self, n: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("worker-{n}.log"))).unwrap_or_default()
     }
@@ -529,6 +596,24 @@ impl Drop for Stack {
             let _ = w.wait();
         }
     }
+}
+
+/// `GET path` over plain TCP on loopback (HTTP/1.1, the connection closed by the server);
+/// returns (status code, body), or `None` when nothing answered (in 5 s).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 /// A stored result as a consumer sees it (body decoded by its `Content-Type`).
