@@ -530,6 +530,28 @@ keys = ["ec", "ed"]
         }
     }
 
+    /// Waits until workers `ns` have applied every key-state change stored so far in the key
+    /// bucket (revocations, rotations, restores, by the CLI or the control subject), instead
+    /// of sleeping and hoping the watch was quick: puts a barrier entry that the watch logs
+    /// and ignores (an unreadable `identity-revoked.` record, which changes no state), waits
+    /// for that log line on each worker, then deletes it. The watch applies entries in
+    /// order, so everything stored before the barrier is in effect once it is logged.
+    pub async fn key_state_applied(&self, js: &jetstream::Context, ns: &[usize]) {
+        let bucket = js.get_key_value(self.stream("KEYS")).await.unwrap();
+        let mut rnd = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd).unwrap();
+        let key = format!("identity-revoked.barrier{}", hex::encode(rnd));
+        bucket.put(&key, "barrier".into()).await.unwrap();
+        for &n in ns {
+            self.wait_log(
+                n,
+                &["unreadable identity revocation", &key],
+                Duration::from_secs(60),
+            );
+        }
+        bucket.delete(&key).await.unwrap();
+    }
+
     /// `stella-signer audit verify` on this deployment: (exit code, stdout).
     pub fn audit_verify(&self) -> (Option<i32>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_stella-signer"))
