@@ -350,6 +350,45 @@ keys = ["ec", "ed"]
         );
     }
 
+    /// The durable consumer's state once `done` holds for it, polled up to a minute (a
+    /// loaded broker or worker is slow; a passing test waits only as long as they take).
+    pub async fn wait_consumer(
+        &self,
+        js: &jetstream::Context,
+        what: &str,
+        done: impl Fn(&consumer::Info) -> bool,
+    ) -> consumer::Info {
+        let mut consumer: consumer::PullConsumer = js
+            .get_stream(self.stream("REQ"))
+            .await
+            .unwrap()
+            .get_consumer(&self.id)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = consumer.info().await.unwrap().clone();
+            if done(&info) {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the consumer never got {what}: {info:?}; log:\n{}",
+                self.log(0)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The consumer's state once every stored request was delivered and settled (nothing
+    /// pending, nothing waiting for an ack): what a redelivery check reads.
+    pub async fn wait_settled(&self, js: &jetstream::Context) -> consumer::Info {
+        self.wait_consumer(js, "settled", |i| {
+            i.num_pending == 0 && i.num_ack_pending == 0
+        })
+        .await
+    }
+
     /// Publishes a request body with headers; returns once JetStream stored it.
     pub async fn publish(
         &self,
