@@ -172,7 +172,7 @@ impl OwnNats {
             .spawn()
             .expect("nats-server (scripts/bootstrap.sh installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + common::stack::MIN_WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(50));
@@ -223,7 +223,7 @@ async fn delete_consumer(requests: &stream::Stream, name: &str) {
 /// The consumer `name` once it exists (the worker recreates it; the server may take a moment
 /// to finish deleting the old one first).
 async fn wait_consumer(requests: &stream::Stream, name: &str) -> consumer::Info {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
     loop {
         if let Ok(mut c) = requests.get_consumer::<consumer::pull::Config>(name).await
             && let Ok(info) = c.info().await
@@ -332,7 +332,7 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     delete_consumer(&requests, &stack.id).await;
     // the server may still be removing the old consumer's files (see delete_consumer):
     // ask until it takes the new one
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
     while let Err(e) = requests
         .create_consumer(consumer::pull::Config {
             durable_name: Some(stack.id.clone()),

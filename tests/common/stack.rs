@@ -15,6 +15,12 @@ use stella_signer::keys::file::FileKey;
 
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 
+/// The least time the waits below give what they wait for (results, log lines, an exit,
+/// provisioning), whatever a test asks: a loaded machine (CI shares its cores) can be many
+/// times slower than a developer's, and a passing test waits only as long as the worker
+/// takes, so a long deadline costs nothing but the time a failing test takes to say so.
+pub const MIN_WAIT: Duration = Duration::from_secs(120);
+
 const DISABLED_GATES: &str = "[gates.entitlement]\nmode = \"disabled\"\n[gates.quota]\nmode = \"disabled\"\n[gates.provenance]\nmode = \"disabled\"\n";
 
 /// One result message as a consumer sees it.
@@ -211,9 +217,10 @@ keys = ["ec", "ed"]
         n
     }
 
-    /// Waits until worker `n`'s log has a line containing every one of `needles`.
+    /// Waits until worker `n`'s log has a line containing every one of `needles` (at least
+    /// [`MIN_WAIT`]).
     pub fn wait_log(&self, n: usize, needles: &[&str], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.max(MIN_WAIT);
         while Instant::now() < deadline {
             if self
                 .log(n)
@@ -310,9 +317,9 @@ keys = ["ec", "ed"]
         );
     }
 
-    /// Waits for worker `n` to exit; returns its exit code.
+    /// Waits for worker `n` to exit (at least [`MIN_WAIT`]); returns its exit code.
     pub fn wait(&mut self, n: usize, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.max(MIN_WAIT);
         while Instant::now() < deadline {
             if let Some(status) = self.workers[n].try_wait().unwrap() {
                 return Some(status.code().unwrap_or(-1));
@@ -332,7 +339,7 @@ keys = ["ec", "ed"]
 
     /// Waits until the request stream exists (a worker provisioned it).
     pub async fn wait_provisioned(&self, js: &jetstream::Context) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + MIN_WAIT;
         while Instant::now() < deadline {
             if js.get_stream(self.stream("RES")).await.is_ok()
                 && let Ok(s) = js.get_stream(self.stream("REQ")).await
@@ -358,18 +365,20 @@ keys = ["ec", "ed"]
         what: &str,
         done: impl Fn(&consumer::Info) -> bool,
     ) -> consumer::Info {
-        let mut consumer: consumer::PullConsumer = js
-            .get_stream(self.stream("REQ"))
-            .await
-            .unwrap()
-            .get_consumer(&self.id)
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + MIN_WAIT;
         loop {
-            let info = consumer.info().await.unwrap().clone();
-            if done(&info) {
-                return info;
+            // asked afresh each time: after a failover the stream may answer only later
+            let info = match js.get_stream(self.stream("REQ")).await {
+                Ok(s) => match s.get_consumer::<consumer::pull::Config>(&self.id).await {
+                    Ok(mut c) => c.info().await.cloned().map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Ok(info) = &info
+                && done(info)
+            {
+                return info.clone();
             }
             assert!(
                 Instant::now() < deadline,
@@ -408,8 +417,8 @@ keys = ["ec", "ed"]
             .unwrap();
     }
 
-    /// Reads results until `expected` distinct requestIds have one, then for `settle` more,
-    /// so that a duplicate would be seen too.
+    /// Reads results until `expected` distinct requestIds have one (waiting at least
+    /// [`MIN_WAIT`] for them), then for `settle` more, so that a duplicate would be seen too.
     pub async fn results(
         &self,
         js: &jetstream::Context,
@@ -417,6 +426,7 @@ keys = ["ec", "ed"]
         timeout: Duration,
         settle: Duration,
     ) -> Vec<ResultMsg> {
+        let timeout = timeout.max(MIN_WAIT);
         let stream = js.get_stream(self.stream("RES")).await.unwrap();
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
