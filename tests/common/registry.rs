@@ -41,8 +41,18 @@ pub struct TestRegistry {
     port: u16,
     child: Option<Child>,
     auth: Auth,
-    /// Started through `setpriv --pdeathsig KILL` ([`TestRegistry::start_shared`]).
-    shared: bool,
+    /// How the process is started.
+    launch: Launch,
+}
+
+/// How the registry process is started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    Plain,
+    /// Through `setpriv --pdeathsig KILL` ([`TestRegistry::start_shared`]).
+    Shared,
+    /// Through `nice -n 10` ([`TestRegistry::start_foreign`]).
+    Foreign,
 }
 
 /// How the registry authenticates; with any, anonymous requests get 401.
@@ -77,7 +87,16 @@ fn write_htpasswd(path: &Path, user: &str, password: &str) {
 impl TestRegistry {
     /// Starts a registry with empty storage.
     pub fn start() -> TestRegistry {
-        Self::start_inner(None, Auth::None, false)
+        Self::start_inner(None, Auth::None, Launch::Plain)
+    }
+
+    /// [`TestRegistry::start`] at a low CPU priority (`nice -n 10`), for a registry that
+    /// stands for someone else's machine in a test that measures what the signer spends:
+    /// serving (say) a hostile tenant's huge referrers is that tenant's registry's work,
+    /// which here shares the signer's cores. At nice 10 it yields to the signer and the test
+    /// when the cores are short, and still serves in time (at 19 it starved under load).
+    pub fn start_foreign() -> TestRegistry {
+        Self::start_inner(None, Auth::None, Launch::Foreign)
     }
 
     /// [`TestRegistry::start`] for a deployment shared by many tests and kept in a `static`
@@ -85,12 +104,12 @@ impl TestRegistry {
     /// (`setpriv --pdeathsig`), so it dies with the test process. Start it from a thread
     /// that lives as long as the process.
     pub fn start_shared() -> TestRegistry {
-        Self::start_inner(None, Auth::None, true)
+        Self::start_inner(None, Auth::None, Launch::Shared)
     }
 
     /// Starts a registry that only serves `user` with `password` (HTTP basic auth).
     pub fn start_with_htpasswd(user: &str, password: &str) -> TestRegistry {
-        Self::start_inner(Some((user, password)), Auth::Htpasswd, false)
+        Self::start_inner(Some((user, password)), Auth::Htpasswd, Launch::Plain)
     }
 
     /// Starts a registry that wants bearer tokens, and the token server that issues them
@@ -103,12 +122,12 @@ impl TestRegistry {
                 realm: tokens.realm(),
                 cert: tokens.cert.clone(),
             },
-            false,
+            Launch::Plain,
         );
         (reg, tokens)
     }
 
-    fn start_inner(users: Option<(&str, &str)>, auth: Auth, shared: bool) -> TestRegistry {
+    fn start_inner(users: Option<(&str, &str)>, auth: Auth, launch: Launch) -> TestRegistry {
         let mut last = String::new();
         // The port is free when picked but another process may take it before the
         // registry binds: retry with a new one.
@@ -118,7 +137,7 @@ impl TestRegistry {
                 port: free_port(),
                 child: None,
                 auth: auth.clone(),
-                shared,
+                launch,
             };
             if let Some((user, password)) = users {
                 write_htpasswd(&reg.dir.path().join("htpasswd"), user, password);
@@ -192,12 +211,18 @@ impl TestRegistry {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = if self.shared {
-            let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).arg(registry_binary());
-            c
-        } else {
-            Command::new(registry_binary())
+        let mut cmd = match self.launch {
+            Launch::Plain => Command::new(registry_binary()),
+            Launch::Shared => {
+                let mut c = Command::new("setpriv");
+                c.args(["--pdeathsig", "KILL", "--"]).arg(registry_binary());
+                c
+            }
+            Launch::Foreign => {
+                let mut c = Command::new("nice");
+                c.args(["-n", "10"]).arg(registry_binary());
+                c
+            }
         };
         let child = cmd
             .arg("serve")
