@@ -1,9 +1,15 @@
 # Everyday commands. On a fresh machine run scripts/bootstrap.sh first (it installs just).
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-# Run every test (unit, integration against the local NATS/Redis/registry, conformance peers).
+# Run every test (unit, integration against the local NATS/Redis/registry, conformance peers):
+# the integration tests sit behind the `integration` feature; plain `cargo test` runs the rest.
 test:
-    cargo test --workspace --all-targets --no-fail-fast
+    cargo test --workspace --all-targets --features integration --no-fail-fast
+
+# The tests plain `cargo test` runs, on what amounts to a machine with nothing installed: no
+# network but loopback, PATH cut down to the Rust toolchain, SoftHSM and the peers hidden.
+test-bare *ARGS:
+    scripts/test-bare.sh {{ARGS}}
 
 # The alert rules: promtool checks them and runs their unit tests (also part of `just test`, in tests/alerts.rs).
 alerts:

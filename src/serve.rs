@@ -238,6 +238,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
             .await
             .map_err(|e| ServeError::Setup(format!("http.listen {}: {e}", cfg.http.listen)))?;
+        // The address bound (with port 0 in http.listen, the port the system picked).
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(listen = %addr, "http server listening");
+        }
         Some(tokio::spawn(crate::http::serve(listener, health.clone())))
     };
     let client = jetstream::connect(&cfg.nats, &format!("stella-signer {worker_id}")).await?;

@@ -454,7 +454,7 @@ async fn failure_spike_and_backlog_age_fire_and_every_dashboard_panel_has_a_seri
             .await;
     }
     let stream = js.get_stream(stack.stream("REQ")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
     loop {
         let info = stream.consumer_info(&stack.id).await.unwrap();
         if info.num_pending == 0 && info.num_ack_pending >= 10 {
@@ -517,7 +517,7 @@ async fn failure_spike_and_backlog_age_fire_and_every_dashboard_panel_has_a_seri
         .collect();
     assert!(exprs.len() >= 12, "{exprs:?}");
     for (title, expr) in &exprs {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + common::stack::MIN_WAIT;
         while prometheus.query(expr).await.is_empty() {
             assert!(
                 Instant::now() < deadline,

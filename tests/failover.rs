@@ -363,7 +363,8 @@ async fn killing_the_results_leader_mid_load_signs_every_job_once() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // Every job answered (and a few seconds more, so that a second result would be seen).
+    // Every job answered, and every request settled (so that a second result, published
+    // before its request's ack, would be stored by then).
     let deadline = Instant::now() + Duration::from_secs(300);
     while stored_count(&js, &results_stream).await < n as u64 {
         assert!(
@@ -374,7 +375,7 @@ async fn killing_the_results_leader_mid_load_signs_every_job_once() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.wait_settled(&js).await;
     let results: Vec<ResultMsg> = stored_messages(&js, &results_stream)
         .await
         .into_iter()

@@ -193,6 +193,19 @@ async fn three_hundred_hostile_messages_do_not_stop_a_replica_of_256_slots() {
     stack.cleanup(&js).await;
 }
 
+/// Time between the first log line containing `from` and the next one containing any of
+/// `to`, by the lines' `timestamp`s.
+fn log_span(log: &str, from: &str, to: &[&str]) -> Option<Duration> {
+    let at = |line: &str| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        humantime::parse_rfc3339(v["timestamp"].as_str()?).ok()
+    };
+    let mut lines = log.lines();
+    let start = at(lines.find(|l| l.contains(from))?)?;
+    let end = at(lines.find(|l| to.iter().any(|t| l.contains(t)))?)?;
+    end.duration_since(start).ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_hostile_messages_in_flight_exits_within_the_drain_timeout() {
     let mut stack = Stack::new("ht");
@@ -217,12 +230,27 @@ async fn sigterm_with_hostile_messages_in_flight_exits_within_the_drain_timeout(
     }
     let term = Instant::now();
     stack.signal(w, "TERM");
-    let code = stack.wait(w, Duration::from_secs(10));
+    let code = stack.wait(w, Duration::from_secs(60));
     let took = term.elapsed();
-    assert_eq!(code, Some(0), "clean exit:\n{}", stack.log(w));
+    let log = stack.log(w);
+    assert_eq!(code, Some(0), "clean exit:\n{log}");
+    // The drain, by the worker's own clock (its log's timestamps): from the start of the
+    // drain to its last line, within the 5 s drain timeout. The wall time from SIGTERM to
+    // the exit adds the test's and the kernel's scheduling, which a loaded machine
+    // stretches: it only has to show that the process does not linger after the drain.
+    let drain = log_span(
+        &log,
+        "draining in-flight jobs",
+        &["drained; bye", "drain timed out"],
+    )
+    .unwrap_or_else(|| panic!("no drain in the log:\n{log}"));
     assert!(
-        took <= Duration::from_millis(5500),
-        "exited {took:?} after SIGTERM, the drain timeout is 5 s"
+        drain <= Duration::from_millis(5500),
+        "drained in {drain:?}, the drain timeout is 5 s"
+    );
+    assert!(
+        took <= Duration::from_secs(15),
+        "exited {took:?} after SIGTERM, having drained in {drain:?}"
     );
     // what it did not finish, another replica does: every message ends in one result
     stack.spawn_worker();
@@ -281,19 +309,7 @@ async fn a_result_over_max_payload_is_answered_payload_too_large_at_once() {
     let decisions: Vec<_> = events.iter().map(|e| e["decision"].clone()).collect();
     assert_eq!(decisions, ["signed", "failed"], "{events:?}");
     // acked once: nothing pending, nothing redelivered
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(stack.stream("REQ"))
-        .await
-        .unwrap()
-        .get_consumer(&stack.id)
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
-    assert_eq!(
-        (info.num_pending, info.num_ack_pending, info.num_redelivered),
-        (0, 0, 0),
-        "{info:?}"
-    );
+    let info = stack.wait_settled(&js).await;
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
     stack.cleanup(&js).await;
 }

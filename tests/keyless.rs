@@ -130,7 +130,7 @@ async fn certificate_seconds_left(port: u16, key: &str) -> f64 {
     use std::io::{Read as _, Write as _};
     let prefix =
         format!("signer_key_certificate_expiry_seconds{{key=\"{key}\",mode=\"keyless\"}} ");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + common::stack::MIN_WAIT;
     loop {
         let mut text = String::new();
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {

@@ -14,34 +14,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// GET over plain TCP; returns (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    ))
+/// Generous: a loaded machine may take long to start a worker; a passing test waits only
+/// as long as the worker takes, and a worker that exits fails the wait at once, with its log.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Waits until the worker answers `path` with `want`; returns the body.
+fn wait_status(stack: &mut Stack, port: u16, path: &str, want: u16) -> String {
+    stack.wait_http(0, port, path, want, WAIT)
 }
 
-fn wait_status(port: u16, path: &str, want: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((status, body)) = get(port, path)
-            && status == want
-        {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "{path} never answered {want}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// The worker's HTTP port once it listens (the one configured: this checks it was bound).
+fn listening(stack: &mut Stack, port: u16) -> u16 {
+    assert_eq!(stack.http_port(0, WAIT), port);
+    port
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,8 +38,9 @@ async fn live_before_ready_and_not_ready_without_nats() {
         c.nats.url = "nats://127.0.0.1:1".into();
     });
     stack.spawn_worker();
-    assert_eq!(wait_status(port, "/healthz", 200), "ok\n");
-    let body = wait_status(port, "/readyz", 503);
+    let port = listening(&mut stack, port);
+    assert_eq!(wait_status(&mut stack, port, "/healthz", 200), "ok\n");
+    let body = wait_status(&mut stack, port, "/readyz", 503);
     assert!(body.contains("not ready"), "{body}");
 }
 
@@ -64,7 +50,8 @@ async fn metrics_readiness_and_logs_describe_the_work() {
     let port = free_port();
     stack.configure(|c| c.http.listen = format!("127.0.0.1:{port}"));
     stack.spawn_worker();
-    assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
+    let port = listening(&mut stack, port);
+    assert_eq!(wait_status(&mut stack, port, "/readyz", 200), "ready\n");
     let (_c, js) = stack.connect().await;
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     stack
@@ -87,7 +74,7 @@ async fn metrics_readiness_and_logs_describe_the_work() {
         .await;
     assert_eq!(
         stack
-            .results(&js, 2, Duration::from_secs(20), Duration::ZERO)
+            .results(&js, 2, Duration::from_secs(60), Duration::ZERO)
             .await
             .len(),
         2
@@ -118,9 +105,9 @@ async fn metrics_readiness_and_logs_describe_the_work() {
             stack.public_keys[0].keyid()
         ),
     ];
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = wait_status(port, "/metrics", 200);
+        let metrics = wait_status(&mut stack, port, "/metrics", 200);
         let missing: Vec<&String> = needles
             .iter()
             .filter(|n| !metrics.contains(n.as_str()))
@@ -157,7 +144,8 @@ async fn a_revoked_key_shows_in_its_gauge() {
     let port = free_port();
     stack.configure(|c| c.http.listen = format!("127.0.0.1:{port}"));
     stack.spawn_worker();
-    assert_eq!(wait_status(port, "/readyz", 200), "ready\n");
+    let port = listening(&mut stack, port);
+    assert_eq!(wait_status(&mut stack, port, "/readyz", 200), "ready\n");
     let (_c, js) = stack.connect().await;
     let state = stella_signer::keystate::KeyLedger::open(&js, &stack.stream("KEYS"))
         .await
@@ -166,9 +154,9 @@ async fn a_revoked_key_shows_in_its_gauge() {
         .revoke(&stack.public_keys[0].keyid(), "test")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = wait_status(port, "/metrics", 200);
+        let metrics = wait_status(&mut stack, port, "/metrics", 200);
         if metrics.contains("signer_key_revoked{key=\"ec\"} 1") {
             assert!(
                 metrics.contains("signer_key_revoked{key=\"ed\"} 0"),

@@ -222,20 +222,8 @@ async fn bad_input_is_answered_acked_and_never_redelivered() {
         assert!(r.body["audit"]["seq"].as_u64().unwrap() >= 1);
     }
     // everything was acked: nothing pending, nothing waiting for redelivery
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(stack.stream("REQ"))
-        .await
-        .unwrap()
-        .get_consumer(&stack.id)
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
-    assert_eq!(
-        (info.num_pending, info.num_ack_pending, info.num_redelivered),
-        (0, 0, 0),
-        "{info:?}"
-    );
+    let info = stack.wait_settled(&js).await;
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
     assert!(
         stack.log(0).contains("\"code\":\"tenant_mismatch\""),
         "refusals are logged with their code"
@@ -273,7 +261,8 @@ async fn a_republished_request_is_not_signed_twice() {
         )
         .await;
     stack.publish(&js, "sign.requests.acme", &[], body).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // both copies were taken and settled: a second result would be stored by now
+    stack.wait_settled(&js).await;
     let all = stack
         .results(&js, 1, Duration::from_secs(5), Duration::from_millis(500))
         .await;
@@ -354,7 +343,10 @@ async fn sigterm_drains_in_flight_jobs_and_loses_none() {
             )
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // TERM once the worker holds jobs (in flight, unacknowledged)
+    stack
+        .wait_consumer(&js, "jobs in flight", |i| i.num_ack_pending > 0)
+        .await;
     stack.signal(w, "TERM");
     assert_eq!(
         stack.wait(w, Duration::from_secs(30)),

@@ -461,7 +461,7 @@ async fn closing_the_sessions_of_a_pool_mid_stream_loses_no_job_and_signs_none_t
             .filter(|l| l.contains("key loaded") && l.contains("\"hsm\""))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
     while hsm_loads(&stack.log(0)) < 4 {
         assert!(Instant::now() < deadline, "not reloaded:\n{}", stack.log(0));
         tokio::time::sleep(Duration::from_millis(20)).await;

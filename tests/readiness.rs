@@ -34,10 +34,14 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
-/// Waits (up to `timeout`) until `/readyz` answers `status` with a body containing every
-/// one of `needles`; returns the body.
-fn wait_readyz(port: u16, status: u16, needles: &[&str], timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
+/// How long `/readyz` is awaited: generous (a loaded machine is slow); a passing test waits
+/// only as long as the worker takes.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Waits (up to [`WAIT`]) until `/readyz` answers `status` with a body containing every one
+/// of `needles`; returns the body. A worker that exits fails the wait at once, with its log.
+fn wait_readyz(stack: &mut Stack, port: u16, status: u16, needles: &[&str]) -> String {
+    let deadline = Instant::now() + WAIT;
     let mut last = None;
     loop {
         if let Some((s, body)) = get(port, "/readyz") {
@@ -46,9 +50,11 @@ fn wait_readyz(port: u16, status: u16, needles: &[&str], timeout: Duration) -> S
             }
             last = Some((s, body));
         }
+        stack.assert_running(0, "while /readyz was awaited");
         assert!(
             Instant::now() < deadline,
-            "/readyz never answered {status} with {needles:?}; last: {last:?}"
+            "/readyz never answered {status} with {needles:?}; last: {last:?}; log:\n{}",
+            stack.log(0)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -65,7 +71,7 @@ fn counter(port: u16, name: &str) -> u64 {
 
 /// Waits until the counter `name` reaches `want`.
 fn wait_counter(port: u16, name: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + WAIT;
     while counter(port, name) < want {
         assert!(
             Instant::now() < deadline,
@@ -163,7 +169,7 @@ impl OwnNats {
             .spawn()
             .expect("nats-server (scripts/bootstrap.sh installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + common::stack::MIN_WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(50));
@@ -214,7 +220,7 @@ async fn delete_consumer(requests: &stream::Stream, name: &str) {
 /// The consumer `name` once it exists (the worker recreates it; the server may take a moment
 /// to finish deleting the old one first).
 async fn wait_consumer(requests: &stream::Stream, name: &str) -> consumer::Info {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
     loop {
         if let Ok(mut c) = requests.get_consumer::<consumer::pull::Config>(name).await
             && let Ok(info) = c.info().await
@@ -243,7 +249,7 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
     let port = free_port();
     serve_http(&stack, port, Some(&nats.url()));
     stack.spawn_worker();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     let js = nats.connect().await;
     assert!(
         signed(&stack, &js, "zn-1", 1).await,
@@ -254,13 +260,13 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
     // the node dies: the pull subscription misses its heartbeats and is being replaced
     nats.kill();
     let body = wait_readyz(
+        &mut stack,
         port,
         503,
         &[
             "NATS not connected",
             "job source broken (pull stream broken: missed idle heartbeat); reopening",
         ],
-        Duration::from_secs(60),
     );
     eprintln!("/readyz during the outage: {body}");
     assert!(
@@ -277,7 +283,7 @@ async fn a_replica_whose_nats_server_restarts_is_not_ready_until_it_pulls_again_
 
     // the node is back with its disk: ready again by itself, and the next job is signed
     nats.spawn();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(90));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     wait_counter(port, "signer_intake_reopened_total", 1);
     assert!(
         log_has(&stack, &["job source reopened"]),
@@ -297,7 +303,7 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     let port = free_port();
     serve_http(&stack, port, None);
     stack.spawn_worker();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     let (_c, js) = stack.connect().await;
     let requests = js.get_stream(stack.stream("REQ")).await.unwrap();
     assert!(signed(&stack, &js, "zc-1", 1).await);
@@ -310,7 +316,7 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     let info = wait_consumer(&requests, &stack.id).await;
     assert!(info.created > original, "a new consumer: {info:?}");
     assert_eq!(info.config.ack_wait, Duration::from_secs(5));
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(30));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     assert!(
         signed(&stack, &js, "zc-2", 2).await,
         "signed through the new consumer"
@@ -321,9 +327,10 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
     stack.signal(0, "STOP");
     let before = counter(port, "signer_intake_reopened_total");
     delete_consumer(&requests, &stack.id).await;
-    // let the server finish removing the old consumer's files (see delete_consumer)
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    requests
+    // the server may still be removing the old consumer's files (see delete_consumer):
+    // ask until it takes the new one
+    let deadline = Instant::now() + common::stack::MIN_WAIT;
+    while let Err(e) = requests
         .create_consumer(consumer::pull::Config {
             durable_name: Some(stack.id.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
@@ -333,10 +340,13 @@ async fn a_deleted_consumer_is_recreated_and_one_recreated_by_someone_else_is_pi
             ..Default::default()
         })
         .await
-        .unwrap();
+    {
+        assert!(Instant::now() < deadline, "consumer not recreated: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stack.signal(0, "CONT");
     wait_counter(port, "signer_intake_reopened_total", before + 1);
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(30));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     assert!(
         log_has(
             &stack,
@@ -365,7 +375,7 @@ async fn a_missing_results_stream_makes_the_replica_not_ready_until_it_stores_ag
     // retried (every second at most) until the stream is back, not answered as final
     stack.configure(|c| c.nats.max_deliver = 1000);
     stack.spawn_worker();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     let (_c, js) = stack.connect().await;
     let results = stack.stream("RES");
     let config: stream::Config = js
@@ -380,10 +390,10 @@ async fn a_missing_results_stream_makes_the_replica_not_ready_until_it_stores_ag
 
     js.delete_stream(&results).await.unwrap();
     wait_readyz(
+        &mut stack,
         port,
         503,
         &[&format!("stream {results} unreachable")],
-        Duration::from_secs(30),
     );
     // a job taken now cannot store its result: not ready for that reason too, not acked
     stack
@@ -395,14 +405,14 @@ async fn a_missing_results_stream_makes_the_replica_not_ready_until_it_stores_ag
         )
         .await;
     wait_readyz(
+        &mut stack,
         port,
         503,
         &["results not stored: publish ack: "],
-        Duration::from_secs(30),
     );
 
     js.create_stream(config).await.unwrap();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     let stored = stack
         .results(&js, 1, Duration::from_secs(60), Duration::ZERO)
         .await;
@@ -441,20 +451,20 @@ async fn a_redis_outage_shows_in_readiness_while_the_quota_gate_needs_it() {
     let port = free_port();
     serve_http(&stack, port, None);
     stack.spawn_worker();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     let (_c, js) = stack.connect().await;
 
     redis.kill();
     let body = wait_readyz(
+        &mut stack,
         port,
         503,
         &["Redis (needed by quota) unreachable: "],
-        Duration::from_secs(30),
     );
     assert!(!body.contains("job source"), "pulling is fine: {body}");
 
     redis.spawn();
-    wait_readyz(port, 200, &["ready"], Duration::from_secs(60));
+    wait_readyz(&mut stack, port, 200, &["ready"]);
     assert!(log_has(&stack, &["readiness probe answers again", "Redis"]));
     assert!(
         signed(&stack, &js, "zr-1", 1).await,

@@ -122,7 +122,7 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("revoked {ec}")), "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.key_state_applied(&js, &[0, 1]).await;
     for i in 0..12 {
         let r = send(format!("after-{i}"), "default").await;
         assert!(!r.completed(), "a revoked key signed: {:#}", r.body);
@@ -145,7 +145,7 @@ async fn a_revoked_key_stops_signing_on_every_replica_without_a_restart() {
     )
     .await;
     assert_eq!(answer["outcome"], "accepted", "{answer}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.key_state_applied(&js, &[0, 1]).await;
     assert_eq!(send("ed-after".into(), "ed").await.code(), "key_revoked");
 
     // both replicas refused (the audit events name their writers), and both keys stay listed
@@ -214,8 +214,23 @@ fn signed_by(r: &common::stack::ResultMsg) -> String {
     r.body["signers"][0]["keyid"].as_str().unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
+/// A deployment of two replicas for the rotation tests: `next` is configured but in no
+/// profile (loaded by every replica, waiting), and tenant globex signs profile `default`
+/// with `ed`, its own key. Checks both before anything is rotated.
+struct Rotation {
+    _staged: tempfile::TempDir,
+    next: stella_signer::keys::file::GeneratedKey,
+    _ops_dir: tempfile::TempDir,
+    ops: Operators,
+    stack: Stack,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    ec: String,
+    ed: String,
+    sent: usize,
+}
+
+async fn rotation(tag: &str) -> Rotation {
     let staged = tempfile::tempdir().unwrap();
     let next = stella_signer::keys::file::FileKey::generate(
         signer_actors::keys::KeyAlgorithm::EcdsaP256Sha256,
@@ -224,8 +239,8 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     )
     .unwrap();
     // `next` is configured but in no profile: loaded by every replica, waiting.
-    let (_ops_dir, ops) = operators();
-    let mut stack = ops.stack("rot", 1);
+    let (ops_dir, ops) = operators();
+    let mut stack = ops.stack(tag, 1);
     stack.configure(|c| {
         c.keys
             .push(FileKeyConfig::new("next", &next.private_key).into());
@@ -242,13 +257,12 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     let ec = stack.public_keys[0].keyid();
     let ed = stack.public_keys[1].keyid();
     let mut sent = 0;
-    stack.wait_log(0, &["key loaded", "\"next\""], Duration::from_secs(20));
+    stack.wait_log(0, &["key loaded", "\"next\""], Duration::from_secs(60));
     assert_eq!(
         status_of(&stack, &next.keyid),
         "staged",
         "loaded, in no profile yet"
     );
-
     assert_eq!(
         signed_by(&sign_one(&stack, &js, &mut sent, "a-0", "acme").await),
         ec
@@ -258,26 +272,60 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
         ed,
         "globex has keys of its own"
     );
+    Rotation {
+        _staged: staged,
+        next,
+        _ops_dir: ops_dir,
+        ops,
+        stack,
+        client,
+        js,
+        ec,
+        ed,
+        sent,
+    }
+}
 
-    let (code, out) = signer(
-        &stack,
-        &signed(
-            &[
-                "keys",
-                "rotate",
-                "--profile",
-                "default",
-                "--to",
-                "next",
-                "--reason",
-                "yearly rotation",
-            ],
-            &ops,
-        ),
-    );
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("[ec] -> [next]"), "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+impl Rotation {
+    /// Rotates profile `default` to `next` with the CLI and waits until both replicas have it.
+    async fn rotate_default(&self) {
+        let (stack, ops, js) = (&self.stack, &self.ops, &self.js);
+        let (code, out) = signer(
+            stack,
+            &signed(
+                &[
+                    "keys",
+                    "rotate",
+                    "--profile",
+                    "default",
+                    "--to",
+                    "next",
+                    "--reason",
+                    "yearly rotation",
+                ],
+                ops,
+            ),
+        );
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("[ec] -> [next]"), "{out}");
+        stack.key_state_applied(js, &[0, 1]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_reaches_every_replica_and_leaves_tenant_keys_alone() {
+    let r = rotation("rot").await;
+    r.rotate_default().await;
+    let Rotation {
+        stack,
+        js,
+        next,
+        ed,
+        mut sent,
+        _ops_dir,
+        _staged,
+        ..
+    } = r;
     for i in 1..=10 {
         let r = sign_one(&stack, &js, &mut sent, &format!("a-{i}"), "acme").await;
         assert_eq!(signed_by(&r), next.keyid, "a-{i} after the rotation");
@@ -298,8 +346,26 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
         "every replica uses the rotated key: {writers:?}"
     );
 
-    // ec still signs profile `multi`; once that rotates too, ec is retired, not revoked:
-    // what it signed stays verifiable
+    stack.cleanup(&js).await;
+}
+
+/// ec still signs profile `multi`; once that rotates too, ec is retired, not revoked: what
+/// it signed stays verifiable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_out_of_every_profile_is_retired() {
+    let r = rotation("rotm").await;
+    r.rotate_default().await;
+    let Rotation {
+        stack,
+        js,
+        ops,
+        next,
+        ec,
+        ed,
+        _ops_dir,
+        _staged,
+        ..
+    } = r;
     assert_eq!(status_of(&stack, &ec), "active");
     let (code, out) = signer(
         &stack,
@@ -333,7 +399,25 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     assert_eq!(status(&next.keyid)["status"], "active");
     assert_eq!(status(&ed)["status"], "active");
 
-    // one tenant, through the control subject
+    stack.cleanup(&js).await;
+}
+
+/// One tenant's keys rotate through the control subject, and `keys restore` gives them back
+/// their configured ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_rotates_through_the_control_subject_and_is_restored() {
+    let Rotation {
+        stack,
+        client,
+        js,
+        ops,
+        next,
+        ed,
+        mut sent,
+        _ops_dir,
+        _staged,
+        ..
+    } = rotation("rott").await;
     let answer = send_control(
         &client,
         stack.subject("signer.control.keys"),
@@ -346,7 +430,7 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     )
     .await;
     assert_eq!(answer["outcome"], "accepted", "{answer}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.key_state_applied(&js, &[0, 1]).await;
     let r = sign_one(&stack, &js, &mut sent, "g-2", "globex").await;
     assert_eq!(signed_by(&r), next.keyid);
     assert_eq!(
@@ -354,22 +438,6 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
         ed.as_str(),
         "two signatures now"
     );
-
-    // a key no replica has loaded, or a revoked one, cannot be rotated in
-    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "nope"], &ops));
-    assert_eq!(code, 1, "{out}");
-    assert!(
-        out.contains("no replica has loaded a key named \"nope\""),
-        "{out}"
-    );
-    let (code, out) = signer(
-        &stack,
-        &signed(&["keys", "revoke", &ec, "--reason", "retired"], &ops),
-    );
-    assert_eq!(code, 0, "{out}");
-    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "ec"], &ops));
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("revoked"), "{out}");
 
     // restore: globex signs with its configured key (ed) again
     let (code, out) = signer(
@@ -388,7 +456,7 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("undone"), "{out}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.key_state_applied(&js, &[0, 1]).await;
     let r = sign_one(&stack, &js, &mut sent, "g-3", "globex").await;
     assert_eq!(signed_by(&r), ed, "restored to its configured key");
     assert_eq!(r.body["signers"].as_array().unwrap().len(), 1);
@@ -409,6 +477,35 @@ async fn a_rotation_reaches_every_replica_and_tenants_keep_their_own_keys() {
     );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("invalid_command"), "{out}");
+    stack.cleanup(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_no_replica_loaded_or_a_revoked_one_cannot_be_rotated_in() {
+    let Rotation {
+        stack,
+        js,
+        ops,
+        ec,
+        _ops_dir,
+        _staged,
+        ..
+    } = rotation("rotr").await;
+    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "nope"], &ops));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no replica has loaded a key named \"nope\""),
+        "{out}"
+    );
+    let (code, out) = signer(
+        &stack,
+        &signed(&["keys", "revoke", &ec, "--reason", "retired"], &ops),
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = signer(&stack, &signed(&["keys", "rotate", "--to", "ec"], &ops));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("revoked"), "{out}");
+
     stack.cleanup(&js).await;
 }
 

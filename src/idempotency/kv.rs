@@ -241,7 +241,8 @@ impl IdempotencyStore for KvIdempotency {
     }
 }
 
-#[cfg(test)]
+// Against the machine's NATS: `--features integration`.
+#[cfg(all(test, feature = "integration"))]
 mod tests {
     use super::*;
 

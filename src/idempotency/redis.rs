@@ -157,7 +157,8 @@ impl IdempotencyStore for RedisIdempotency {
     }
 }
 
-#[cfg(test)]
+// Against the machine's Redis: `--features integration`.
+#[cfg(all(test, feature = "integration"))]
 mod tests {
     use super::*;
 

@@ -96,7 +96,8 @@ fn publish_error(e: jetstream::context::PublishError, bytes: usize) -> PortError
     }
 }
 
-#[cfg(test)]
+// Against the machine's NATS: `--features integration`.
+#[cfg(all(test, feature = "integration"))]
 mod tests {
     use super::*;
     use signer_actors::ports::PortErrorKind;

@@ -178,7 +178,7 @@ impl RedisQuota {
 
     /// The same script under another hash, one Redis has never loaded: its first call is
     /// answered `NOSCRIPT`, as after a `SCRIPT FLUSH` or a Redis restart.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "integration"))]
     pub(crate) fn with_unloaded_script(mut self, salt: &str) -> Self {
         self.acquire = Script::new(&format!("{ACQUIRE}\n-- {salt}"));
         self

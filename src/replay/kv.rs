@@ -104,7 +104,8 @@ impl ReplayCache for KvReplayCache {
     }
 }
 
-#[cfg(test)]
+// Against the machine's NATS: `--features integration`.
+#[cfg(all(test, feature = "integration"))]
 mod tests {
     use super::*;
     use crate::replay::exercise_store;

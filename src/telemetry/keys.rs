@@ -101,39 +101,73 @@ mod tests {
         assert_eq!(seconds_left(now - Duration::from_secs(5), now), -5.0);
     }
 
+    /// A PEM certificate for `name` valid until `not_after` (unsigned: only its dates are
+    /// read here, and the key's loader judges signatures).
+    fn certificate(name: &str, not_after: SystemTime) -> String {
+        use std::str::FromStr as _;
+
+        use der::Encode as _;
+        use der::asn1::{BitString, ObjectIdentifier};
+        use x509_cert::certificate::{TbsCertificate, Version};
+        use x509_cert::name::Name;
+        use x509_cert::serial_number::SerialNumber;
+        use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+        use x509_cert::time::{Time, Validity};
+
+        let ecdsa_sha256 = AlgorithmIdentifierOwned {
+            oid: ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2"),
+            parameters: None,
+        };
+        let name = Name::from_str(&format!("CN={name}")).unwrap();
+        let tbs = TbsCertificate {
+            version: Version::V3,
+            serial_number: SerialNumber::new(&[1]).unwrap(),
+            signature: ecdsa_sha256.clone(),
+            issuer: name.clone(),
+            validity: Validity {
+                not_before: Time::try_from(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+                    .unwrap(),
+                not_after: Time::try_from(not_after).unwrap(),
+            },
+            subject: name,
+            subject_public_key_info: SubjectPublicKeyInfoOwned {
+                algorithm: AlgorithmIdentifierOwned {
+                    oid: ObjectIdentifier::new_unwrap("1.2.840.10045.2.1"),
+                    parameters: None,
+                },
+                subject_public_key: BitString::from_bytes(&[4; 65]).unwrap(),
+            },
+            issuer_unique_id: None,
+            subject_unique_id: None,
+            extensions: None,
+        };
+        let der = x509_cert::Certificate {
+            tbs_certificate: tbs,
+            signature_algorithm: ecdsa_sha256,
+            signature: BitString::from_bytes(&[0; 8]).unwrap(),
+        }
+        .to_der()
+        .unwrap();
+        pem::encode(&pem::Pem::new("CERTIFICATE", der))
+    }
+
     #[test]
     fn the_earliest_not_after_of_a_chain_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let make = |name: &str, days: &str| {
-            let cert = dir.path().join(format!("{name}.pem"));
-            let status = std::process::Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                ])
-                .arg(format!("/CN={name}"))
-                .args(["-days", days, "-keyout"])
-                .arg(dir.path().join(format!("{name}.key")))
-                .arg("-out")
-                .arg(&cert)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .expect("openssl");
-            assert!(status.success());
-            std::fs::read_to_string(cert).unwrap()
-        };
-        let chain = [make("leaf", "30"), make("ca", "3")];
-        let left = seconds_left(earliest_expiry(&chain).unwrap(), SystemTime::now());
-        assert!(
-            (2.9 * 86400.0..=3.0 * 86400.0 + 60.0).contains(&left),
-            "{left}"
-        );
+        // Whole seconds: X.509 times have no fractions.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        let (leaf, ca) = (now + 30 * day, now + 3 * day);
+        let chain = [certificate("leaf", leaf), certificate("ca", ca)];
+        assert_eq!(earliest_expiry(&chain), Some(ca));
+        assert_eq!(seconds_left(ca, now), 3.0 * 86_400.0);
+        // Order does not matter, and an unreadable member is skipped.
+        let chain = [
+            certificate("ca", ca),
+            "junk".into(),
+            certificate("leaf", leaf),
+        ];
+        assert_eq!(earliest_expiry(&chain), Some(ca));
+        assert_eq!(earliest_expiry(&chain[2..]), Some(leaf));
     }
 
     #[test]

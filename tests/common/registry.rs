@@ -41,6 +41,18 @@ pub struct TestRegistry {
     port: u16,
     child: Option<Child>,
     auth: Auth,
+    /// How the process is started.
+    launch: Launch,
+}
+
+/// How the registry process is started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    Plain,
+    /// Through `setpriv --pdeathsig KILL` ([`TestRegistry::start_shared`]).
+    Shared,
+    /// Through `nice -n 10` ([`TestRegistry::start_foreign`]).
+    Foreign,
 }
 
 /// How the registry authenticates; with any, anonymous requests get 401.
@@ -75,12 +87,29 @@ fn write_htpasswd(path: &Path, user: &str, password: &str) {
 impl TestRegistry {
     /// Starts a registry with empty storage.
     pub fn start() -> TestRegistry {
-        Self::start_inner(None, Auth::None)
+        Self::start_inner(None, Auth::None, Launch::Plain)
+    }
+
+    /// [`TestRegistry::start`] at a low CPU priority (`nice -n 10`), for a registry that
+    /// stands for someone else's machine in a test that measures what the signer spends:
+    /// serving (say) a hostile tenant's huge referrers is that tenant's registry's work,
+    /// which here shares the signer's cores. At nice 10 it yields to the signer and the test
+    /// when the cores are short, and still serves in time (at 19 it starved under load).
+    pub fn start_foreign() -> TestRegistry {
+        Self::start_inner(None, Auth::None, Launch::Foreign)
+    }
+
+    /// [`TestRegistry::start`] for a deployment shared by many tests and kept in a `static`
+    /// (never dropped): the registry gets SIGKILL when the thread that started it ends
+    /// (`setpriv --pdeathsig`), so it dies with the test process. Start it from a thread
+    /// that lives as long as the process.
+    pub fn start_shared() -> TestRegistry {
+        Self::start_inner(None, Auth::None, Launch::Shared)
     }
 
     /// Starts a registry that only serves `user` with `password` (HTTP basic auth).
     pub fn start_with_htpasswd(user: &str, password: &str) -> TestRegistry {
-        Self::start_inner(Some((user, password)), Auth::Htpasswd)
+        Self::start_inner(Some((user, password)), Auth::Htpasswd, Launch::Plain)
     }
 
     /// Starts a registry that wants bearer tokens, and the token server that issues them
@@ -93,11 +122,12 @@ impl TestRegistry {
                 realm: tokens.realm(),
                 cert: tokens.cert.clone(),
             },
+            Launch::Plain,
         );
         (reg, tokens)
     }
 
-    fn start_inner(users: Option<(&str, &str)>, auth: Auth) -> TestRegistry {
+    fn start_inner(users: Option<(&str, &str)>, auth: Auth, launch: Launch) -> TestRegistry {
         let mut last = String::new();
         // The port is free when picked but another process may take it before the
         // registry binds: retry with a new one.
@@ -107,6 +137,7 @@ impl TestRegistry {
                 port: free_port(),
                 child: None,
                 auth: auth.clone(),
+                launch,
             };
             if let Some((user, password)) = users {
                 write_htpasswd(&reg.dir.path().join("htpasswd"), user, password);
@@ -180,7 +211,20 @@ impl TestRegistry {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(registry_binary())
+        let mut cmd = match self.launch {
+            Launch::Plain => Command::new(registry_binary()),
+            Launch::Shared => {
+                let mut c = Command::new("setpriv");
+                c.args(["--pdeathsig", "KILL", "--"]).arg(registry_binary());
+                c
+            }
+            Launch::Foreign => {
+                let mut c = Command::new("nice");
+                c.args(["-n", "10"]).arg(registry_binary());
+                c
+            }
+        };
+        let child = cmd
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())

@@ -147,7 +147,7 @@ async fn key_commands_need_a_valid_single_use_operator_signature() {
         let reply = send(&client, subject.clone(), body.clone()).await;
         assert_eq!(refusal(&reply), *code, "{reply}");
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.key_state_applied(&js, &[0]).await;
     let r = sign_one(&stack, &js, &mut sent, "after-refusals", "default").await;
     assert!(
         r.completed(),
@@ -160,7 +160,7 @@ async fn key_commands_need_a_valid_single_use_operator_signature() {
     let reply = send(&client, subject.clone(), accepted.clone()).await;
     assert_eq!(reply["outcome"], "accepted", "{reply}");
     assert_eq!(reply["operators"], json!([op.key.sub]));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.key_state_applied(&js, &[0]).await;
     assert_eq!(
         sign_one(&stack, &js, &mut sent, "ed-after", "ed")
             .await
@@ -271,7 +271,7 @@ async fn dual_control_needs_two_distinct_operators() {
     )
     .await;
     assert_eq!(refusal(&reply), "not_enough_signatures", "{reply}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.key_state_applied(&js, &[0]).await;
     assert!(
         sign_one(&stack, &js, &mut sent, "still-signed", "default")
             .await
@@ -287,7 +287,7 @@ async fn dual_control_needs_two_distinct_operators() {
         who,
         [ops.all[0].key.sub.clone(), ops.all[2].key.sub.clone()]
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.key_state_applied(&js, &[0]).await;
     assert_eq!(
         sign_one(&stack, &js, &mut sent, "ec-revoked", "default")
             .await
@@ -345,7 +345,7 @@ async fn dual_control_needs_two_distinct_operators() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("revoked {ed}")), "{out}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.key_state_applied(&js, &[0]).await;
     assert_eq!(
         sign_one(&stack, &js, &mut sent, "ed-revoked", "ed")
             .await

@@ -1,6 +1,7 @@
 //! Every way a job can be talked out of a signature, through the real worker: a real
 //! Authority/licensing key pair, Redis, and a registry with signed and unsigned scanner
-//! images. Each case checks the contract code, the audit event, and that nothing was signed.
+//! images. Each case is a test of its own ([`refusals!`]) on one deployment shared by them
+//! (`shared`), and checks the contract code, the audit event, and that nothing was signed.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -10,15 +11,16 @@ mod replay;
 
 mod control;
 mod gatebounds;
+mod shared;
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::registry::TestRegistry;
-use common::stack::{Stack, plan, redis_at, request};
+use common::stack::{ResultMsg, Stack, plan, redis_at, request};
 use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
@@ -134,8 +136,31 @@ fn b64(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_gate_refuses_with_its_code_audits_it_and_signs_nothing() {
+/// The deployment of the gate cases, and the credentials an attacker would have.
+struct Gates {
+    stack: Stack,
+    _registry: TestRegistry,
+    w: World,
+    /// Another Authority key (under the real one's kid), another licensing key.
+    forger: Issuer,
+    forged_licensing: Issuer,
+    /// A DPoP key the OpTok is not bound to.
+    stranger_pem: String,
+    /// The Authority's public JWKS file (an HS256 "secret" an attacker can read).
+    authority_jwks: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+static GATES: OnceLock<Gates> = OnceLock::new();
+
+/// Tag of the gate deployment's streams (see `Stack::remove_stale`).
+const GATES_TAG: &str = "gateworld";
+
+fn gates() -> &'static Gates {
+    shared::once(&GATES, build_gates)
+}
+
+async fn build_gates() -> Gates {
     let dir = tempfile::tempdir().unwrap();
     let (authority, authority_jwks) = Issuer::new(dir.path(), "authority", MintAlg::EdDsa);
     let (licensing, licensing_jwks) = Issuer::new(dir.path(), "licensing", MintAlg::Es256);
@@ -148,7 +173,7 @@ async fn every_gate_refuses_with_its_code_audits_it_and_signs_nothing() {
 
     // the registry: a trusted release, an unsigned one, one signed by someone else, and one
     // carrying a valid signature that was made for another image
-    let reg = TestRegistry::start();
+    let reg = TestRegistry::start_shared();
     let repo = reg.repository("stella-ops/scanner");
     let push = Pusher::new(&[reg.host()]).unwrap();
     let trusted_digest = push.push_test_image(&repo).await.unwrap();
@@ -200,280 +225,291 @@ async fn every_gate_refuses_with_its_code_audits_it_and_signs_nothing() {
     gates.provenance.trusted_keys = vec![release.public_key.clone()];
     gates.provenance.insecure_registries = vec![reg.host()];
     // Redis records under prefixes of the stack's own
-    let mut stack = Stack::with_gates("sec", gates);
+    let mut stack = Stack::with_gates(GATES_TAG, gates);
     stack.configure(|c| {
         c.redis = redis_at("redis://127.0.0.1:6379");
         // retryable refusals (quota) are final at once here
         c.nats.max_deliver = 1;
     });
-    stack.spawn_worker();
     let (_c, js) = stack.connect().await;
+    Stack::remove_stale(&js, GATES_TAG).await;
+    stack.spawn_shared_worker();
     stack.wait_provisioned(&js).await;
 
-    let w = World {
-        authority,
-        licensing,
-        proof_jkt: mint::jkt_of(&proof_jwk),
-        proof_pem,
-        scanner_repo: repo.clone(),
-        trusted_digest,
-        unsigned_digest,
-        untrusted_digest,
-        other_digest,
-    };
-    let (other_authority, _) = Issuer::new(dir.path(), "forger", MintAlg::EdDsa);
-    let (other_licensing, _) = Issuer::new(dir.path(), "forged-licensing", MintAlg::Es256);
+    let (forger, _) = Issuer::new(dir.path(), "forger", MintAlg::EdDsa);
+    let (forged_licensing, _) = Issuer::new(dir.path(), "forged-licensing", MintAlg::Es256);
     let (stranger_pem, _) = mint::generate_signing_key(MintAlg::EdDsa).unwrap();
-
-    // (requestId, subject tenant, request, expected code)
-    let mut cases: Vec<(String, &str, Value, &str)> = Vec::new();
-    let mut case = |id: &str, subject: &'static str, r: Value, code: &'static str| {
-        let mut r = r;
-        r["requestId"] = id.into();
-        cases.push((id.to_string(), subject, r, code));
-    };
-    case("ok-1", "acme", w.good("ok-1", "acme", "big"), "");
-
-    // --- OpTok ---
-    let forged = mint::mint_optok(
-        &other_authority.pem,
-        &w.authority.kid,
-        &w.optok_claims("acme"),
-    )
-    .unwrap();
-    case(
-        "optok-forged",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), forged),
-        "auth_invalid",
-    );
-    let none = format!(
-        "{}.{}.",
-        b64(&json!({"alg": "none", "typ": "JWT"})),
-        b64(&w.optok_claims("acme"))
-    );
-    case(
-        "optok-alg-none",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), none),
-        "auth_invalid",
-    );
-    let hs_input = format!(
-        "{}.{}",
-        b64(&json!({"alg": "HS256", "kid": w.authority.kid, "typ": "JWT"})),
-        b64(&w.optok_claims("acme"))
-    );
-    let secret = std::fs::read(&authority_jwks).unwrap();
-    let tag = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
-        hs_input.as_bytes(),
-    );
-    let hs = format!("{hs_input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()));
-    case(
-        "optok-hs256-public-key",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), hs),
-        "auth_invalid",
-    );
-    let mut c = w.optok_claims("acme");
-    c["exp"] = (now() - 3600).into();
-    c["iat"] = (now() - 7200).into();
-    c["nbf"] = (now() - 7200).into();
-    case(
-        "optok-expired",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), w.optok(&c)),
-        "auth_expired",
-    );
-    let mut c = w.optok_claims("acme");
-    c["aud"] = json!(["attestor"]);
-    case(
-        "optok-wrong-aud",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), w.optok(&c)),
-        "audience_mismatch",
-    );
-    let mut c = w.optok_claims("acme");
-    c["scope"] = "scanner.read".into();
-    case(
-        "optok-no-scope",
-        "acme",
-        w.with_optok(w.good("x", "acme", "big"), w.optok(&c)),
-        "scope_missing",
-    );
-    case(
-        "tenant-token",
-        "acme",
-        w.with_optok(
-            w.good("x", "acme", "big"),
-            w.optok(&w.optok_claims("globex")),
-        ),
-        "tenant_mismatch",
-    );
-    case(
-        "tenant-subject",
-        "globex",
-        w.good("x", "acme", "big"),
-        "tenant_mismatch",
-    );
-
-    // --- DPoP ---
-    let mut r = w.good("x", "acme", "big");
-    r["auth"].as_object_mut().unwrap().remove("dpop");
-    case("dpop-missing", "acme", r, "dpop_invalid");
-    let mut r = w.good("x", "acme", "big");
-    let op = r["auth"]["opTok"].as_str().unwrap().to_string();
-    r["auth"]["dpop"] = mint::mint_dpop(&stranger_pem, &op, HTU, now(), "jti-thumb")
-        .unwrap()
-        .into();
-    case("dpop-wrong-thumbprint", "acme", r, "dpop_invalid");
-    let mut r = w.good("x", "acme", "big");
-    let mut another = w.optok_claims("acme");
-    another["sub"] = "svc:another-caller".into();
-    r["auth"]["dpop"] = w.dpop(&w.optok(&another)).into();
-    case("dpop-wrong-ath", "acme", r, "dpop_invalid");
-    let mut r = w.good("x", "acme", "big");
-    let op = r["auth"]["opTok"].as_str().unwrap().to_string();
-    r["auth"]["dpop"] = mint::mint_dpop(&w.proof_pem, &op, HTU, now() - 3600, "jti-stale")
-        .unwrap()
-        .into();
-    case("dpop-stale", "acme", r, "dpop_invalid");
-    let first = w.good("x", "acme", "big");
-    let mut replay = w.good("x", "acme", "big");
-    replay["auth"] = first["auth"].clone();
-    case("dpop-first-use", "acme", first, "");
-    case("dpop-replayed", "acme", replay, "dpop_replayed");
-
-    // --- Proof-of-Entitlement ---
-    let mut r = w.good("x", "acme", "big");
-    let poe = r["poe"]["value"].as_str().unwrap().to_string();
-    let parts: Vec<&str> = poe.split('.').collect();
-    let mut claims = w.poe_claims("acme", "big");
-    claims["plan"] = "enterprise-unlimited".into();
-    r["poe"]["value"] = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]).into();
-    case("poe-tampered", "acme", r, "poe_invalid");
-    let mut r = w.good("x", "acme", "big");
-    let forged_poe = mint::mint_poe(
-        &other_licensing.pem,
-        &w.licensing.kid,
-        &w.poe_claims("acme", "big"),
-    )
-    .unwrap();
-    r["poe"]["value"] = forged_poe.into();
-    case("poe-forged", "acme", r, "poe_invalid");
-    let mut c = w.poe_claims("acme", "big");
-    c["exp"] = (now() - 3600).into();
-    c["iat"] = (now() - 7200).into();
-    let mut r = w.good("x", "acme", "big");
-    r["poe"]["value"] = w.poe(&c).into();
-    case("poe-expired", "acme", r, "poe_expired");
-    let mut r = w.good("x", "acme", "big");
-    r["poe"]["value"] = w.poe(&w.poe_claims("globex", "big")).into();
-    case("poe-other-tenant", "acme", r, "poe_invalid");
-    let mut c = w.poe_claims("acme", "big");
-    c["features"] = json!(["scanner.scan"]);
-    let mut r = w.good("x", "acme", "big");
-    r["poe"]["value"] = w.poe(&c).into();
-    case("poe-feature-missing", "acme", r, "entitlement_denied");
-
-    // --- quota: burst 2, the third is refused ---
-    case("quota-1", "tinyco", w.good("x", "tinyco", "tiny"), "");
-    case("quota-2", "tinyco", w.good("x", "tinyco", "tiny"), "");
-    case(
-        "quota-3",
-        "tinyco",
-        w.good("x", "tinyco", "tiny"),
-        "quota_exceeded",
-    );
-
-    // --- scanner provenance ---
-    for (id, digest) in [
-        ("scanner-unsigned", &w.unsigned_digest),
-        ("scanner-untrusted-key", &w.untrusted_digest),
-        ("scanner-signature-for-another-digest", &w.other_digest),
-    ] {
-        let mut r = w.good("x", "acme", "big");
-        r["scanner"]["imageDigest"] = digest.clone().into();
-        case(id, "acme", r, "provenance_untrusted");
+    Gates {
+        stack,
+        _registry: reg,
+        w: World {
+            authority,
+            licensing,
+            proof_jkt: mint::jkt_of(&proof_jwk),
+            proof_pem,
+            scanner_repo: repo.clone(),
+            trusted_digest,
+            unsigned_digest,
+            untrusted_digest,
+            other_digest,
+        },
+        forger,
+        forged_licensing,
+        stranger_pem,
+        authority_jwks,
+        _dir: dir,
     }
+}
 
-    // one at a time, in order (replay and quota cases depend on it)
-    let mut expected: HashMap<String, &str> = HashMap::new();
-    let mut n = 0;
-    for (id, subject, r, code) in &cases {
-        stack
-            .publish(
-                &js,
-                &format!("sign.requests.{subject}"),
-                &[("Nats-Msg-Id", id)],
-                serde_json::to_vec(r).unwrap(),
-            )
-            .await;
-        expected.insert(id.clone(), code);
-        n += 1;
-        stack
-            .results(&js, n, Duration::from_secs(30), Duration::ZERO)
-            .await;
-    }
-    let results = stack
-        .results(
+/// How long a case waits for its result and audit event: generous, the deployment is shared
+/// and the machine may be loaded; a passing case waits only as long as the worker takes.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Publishes `request` as `id` on `sign.requests.<subject>` of `stack`; returns its one
+/// result and its audit events.
+async fn judge(
+    stack: &Stack,
+    id: &str,
+    subject: &str,
+    mut request: Value,
+) -> (ResultMsg, Vec<Value>) {
+    request["requestId"] = id.into();
+    let (_c, js) = stack.connect().await;
+    stack
+        .publish(
             &js,
-            cases.len(),
-            Duration::from_secs(30),
-            Duration::from_millis(500),
+            &format!("sign.requests.{subject}"),
+            &[("Nats-Msg-Id", id)],
+            serde_json::to_vec(&request).unwrap(),
         )
         .await;
+    let mut results = stack.results_for(&js, id, WAIT).await;
+    assert_eq!(results.len(), 1, "{id}: one result, got {results:#?}");
+    let audit = stack.audit_for(&js, id, WAIT).await;
+    (results.remove(0), audit)
+}
+
+/// `request` is refused with `code`, audited once as denied with that code, and not
+/// signed; returns the result and the audit event.
+async fn refused(
+    stack: &Stack,
+    id: &str,
+    subject: &str,
+    request: Value,
+    code: &str,
+) -> (ResultMsg, Value) {
+    let (r, mut events) = judge(stack, id, subject, request).await;
+    assert!(!r.completed(), "{id}: SIGNED, expected {code}");
+    assert_eq!(r.code(), code, "{id}: {}", r.body["error"]["message"]);
+    assert_eq!(events.len(), 1, "{id}: audit events {events:#?}");
+    let e = events.remove(0);
     assert_eq!(
-        results.len(),
-        cases.len(),
-        "one result per case\n{}",
-        stack.log(0)
+        (e["decision"].as_str(), e["errorCode"].as_str()),
+        (Some("denied"), Some(code)),
+        "{id}: {e:#}"
     );
-    let audit = stack.audit_events(&js).await;
-    let mut failures = Vec::new();
-    for r in &results {
-        let id = r.header("Signer-Request-Id").unwrap();
-        let want = expected[id];
-        let events: Vec<&Value> = audit.iter().filter(|e| e["requestId"] == id).collect();
-        if want.is_empty() {
-            if !r.completed() {
-                failures.push(format!(
-                    "{id}: expected a signature, got {}",
-                    r.body["error"]
-                ));
-            }
-            continue;
+    assert!(
+        e.get("keys").is_none(),
+        "{id}: a denied job names keys: {e:#}"
+    );
+    (r, e)
+}
+
+/// `request` is signed and audited once; returns the result and the audit event.
+async fn signed(stack: &Stack, id: &str, subject: &str, request: Value) -> (ResultMsg, Value) {
+    let (r, mut events) = judge(stack, id, subject, request).await;
+    assert!(
+        r.completed(),
+        "{id}: expected a signature, got {}",
+        r.body["error"]
+    );
+    assert_eq!(events.len(), 1, "{id}: audit events {events:#?}");
+    (r, events.remove(0))
+}
+
+/// One test per refusal: `name => code, |gates, id| (subject tenant, request);`.
+macro_rules! refusals {
+    ($($(#[$doc:meta])* $name:ident => $code:literal, |$g:ident, $id:ident| $case:expr;)*) => {$(
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let $g = gates();
+            let $id = stringify!($name);
+            let (subject, request): (&str, Value) = $case;
+            refused(&$g.stack, $id, subject, request, $code).await;
         }
-        if r.completed() {
-            failures.push(format!("{id}: SIGNED, expected {want}"));
-            continue;
-        }
-        if r.code() != want {
-            failures.push(format!(
-                "{id}: got {} ({}), expected {want}",
-                r.code(),
-                r.body["error"]["message"]
-            ));
-        }
-        if events.len() != 1
-            || events[0]["decision"] != "denied"
-            || events[0]["errorCode"] != want
-            || events[0].get("keys").is_some()
-        {
-            failures.push(format!("{id}: audit events {events:?}"));
-        }
-        if want == "quota_exceeded" {
-            assert!(
-                r.body["error"]["retryAfterMs"].as_u64().unwrap() > 1000,
-                "{:#}",
-                r.body
-            );
-            assert_eq!(r.body["error"]["retryable"], true);
-        }
+    )*};
+}
+
+/// A request by `acme` (plan `big`) that passes every gate but for `change`.
+fn acme(g: &Gates, id: &str, change: impl FnOnce(&mut Value)) -> (&'static str, Value) {
+    let mut r = g.w.good(id, "acme", "big");
+    change(&mut r);
+    ("acme", r)
+}
+
+/// OpTok claims for `acme`, changed.
+fn claims(g: &Gates, change: impl FnOnce(&mut Value)) -> Value {
+    let mut c = g.w.optok_claims("acme");
+    change(&mut c);
+    c
+}
+
+/// `acme`'s request with this OpTok (and a proof made for it).
+fn with_optok(g: &Gates, id: &str, optok: String) -> (&'static str, Value) {
+    ("acme", g.w.with_optok(g.w.good(id, "acme", "big"), optok))
+}
+
+/// `acme`'s request with this licence.
+fn with_poe(g: &Gates, id: &str, poe: String) -> (&'static str, Value) {
+    acme(g, id, |r| r["poe"]["value"] = poe.into())
+}
+
+/// `acme`'s request for this scanner image.
+fn with_scanner(g: &Gates, id: &str, digest: &str) -> (&'static str, Value) {
+    acme(g, id, |r| r["scanner"]["imageDigest"] = digest.into())
+}
+
+// --- OpTok ---
+refusals! {
+    /// Signed by another key under the Authority's kid.
+    optok_forged => "auth_invalid", |g, id| with_optok(g, id, mint::mint_optok(
+        &g.forger.pem, &g.w.authority.kid, &g.w.optok_claims("acme")).unwrap());
+    optok_alg_none => "auth_invalid", |g, id| with_optok(g, id, format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&g.w.optok_claims("acme"))
+    ));
+    /// HS256 keyed with the Authority's public key set.
+    optok_hs256_public_key => "auth_invalid", |g, id| with_optok(g, id, {
+        let input = format!(
+            "{}.{}",
+            b64(&json!({"alg": "HS256", "kid": g.w.authority.kid, "typ": "JWT"})),
+            b64(&g.w.optok_claims("acme"))
+        );
+        let secret = std::fs::read(&g.authority_jwks).unwrap();
+        let tag = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            input.as_bytes(),
+        );
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    });
+    optok_expired => "auth_expired", |g, id| with_optok(g, id, g.w.optok(&claims(g, |c| {
+        c["exp"] = (now() - 3600).into();
+        c["iat"] = (now() - 7200).into();
+        c["nbf"] = (now() - 7200).into();
+    })));
+    optok_wrong_aud => "audience_mismatch", |g, id| with_optok(g, id, g.w.optok(&claims(g, |c| {
+        c["aud"] = json!(["attestor"]);
+    })));
+    optok_no_scope => "scope_missing", |g, id| with_optok(g, id, g.w.optok(&claims(g, |c| {
+        c["scope"] = "scanner.read".into();
+    })));
+    /// The token is globex's, the request acme's.
+    tenant_token => "tenant_mismatch", |g, id| with_optok(g, id, g.w.optok(&g.w.optok_claims("globex")));
+    /// Published on globex's subject.
+    tenant_subject => "tenant_mismatch", |g, id| ("globex", g.w.good(id, "acme", "big"));
+}
+
+// --- DPoP ---
+refusals! {
+    dpop_missing => "dpop_invalid", |g, id| acme(g, id, |r| {
+        r["auth"].as_object_mut().unwrap().remove("dpop");
+    });
+    dpop_wrong_thumbprint => "dpop_invalid", |g, id| acme(g, id, |r| {
+        let op = r["auth"]["opTok"].as_str().unwrap().to_string();
+        r["auth"]["dpop"] = mint::mint_dpop(&g.stranger_pem, &op, HTU, now(), &format!("jti-{}", rand_hex()))
+            .unwrap()
+            .into();
+    });
+    /// A proof made for another token.
+    dpop_wrong_ath => "dpop_invalid", |g, id| acme(g, id, |r| {
+        let another = claims(g, |c| c["sub"] = "svc:another-caller".into());
+        r["auth"]["dpop"] = g.w.dpop(&g.w.optok(&another)).into();
+    });
+    dpop_stale => "dpop_invalid", |g, id| acme(g, id, |r| {
+        let op = r["auth"]["opTok"].as_str().unwrap().to_string();
+        r["auth"]["dpop"] = mint::mint_dpop(&g.w.proof_pem, &op, HTU, now() - 3600, &format!("jti-{}", rand_hex()))
+            .unwrap()
+            .into();
+    });
+}
+
+/// A proof signs its first job; the same proof on another job is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_replayed() {
+    let g = gates();
+    let first = g.w.good("dpop_first_use", "acme", "big");
+    let mut replay = g.w.good("dpop_replayed", "acme", "big");
+    replay["auth"] = first["auth"].clone();
+    signed(&g.stack, "dpop_first_use", "acme", first).await;
+    refused(&g.stack, "dpop_replayed", "acme", replay, "dpop_replayed").await;
+}
+
+// --- Proof-of-Entitlement ---
+refusals! {
+    /// A better plan in the claims, the signature kept.
+    poe_tampered => "poe_invalid", |g, id| acme(g, id, |r| {
+        let poe = r["poe"]["value"].as_str().unwrap().to_string();
+        let parts: Vec<&str> = poe.split('.').collect();
+        let mut claims = g.w.poe_claims("acme", "big");
+        claims["plan"] = "enterprise-unlimited".into();
+        r["poe"]["value"] = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]).into();
+    });
+    poe_forged => "poe_invalid", |g, id| with_poe(g, id, mint::mint_poe(
+        &g.forged_licensing.pem, &g.w.licensing.kid, &g.w.poe_claims("acme", "big")).unwrap());
+    poe_expired => "poe_expired", |g, id| with_poe(g, id, g.w.poe(&{
+        let mut c = g.w.poe_claims("acme", "big");
+        c["exp"] = (now() - 3600).into();
+        c["iat"] = (now() - 7200).into();
+        c
+    }));
+    poe_other_tenant => "poe_invalid", |g, id| with_poe(g, id, g.w.poe(&g.w.poe_claims("globex", "big")));
+    poe_feature_missing => "entitlement_denied", |g, id| with_poe(g, id, g.w.poe(&{
+        let mut c = g.w.poe_claims("acme", "big");
+        c["features"] = json!(["scanner.scan"]);
+        c
+    }));
+}
+
+/// Burst 2: two jobs sign, the third is refused, retryable, with a wait (max_deliver 1 makes
+/// the refusal final at once). `tinyco` is this test's tenant alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_burst_then_exceeded() {
+    let g = gates();
+    for id in ["quota-1", "quota-2"] {
+        signed(&g.stack, id, "tinyco", g.w.good(id, "tinyco", "tiny")).await;
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // the audit event of a good job names the caller and every gate's verdict
-    let ok = audit.iter().find(|e| e["requestId"] == "ok-1").unwrap();
+    let (r, _) = refused(
+        &g.stack,
+        "quota-3",
+        "tinyco",
+        g.w.good("quota-3", "tinyco", "tiny"),
+        "quota_exceeded",
+    )
+    .await;
+    assert!(
+        r.body["error"]["retryAfterMs"].as_u64().unwrap() > 1000,
+        "{:#}",
+        r.body
+    );
+    assert_eq!(r.body["error"]["retryable"], true);
+}
+
+// --- scanner provenance ---
+refusals! {
+    scanner_unsigned => "provenance_untrusted", |g, id| with_scanner(g, id, &g.w.unsigned_digest);
+    scanner_untrusted_key => "provenance_untrusted", |g, id| with_scanner(g, id, &g.w.untrusted_digest);
+    /// The trusted release's signature, copied to another image.
+    scanner_signature_for_another_digest => "provenance_untrusted", |g, id| with_scanner(g, id, &g.w.other_digest);
+}
+
+/// A job that passes every gate is signed, and its audit event names the caller and every
+/// gate's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_passes_every_gate_is_signed_and_audited() {
+    let g = gates();
+    let (_, ok) = signed(&g.stack, "ok-1", "acme", g.w.good("ok-1", "acme", "big")).await;
     assert_eq!(ok["caller"], json!({"iss": ISSUER, "sub": "svc:scanner"}));
     assert_eq!(
         (
@@ -490,6 +526,5 @@ async fn every_gate_refuses_with_its_code_audits_it_and_signs_nothing() {
         ),
         (Some("allowed"), Some("trusted"))
     );
-    assert_eq!(ok["provenance"]["scannerDigest"], w.trusted_digest);
-    stack.cleanup(&js).await;
+    assert_eq!(ok["provenance"]["scannerDigest"], g.w.trusted_digest);
 }

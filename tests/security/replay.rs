@@ -196,15 +196,16 @@ async fn replay_and_idempotency_records_survive_a_redis_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_proof_that_waited_past_twice_its_max_age_is_still_a_replay() {
     let redis = OwnRedis::start();
-    let max_age = 3;
+    let max_age = 5;
     let (mut stack, w, _keys) = stack("rplw", &redis, Duration::from_secs(max_age));
     stack.spawn_worker();
     let (_c, js) = stack.connect().await;
     stack.wait_provisioned(&js).await;
 
-    // The proof's iat is 2 s ahead (within the window), which leaves the second copy a few
-    // seconds to be published while still fresh, however slow this machine is today.
-    let iat = now() + 2;
+    // The proof's iat is 4 s ahead (within the window), which leaves the second copy 9 s to
+    // be published while still fresh (the first job signed and its worker stopped first),
+    // however slow this machine is today.
+    let iat = now() + 4;
     let first = {
         let mut r = w.good("rw-1", "acme", "big");
         let optok = r["auth"]["opTok"].as_str().unwrap().to_string();
