@@ -1,12 +1,10 @@
 //! stella-signer: the service package. CLI, configuration and the adapters that talk to
 //! the outside world; the domain lives in the `signer-actors` crate.
 
-pub mod bench;
 pub mod capped;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod dev;
 pub mod entitlement;
 pub mod error_text;
 pub mod http;

@@ -576,7 +576,7 @@ impl JwksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entitlement::mint::{self, MintAlg};
+    use stella_signer_tools::mint::{self, MintAlg};
 
     #[test]
     fn jwk_rules() {
@@ -665,9 +665,9 @@ mod url_tests {
     use signer_actors::error::ErrorCode;
 
     use super::super::EntitlementGateImpl;
-    use super::super::mint::{self, Jwk, MintAlg};
     use super::super::testkit::{Fixture, KeyPair, TestGate, TestServer, code};
     use super::*;
+    use stella_signer_tools::mint::{self, Jwk, MintAlg};
 
     #[tokio::test]
     async fn url_keys_follow_rotation_with_rate_limited_reloads() {

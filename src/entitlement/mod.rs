@@ -18,7 +18,7 @@ pub mod dpop;
 mod freshness_tests;
 pub mod jwks;
 pub mod jws;
-pub mod mint;
+pub mod jws_sign;
 pub mod optok;
 pub mod poe;
 pub mod replay;

@@ -308,9 +308,9 @@ mod tests {
     use signer_actors::error::ErrorCode;
 
     use super::super::jws::{b64url, b64url_decode};
-    use super::super::mint::{self, MintAlg};
     use super::super::testkit::{self, Fixture, KeyPair, code, deny, now};
     use super::*;
+    use stella_signer_tools::mint::{self, MintAlg};
 
     /// A job with this OpTok (a fresh proof for it, a good licence).
     fn job(fx: &Fixture, optok: &str) -> signer_actors::ports::GateInput {

@@ -554,9 +554,9 @@ mod tests {
     use signer_actors::error::ErrorCode;
     use signer_actors::ports::{GateDenial, GateInput};
 
-    use super::super::mint;
     use super::super::testkit::{self, Fixture, TestServer, deny, now};
     use super::*;
+    use stella_signer_tools::mint;
 
     /// A job with a good OpTok and proof and this PoE.
     fn job(fx: &Fixture, format: &str, value: &str) -> GateInput {

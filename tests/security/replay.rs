@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::{HTU, ISSUER, Issuer, World, now, rand_hex};
 use crate::common::servers::OwnRedis;
 use crate::common::stack::{ResultMsg, Stack};
-use stella_signer::entitlement::mint::{self, MintAlg};
+use stella_signer_tools::mint::{self, MintAlg};
 
 /// A deployment with real entitlement and quota gates (quota in `redis`), provenance off
 /// (not what these cases are about), and retries enough to ride out a Redis reconnect.
