@@ -53,13 +53,6 @@ use replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified<T>(T);
 
-impl<T> Verified<T> {
-    /// The verified value.
-    pub fn into_inner(self) -> T {
-        self.0
-    }
-}
-
 impl<T> Deref for Verified<T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -101,10 +94,11 @@ pub enum EntitlementSetupError {
     HttpClient(String),
 }
 
-/// Counters for tests and diagnostics (what the Entitlement actor counts is in
+/// Counters for tests (what the Entitlement actor counts is in
 /// `signer_actors::pipeline::EntitlementStats`).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct GateStats {
+pub(crate) struct GateStats {
     /// OpTok signatures checked (tokens the actor did not have verified yet).
     pub token_signature_checks: u64,
     /// Licence (`format: jwt`) signatures checked.
@@ -388,8 +382,9 @@ impl EntitlementGateImpl {
         })
     }
 
-    /// Counters for tests and diagnostics.
-    pub fn stats(&self) -> GateStats {
+    /// Counters for tests.
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> GateStats {
         GateStats {
             token_signature_checks: self.tokens.optok.signature_checks(),
             licence_signature_checks: self.poe.licence_signature_checks(),

@@ -148,8 +148,9 @@ impl OpTokVerifier {
         }
     }
 
-    /// Signature checks done so far (that reached the cryptography).
-    pub fn signature_checks(&self) -> u64 {
+    /// Signature checks done so far (that reached the cryptography); for tests.
+    #[cfg(test)]
+    pub(crate) fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
     }
 

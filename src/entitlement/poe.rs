@@ -378,8 +378,9 @@ impl Introspector {
         }
     }
 
-    /// Requests sent to the licensing service so far.
-    pub fn calls(&self) -> u64 {
+    /// Requests sent to the licensing service so far; for tests.
+    #[cfg(test)]
+    pub(crate) fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
@@ -488,13 +489,15 @@ impl PoeVerifier {
         }
     }
 
-    /// Licensing calls so far (format `introspect`).
-    pub fn introspect_calls(&self) -> u64 {
+    /// Licensing calls so far (format `introspect`); for tests.
+    #[cfg(test)]
+    pub(crate) fn introspect_calls(&self) -> u64 {
         self.introspect.as_ref().map_or(0, Introspector::calls)
     }
 
-    /// Licence signature checks so far (format `jwt`).
-    pub fn licence_signature_checks(&self) -> u64 {
+    /// Licence signature checks so far (format `jwt`); for tests.
+    #[cfg(test)]
+    pub(crate) fn licence_signature_checks(&self) -> u64 {
         self.jwt
             .as_ref()
             .map_or(0, |j| j.signature_checks.load(Ordering::Relaxed))
