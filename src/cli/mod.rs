@@ -1,13 +1,13 @@
 //! The command line. Exit codes: 0 ok, 1 invalid or denied, 2 unusable input.
 
-pub mod artefacts;
+pub(crate) mod artefacts;
 mod audit;
 mod keys;
-pub mod nats_client;
+pub(crate) mod nats_client;
 mod schema;
 mod serve;
 pub mod sign_local;
-pub mod submit;
+pub(crate) mod submit;
 mod verify;
 mod watch;
 

@@ -3,12 +3,12 @@
 //! replay stores, and the object store bucket of large artefacts.
 
 pub mod blobs;
-pub mod idempotency;
+pub(crate) mod idempotency;
 pub mod key_state;
 pub mod provision;
-pub mod publisher;
-pub mod replay;
-pub mod source;
+pub(crate) mod publisher;
+pub(crate) mod replay;
+pub(crate) mod source;
 
 use crate::config::NatsConfig;
 

@@ -6,7 +6,7 @@
 //! the round trips per operation and made the pool the pipeline's bottleneck; see
 //! docs/performance.md.)
 
-pub mod idempotency;
+pub(crate) mod idempotency;
 
 use std::time::Duration;
 
