@@ -266,7 +266,6 @@ pub fn control(data: &[u8]) {
     let _ = envelope.arguments();
     let _ = envelope.action();
     if let Ok(command) = serde_json::from_value::<ControlCommand>(envelope.command.clone()) {
-        let _ = command.action();
         let _ = command.scope();
         let value = command.to_value();
         let back: ControlCommand =
