@@ -30,13 +30,14 @@ test-yubikey:
 demo:
     scripts/demo.sh
 
-# Benchmarks: sign-local, the key backends, then the pipeline (ARGS go to `bench pipeline`, e.g. --jobs 200000).
+# Benchmarks (the tools crate's binary): sign-local, the key backends, then the pipeline, whose
+# worker is the release stella-signer built beside it (ARGS go to `bench pipeline`, e.g. --jobs 200000).
 # Figures are printed beside the raw ceilings measured in the same run; JSON in target/bench/.
 bench *ARGS:
-    cargo build --release --quiet
-    target/release/stella-signer bench sign-local
-    target/release/stella-signer bench keys
-    target/release/stella-signer bench pipeline {{ARGS}}
+    cargo build --release --quiet --workspace
+    target/release/stella-signer-tools bench sign-local
+    target/release/stella-signer-tools bench keys
+    target/release/stella-signer-tools bench pipeline {{ARGS}}
 
 # Install prerequisites (apt packages, conformance peers, services).
 bootstrap:

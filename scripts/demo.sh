@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job end to end on embedded defaults: a worker (`serve --dev`) against the local
-# NATS with every gate enforcing (dev Authority, licensing and release keys: OpToks bound by
-# DPoP, licences, quotas, an allowlisted scanner release), sample jobs published with
-# `submit`, every result awaited, every envelope and bundle
+# The main job end to end on embedded defaults: a worker (`serve`) on the development setup
+# of `stella-signer-tools dev init`, against the local NATS with every gate enforcing (dev
+# Authority, licensing and release keys: OpToks bound by DPoP, licences, quotas, an
+# allowlisted scanner release), sample jobs published with `submit` (credentials from
+# `stella-signer-tools dev identity`), every result awaited, every envelope and bundle
 # checked by stella-signer verify and by the independent peers (securesystemslib,
 # sigstore-js), the audit chain walked, a summary table printed. Exit 0 only if all hold.
 #
@@ -26,14 +27,15 @@ else
   scripts/bootstrap.sh
 fi
 
-step 2 "building stella-signer (release)"
-if [ -x target/release/stella-signer ]; then
+step 2 "building stella-signer and stella-signer-tools (release)"
+if [ -x target/release/stella-signer ] && [ -x target/release/stella-signer-tools ]; then
   say "an earlier build exists: cargo only rebuilds what changed"
 else
   say "first build on this machine: expect several minutes on 2 cores; cargo's progress follows"
 fi
-cargo build --release
+cargo build --release --workspace
 bin="$root/target/release/stella-signer"
+tools="$root/target/release/stella-signer-tools"
 conf="$root/target/conformance"
 state="$root/target/demo-state"
 work="$(mktemp -d)"
@@ -46,10 +48,11 @@ export SIGNER_NATS__CONSUMER="demo-signer"
 export SIGNER_IDEMPOTENCY__BUCKET="DEMO_SIGNER_IDEMPOTENCY"
 export SIGNER_HTTP__LISTEN="127.0.0.1:9465"
 
-step 3 "starting a worker: stella-signer serve --dev"
+step 3 "starting a worker: stella-signer-tools dev init, then stella-signer serve"
 say "dev keys, Authority, licensing and release keys in $state (made on the first run)"
+config="$("$tools" dev init --state "$state")"
 say "every gate enforces: OpTok + DPoP, licence, quota, scanner release; log: $work/serve.log"
-"$bin" serve --dev --state "$state" >"$work/serve.log" 2>&1 &
+"$bin" serve --config "$config" >"$work/serve.log" 2>&1 &
 pid=$!
 cleanup() {
   kill -TERM "$pid" 2>/dev/null || true
@@ -79,9 +82,12 @@ step 4 "publishing ${#jobs[@]} jobs on demo.sign.requests (stella-signer submit)
 for job in "${jobs[@]}"; do
   IFS='|' read -r name statement profile encoding expected what <<<"$job"
   say "$name: $what (expect $expected)"
-  flags=(--dev-state "$state" --statement "$statement" --tenant acme --profile "$profile" --wait --json --timeout 30s)
+  # fresh credentials per job: a DPoP proof is good for one request
+  identity=(--state "$state" --tenant acme)
+  [ "$name" = bearer-token ] && identity+=(--bearer)
+  "$tools" dev identity "${identity[@]}" >"$work/$name.identity.json"
+  flags=(--config "$config" --identity "$work/$name.identity.json" --statement "$statement" --tenant acme --profile "$profile" --wait --json --timeout 30s)
   [ "$encoding" = cbor ] && flags+=(--cbor)
-  [ "$name" = bearer-token ] && flags+=(--bearer)
   "$bin" submit "${flags[@]}" >"$work/$name.result.json" 2>"$work/$name.submit.log" || true
   outcome="$(python3 -c 'import json,sys
 try: r = json.load(open(sys.argv[1]))
@@ -91,7 +97,7 @@ print("completed, %d signature(s)" % len(r["envelope"]["signatures"]) if "envelo
 done
 
 step 5 "walking the audit chain (stella-signer audit verify): every decision, hash-linked"
-"$bin" audit verify --dev-state "$state" >"$work/audit.txt" 2>&1 || true
+"$bin" audit verify --config "$config" >"$work/audit.txt" 2>&1 || true
 say "$(head -c 200 "$work/audit.txt" | head -n 1)"
 
 step 6 "verifying every envelope and bundle: stella-signer verify, securesystemslib, sigstore-js (pinned keys)"

@@ -1,23 +1,26 @@
 //! stella-signer: the service package. CLI, configuration and the adapters that talk to
 //! the outside world; the domain lives in the `signer-actors` crate.
+//!
+//! A module is public only where a crate outside this library uses it: the binary
+//! (`cli::Cli`), the tools crate (`tools/`: bench, dev setup, minting, pushing), the
+//! integration tests (`tests/`) and the fuzz targets (`fuzz/`). Everything else is
+//! `pub(crate)`, so that the compiler reports what nothing uses.
 
-pub mod bench;
 pub mod blobs;
-pub mod capped;
+pub(crate) mod capped;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod dev;
 pub mod entitlement;
-pub mod error_text;
-pub mod http;
-pub mod idempotency;
+pub(crate) mod error_text;
+pub(crate) mod http;
+pub(crate) mod idempotency;
 pub mod jetstream;
 pub mod keys;
 pub mod keystate;
 pub mod provenance;
-pub mod quota;
-pub mod readiness;
+pub(crate) mod quota;
+pub(crate) mod readiness;
 pub mod redis;
 pub mod replay;
 pub mod schemas;

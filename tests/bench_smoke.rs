@@ -1,80 +1,44 @@
-//! The pipeline benchmark still runs end to end (tiny N): gates on, a real worker, both
-//! ceilings. A smoke check, not a performance assertion.
+//! The pipeline benchmark still runs end to end (tiny N): gates on, a real worker (this
+//! package's `stella-signer` binary), both ceilings. A smoke check, not a performance
+//! assertion. It drives the benchmark through the tools crate's library, which is what
+//! `stella-signer-tools bench pipeline` runs; the key-backend benchmark's smoke test runs the
+//! tools binary itself (tools/tests/bench_keys.rs).
 
-#[test]
-fn pipeline_bench_runs_with_every_gate_on() {
-    let reports = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-        .env("SIGNER_BENCH_OUT", reports.path())
-        .args([
-            "bench",
-            "pipeline",
-            "--jobs",
-            "300",
-            "--rate",
-            "200",
-            "--duration",
-            "1s",
-            "--variants",
-            "bearer,dpop",
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    for needle in [
-        "(ceiling a)",
-        "(ceiling b)",
-        "pipeline jobs/s (backlog drain)",
-        "pipeline / ceiling b",
-        "peak RSS",
-        "open loop 200 jobs/s",
-    ] {
-        assert!(
-            text.matches(needle).count() == 2,
-            "{needle:?} once per variant in:\n{text}"
-        );
-    }
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reports.path().join("pipeline.json")).unwrap())
-            .unwrap();
-    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
-}
+use stella_signer_tools::bench::pipeline::{self, PipelineBench, Variant};
 
-/// The key-backend benchmark measures every backend (SoftHSM and the Sigstore peer are set
-/// up by the run), each through an actor beside the raw call. No figure is asserted.
-#[test]
-fn keys_bench_measures_every_backend() {
-    let reports = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stella-signer"))
-        .env("SIGNER_BENCH_OUT", reports.path())
-        .env(
-            "SIGNER_CONFORMANCE_DIR",
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/conformance"),
-        )
-        .args(["bench", "keys", "--signatures", "200"])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(
-        !text.contains("skipped"),
-        "every backend must run here:\n{text}"
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reports.path().join("keys.json")).unwrap()).unwrap();
-    let backends = report["backends"].as_array().unwrap();
-    assert_eq!(backends.len(), 6, "{report:#}");
-    for b in backends {
-        assert!(b["rawPerSec"].as_f64().unwrap() > 0.0, "{b}");
-        assert!(b["actorPerSec"].as_f64().unwrap() > 0.0, "{b}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_bench_runs_with_every_gate_on() {
+    for variant in [Variant::Bearer, Variant::Dpop] {
+        let dir = tempfile::tempdir().unwrap();
+        let bench = PipelineBench {
+            worker: env!("CARGO_BIN_EXE_stella-signer").into(),
+            nats: "nats://127.0.0.1:4222".into(),
+            redis: "redis://127.0.0.1:6379".into(),
+            jobs: 300,
+            rate: 200,
+            duration: std::time::Duration::from_secs(1),
+            max_inflight: 512,
+            ..pipeline::gate_setup(variant, dir.path()).unwrap()
+        };
+        let report = pipeline::run(&bench)
+            .await
+            .unwrap_or_else(|e| panic!("{variant:?}: {e}"));
+        for figure in [
+            "rawSignPerSec",
+            "noopRoundTripPerSec",
+            "pipelineJobsPerSec",
+            "ratioToNoop",
+            "cpuSecondsPer1000Jobs",
+        ] {
+            let value = report[figure].as_f64();
+            assert!(
+                value.is_some_and(|v| v > 0.0),
+                "{variant:?}: {figure} in {report:#}"
+            );
+        }
+        assert!(report["peakRssBytes"].as_u64() > Some(0), "{report:#}");
+        // every job of the open-loop phase got its result (200 jobs/s for 1 s)
+        assert_eq!(report["openLoop"]["results"], 200, "{report:#}");
+        assert_eq!(report["jobs"], 300, "{report:#}");
     }
 }

@@ -26,7 +26,7 @@ use stella_signer::keys::file::FileKey;
 use stella_signer::provenance::ReleaseVerifierImpl;
 use stella_signer::provenance::credentials::Credentials;
 use stella_signer::provenance::formats::{BUNDLE_V03_MEDIA_TYPE, DSSE_MEDIA_TYPE};
-use stella_signer::provenance::push::{BundleContentKind, COSIGN_SIGN_PREDICATE_TYPE, Pusher};
+use stella_signer_tools::push::{BundleContentKind, COSIGN_SIGN_PREDICATE_TYPE, Pusher};
 
 const PATH: &str = "stella-ops/scanner";
 

@@ -17,7 +17,6 @@ use stella_signer::control::command::{ControlCommand, ControlEnvelope, command_d
 use stella_signer::entitlement::dpop::{DpopVerifier, ProofContext};
 use stella_signer::entitlement::jwks::{JwksSource, JwksStore, KeySet, PublicKey as Jwk};
 use stella_signer::entitlement::jws;
-use stella_signer::entitlement::mint::{self, MintAlg};
 use stella_signer::entitlement::optok::{OpTokPolicy, OpTokVerifier};
 use stella_signer::entitlement::poe::{JwtLicences, PoeVerifier};
 use stella_signer::replay::MemoryReplayCache;
@@ -25,6 +24,7 @@ use stella_signer::provenance::formats::{
     self, BundleCheck, DEFAULT_MAX_ENVELOPE_SIGNATURES, Limits,
 };
 use stella_signer::provenance::fuzzing as oci_fuzzing;
+use stella_signer_tools::mint::{self, MintAlg};
 
 use crate::{DIGEST_HEX, assert_bounded, keys};
 
@@ -271,7 +271,6 @@ pub fn control(data: &[u8]) {
     let _ = envelope.arguments();
     let _ = envelope.action();
     if let Ok(command) = serde_json::from_value::<ControlCommand>(envelope.command.clone()) {
-        let _ = command.action();
         let _ = command.scope();
         let value = command.to_value();
         let back: ControlCommand =

@@ -16,8 +16,7 @@ use crate::keys::material::KeyMaterial;
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
     /// An operator private key (PKCS#8 PEM, P-256 or Ed25519) whose public key is in the
-    /// replicas' [gates.control] key set; repeat for dual control. Default with --dev-state:
-    /// the dev operator key.
+    /// replicas' [gates.control] key set; repeat for dual control.
     #[arg(long = "operator-key", value_name = "FILE")]
     pub operator_keys: Vec<PathBuf>,
     /// The kid of each --operator-key in the operator key set, in the same order
@@ -38,13 +37,8 @@ pub struct OperatorArgs {
 
 impl OperatorArgs {
     /// The operator keys, with their kids and subs.
-    fn load(&self, dev_state: Option<&Path>) -> Result<Vec<OperatorKey>, CliError> {
-        let mut paths = self.operator_keys.clone();
-        if paths.is_empty()
-            && let Some(dir) = dev_state
-        {
-            paths.push(crate::dev::operator_key_path(dir));
-        }
+    fn load(&self) -> Result<Vec<OperatorKey>, CliError> {
+        let paths = &self.operator_keys;
         if paths.is_empty() {
             return Err(CliError::Unusable(
                 "name an operator key: --operator-key FILE (repeat for dual control)".into(),
@@ -73,12 +67,8 @@ impl OperatorArgs {
     }
 
     /// Signs `envelope` with every operator key.
-    fn sign(
-        &self,
-        envelope: &mut ControlEnvelope,
-        dev_state: Option<&Path>,
-    ) -> Result<(), CliError> {
-        for key in self.load(dev_state)? {
+    fn sign(&self, envelope: &mut ControlEnvelope) -> Result<(), CliError> {
+        for key in self.load()? {
             add_signature(envelope, &key, self.token_ttl)
                 .map_err(|e| CliError::Unusable(e.to_string()))?;
         }
@@ -156,7 +146,7 @@ fn sign_and_send(
         command: command.to_value(),
         signatures: vec![],
     };
-    operator.sign(&mut envelope, nats.dev_state.as_deref())?;
+    operator.sign(&mut envelope)?;
     match &operator.out {
         Some(path) => write_envelope(path, &envelope),
         None => send(nats, &envelope),
@@ -501,8 +491,8 @@ impl KeysCommand {
                 let mut envelope: ControlEnvelope = serde_json::from_slice(&text).map_err(|e| {
                     CliError::Unusable(format!("{}: not a signed command: {e}", file.display()))
                 })?;
-                if !operator.operator_keys.is_empty() || nats.dev_state.is_some() {
-                    operator.sign(&mut envelope, nats.dev_state.as_deref())?;
+                if !operator.operator_keys.is_empty() {
+                    operator.sign(&mut envelope)?;
                 }
                 if now {
                     send(&nats, &envelope)

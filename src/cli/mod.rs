@@ -1,14 +1,13 @@
 //! The command line. Exit codes: 0 ok, 1 invalid or denied, 2 unusable input.
 
-pub mod artefacts;
+pub(crate) mod artefacts;
 mod audit;
-mod dev;
 mod keys;
-pub mod nats_client;
+pub(crate) mod nats_client;
 mod schema;
 mod serve;
 pub mod sign_local;
-pub mod submit;
+pub(crate) mod submit;
 mod verify;
 mod watch;
 
@@ -63,58 +62,9 @@ enum Command {
     Submit(submit::SubmitArgs),
     /// Follow results as Attestor or Export Center would.
     Watch(watch::WatchArgs),
-    /// Credentials for the `serve --dev` setup.
-    #[command(subcommand)]
-    Dev(dev::DevCommand),
     /// The audit stream.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
-    /// Benchmarks (figures beside raw ceilings measured in the same run).
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Jobs/s and latency through a real worker process beside the raw signature and the
-    /// no-op JetStream round trip, measured in the same run.
-    Pipeline {
-        /// Jobs in the backlog phase.
-        #[arg(long, default_value_t = 100_000)]
-        jobs: usize,
-        /// Offered rate of the open-loop phase (jobs/s).
-        #[arg(long, default_value_t = 5_000)]
-        rate: u64,
-        /// Length of the open-loop phase.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        #[arg(long, default_value_t = 512)]
-        max_inflight: usize,
-        #[arg(long, default_value = "nats://127.0.0.1:4222")]
-        nats: String,
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis: String,
-        /// Runs to make, in order (default: bearer and dpop).
-        #[arg(long, value_delimiter = ',', default_value = "bearer,dpop")]
-        variants: Vec<crate::bench::pipeline::Variant>,
-    },
-    /// Signatures/s per key backend through KeySigner actors beside the raw backend call
-    /// (file ECDSA and Ed25519, PKCS#11 on a SoftHSM token made for the run, keyless through
-    /// the offline Sigstore peer of the conformance tools).
-    Keys {
-        /// Signatures per round (the TSA row makes 1/40 of them: one HTTP call each).
-        #[arg(long, default_value_t = 20_000)]
-        signatures: usize,
-    },
-    /// sign-local throughput per algorithm beside the raw signature operation.
-    SignLocal {
-        /// Signatures per round.
-        #[arg(long, default_value_t = 20_000)]
-        iterations: usize,
-        /// Size of the statement in its canonical form.
-        #[arg(long, default_value_t = 1024)]
-        statement_bytes: usize,
-    },
 }
 
 impl Cli {
@@ -128,57 +78,6 @@ impl Cli {
             Command::Submit(args) => args.run(),
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
-            Command::Dev(cmd) => cmd.run(),
-            Command::Bench(BenchCommand::Pipeline {
-                jobs,
-                rate,
-                duration,
-                max_inflight,
-                nats,
-                redis,
-                variants,
-            }) => {
-                let rt = nats_client::runtime()?;
-                let mut reports = Vec::new();
-                for variant in variants {
-                    let dir = tempfile::tempdir().map_err(|e| CliError::Unusable(e.to_string()))?;
-                    let bench = crate::bench::pipeline::PipelineBench {
-                        nats: nats.clone(),
-                        redis: redis.clone(),
-                        jobs,
-                        rate,
-                        duration,
-                        max_inflight,
-                        ..crate::bench::pipeline::gate_setup(variant, dir.path())?
-                    };
-                    reports.push(rt.block_on(crate::bench::pipeline::run(&bench))?);
-                }
-                let path =
-                    crate::bench::write_report("pipeline", serde_json::json!({"runs": reports}))
-                        .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
-                println!("report: {}", path.display());
-                Ok(())
-            }
-            Command::Bench(BenchCommand::Keys { signatures }) => {
-                // before the runtime's threads: it sets SOFTHSM2_CONF for this process
-                let softhsm = crate::bench::keys::prepare_softhsm();
-                let rt = nats_client::runtime()?;
-                let report = rt.block_on(crate::bench::keys::run(signatures, softhsm))?;
-                let path = crate::bench::write_report("keys", report)
-                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
-                println!("report: {}", path.display());
-                Ok(())
-            }
-            Command::Bench(BenchCommand::SignLocal {
-                iterations,
-                statement_bytes,
-            }) => {
-                let report = crate::bench::sign_local::run(iterations, statement_bytes)?;
-                let path = crate::bench::write_report("sign-local", report)
-                    .map_err(|e| CliError::Unusable(format!("writing the report: {e}")))?;
-                println!("report: {}", path.display());
-                Ok(())
-            }
         }
     }
 }

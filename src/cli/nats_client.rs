@@ -1,5 +1,5 @@
 //! What the NATS-facing commands (submit, watch, audit) share: where NATS is and which
-//! streams and subjects to use, from `--config`, `--dev-state` or the defaults.
+//! streams and subjects to use, from `--config` or the defaults.
 
 use std::path::PathBuf;
 
@@ -14,9 +14,6 @@ pub struct NatsArgs {
     /// environment overrides apply as for serve).
     #[arg(long, env = "SIGNER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// A `serve --dev` state directory (uses its signer.toml).
-    #[arg(long)]
-    pub dev_state: Option<PathBuf>,
     /// NATS URL (overrides the configuration).
     #[arg(long)]
     pub nats: Option<String>,
@@ -31,10 +28,7 @@ impl NatsArgs {
     /// The whole configuration in effect (defaults where no file is given), with the
     /// `--nats` URL applied.
     pub fn config(&self) -> Result<Config, CliError> {
-        let path = self
-            .config
-            .clone()
-            .or_else(|| self.dev_state.as_ref().map(|d| d.join("signer.toml")));
+        let path = self.config.clone();
         let text = match &path {
             Some(p) => std::fs::read_to_string(p)
                 .map_err(|e| CliError::Unusable(format!("{}: {e}", p.display())))?,

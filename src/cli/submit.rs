@@ -28,13 +28,10 @@ pub struct SubmitArgs {
     /// Signing profile (default: the service's `default`).
     #[arg(long)]
     profile: Option<String>,
-    /// Caller identity JSON: {"auth": {...}, "poe": {...}, "scanner": {...}}
-    /// (default with --dev-state: fresh dev credentials, DPoP-bound, and the dev scanner).
+    /// Caller identity JSON: {"auth": {...}, "poe": {...}, "scanner": {...}}, copied into
+    /// the request (`stella-signer-tools dev identity` makes one for its dev setup).
     #[arg(long)]
-    identity: Option<PathBuf>,
-    /// With --dev-state: send a bearer OpTok without DPoP (the dev config refuses it).
-    #[arg(long)]
-    bearer: bool,
+    identity: PathBuf,
     /// requestId (default: generated).
     #[arg(long)]
     request_id: Option<String>,
@@ -69,16 +66,7 @@ pub fn new_request_id() -> String {
 
 impl SubmitArgs {
     pub fn run(self) -> Result<(), CliError> {
-        let identity: serde_json::Value = match (&self.identity, &self.nats.dev_state) {
-            (Some(path), _) => super::read_json(path)?,
-            (None, Some(dir)) => crate::dev::request_identity(dir, &self.tenant, !self.bearer)
-                .map_err(CliError::Unusable)?,
-            (None, None) => {
-                return Err(CliError::Unusable(
-                    "--identity FILE (or --dev-state DIR)".into(),
-                ));
-            }
-        };
+        let identity: serde_json::Value = super::read_json(&self.identity)?;
         let bytes = super::read_file(&self.statement)?;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let mut request = serde_json::json!({

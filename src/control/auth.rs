@@ -64,15 +64,6 @@ impl Decision {
             outcome: Err(r),
         }
     }
-
-    /// The `sub` of every operator whose signature counted.
-    pub fn operators(&self) -> Vec<String> {
-        self.signatures
-            .iter()
-            .filter(|s| s.counted)
-            .filter_map(|s| s.sub.clone())
-            .collect()
-    }
 }
 
 /// Why the operator authority could not be set up.
@@ -175,11 +166,6 @@ impl OperatorAuthority {
             max_life: cfg.max_token_life.as_secs(),
             skew: cfg.clock_skew.as_secs(),
         }))
-    }
-
-    /// How many distinct operators must sign.
-    pub fn required_signatures(&self) -> usize {
-        self.required
     }
 
     /// Decides on `envelope`: authorised (the command) or refused (why), recording the

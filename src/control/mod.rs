@@ -14,9 +14,9 @@
 //! - [`server`]: the subject's server: decide, audit, apply, reply;
 //! - [`sign`]: making signatures (the CLI, tests).
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod command;
-pub mod server;
+pub(crate) mod server;
 pub mod sign;
 
 pub use command::{ControlCommand, ControlEnvelope, ControlReply};

@@ -6,13 +6,13 @@ use serde_json::json;
 
 use super::CONTROL_TOKEN_TYPE;
 use super::command::{ControlEnvelope, command_digest};
-use crate::entitlement::mint::{self, MintError};
+use crate::entitlement::jws_sign::{self, JwsSignError};
 
 /// Why a signature could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
     #[error("operator key: {0}")]
-    Key(#[from] MintError),
+    Key(#[from] JwsSignError),
     #[error("command: {0}")]
     Command(#[from] serde_json::Error),
 }
@@ -30,11 +30,11 @@ pub struct OperatorKey {
 
 impl OperatorKey {
     /// An operator key from its PEM; `kid` defaults to the key's thumbprint (what
-    /// `generate_signing_key` and `serve --dev` publish as kid).
+    /// the tools' `generate_signing_key` and `dev init` publish as kid).
     pub fn new(pem: String, kid: Option<String>, sub: String) -> Result<Self, SignError> {
         let kid = match kid {
             Some(k) => k,
-            None => mint::public_jwk(&pem)?.thumbprint()?,
+            None => jws_sign::public_jwk(&pem)?.thumbprint()?,
         };
         Ok(OperatorKey { pem, kid, sub })
     }
@@ -66,7 +66,7 @@ pub fn add_signature(
         "jti": random_jti(),
         "cmd": command_digest(&envelope.command)?,
     });
-    let token = mint::sign_compact(
+    let token = jws_sign::sign_compact(
         &key.pem,
         &json!({"typ": CONTROL_TOKEN_TYPE, "kid": key.kid}),
         &claims,

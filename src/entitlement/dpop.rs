@@ -188,10 +188,10 @@ mod tests {
     use signer_actors::ports::GateInput;
 
     use super::super::EntitlementGateImpl;
-    use super::super::mint::{self, MintAlg};
     use super::super::testkit::{self, Fixture, KeyPair, TestGate, code, deny, now};
     use super::*;
     use crate::replay::RedisReplayCache;
+    use stella_signer_tools::mint::{self, MintAlg};
 
     fn job(fx: &Fixture, optok: &str, proof: Option<&str>) -> GateInput {
         let licence = fx.licence(&fx.licence_claims());

@@ -13,7 +13,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -435,7 +434,6 @@ pub struct JwksStore {
     keys: RwLock<Arc<KeySet>>,
     refresh: tokio::sync::Mutex<RefreshState>,
     min_interval: Duration,
-    loads: AtomicU64,
 }
 
 impl std::fmt::Debug for JwksStore {
@@ -473,7 +471,6 @@ impl JwksStore {
                 last_error: None,
             }),
             min_interval,
-            loads: AtomicU64::new(1),
         }))
     }
 
@@ -482,14 +479,8 @@ impl JwksStore {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// How many times the set was loaded (startup included); for tests and diagnostics.
-    pub fn loads(&self) -> u64 {
-        self.loads.load(Ordering::Relaxed)
-    }
-
     async fn reload(&self, state: &mut RefreshState) -> Result<(), JwksError> {
         state.last_attempt = Some(Instant::now());
-        self.loads.fetch_add(1, Ordering::Relaxed);
         let result = async {
             let bytes = self.source.load().await?;
             KeySet::parse(&bytes)
@@ -576,7 +567,7 @@ impl JwksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entitlement::mint::{self, MintAlg};
+    use stella_signer_tools::mint::{self, MintAlg};
 
     #[test]
     fn jwk_rules() {
@@ -665,9 +656,9 @@ mod url_tests {
     use signer_actors::error::ErrorCode;
 
     use super::super::EntitlementGateImpl;
-    use super::super::mint::{self, Jwk, MintAlg};
     use super::super::testkit::{Fixture, KeyPair, TestGate, TestServer, code};
     use super::*;
+    use stella_signer_tools::mint::{self, Jwk, MintAlg};
 
     #[tokio::test]
     async fn url_keys_follow_rotation_with_rate_limited_reloads() {

@@ -19,7 +19,7 @@ pub mod dpop;
 mod freshness_tests;
 pub mod jwks;
 pub mod jws;
-pub mod mint;
+pub mod jws_sign;
 pub mod optok;
 pub mod poe;
 #[cfg(test)]
@@ -53,13 +53,6 @@ use poe::{Introspector, JwtLicences, PoeVerifier};
 /// were merely decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified<T>(T);
-
-impl<T> Verified<T> {
-    /// The verified value.
-    pub fn into_inner(self) -> T {
-        self.0
-    }
-}
 
 impl<T> Deref for Verified<T> {
     type Target = T;
@@ -102,10 +95,11 @@ pub enum EntitlementSetupError {
     HttpClient(String),
 }
 
-/// Counters for tests and diagnostics (what the Entitlement actor counts is in
+/// Counters for tests (what the Entitlement actor counts is in
 /// `signer_actors::pipeline::EntitlementStats`).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct GateStats {
+pub(crate) struct GateStats {
     /// OpTok signatures checked (tokens the actor did not have verified yet).
     pub token_signature_checks: u64,
     /// Licence (`format: jwt`) signatures checked.
@@ -401,8 +395,9 @@ impl EntitlementGateImpl {
         })
     }
 
-    /// Counters for tests and diagnostics.
-    pub fn stats(&self) -> GateStats {
+    /// Counters for tests.
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> GateStats {
         GateStats {
             token_signature_checks: self.tokens.optok.signature_checks(),
             licence_signature_checks: self.poe.licence_signature_checks(),

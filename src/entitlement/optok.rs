@@ -148,8 +148,9 @@ impl OpTokVerifier {
         }
     }
 
-    /// Signature checks done so far (that reached the cryptography).
-    pub fn signature_checks(&self) -> u64 {
+    /// Signature checks done so far (that reached the cryptography); for tests.
+    #[cfg(test)]
+    pub(crate) fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
     }
 
@@ -308,9 +309,9 @@ mod tests {
     use signer_actors::error::ErrorCode;
 
     use super::super::jws::{b64url, b64url_decode};
-    use super::super::mint::{self, MintAlg};
     use super::super::testkit::{self, Fixture, KeyPair, code, deny, now};
     use super::*;
+    use stella_signer_tools::mint::{self, MintAlg};
 
     /// A job with this OpTok (a fresh proof for it, a good licence).
     fn job(fx: &Fixture, optok: &str) -> signer_actors::ports::GateInput {

@@ -387,8 +387,9 @@ impl Introspector {
         self
     }
 
-    /// Requests sent to the licensing service so far.
-    pub fn calls(&self) -> u64 {
+    /// Requests sent to the licensing service so far; for tests.
+    #[cfg(test)]
+    pub(crate) fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
@@ -499,13 +500,15 @@ impl PoeVerifier {
         }
     }
 
-    /// Licensing calls so far (format `introspect`).
-    pub fn introspect_calls(&self) -> u64 {
+    /// Licensing calls so far (format `introspect`); for tests.
+    #[cfg(test)]
+    pub(crate) fn introspect_calls(&self) -> u64 {
         self.introspect.as_ref().map_or(0, Introspector::calls)
     }
 
-    /// Licence signature checks so far (format `jwt`).
-    pub fn licence_signature_checks(&self) -> u64 {
+    /// Licence signature checks so far (format `jwt`); for tests.
+    #[cfg(test)]
+    pub(crate) fn licence_signature_checks(&self) -> u64 {
         self.jwt
             .as_ref()
             .map_or(0, |j| j.signature_checks.load(Ordering::Relaxed))
@@ -565,9 +568,9 @@ mod tests {
     use signer_actors::error::ErrorCode;
     use signer_actors::ports::{GateDenial, GateInput};
 
-    use super::super::mint;
     use super::super::testkit::{self, Fixture, TestServer, deny, now};
     use super::*;
+    use stella_signer_tools::mint;
 
     /// A job with a good OpTok and proof and this PoE.
     fn job(fx: &Fixture, format: &str, value: &str) -> GateInput {

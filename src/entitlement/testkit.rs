@@ -13,8 +13,8 @@ use signer_actors::request::SignRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::EntitlementGateImpl;
-use super::mint::{self, Jwk, MintAlg};
 use crate::config::gates::EntitlementGate;
+use stella_signer_tools::mint::{self, Jwk, MintAlg};
 
 pub(crate) const ISSUER: &str = "https://authority.test";
 pub(crate) const TENANT: &str = "acme";

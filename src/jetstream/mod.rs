@@ -5,8 +5,8 @@
 //! `keystate/`, `blobs/object_store.rs`).
 
 pub mod provision;
-pub mod publisher;
-pub mod source;
+pub(crate) mod publisher;
+pub(crate) mod source;
 
 use crate::config::NatsConfig;
 

@@ -9,12 +9,11 @@ use async_nats::jetstream::{self, consumer, stream};
 use super::NatsError;
 use crate::config::NatsConfig;
 
-/// The provisioned streams and consumer.
+/// The provisioned streams, and the consumer's settings as the server has them.
 pub struct Provisioned {
     /// The requests stream (the consumer is looked up on it again when it is replaced).
     pub requests: stream::Stream,
     pub results: stream::Stream,
-    pub consumer: consumer::PullConsumer,
     /// The consumer's max deliveries and ack wait as the server has them (they may differ
     /// from config when the consumer existed before).
     pub max_deliver: u64,
@@ -98,7 +97,6 @@ pub async fn provision(
     Ok(Provisioned {
         requests,
         results,
-        consumer,
         max_deliver,
         ack_wait,
     })

@@ -111,19 +111,6 @@ impl FileKey {
         Self::from_material(&material, name, path)
     }
 
-    /// Parses a PEM private key (`path` is only used in error messages).
-    pub fn from_pem(
-        text: &str,
-        name: impl Into<String>,
-        path: &Path,
-    ) -> Result<Self, FileKeyError> {
-        let material = KeyMaterial::from_pem(text).map_err(|source| FileKeyError::Format {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_material(&material, name, path)
-    }
-
     /// Parses PKCS#8 DER (v1 or v2).
     pub fn from_pkcs8_der(der: &[u8], name: impl Into<String>) -> Result<Self, FileKeyError> {
         let path = Path::new("(PKCS#8 DER)");

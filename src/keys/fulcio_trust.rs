@@ -174,8 +174,9 @@ impl FulcioTrust {
         Ok(FulcioTrust { anchors })
     }
 
-    /// Trusts these DER certificates (tests, and callers with roots in hand).
-    pub fn from_der(certs: &[Vec<u8>]) -> Result<Self, ChainError> {
+    /// Trusts these DER certificates (tests).
+    #[cfg(test)]
+    pub(crate) fn from_der(certs: &[Vec<u8>]) -> Result<Self, ChainError> {
         let anchors = certs
             .iter()
             .enumerate()
@@ -227,16 +228,6 @@ impl FulcioTrust {
                 anchor(b.into_contents(), (None, None)).map_err(|e| format!("certificate {i}: {e}"))
             })
             .collect()
-    }
-
-    /// How many trusted certificates there are (for the startup log).
-    pub fn len(&self) -> usize {
-        self.anchors.len()
-    }
-
-    /// Whether no certificate is trusted (never, for a loaded file).
-    pub fn is_empty(&self) -> bool {
-        self.anchors.is_empty()
     }
 
     /// Checks `chain` (DER, leaf first, as Fulcio returned it) at `now` for our ephemeral
@@ -892,7 +883,7 @@ mod tests {
         let pem = |der: &Vec<u8>| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()));
         std::fs::write(&pem_path, pem(&p.intermediate) + &pem(&p.root)).unwrap();
         let trust = FulcioTrust::load(&pem_path).unwrap();
-        assert_eq!(trust.len(), 2);
+        assert_eq!(trust.anchors.len(), 2);
         assert!(trust.verify(&chain, &key, SystemTime::now()).is_ok());
 
         let trusted_root = |start: &str| {

@@ -250,12 +250,6 @@ impl YubiKeySigner {
             device: Arc::new(Mutex::new(Device { yubikey, pin, slot })),
         })
     }
-
-    /// Signs synchronously (blocks on the device); the signature is checked against the
-    /// public key before it is returned.
-    pub fn sign_blocking(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
-        sign_checked(&self.device, &self.identity, message)
-    }
 }
 
 fn sign_checked(

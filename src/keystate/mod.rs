@@ -46,7 +46,7 @@ mod ops;
 pub mod schema;
 mod watch;
 
-pub use schema::{Assignment, CertificateRecord, IdentityRevocation, KeyRecord, Revocation};
+pub use schema::{Assignment, IdentityRevocation, Revocation};
 
 /// Why a command cannot be applied as it is: the operator must change it, and sending it again
 /// gives the same answer.

@@ -26,11 +26,10 @@
 //! cached verdict, gives `provenance_unavailable` (retryable).
 
 pub mod formats;
-pub mod push;
 
 pub mod credentials;
 mod registry;
-mod repository;
+pub mod repository;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -53,6 +52,9 @@ use formats::{
     BUNDLE_V03_MEDIA_TYPE, BUNDLE_V03_MEDIA_TYPE_ALT, BundleCheck, COSIGN_SIGNATURE_ANNOTATION,
     Cancel, Check, DSSE_MEDIA_TYPE, Limits, SIMPLE_SIGNING_MEDIA_TYPE,
 };
+/// Whether a registry error only says "there is nothing there" (what the tools' pusher
+/// needs to start a signature list or a referrers index).
+pub use registry::is_not_found;
 use registry::{Failure, Fetched, Reader};
 pub use repository::RepositoryError;
 

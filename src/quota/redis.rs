@@ -165,13 +165,15 @@ impl RedisQuota {
 
     /// Changes how long a concurrency slot stays taken when it is never released
     /// (default [`SLOT_LEASE`]). Clamped to at least 1 ms.
-    pub fn with_slot_lease(mut self, lease: Duration) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_slot_lease(mut self, lease: Duration) -> Self {
         self.slot_lease = lease.max(Duration::from_millis(1));
         self
     }
 
     /// Changes how long an operation may wait for Redis (default [`REDIS_TIMEOUT`]).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }

@@ -1,8 +1,8 @@
 //! JSON logs (tracing), the Prometheus recorder, and the gauges read from outside the
 //! process (backlog of the consumer, key state: [`poller`], [`keys`]).
 
-pub mod keys;
-pub mod poller;
+pub(crate) mod keys;
+pub(crate) mod poller;
 
 use std::sync::OnceLock;
 

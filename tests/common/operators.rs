@@ -9,7 +9,7 @@ use stella_signer::config::ControlGate;
 use stella_signer::control::command::command_digest;
 use stella_signer::control::sign::{OperatorKey, add_signature};
 use stella_signer::control::{CONTROL_TOKEN_TYPE, ControlEnvelope};
-use stella_signer::entitlement::mint::{self, MintAlg};
+use stella_signer_tools::mint::{self, MintAlg};
 
 use super::stack::Stack;
 

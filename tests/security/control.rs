@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use stella_signer::entitlement::mint::{self, MintAlg};
 use stella_signer::schemas::SchemaKind;
+use stella_signer_tools::mint::{self, MintAlg};
 
 use crate::common::operators::{self, Operators, claims, envelope, send, token};
 use crate::common::stack::{ResultMsg, Stack, request};

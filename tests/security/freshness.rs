@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
 use serde_json::Value;
-use stella_signer::entitlement::mint::MintAlg;
+use stella_signer_tools::mint::MintAlg;
 
 use stella_signer::config::GateMode;
 

@@ -26,9 +26,9 @@ use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
 use signer_actors::keys::KeyAlgorithm;
 use stella_signer::config::GatesConfig;
-use stella_signer::entitlement::mint::{self, MintAlg};
 use stella_signer::keys::file::FileKey;
-use stella_signer::provenance::push::Pusher;
+use stella_signer_tools::mint::{self, MintAlg};
+use stella_signer_tools::push::Pusher;
 
 const ISSUER: &str = "https://authority.test.stella-ops.local";
 const HTU: &str = "nats:sign.requests";

@@ -16,7 +16,7 @@ use super::{HTU, Issuer, World, entitlement_gates, now, rand_hex};
 use crate::common::servers::OwnRedis;
 use crate::common::stack::{ResultMsg, Stack, plan, redis_at};
 use stella_signer::config::GateMode;
-use stella_signer::entitlement::mint::{self, MintAlg};
+use stella_signer_tools::mint::{self, MintAlg};
 
 /// A deployment with real entitlement and quota gates (quota in `redis`), provenance off
 /// (not what these cases are about), and retries enough to ride out a Redis reconnect.

@@ -21,27 +21,56 @@ use super::Shared;
 use crate::keys::{KeyError, KeySignature, KeySigner};
 
 /// Messages of a KeySigner actor.
-pub enum KeyMsg {
+pub(crate) enum KeyMsg {
     /// Sign these PAE bytes.
     Sign(Arc<[u8]>, RpcReplyPort<Result<KeySignature, KeyError>>),
 }
 
 /// One key.
-pub struct KeySignerActor;
+struct KeySignerActor;
 
 /// A key actor's backend and the revocation list it consults before every signature.
-pub struct KeyState {
+struct KeyState {
     key: Arc<dyn KeySigner>,
     revocations: Arc<dyn crate::ports::RevocationList>,
 }
 
-impl KeyState {
-    /// What a key actor starts with (public so a benchmark can drive one actor alone).
-    pub fn new(
+/// One key actor on its own, outside a pipeline: the actor and message a Keyring pool member
+/// is, for measuring what the actor path costs beside the backend's own call
+/// (`stella-signer-tools bench keys`). Stopped when dropped.
+pub struct StandaloneKeyActor(pub(super) ActorRef<KeyMsg>);
+
+impl StandaloneKeyActor {
+    /// Starts a key actor for `key`, checking `revocations` before every signature.
+    pub async fn spawn(
         key: Arc<dyn KeySigner>,
         revocations: Arc<dyn crate::ports::RevocationList>,
-    ) -> Self {
-        KeyState { key, revocations }
+    ) -> Result<Self, ractor::SpawnErr> {
+        let (actor, _) = Actor::spawn(None, KeySignerActor, KeyState { key, revocations }).await?;
+        Ok(StandaloneKeyActor(actor))
+    }
+
+    /// Signs `pae` through the actor, as a job does. An actor that stopped or failed answers
+    /// [`KeyError::Unavailable`].
+    pub async fn sign(&self, pae: Arc<[u8]>) -> Result<KeySignature, KeyError> {
+        match self.0.call(|r| KeyMsg::Sign(pae, r), None).await {
+            Ok(ractor::rpc::CallResult::Success(outcome)) => outcome,
+            Ok(other) => Err(KeyError::Unavailable(format!(
+                "key actor: {}",
+                if other.is_timeout() {
+                    "timed out"
+                } else {
+                    "stopped"
+                }
+            ))),
+            Err(e) => Err(KeyError::Unavailable(format!("key actor: {e}"))),
+        }
+    }
+}
+
+impl Drop for StandaloneKeyActor {
+    fn drop(&mut self) {
+        self.0.stop(None);
     }
 }
 

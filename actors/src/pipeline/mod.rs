@@ -32,7 +32,7 @@ pub use gates::{
     ProvenanceLimits, ProvenanceMsg, ProvenanceStats, Quota, QuotaMsg,
 };
 pub use health::{IntakeState, NotReady, Reason, Store};
-pub use keyring::{KeyMsg, KeySignerActor, KeyState as KeyActorState};
+pub use keyring::StandaloneKeyActor;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

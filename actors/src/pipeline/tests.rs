@@ -1118,3 +1118,39 @@ mod blobs;
 mod bounded;
 /// The job's decisions step by step (issue 9, item 1).
 mod steps;
+
+/// Revokes every key it is asked about.
+struct RevokeAll;
+
+impl RevocationList for RevokeAll {
+    fn revoked(&self, _: &str) -> Option<String> {
+        Some("compromised".into())
+    }
+}
+
+/// A key actor started on its own signs as a pool member does, checks the revocation list
+/// first, and answers `Unavailable` once it is gone.
+#[tokio::test]
+async fn a_standalone_key_actor_signs_and_refuses_revoked_keys() {
+    let key = TwoKeys.load("a").await.unwrap();
+    let public = key.identity().public_key.clone();
+    let pae: Arc<[u8]> = Arc::from(&b"pae bytes"[..]);
+    let actor = super::StandaloneKeyActor::spawn(key.clone(), Arc::new(NoRevocations))
+        .await
+        .unwrap();
+    let signature = actor.sign(pae.clone()).await.unwrap();
+    assert!(public.verify(&pae, &signature.sig));
+
+    let revoked = super::StandaloneKeyActor::spawn(key, Arc::new(RevokeAll))
+        .await
+        .unwrap();
+    assert!(matches!(
+        revoked.sign(pae.clone()).await,
+        Err(KeyError::Revoked(m)) if m.contains("compromised")
+    ));
+    revoked.0.stop_and_wait(None, None).await.unwrap();
+    assert!(matches!(
+        revoked.sign(pae).await,
+        Err(KeyError::Unavailable(_))
+    ));
+}

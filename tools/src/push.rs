@@ -1,6 +1,7 @@
 //! Publishing scanner releases and their signatures to an OCI registry, in the layouts the
-//! gate reads. Used by the integration tests, by the `dev` demo and by release runbooks
-//! (sign a scanner image with the release key held by any [`KeySigner`] backend).
+//! provenance gate reads (`stella_signer::provenance`). Used by the integration tests, and a
+//! library for release tooling (sign a scanner image with the release key held by any
+//! [`KeySigner`] backend); no command of `stella-signer-tools` calls it yet.
 //!
 //! - [`Pusher::push_test_image`]: a minimal OCI image (config, one tar layer, manifest).
 //! - [`Pusher::sign_image_cosign`]: a cosign simple-signing signature under the tag
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use oci_client::Reference;
-use oci_client::client::Client;
+use oci_client::client::{Client, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{
     IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
@@ -34,13 +35,13 @@ use signer_actors::dsse::{Envelope, Signature, pae};
 use signer_actors::keys::{KeyError, KeySigner};
 use signer_actors::statement::{INTOTO_PAYLOAD_TYPE, STATEMENT_V1, Statement, Subject};
 
-use super::credentials::Credentials;
-use super::formats::{
+use stella_signer::provenance::credentials::Credentials;
+use stella_signer::provenance::formats::{
     BUNDLE_V03_MEDIA_TYPE, COSIGN_SIGNATURE_ANNOTATION, DSSE_MEDIA_TYPE, SIMPLE_SIGNING_MEDIA_TYPE,
     SimpleSigning,
 };
-use super::registry;
-use super::repository::{self, RepositoryError};
+use stella_signer::provenance::is_not_found;
+use stella_signer::provenance::repository::{self, RepositoryError};
 
 /// predicateType of the attestation [`Pusher::attach_dsse_referrer`] writes: "this image is
 /// a scanner release", with the repository and digest as the predicate.
@@ -162,7 +163,11 @@ impl Pusher {
         insecure_registries: &[String],
         credentials: Credentials,
     ) -> Result<Self, PushError> {
-        let client = registry::client(insecure_registries, None).map_err(PushError::Client)?;
+        let client = Client::try_from(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            ..ClientConfig::default()
+        })
+        .map_err(|e| PushError::Client(e.to_string()))?;
         Ok(Pusher {
             client,
             credentials,
@@ -270,7 +275,7 @@ impl Pusher {
                     .map_err(|e| PushError::Content(format!("existing signature manifest: {e}")))?
                     .layers
             }
-            Err(e) if registry::is_not_found(&e) => Vec::new(),
+            Err(e) if is_not_found(&e) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
         let mut layer = descriptor(SIMPLE_SIGNING_MEDIA_TYPE, &payload);
@@ -527,7 +532,7 @@ impl Pusher {
         {
             Ok((bytes, _)) => serde_json::from_slice::<OciImageIndex>(&bytes)
                 .map_err(|e| PushError::Content(format!("referrers tag schema index: {e}")))?,
-            Err(e) if registry::is_not_found(&e) => OciImageIndex {
+            Err(e) if is_not_found(&e) => OciImageIndex {
                 schema_version: 2,
                 media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.to_string()),
                 manifests: Vec::new(),

@@ -6,8 +6,9 @@
 //! Three figures per backend: "direct call" is the backend's own synchronous call where it
 //! has one (ring for file keys, `C_Sign` on the session for PKCS#11); "KeySigner" awaits the
 //! port's `sign` in a loop on one task (PKCS#11 adds its hop to a blocking thread, keyless
-//! its certificate check and TSA call); "actors" sends the same PAE to the key's actors as
-//! the pipeline does (`KeyMsg::Sign`, 64 calls in flight). `actor/raw` divides the last by
+//! its certificate check and TSA call); "actors" sends the same PAE to key actors started on
+//! their own (`signer_actors::pipeline::StandaloneKeyActor`: the actor and message of a
+//! Keyring pool member), 64 calls in flight. `actor/raw` divides the last by
 //! the first that exists: what the actor path costs, or with several actors (a PKCS#11
 //! pool) what the pool gains. SoftHSM and the offline Sigstore peer are set up by the run itself;
 //! a backend whose prerequisites are missing is reported as skipped, with the reason.
@@ -19,30 +20,30 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
-use ractor::{Actor, ActorRef};
 use signer_actors::keys::{KeyAlgorithm, KeySigner};
-use signer_actors::pipeline::{KeyActorState, KeyMsg, KeySignerActor};
+use signer_actors::pipeline::StandaloneKeyActor;
 use signer_actors::ports::NoRevocations;
+use stella_signer::config::{PinSource, Pkcs11KeyConfig, Pkcs11Object};
+use stella_signer::keys::keyless::{KeylessKey, KeylessSettings};
+use stella_signer::keys::pkcs11::{DEFAULT_MODULE, Pkcs11Key, create_token_key};
 
-use crate::cli::CliError;
-use crate::config::{PinSource, Pkcs11KeyConfig, Pkcs11Object};
-use crate::keys::keyless::{KeylessKey, KeylessSettings};
-use crate::keys::pkcs11::{DEFAULT_MODULE, Pkcs11Key, create_token_key};
+use crate::ToolError;
 
 /// Calls in flight to the actors, as the pipeline keeps many jobs running.
 const IN_FLIGHT: usize = 64;
 const PIN: &str = "1234";
 
 /// A SoftHSM token made for this run (`SOFTHSM2_CONF` points at it).
-pub struct SoftHsmSetup {
+struct SoftHsmSetup {
     _dir: tempfile::TempDir,
     token: String,
     pin_file: PathBuf,
 }
 
 /// Creates a SoftHSM token with a P-256 key in a temporary directory and points
-/// `SOFTHSM2_CONF` at it. Call before any thread starts (it sets an environment variable).
-pub fn prepare_softhsm() -> Result<SoftHsmSetup, String> {
+/// `SOFTHSM2_CONF` at it. Called before any thread starts (it sets an environment variable).
+/// Errors are why the PKCS#11 rows are skipped.
+fn prepare_softhsm() -> Result<SoftHsmSetup, String> {
     if !Path::new(DEFAULT_MODULE).exists() {
         return Err(format!("{DEFAULT_MODULE} missing (apt install softhsm2)"));
     }
@@ -58,7 +59,8 @@ pub fn prepare_softhsm() -> Result<SoftHsmSetup, String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    // SAFETY: called from the CLI before the runtime and any other thread exist.
+    // SAFETY: called by `run` before it starts the runtime; `run` is called from `main`
+    // before any other thread exists (see its documentation).
     unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
     let token = "bench".to_string();
     let out = Command::new("softhsm2-util")
@@ -189,16 +191,12 @@ async fn key_signer_rate(key: &dyn KeySigner, pae: &[u8], n: usize) -> Result<f6
 /// Signatures/s through one actor per key (round-robin, [`IN_FLIGHT`] calls in flight),
 /// best of 3 rounds.
 async fn actor_rate(keys: &[Arc<dyn KeySigner>], pae: &[u8], n: usize) -> Result<f64, String> {
-    let mut actors: Vec<ActorRef<KeyMsg>> = Vec::new();
+    let mut actors: Vec<Arc<StandaloneKeyActor>> = Vec::new();
     for key in keys {
-        let (actor, _) = Actor::spawn(
-            None,
-            KeySignerActor,
-            KeyActorState::new(key.clone(), Arc::new(NoRevocations)),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        actors.push(actor);
+        let actor = StandaloneKeyActor::spawn(key.clone(), Arc::new(NoRevocations))
+            .await
+            .map_err(|e| e.to_string())?;
+        actors.push(Arc::new(actor));
     }
     let pae: Arc<[u8]> = pae.into();
     let mut best: f64 = 0.0;
@@ -212,13 +210,13 @@ async fn actor_rate(keys: &[Arc<dyn KeySigner>], pae: &[u8], n: usize) -> Result
             while sent < n && pending.len() < IN_FLIGHT {
                 let actor = actors[sent % actors.len()].clone();
                 let pae = pae.clone();
-                pending.push(async move { actor.call(|r| KeyMsg::Sign(pae, r), None).await });
+                pending.push(async move { actor.sign(pae).await });
                 sent += 1;
             }
             match pending.next().await {
-                Some(Ok(ractor::rpc::CallResult::Success(Ok(_)))) => done += 1,
-                Some(other) => {
-                    failure = Some(format!("{:?}", other.map(|r| r.is_success())));
+                Some(Ok(_)) => done += 1,
+                Some(Err(e)) => {
+                    failure = Some(e.to_string());
                     break;
                 }
                 None => break,
@@ -229,9 +227,7 @@ async fn actor_rate(keys: &[Arc<dyn KeySigner>], pae: &[u8], n: usize) -> Result
         }
         best = best.max(n as f64 / start.elapsed().as_secs_f64());
     }
-    for a in actors {
-        a.stop(None);
-    }
+    drop(actors);
     match failure {
         Some(f) => Err(format!("an actor call failed: {f}")),
         None => Ok(best),
@@ -266,14 +262,22 @@ fn direct_rate(direct: &Direct, pae: &[u8], n: usize) -> Result<f64, String> {
 }
 
 /// Runs every backend; prints the table and returns the JSON report.
-pub async fn run(
+///
+/// Call it from `main` before any other thread exists: it makes the SoftHSM token first and
+/// points `SOFTHSM2_CONF` at it (an environment variable), then starts its own runtime.
+pub fn run(signatures: usize) -> Result<serde_json::Value, ToolError> {
+    let softhsm = prepare_softhsm();
+    crate::runtime()?.block_on(measure_all(signatures, softhsm))
+}
+
+async fn measure_all(
     signatures: usize,
     softhsm: Result<SoftHsmSetup, String>,
-) -> Result<serde_json::Value, CliError> {
+) -> Result<serde_json::Value, ToolError> {
     let statement = super::sign_local::statement_of_size(1024);
     let payload = statement
         .canonical_bytes()
-        .map_err(|e| CliError::Unusable(e.to_string()))?;
+        .map_err(|e| ToolError::Unusable(e.to_string()))?;
     let pae = signer_actors::dsse::pae(signer_actors::statement::INTOTO_PAYLOAD_TYPE, &payload);
     println!(
         "bench keys: {signatures} signatures of a {} B PAE per round, best of 3; actors: {IN_FLIGHT} calls in flight",

@@ -5,9 +5,11 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPa
 use signer_actors::keys::KeyAlgorithm;
 use signer_actors::statement::{INTOTO_PAYLOAD_TYPE, Statement};
 
-use crate::cli::CliError;
-use crate::cli::sign_local::sign_statement;
-use crate::keys::file::FileKey;
+use stella_signer::cli::CliError;
+use stella_signer::cli::sign_local::sign_statement;
+use stella_signer::keys::file::FileKey;
+
+use crate::ToolError;
 
 /// A Statement whose canonical form is about `size` bytes.
 pub fn statement_of_size(size: usize) -> Statement {
@@ -25,7 +27,7 @@ pub fn statement_of_size(size: usize) -> Statement {
     st
 }
 
-pub(crate) fn key(algorithm: KeyAlgorithm) -> Result<FileKey, CliError> {
+pub(crate) fn key(algorithm: KeyAlgorithm) -> Result<FileKey, ToolError> {
     let rng = SystemRandom::new();
     let pkcs8 = match algorithm {
         KeyAlgorithm::EcdsaP256Sha256 => {
@@ -33,9 +35,9 @@ pub(crate) fn key(algorithm: KeyAlgorithm) -> Result<FileKey, CliError> {
         }
         KeyAlgorithm::Ed25519 => Ed25519KeyPair::generate_pkcs8(&rng),
     }
-    .map_err(|_| CliError::Unusable("key generation failed".into()))?;
+    .map_err(|_| ToolError::Unusable("key generation failed".into()))?;
     FileKey::from_pkcs8_der(pkcs8.as_ref(), algorithm.as_str())
-        .map_err(|e| CliError::Unusable(e.to_string()))
+        .map_err(|e| ToolError::Unusable(e.to_string()))
 }
 
 /// Runs the benchmark and prints the table; returns the JSON report.
@@ -43,11 +45,11 @@ pub(crate) fn key(algorithm: KeyAlgorithm) -> Result<FileKey, CliError> {
 /// "constructed" is the work `sign-local` does per signature: validate the statement,
 /// RFC 8785, PAE, sign, envelope, one bundle, `bundleSha256`. "+ JSON bytes" adds writing
 /// the envelope and the bundle as JSON, reported beside it.
-pub fn run(iterations: usize, statement_bytes: usize) -> Result<serde_json::Value, CliError> {
+pub fn run(iterations: usize, statement_bytes: usize) -> Result<serde_json::Value, ToolError> {
     let statement = statement_of_size(statement_bytes);
     let payload = statement
         .canonical_bytes()
-        .map_err(|e| CliError::Unusable(e.to_string()))?;
+        .map_err(|e| ToolError::Unusable(e.to_string()))?;
     let pae = signer_actors::dsse::pae(INTOTO_PAYLOAD_TYPE, &payload);
     println!(
         "sign-local: {} B statement (RFC 8785), {iterations} signatures per round, best of 5",
@@ -90,7 +92,7 @@ pub fn run(iterations: usize, statement_bytes: usize) -> Result<serde_json::Valu
             }
         });
         if let Some(e) = failure {
-            return Err(CliError::Unusable(e));
+            return Err(ToolError::Unusable(e));
         }
         let overhead = raw / constructed - 1.0;
         let serialized_overhead = raw / serialized - 1.0;

@@ -1,5 +1,5 @@
-//! `stella-signer bench`: throughput figures beside the raw ceilings measured in the same
-//! run. Benchmarks, not tests: the ratios are what to read on a noisy machine.
+//! `stella-signer-tools bench`: throughput figures beside the raw ceilings measured in the
+//! same run. Benchmarks, not tests: the ratios are what to read on a noisy machine.
 
 pub mod keys;
 pub mod pipeline;

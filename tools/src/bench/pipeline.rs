@@ -1,5 +1,6 @@
-//! `bench pipeline`: jobs/s and latency through the whole worker (a real `serve` process
-//! against the local NATS and Redis), beside the ceilings measured in the same run:
+//! `bench pipeline`: jobs/s and latency through the whole worker (a real `stella-signer
+//! serve` process against the local NATS and Redis), beside the ceilings measured in the same
+//! run:
 //! (a) the raw signature of the same key, (b) the JetStream round trip with a no-op worker
 //! (request stream -> worker -> result stream, same sizes, result stored before the ack).
 //!
@@ -8,7 +9,7 @@
 //!    seconds per 1,000 jobs and peak RSS (VmHWM) of the worker process while it drains;
 //! 2. open loop: a fixed offered rate for a fixed time; latency publish -> result.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +20,15 @@ use serde_json::json;
 use signer_actors::keys::KeyAlgorithm;
 use tokio::sync::Semaphore;
 
-use crate::cli::CliError;
-use crate::keys::file::FileKey;
+use stella_signer::keys::file::FileKey;
+
+use crate::ToolError;
 
 /// What to run.
 #[derive(Clone)]
 pub struct PipelineBench {
+    /// The `stella-signer` executable run as the worker (`serve --config`).
+    pub worker: PathBuf,
     pub nats: String,
     pub redis: String,
     pub jobs: usize,
@@ -38,8 +42,8 @@ pub struct PipelineBench {
     pub label: String,
 }
 
-fn bench_err(e: impl std::fmt::Display) -> CliError {
-    CliError::Unusable(e.to_string())
+fn bench_err(e: impl std::fmt::Display) -> ToolError {
+    ToolError::Unusable(e.to_string())
 }
 
 /// A ~1 KiB in-toto statement, unique per job.
@@ -135,7 +139,7 @@ async fn publish_jobs(
     from: usize,
     to: usize,
     identity: &(dyn Fn(usize) -> serde_json::Value + Send + Sync),
-) -> Result<(), CliError> {
+) -> Result<(), ToolError> {
     let mut pending = std::collections::VecDeque::new();
     for i in from..to {
         let mut headers = async_nats::HeaderMap::new();
@@ -166,7 +170,7 @@ async fn wait_results(
     stream: &str,
     n: u64,
     timeout: Duration,
-) -> Result<Instant, CliError> {
+) -> Result<Instant, ToolError> {
     let mut s = js.get_stream(stream).await.map_err(bench_err)?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -175,7 +179,7 @@ async fn wait_results(
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
-            return Err(CliError::Unusable(format!(
+            return Err(ToolError::Unusable(format!(
                 "only {have} of {n} results within {timeout:?}"
             )));
         }
@@ -191,7 +195,7 @@ async fn noop_ceiling(
     result_bytes: usize,
     max_inflight: usize,
     identity: &(dyn Fn(usize) -> serde_json::Value + Send + Sync),
-) -> Result<f64, CliError> {
+) -> Result<f64, ToolError> {
     let names = Names::new("noop");
     let req = js
         .create_stream(stream::Config {
@@ -292,12 +296,16 @@ impl Drop for Worker {
     }
 }
 
-/// Starts `serve`; the run's DPoP bucket comes from the environment because the gates'
-/// `[gates.entitlement]` table belongs to the variant's configuration.
-fn start_worker(config: &Path, dir: &Path, names: &Names) -> Result<Worker, CliError> {
-    let exe = std::env::current_exe().map_err(bench_err)?;
+/// Starts `worker serve`; the run's DPoP bucket comes from the environment because the
+/// gates' `[gates.entitlement]` table belongs to the variant's configuration.
+fn start_worker(
+    worker: &Path,
+    config: &Path,
+    dir: &Path,
+    names: &Names,
+) -> Result<Worker, ToolError> {
     let log = std::fs::File::create(dir.join("worker.log")).map_err(bench_err)?;
-    let child = Command::new(exe)
+    let child = Command::new(worker)
         .args(["serve", "--config"])
         .arg(config)
         .env("SIGNER_LOG", "warn")
@@ -308,12 +316,12 @@ fn start_worker(config: &Path, dir: &Path, names: &Names) -> Result<Worker, CliE
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .map_err(bench_err)?;
+        .map_err(|e| ToolError::Unusable(format!("{}: {e}", worker.display())))?;
     Ok(Worker { child })
 }
 
 /// Runs the benchmark and prints the table; returns the JSON report.
-pub async fn run(b: &PipelineBench) -> Result<serde_json::Value, CliError> {
+pub async fn run(b: &PipelineBench) -> Result<serde_json::Value, ToolError> {
     let client = async_nats::connect(b.nats.as_str())
         .await
         .map_err(bench_err)?;
@@ -378,11 +386,11 @@ keys = ["bench"]
     let stream_subject = format!("{}sign.requests.acme", names.prefix);
     // a first worker provisions streams and the consumer, then stops
     {
-        let w = start_worker(&config, dir.path(), &names)?;
+        let w = start_worker(&b.worker, &config, dir.path(), &names)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while js.get_stream(&names.req).await.is_err() || js.get_stream(&names.res).await.is_err() {
             if Instant::now() > deadline {
-                return Err(CliError::Unusable(format!(
+                return Err(ToolError::Unusable(format!(
                     "worker did not start:\n{}",
                     std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default()
                 )));
@@ -395,7 +403,7 @@ keys = ["bench"]
     let t = Instant::now();
     publish_jobs(&js, &stream_subject, 0, b.jobs, b.identity.as_ref()).await?;
     let publish_rate = b.jobs as f64 / t.elapsed().as_secs_f64();
-    let worker = start_worker(&config, dir.path(), &names)?;
+    let worker = start_worker(&b.worker, &config, dir.path(), &names)?;
     let pid = worker.child.id();
     let started = Instant::now();
     let (cpu0, _) = proc_usage(pid).unwrap_or((0.0, 0));
@@ -426,7 +434,7 @@ keys = ["bench"]
         .get_last_raw_message_by_subject(&format!("{}sign.failed", names.prefix))
         .await;
     if let Ok(f) = failed {
-        return Err(CliError::Invalid(format!(
+        return Err(ToolError::Invalid(format!(
             "the worker refused jobs: {}",
             String::from_utf8_lossy(&f.payload)
         )));
@@ -591,15 +599,15 @@ pub enum Variant {
 }
 
 /// Gate configuration and per-job credentials for `variant`, with keys made in `dir`.
-pub fn gate_setup(variant: Variant, dir: &Path) -> Result<PipelineBench, CliError> {
-    use crate::entitlement::mint::{self, MintAlg};
+pub fn gate_setup(variant: Variant, dir: &Path) -> Result<PipelineBench, ToolError> {
+    use crate::mint::{self, MintAlg};
     let issuer = "https://authority.bench.stella-ops.local";
     // DPoP jtis and quota buckets of this run only (Redis outlives runs)
     let mut rnd = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
     let run = format!("bench-{}", hex::encode(rnd));
     let htu = "nats:sign.requests";
-    let mk = |name: &str, alg| -> Result<(String, String, std::path::PathBuf), CliError> {
+    let mk = |name: &str, alg| -> Result<(String, String, std::path::PathBuf), ToolError> {
         let (pem, jwk) = mint::generate_signing_key(alg).map_err(bench_err)?;
         let kid = jwk.kid.clone().unwrap_or_else(|| mint::jkt_of(&jwk));
         let path = dir.join(format!("{name}.jwks.json"));
@@ -683,6 +691,7 @@ allowlist = ["sha256:{zeros}"]
             }
         };
     Ok(PipelineBench {
+        worker: PathBuf::new(),
         nats: String::new(),
         redis: String::new(),
         jobs: 0,
