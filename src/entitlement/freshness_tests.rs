@@ -1,20 +1,20 @@
 //! Every date rule of the gate is judged at the job's publish time (`GateInput::published`),
 //! not at the time of processing, and no cache lets a date check be skipped. The times are
-//! injected: a job "published" long ago is processed now.
+//! injected (the tests' clock, `testkit::now`): a job "published" long ago is processed now.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use signer_actors::audit::{AuthState, PoeState};
 use signer_actors::error::ErrorCode;
 use signer_actors::ports::GateInput;
 
-use super::testkit::{Fixture, TestServer, deny, now, unique_prefix};
+use super::testkit::{Fixture, TestServer, at, deny, now, unique_prefix};
 
 /// `input` as if the broker had stored it at unix second `t`.
 fn published_at(mut input: GateInput, t: u64) -> GateInput {
-    input.published = UNIX_EPOCH + Duration::from_secs(t);
+    input.published = at(t);
     input
 }
 
@@ -274,7 +274,7 @@ async fn introspection_exp_is_judged_at_publish_time_and_its_cache_by_the_clock(
 
     // The cache's age is measured by the clock, not the publish time: after cache_ttl has
     // passed, an answer is asked for again even for a job published long before.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    fx.clock.advance(Duration::from_millis(400));
     gate.verify(&input(exp - 600)).await.unwrap();
     assert_eq!(
         server.calls(),
@@ -290,7 +290,7 @@ async fn the_gate_uses_the_inputs_publish_time_not_the_clock() {
     let gate = fx.gate().await;
     let input = fx.good_input(); // OpTok, proof and licence fresh now
     let mut old = input.clone();
-    old.published = SystemTime::now() - Duration::from_secs(24 * 3600);
+    old.published = at(now() - 24 * 3600);
     let d = deny(&gate, &old).await;
     assert_eq!(d.error.code(), ErrorCode::AuthExpired, "{}", d.error);
     assert!(

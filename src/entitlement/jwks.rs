@@ -684,7 +684,7 @@ mod url_tests {
         cfg.jwks_url = Some(format!("{}/jwks.json", server.url()));
         let interval = Duration::from_millis(300);
         let gate = TestGate::new(
-            EntitlementGateImpl::build(&cfg, None, interval)
+            EntitlementGateImpl::build(&cfg, None, interval, fx.clock.clone())
                 .await
                 .unwrap(),
         )

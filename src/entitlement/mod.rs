@@ -13,6 +13,7 @@
 //! retryable `entitlement_unavailable`, so that an outage delays jobs instead of failing them.
 
 mod cache;
+pub mod clock;
 pub mod dpop;
 #[cfg(test)]
 mod freshness_tests;
@@ -41,6 +42,7 @@ use signer_actors::request::SignRequest;
 
 use crate::config::gates::EntitlementGate;
 use crate::replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
+use clock::{Clock, SystemClock};
 use dpop::{DpopError, DpopVerifier, ProofContext};
 use jwks::{JwksError, JwksSource, JwksStore, KeySet, UNKNOWN_KID_REFRESH_INTERVAL};
 use optok::{OpTok, OpTokError, OpTokPolicy, OpTokVerifier, TokenDates};
@@ -255,13 +257,22 @@ impl EntitlementGateImpl {
         cfg: &EntitlementGate,
         replay: Option<Arc<dyn ReplayCache>>,
     ) -> Result<Self, EntitlementSetupError> {
-        Self::build(cfg, replay, UNKNOWN_KID_REFRESH_INTERVAL).await
+        Self::build(
+            cfg,
+            replay,
+            UNKNOWN_KID_REFRESH_INTERVAL,
+            Arc::new(SystemClock),
+        )
+        .await
     }
 
+    /// [`Self::from_config`] with the reload interval for unknown kids and the clock of the
+    /// licensing answers' cache given (tests pass short intervals and a clock they move).
     async fn build(
         cfg: &EntitlementGate,
         replay: Option<Arc<dyn ReplayCache>>,
         unknown_kid_interval: Duration,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, EntitlementSetupError> {
         use EntitlementSetupError as E;
         for (setting, value) in [
@@ -344,7 +355,10 @@ impl EntitlementGateImpl {
             .introspect_url
             .as_deref()
             .filter(|_| !poe_cfg.bypass)
-            .map(|url| Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew));
+            .map(|url| {
+                Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew)
+                    .with_clock(clock)
+            });
         let bypass_plan = poe_cfg.bypass.then(|| poe_cfg.bypass_plan.clone());
 
         let replay = replay.unwrap_or_else(|| {

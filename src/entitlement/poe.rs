@@ -52,6 +52,7 @@ use signer_actors::request::{Poe, PoeFormat};
 
 use super::Verified;
 use super::cache::TtlCache;
+use super::clock::{Clock, SystemClock};
 use super::jwks::{JwksStore, KeyLookupError, PublicKey};
 use super::jws::{self, JwsError, numeric_date};
 
@@ -356,6 +357,7 @@ pub struct Introspector {
     skew: u64,
     cache: TtlCache<[u8; 32], Arc<CachedVerdict>, Instant>,
     calls: AtomicU64,
+    clock: Arc<dyn Clock>,
 }
 
 impl Introspector {
@@ -375,7 +377,14 @@ impl Introspector {
             skew,
             cache: TtlCache::new(LICENCE_CACHE_CAPACITY),
             calls: AtomicU64::new(0),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Measures the cache's ages with `clock` instead of the machine's clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Requests sent to the licensing service so far.
@@ -413,14 +422,15 @@ impl Introspector {
         id.update(Sha256::digest(value.as_bytes()));
         id.update(tenant.as_bytes());
         let id: [u8; 32] = id.finalize().into();
-        let cached = self.cache.get(&id, Instant::now());
+        let now_mono = self.clock.now();
+        let cached = self.cache.get(&id, now_mono);
         let verdict = match cached {
-            Some(c) if c.at.elapsed() < self.ttl => c.verdict.clone(),
+            Some(c) if now_mono.saturating_duration_since(c.at) < self.ttl => c.verdict.clone(),
             _ => match self.ask(value, tenant).await {
                 Ok(verdict) => {
                     metrics::counter!("signer_licensing_requests_total", "outcome" => "answered")
                         .increment(1);
-                    let at = Instant::now();
+                    let at = self.clock.now();
                     self.cache.insert(
                         id,
                         Arc::new(CachedVerdict {
@@ -437,7 +447,8 @@ impl Introspector {
                     metrics::counter!("signer_licensing_requests_total", "outcome" => "unavailable").increment(1);
                     match cached {
                         Some(c) => {
-                            tracing::warn!(error = %reason, age_ms = c.at.elapsed().as_millis() as u64,
+                            let age = self.clock.now().saturating_duration_since(c.at);
+                            tracing::warn!(error = %reason, age_ms = age.as_millis() as u64,
                                 "licensing unavailable: using a cached verdict within grace");
                             c.verdict.clone()
                         }
@@ -851,7 +862,7 @@ mod tests {
 
         gate.verify(&job(&fx, "introspect", "good")).await.unwrap();
         assert_eq!(server.calls(), 1);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        fx.clock.advance(Duration::from_millis(250));
 
         // Past the TTL: licensing is asked again; it answers 503, the cached verdict serves.
         failing.store(true, Ordering::SeqCst);
@@ -873,8 +884,11 @@ mod tests {
         server.stop().await;
         gate.verify(&job(&fx, "introspect", "good")).await.unwrap();
 
-        // Past TTL + grace (800 ms after the answer): unavailable, retryable.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Still within TTL + grace on its last millisecond...
+        fx.clock.advance(Duration::from_millis(549));
+        gate.verify(&job(&fx, "introspect", "good")).await.unwrap();
+        // ...and past it (800 ms after the answer): unavailable, retryable.
+        fx.clock.advance(Duration::from_millis(1));
         let d = deny(&gate, &job(&fx, "introspect", "good")).await;
         assert_denial(
             &d,

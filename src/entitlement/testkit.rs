@@ -25,8 +25,21 @@ fn next() -> u64 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The tests' clock (unix seconds): a fixed moment, not the machine's time. Tokens, proofs
+/// and licences are dated from it and every job is published at it ([`Fixture::input`]), and
+/// the gate judges dates at a job's publish time only, so no verdict depends on how long a
+/// test takes on a loaded machine. A test that needs another moment publishes its job then
+/// (see `freshness_tests`). (2027-01-15: any machine clock is far from it, so a check that
+/// read the machine's time instead would fail every run, not once in a while.)
+pub(crate) const NOW: u64 = 1_800_000_000;
+
 pub(crate) fn now() -> u64 {
-    super::unix_seconds(std::time::SystemTime::now())
+    NOW
+}
+
+/// [`now`] (or any other moment of the tests' clock) as a publish time.
+pub(crate) fn at(unix_seconds: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_seconds)
 }
 
 /// A Redis key prefix no other test (or run) uses.
@@ -43,8 +56,34 @@ pub(crate) fn unique_prefix() -> String {
 }
 
 /// A pool on the machine's Redis (127.0.0.1:6379).
+#[cfg(feature = "integration")]
 pub(crate) fn redis_pool() -> crate::redis::Redis {
     crate::redis::connect_url("redis://127.0.0.1:6379").unwrap()
+}
+
+/// A monotonic clock the test moves ([`ManualClock::advance`]); it stands still otherwise.
+pub(crate) struct ManualClock {
+    start: std::time::Instant,
+    offset: std::sync::Mutex<std::time::Duration>,
+}
+
+impl ManualClock {
+    pub fn new() -> Self {
+        ManualClock {
+            start: std::time::Instant::now(),
+            offset: std::sync::Mutex::new(std::time::Duration::ZERO),
+        }
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+}
+
+impl super::clock::Clock for ManualClock {
+    fn now(&self) -> std::time::Instant {
+        self.start + *self.offset.lock().unwrap()
+    }
 }
 
 pub(crate) struct KeyPair {
@@ -70,6 +109,8 @@ pub(crate) struct Fixture {
     pub licensing: KeyPair,
     pub client: KeyPair,
     pub cfg: EntitlementGate,
+    /// The clock of the gates [`Fixture::gate`] builds (the licensing answers' cache).
+    pub clock: Arc<ManualClock>,
 }
 
 impl Fixture {
@@ -105,6 +146,7 @@ impl Fixture {
             licensing,
             client,
             cfg,
+            clock: Arc::new(ManualClock::new()),
         }
     }
 
@@ -175,7 +217,7 @@ impl Fixture {
             request: Arc::new(request),
             subject_tenant: Some(TENANT.into()),
             payload_bytes: 10,
-            published: std::time::SystemTime::now(),
+            published: at(now()),
         }
     }
 
@@ -189,9 +231,14 @@ impl Fixture {
 
     pub async fn gate(&self) -> TestGate {
         TestGate::new(
-            EntitlementGateImpl::from_config(&self.cfg, None)
-                .await
-                .unwrap(),
+            EntitlementGateImpl::build(
+                &self.cfg,
+                None,
+                super::jwks::UNKNOWN_KID_REFRESH_INTERVAL,
+                self.clock.clone(),
+            )
+            .await
+            .unwrap(),
         )
         .await
     }

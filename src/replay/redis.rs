@@ -61,7 +61,8 @@ impl ReplayCache for RedisReplayCache {
     }
 }
 
-#[cfg(test)]
+/// Needs the machine's Redis: only with `--features integration`.
+#[cfg(all(test, feature = "integration"))]
 mod tests {
     use super::*;
     use crate::replay::exercise_store;
