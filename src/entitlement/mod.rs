@@ -704,6 +704,47 @@ mod tests {
         );
     }
 
+    /// Without the actor (`EntitlementVerifier::verify`), the adapter checks everything itself
+    /// and keeps nothing: the licensing set is loaded and the licence verified for each call.
+    #[tokio::test]
+    async fn the_adapter_alone_checks_licences_uncached() {
+        let fx = Fixture::new();
+        let gate = EntitlementGateImpl::from_config(&fx.cfg, None)
+            .await
+            .unwrap();
+        let authority = gate.tokens().unwrap();
+        let keys = authority.fetch_keys().await.unwrap();
+        let optok = fx.optok(&fx.optok_claims());
+        let token = authority
+            .verify_token(&optok, keys.as_ref(), testkit::now())
+            .unwrap();
+        let job = |licence: &str| fx.input(&optok, Some(&fx.dpop(&optok)), ("jwt", licence));
+        let licence = fx.licence(&fx.licence_claims());
+        for _ in 0..2 {
+            let v = gate.verify(&job(&licence), Some(&token)).await.unwrap();
+            assert_eq!((v.poe, v.plan.as_str()), (PoeState::Valid, "team"));
+        }
+        assert_eq!(gate.stats().licence_signature_checks, 2, "no cache");
+        let loads = gate.licences.as_ref().map(|l| l.loads());
+        assert_eq!(loads, Some(3), "loaded at startup and for each call");
+
+        let mut claims = fx.licence_claims();
+        claims["tid"] = "globex".into();
+        let d = gate
+            .verify(&job(&fx.licence(&claims)), Some(&token))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (d.error.code(), d.poe, d.auth),
+            (
+                ErrorCode::PoeInvalid,
+                Some(PoeState::Invalid),
+                Some(AuthState::Valid)
+            )
+        );
+        assert!(d.caller.is_some());
+    }
+
     #[tokio::test]
     async fn configuration_is_checked_at_startup() {
         use EntitlementSetupError as E;

@@ -946,6 +946,30 @@ mod tests {
         server.stop().await;
     }
 
+    /// The Entitlement actor has one request per value and tenant in flight: jobs that arrive
+    /// while it is out wait for its answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_jobs_with_one_licence_make_one_licensing_request() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let server = licensing(failing.clone()).await;
+        let fx = introspect_fixture(&server, 60_000, 0);
+        let gate = Arc::new(fx.gate().await);
+        let jobs: Vec<_> = (0..10).map(|_| job(&fx, "introspect", "good")).collect();
+        let tasks: Vec<_> = jobs
+            .into_iter()
+            .map(|input| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.verify(&input).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().poe, PoeState::Valid);
+        }
+        assert_eq!(server.calls(), 1);
+        assert_eq!(gate.stats().await.introspect_calls, 1);
+        server.stop().await;
+    }
+
     #[tokio::test]
     async fn during_an_outage_cached_verdicts_serve_until_grace_ends() {
         let failing = Arc::new(AtomicBool::new(false));
