@@ -250,9 +250,10 @@ fn denial(
 
 impl EntitlementGateImpl {
     /// Builds the gate: checks the configuration and loads the Authority's (and licensing)
-    /// keys, which the Entitlement actor takes over and keeps fresh. `replay` holds the DPoP replay records (the
-    /// service passes the configured store, see `crate::serve`); without one they are kept in
-    /// memory for `2 × dpop_max_age + clock_skew` (tests, a single process).
+    /// keys, which the Entitlement actor takes over and keeps fresh. `replay` holds the DPoP
+    /// replay records (the service passes the configured store, see `crate::serve`); without
+    /// one they are kept in memory for `2 × dpop_max_age + clock_skew` (tests, a single
+    /// process).
     ///
     /// `cfg.mode` is the caller's business: for `disabled` it uses
     /// `signer_actors::pipeline::disabled::DisabledEntitlement` instead of calling this.

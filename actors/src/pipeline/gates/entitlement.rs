@@ -555,7 +555,7 @@ impl Tokens {
             }
             Err(TokenRefusal::UnknownKey { kid, error }) => {
                 if !reloaded && self.ring.may_wait() {
-                    tracing::info!(kid = %crate::echo::echo(&kid), "unknown kid: reloading the Authority's key set");
+                    tracing::info!(jwks = "authority", kid = %crate::echo::echo(&kid), "unknown kid: reloading the key set");
                     self.load(myself);
                     for job in waiting {
                         self.ring.wait(job);
@@ -694,7 +694,7 @@ impl Licences {
             }
             Err(LicenceRefusal::UnknownKey { kid, refusal }) => {
                 if !reloaded && self.ring.may_wait() {
-                    tracing::info!(kid = %crate::echo::echo(&kid), "unknown kid: reloading the licensing key set");
+                    tracing::info!(jwks = "licensing", kid = %crate::echo::echo(&kid), "unknown kid: reloading the key set");
                     self.load(myself);
                     for job in waiting {
                         self.ring.wait(job);
