@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
@@ -415,29 +415,241 @@ impl From<SignerError> for GateDenial {
 }
 
 /// OpTok + DPoP + Proof-of-Entitlement, without caches: the Entitlement actor keeps the
-/// Authority's key set and the verified tokens, and calls [`verify`](Self::verify) with the
-/// job's token already checked.
+/// Authority's key set and the verified tokens ([`tokens`](Self::tokens)), the licensing key
+/// set and the verified licences ([`licences`](Self::licences)) and the licensing service's
+/// answers ([`licensing`](Self::licensing)). For every job it checks the token, calls
+/// [`authenticate`](Self::authenticate) with the token already checked, then does the
+/// licence step that call names.
 #[async_trait]
 pub trait EntitlementVerifier: Send + Sync {
-    /// The token step, when this gate checks OpToks (`None`: [`verify`](Self::verify)
+    /// The token step, when this gate checks OpToks (`None`: [`authenticate`](Self::authenticate)
     /// decides alone, with `token` `None`: a disabled gate, test doubles).
     fn tokens(&self) -> Option<Arc<dyn TokenAuthority>> {
         None
     }
-    /// Everything after the token: its dates and tenant binding for this job, DPoP,
-    /// Proof-of-Entitlement. `token` is the job's OpTok as [`TokenAuthority::verify_token`]
-    /// verified it (perhaps for an earlier job: dates are judged again here, at this job's
-    /// publish time).
+    /// The licence JWTs (`poe.format: jwt`), when this gate takes them: the actor keeps their
+    /// key set and the licences verified with it.
+    fn licences(&self) -> Option<Arc<dyn LicenceAuthority>> {
+        None
+    }
+    /// The licensing service (`poe.format: introspect`), when this gate asks one: the actor
+    /// keeps its answers.
+    fn licensing(&self) -> Option<Arc<dyn LicensingService>> {
+        None
+    }
+    /// Everything after the token, Proof-of-Entitlement included, without the actor's caches
+    /// (a licence JWT is checked against a key set loaded for this call, the licensing service
+    /// is asked every time, with no grace). `token` is the job's OpTok as
+    /// [`TokenAuthority::verify_token`] verified it (perhaps for an earlier job: dates are
+    /// judged again here, at this job's publish time).
     async fn verify(
         &self,
         input: &GateInput,
         token: Option<&VerifiedToken>,
     ) -> Result<EntitlementVerdict, GateDenial>;
+    /// What the actor calls for every job: everything after the token up to the licence (its
+    /// dates and tenant binding for this job, DPoP), and what the licence step needs
+    /// ([`LicenceStep`]). A refusal up to there (a licence format this gate does not take
+    /// included) is the `Err`. The default is [`verify`](Self::verify), its licence decision
+    /// included ([`LicenceStep::Decided`]): for gates whose licences the actor does not check.
+    async fn authenticate(
+        &self,
+        input: &GateInput,
+        token: Option<&VerifiedToken>,
+    ) -> Result<Authenticated, GateDenial> {
+        let verdict = self.verify(input, token).await?;
+        Ok(Authenticated {
+            caller: verdict.caller,
+            auth: verdict.auth,
+            licence: LicenceStep::Decided(PoeGrant {
+                state: verdict.poe,
+                plan: verdict.plan,
+            }),
+        })
+    }
 }
 
-/// A key set of the Authority as its adapter parsed it. Opaque to the actor, which only
-/// keeps it, hands it back to [`TokenAuthority::verify_token`], and asks whether a key that
-/// verified a cached token is still published.
+/// What [`EntitlementVerifier::authenticate`] established for a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authenticated {
+    pub caller: Option<crate::audit::Caller>,
+    pub auth: crate::audit::AuthState,
+    /// What its Proof-of-Entitlement needs.
+    pub licence: LicenceStep,
+}
+
+/// The licence step of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LicenceStep {
+    /// Decided without a licence check (PoE bypassed, or decided by
+    /// [`EntitlementVerifier::verify`]).
+    Decided(PoeGrant),
+    /// `poe.value` is a licence JWT: the actor verifies it with the licensing key set
+    /// ([`EntitlementVerifier::licences`]), or takes it from its cache.
+    Jwt,
+    /// `poe.value` is an opaque value: the actor asks the licensing service about it for the
+    /// job's tenant ([`EntitlementVerifier::licensing`]), or takes the answer from its cache.
+    Introspect,
+}
+
+/// What a job's licence lets it do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoeGrant {
+    /// `Valid` or `Bypassed` (`Disabled` from a disabled gate).
+    pub state: crate::audit::PoeState,
+    /// The plan it names (selects the quota plan and the profiles the job may use).
+    pub plan: String,
+}
+
+/// Why a job's licence does not let it sign: the contract error, and what the audit event
+/// records (the PoE state; the plan when the licence was read far enough to know it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoeRefusal {
+    pub error: SignerError,
+    pub state: crate::audit::PoeState,
+    pub plan: Option<String>,
+}
+
+/// The terms of a licence, however it was presented (a licence JWT's claims, a licensing
+/// service's answer). Judged for each job by the port ([`LicenceAuthority::judge`],
+/// [`LicensingService::judge`]), never by the actor.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LicenceTerms {
+    /// `tid`: the tenant it is for.
+    pub tenant: Option<String>,
+    pub plan: Option<String>,
+    pub features: Vec<String>,
+    /// `exp`, `nbf` (unix seconds), judged at each job's publish time.
+    pub expires: Option<u64>,
+    pub not_before: Option<u64>,
+    pub revoked: bool,
+}
+
+/// A licence JWT whose signature and claim types were verified, as the Entitlement actor
+/// caches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedLicence {
+    pub terms: LicenceTerms,
+    /// The key that verified it ([`TokenKeys::has_key`] of the licensing set): a cached
+    /// licence counts only while that key is still in the set.
+    pub key_id: String,
+    /// Until when (unix seconds, compared with jobs' publish times) it may be reused: past it
+    /// every job is refused anyway.
+    pub reuse_until: u64,
+}
+
+/// Why [`LicenceAuthority::verify_licence`] did not verify a licence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LicenceRefusal {
+    /// The licence names a key (`kid`) the set does not hold: perhaps one rotated in since the
+    /// set was loaded. The actor reloads the set (at most once per
+    /// [`LicenceAuthority::unknown_kid_interval`]) and checks again; `refusal` is the answer
+    /// when the key is still unknown.
+    UnknownKey { kid: String, refusal: PoeRefusal },
+    /// Refused for good (forged, malformed, a claim missing).
+    Refused(PoeRefusal),
+}
+
+/// Licence JWTs: loading the licensing key set, verifying a licence against a set, and
+/// judging a verified licence for a job. Nothing is cached here; the Entitlement actor owns
+/// the key set (refresh, one load at a time) and the verified licences.
+#[async_trait]
+pub trait LicenceAuthority: Send + Sync {
+    /// Loads the licensing key set (its JWKS file).
+    async fn fetch_keys(&self) -> Result<Arc<dyn TokenKeys>, PortError>;
+    /// The set loaded at startup (to check the configuration), handed over once so the first
+    /// actor does not load it again; `None` afterwards.
+    fn startup_keys(&self) -> Option<Arc<dyn TokenKeys>> {
+        None
+    }
+    /// Checks `raw`'s signature and claim types against `keys`. CPU-bound and without I/O:
+    /// the actor runs it on the blocking pool. Judges no date, tenant or feature (that is
+    /// [`judge`](Self::judge)'s, for each job).
+    fn verify_licence(
+        &self,
+        raw: &str,
+        keys: &dyn TokenKeys,
+    ) -> Result<VerifiedLicence, LicenceRefusal>;
+    /// Whether `licence` lets `tenant` sign at `now` (unix seconds: the job's publish time).
+    /// Cheap and without I/O: the actor calls it in its mailbox, for every job.
+    fn judge(
+        &self,
+        licence: &VerifiedLicence,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeRefusal>;
+    /// How often the key set is reloaded.
+    fn refresh_every(&self) -> Duration;
+    /// Least time between two reloads caused by unknown kids.
+    fn unknown_kid_interval(&self) -> Duration;
+    /// How many verified licences the actor keeps.
+    fn licence_cache_capacity(&self) -> usize {
+        100_000
+    }
+}
+
+/// What the licensing service said about a value for a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LicensingAnswer {
+    /// It answered: whether the licence applies (`active`), and its terms.
+    Answered { active: bool, terms: LicenceTerms },
+    /// It rejected the value itself (the HTTP status).
+    Rejected(u16),
+}
+
+/// The licensing service: asking it about a value once, and judging an answer for a job.
+/// Nothing is cached here; the Entitlement actor keeps the answers for
+/// [`cache_ttl`](Self::cache_ttl), uses one up to `cache_ttl + grace` old while the service
+/// is unavailable, and has one request per value and tenant in flight at a time.
+#[async_trait]
+pub trait LicensingService: Send + Sync {
+    /// Asks about `value` for `tenant`, uncached. `Err` is an outage (unreachable, timed out,
+    /// an answer that is not one).
+    async fn introspect(&self, value: &str, tenant: &str) -> Result<LicensingAnswer, PortError>;
+    /// Whether `answer` lets `tenant` sign at `now` (unix seconds: the job's publish time).
+    /// Cheap and without I/O: the actor calls it in its mailbox, for every job.
+    fn judge(
+        &self,
+        answer: &LicensingAnswer,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeRefusal>;
+    /// How long an answer is used without asking again.
+    fn cache_ttl(&self) -> Duration;
+    /// How much longer an answer is used while the service is unavailable.
+    fn grace(&self) -> Duration;
+    /// The clock the answers' ages are measured by (not the jobs' publish times: they are
+    /// about whether the service could be asked).
+    fn clock(&self) -> Arc<dyn Clock> {
+        Arc::new(SystemClock)
+    }
+    /// How many answers the actor keeps.
+    fn answer_cache_capacity(&self) -> usize {
+        100_000
+    }
+}
+
+/// Monotonic time, for what is measured by the current time rather than by a job's publish
+/// time (the age of a licensing answer). The service reads the machine's clock
+/// ([`SystemClock`]); tests pass one they move, so a cache expires when the test says so.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The machine's monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A key set (the Authority's, or the licensing service's) as its adapter parsed it. Opaque
+/// to the actor, which only keeps it, hands it back to [`TokenAuthority::verify_token`] or
+/// [`LicenceAuthority::verify_licence`], and asks whether a key that verified a cached token
+/// or licence is still published.
 pub trait TokenKeys: std::any::Any + Send + Sync {
     /// Whether the key with this id (the adapter's choice: a JWK thumbprint) is in the set.
     fn has_key(&self, key_id: &str) -> bool;

@@ -18,7 +18,7 @@ use stella_signer::entitlement::dpop::{DpopVerifier, ProofContext};
 use stella_signer::entitlement::jwks::{JwksSource, JwksStore, KeySet, PublicKey as Jwk};
 use stella_signer::entitlement::jws;
 use stella_signer::entitlement::optok::{OpTokPolicy, OpTokVerifier};
-use stella_signer::entitlement::poe::{JwtLicences, PoeVerifier};
+use stella_signer::entitlement::poe::{JwtLicences, PoePolicy};
 use stella_signer::replay::MemoryReplayCache;
 use stella_signer::provenance::formats::{
     self, BundleCheck, DEFAULT_MAX_ENVELOPE_SIGNATURES, Limits,
@@ -90,8 +90,11 @@ struct JwsFixture {
     /// The Authority's key set the OpToks are verified against (the Entitlement actor's in
     /// the service).
     authority_keys: Arc<KeySet>,
+    /// The licensing key set and the licence checks (the Entitlement actor keeps the set and
+    /// the verified licences in the service).
+    licensing_keys: Arc<KeySet>,
     licences: JwtLicences,
-    poe: PoeVerifier,
+    poe: PoePolicy,
     dpop: DpopVerifier,
 }
 
@@ -145,8 +148,15 @@ fn jws_fixture() -> &'static JwsFixture {
         JwsFixture {
             optoks: OpTokVerifier::new(policy),
             authority_keys: authority_keys.keys(),
-            licences: JwtLicences::new(licensing_keys.clone(), 60),
-            poe: PoeVerifier::new(None, Some(JwtLicences::new(licensing_keys, 60)), None),
+            licensing_keys: licensing_keys.keys(),
+            licences: JwtLicences::new(
+                JwksSource::File(dir.join("licensing.json")),
+                licensing_keys.keys(),
+                60,
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+            ),
+            poe: PoePolicy::new(None, true, false),
             dpop: DpopVerifier::new(HTU, Duration::from_secs(300), replay),
             authority: (authority_pem, authority_jwk.kid.clone().unwrap()),
             licensing: (licensing_pem, licensing_jwk.kid.clone().unwrap()),
@@ -184,12 +194,7 @@ pub fn jws(data: &[u8]) {
             let _ = jws::read_header(token);
             fx.rt.block_on(async {
                 let _ = fx.optoks.verify(token, &fx.authority_keys, JWS_NOW);
-                let _ = fx.licences.licence(token, JWS_NOW).await;
-                let poe = Poe {
-                    format: PoeFormat::Jwt,
-                    value: token.to_owned(),
-                };
-                let _ = fx.poe.verify(&poe, "acme", JWS_NOW).await;
+                licence(fx, token);
                 let _ = fx.dpop.verify(token, ctx).await;
             });
         }
@@ -234,14 +239,7 @@ pub fn jws(data: &[u8]) {
                                 stella_signer::entitlement::optok::check_tenant(&t, "acme", None);
                         }
                     }
-                    2 => {
-                        let poe = Poe {
-                            format: PoeFormat::Jwt,
-                            value: token.clone(),
-                        };
-                        let _ = fx.licences.licence(&token, JWS_NOW).await;
-                        let _ = fx.poe.verify(&poe, "acme", JWS_NOW).await;
-                    }
+                    2 => licence(fx, &token),
                     _ => {
                         let _ = fx.dpop.verify(&token, ctx).await;
                     }
@@ -257,6 +255,20 @@ pub fn jws(data: &[u8]) {
                 let _ = Jwk::from_jwk(&v);
             }
         }
+    }
+}
+
+/// A licence JWT as the entitlement gate checks it: the PoE step for its format, the
+/// signature and claim types against the licensing set, and the judgement for a tenant at the
+/// job's time.
+fn licence(fx: &JwsFixture, token: &str) {
+    let poe = Poe {
+        format: PoeFormat::Jwt,
+        value: token.to_owned(),
+    };
+    let _ = fx.poe.step(&poe, "acme");
+    if let Ok(licence) = fx.licences.verify(token, &fx.licensing_keys) {
+        let _ = fx.licences.judge_licence(&licence, "acme", JWS_NOW);
     }
 }
 

@@ -4,12 +4,13 @@
 //! The signature algorithm is a property of the KEY, derived from `kty`/`crv`; a token header
 //! only names it, and must name the same one. A JWK `alg` member, when present, must agree.
 //!
-//! Key sets come from a file or a URL. The Authority's set is kept by the Entitlement actor
-//! (`signer_actors::pipeline::Entitlement`: refresh every `jwks_refresh`, early reload on an
-//! unknown `kid` at most once per interval, one load in flight); this module only loads and
-//! parses it ([`KeySet::load`]). [`JwksStore`] keeps the licensing service's set (a file):
-//! it reloads it every `jwks_refresh`, and early when a licence names an unknown `kid`, at
-//! most once per `min_interval`. A failed reload keeps the last good set.
+//! Key sets come from a file or a URL. The Authority's and the licensing service's sets are
+//! kept by the Entitlement actor (`signer_actors::pipeline::Entitlement`: refresh every
+//! `jwks_refresh`, early reload on an unknown `kid` at most once per interval, one load in
+//! flight); this module only loads and parses them ([`KeySet::load`]). [`JwksStore`] keeps
+//! the operators' set of the control plane (`crate::control::auth`): it reloads it every
+//! `jwks_refresh`, and early when a command names an unknown `kid`, at most once per
+//! `min_interval`. A failed reload keeps the last good set.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

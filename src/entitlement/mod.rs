@@ -12,7 +12,6 @@
 //! depends on (the Authority's JWKS URL, the licensing service, the replay cache) give the
 //! retryable `entitlement_unavailable`, so that an outage delays jobs instead of failing them.
 
-mod cache;
 pub mod clock;
 pub mod dpop;
 #[cfg(test)]
@@ -35,8 +34,9 @@ use sha2::{Digest, Sha256};
 use signer_actors::audit::{AuthState, Caller, PoeState};
 use signer_actors::error::SignerError;
 use signer_actors::ports::{
-    EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput, PortError, TokenAuthority,
-    TokenKeys, TokenRefusal, VerifiedToken,
+    Authenticated, EntitlementVerdict, EntitlementVerifier, GateDenial, GateInput,
+    LicenceAuthority, LicenceStep, LicensingService, PoeGrant, PoeRefusal, PortError,
+    TokenAuthority, TokenKeys, TokenRefusal, VerifiedToken,
 };
 use signer_actors::request::SignRequest;
 
@@ -44,9 +44,9 @@ use crate::config::gates::EntitlementGate;
 use crate::replay::{MEMORY_REPLAY_CAPACITY, MemoryReplayCache, ReplayCache};
 use clock::{Clock, SystemClock};
 use dpop::{DpopError, DpopVerifier, ProofContext};
-use jwks::{JwksError, JwksSource, JwksStore, KeySet, UNKNOWN_KID_REFRESH_INTERVAL};
+use jwks::{JwksError, JwksSource, KeySet, UNKNOWN_KID_REFRESH_INTERVAL};
 use optok::{OpTok, OpTokError, OpTokPolicy, OpTokVerifier, TokenDates};
-use poe::{Introspector, JwtLicences, PoeVerifier};
+use poe::{Introspector, JwtLicences, PoeError, PoePolicy};
 
 /// A value that passed verification. Only the verifiers of this module can make one (the
 /// field is private), so code that takes a `Verified<OpTok>` cannot be handed claims that
@@ -190,12 +190,16 @@ impl TokenAuthority for AuthorityTokens {
     }
 }
 
-/// The enforcing [`EntitlementVerifier`]. Keeps no token or Authority key: those are the
-/// Entitlement actor's ([`EntitlementVerifier::tokens`] gives it what it needs).
+/// The enforcing [`EntitlementVerifier`]. Keeps no token, licence, key or licensing answer:
+/// those are the Entitlement actor's ([`EntitlementVerifier::tokens`],
+/// [`EntitlementVerifier::licences`] and [`EntitlementVerifier::licensing`] give it what it
+/// needs).
 pub struct EntitlementGateImpl {
     tokens: Arc<AuthorityTokens>,
     dpop: DpopVerifier,
-    poe: PoeVerifier,
+    poe: PoePolicy,
+    licences: Option<Arc<JwtLicences>>,
+    licensing: Option<Arc<Introspector>>,
     allow_bearer: bool,
     skew: u64,
 }
@@ -239,14 +243,14 @@ fn denial(
 }
 
 impl EntitlementGateImpl {
-    /// Builds the gate: checks the configuration, loads the Authority's (and licensing)
-    /// keys, and starts their periodic refresh. `replay` holds the DPoP replay records (the
-    /// service passes the configured store, see `crate::serve`); without one they are kept in
-    /// memory for `2 × dpop_max_age + clock_skew` (tests, a single process).
+    /// Builds the gate: checks the configuration and loads the Authority's (and licensing)
+    /// keys, which the Entitlement actor takes over and keeps fresh. `replay` holds the DPoP
+    /// replay records (the service passes the configured store, see `crate::serve`); without
+    /// one they are kept in memory for `2 × dpop_max_age + clock_skew` (tests, a single
+    /// process).
     ///
     /// `cfg.mode` is the caller's business: for `disabled` it uses
     /// `signer_actors::pipeline::disabled::DisabledEntitlement` instead of calling this.
-    /// Must run inside a tokio runtime (the key refresh runs as a task).
     pub async fn from_config(
         cfg: &EntitlementGate,
         replay: Option<Arc<dyn ReplayCache>>,
@@ -260,8 +264,9 @@ impl EntitlementGateImpl {
         .await
     }
 
-    /// [`Self::from_config`] with the reload interval for unknown kids and the clock of the
-    /// licensing answers' cache given (tests pass short intervals and a clock they move).
+    /// [`Self::from_config`] with the reload interval for unknown kids and the clock the
+    /// licensing answers' ages are measured on given (tests pass short intervals and a clock
+    /// they move).
     async fn build(
         cfg: &EntitlementGate,
         replay: Option<Arc<dyn ReplayCache>>,
@@ -331,29 +336,36 @@ impl EntitlementGateImpl {
         tracing::info!(jwks = "authority", source = %source.describe(), keys = startup.len(), "key set loaded");
 
         let skew = cfg.clock_skew.as_secs();
-        let jwt = match &poe_cfg.licensing_jwks_file {
+        let licences = match &poe_cfg.licensing_jwks_file {
             Some(path) if !poe_cfg.bypass => {
-                let store = JwksStore::open(
-                    "licensing",
-                    JwksSource::File(path.clone()),
+                // Loaded here for the same reason; the actor takes it over too.
+                let source = JwksSource::File(path.clone());
+                let set = KeySet::load("licensing", &source)
+                    .await
+                    .map_err(E::LicensingJwks)?;
+                tracing::info!(jwks = "licensing", source = %source.describe(), keys = set.len(), "key set loaded");
+                Some(Arc::new(JwtLicences::new(
+                    source,
+                    Arc::new(set),
+                    skew,
+                    cfg.jwks_refresh,
                     unknown_kid_interval,
-                )
-                .await
-                .map_err(E::LicensingJwks)?;
-                store.spawn_periodic_refresh(cfg.jwks_refresh);
-                Some(JwtLicences::new(store, skew))
+                )))
             }
             _ => None,
         };
-        let introspect = poe_cfg
+        let licensing = poe_cfg
             .introspect_url
             .as_deref()
             .filter(|_| !poe_cfg.bypass)
             .map(|url| {
-                Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew)
-                    .with_clock(clock)
+                Arc::new(
+                    Introspector::new(url, client, poe_cfg.cache_ttl, poe_cfg.grace, skew)
+                        .with_clock(clock),
+                )
             });
         let bypass_plan = poe_cfg.bypass.then(|| poe_cfg.bypass_plan.clone());
+        let poe = PoePolicy::new(bypass_plan, licences.is_some(), licensing.is_some());
 
         let replay = replay.unwrap_or_else(|| {
             tracing::info!("DPoP replay records in memory: proofs are checked per process");
@@ -389,7 +401,9 @@ impl EntitlementGateImpl {
                 unknown_kid_interval,
             }),
             dpop: DpopVerifier::new(cfg.dpop_htu.clone(), cfg.dpop_max_age, replay),
-            poe: PoeVerifier::new(bypass_plan, jwt, introspect),
+            poe,
+            licences,
+            licensing,
             allow_bearer: cfg.allow_bearer,
             skew,
         })
@@ -400,18 +414,20 @@ impl EntitlementGateImpl {
     pub(crate) fn stats(&self) -> GateStats {
         GateStats {
             token_signature_checks: self.tokens.optok.signature_checks(),
-            licence_signature_checks: self.poe.licence_signature_checks(),
-            introspect_calls: self.poe.introspect_calls(),
+            licence_signature_checks: self.licences.as_ref().map_or(0, |l| l.signature_checks()),
+            introspect_calls: self.licensing.as_ref().map_or(0, |i| i.calls()),
             authority_jwks_loads: self.tokens.loads.load(Ordering::Relaxed),
         }
     }
 
-    async fn check(
+    /// Everything after the token up to the licence, for the job published at `now`: the
+    /// token's dates and tenant binding, DPoP, and what the PoE needs ([`PoePolicy::step`]).
+    async fn authenticate_job(
         &self,
         input: &GateInput,
         token: &VerifiedToken,
         now: u64,
-    ) -> Result<EntitlementVerdict, GateDenial> {
+    ) -> Result<Authenticated, GateDenial> {
         let request = &input.request;
         let token = OpTok {
             iss: token.issuer.clone(),
@@ -481,20 +497,54 @@ impl EntitlementGateImpl {
             }
         };
 
-        let grant = self
-            .poe
-            .verify(&request.poe, &request.tenant, now)
-            .await
-            .map_err(|e| {
-                let (state, plan) = (e.state(), e.plan().map(str::to_owned));
-                denial(e, Some(&caller), auth, state, plan)
-            })?;
-        Ok(EntitlementVerdict {
+        let licence = self.poe.step(&request.poe, &request.tenant).map_err(|e| {
+            let (state, plan) = (e.state(), e.plan().map(str::to_owned));
+            denial(e, Some(&caller), auth, state, plan)
+        })?;
+        Ok(Authenticated {
             caller: Some(caller),
             auth,
-            poe: grant.state,
-            plan: grant.plan,
+            licence,
         })
+    }
+
+    /// The licence step without the actor's caches: the licensing key set loaded for this
+    /// call, the licensing service asked (no grace).
+    async fn licence_uncached(
+        &self,
+        step: LicenceStep,
+        input: &GateInput,
+        now: u64,
+    ) -> Result<PoeGrant, PoeRefusal> {
+        let (value, tenant) = (&input.request.poe.value, &input.request.tenant);
+        let missing = |format: &str| PoeRefusal {
+            error: SignerError::Internal(format!("no {format} licence check configured")),
+            state: PoeState::NotChecked,
+            plan: None,
+        };
+        match step {
+            LicenceStep::Decided(grant) => Ok(grant),
+            LicenceStep::Jwt => {
+                let licences = self.licences.as_ref().ok_or_else(|| missing("jwt"))?;
+                let keys = licences
+                    .load_keys()
+                    .await
+                    .map_err(|e| PoeError::KeysUnavailable(e.to_string()))?;
+                let licence = licences.verify(value, &keys)?;
+                Ok(licences.judge_licence(&licence, tenant, now)?)
+            }
+            LicenceStep::Introspect => {
+                let licensing = self
+                    .licensing
+                    .as_ref()
+                    .ok_or_else(|| missing("introspect"))?;
+                let answer = licensing
+                    .ask(value, tenant)
+                    .await
+                    .map_err(|e| PoeError::Unavailable(e.to_string()))?;
+                Ok(licensing.judge_answer(&answer, tenant, now)?)
+            }
+        }
     }
 }
 
@@ -504,23 +554,66 @@ impl EntitlementVerifier for EntitlementGateImpl {
         Some(self.tokens.clone())
     }
 
-    /// Judges the job as of its publish time (`docs/contract.md#freshness`): a token, proof or
-    /// licence that was valid when the request was made is honoured however long the job
-    /// waited in the queue (the pipeline bounds that wait with `worker.max_queue_age`).
-    /// `token` is the job's OpTok as the Entitlement actor had it verified (denials are
-    /// counted in `signer_auth_failures_total` by the actor).
+    fn licences(&self) -> Option<Arc<dyn LicenceAuthority>> {
+        self.licences
+            .clone()
+            .map(|l| l as Arc<dyn LicenceAuthority>)
+    }
+
+    fn licensing(&self) -> Option<Arc<dyn LicensingService>> {
+        self.licensing
+            .clone()
+            .map(|i| i as Arc<dyn LicensingService>)
+    }
+
+    /// The whole check without the actor's caches (tools, and tests of the adapter alone):
+    /// [`authenticate`](Self::authenticate), then the licence checked uncached.
     async fn verify(
         &self,
         input: &GateInput,
         token: Option<&VerifiedToken>,
     ) -> Result<EntitlementVerdict, GateDenial> {
+        let Authenticated {
+            caller,
+            auth,
+            licence,
+        } = self.authenticate(input, token).await?;
+        let now = unix_seconds(input.published);
+        match self.licence_uncached(licence, input, now).await {
+            Ok(grant) => Ok(EntitlementVerdict {
+                caller,
+                auth,
+                poe: grant.state,
+                plan: grant.plan,
+            }),
+            Err(refusal) => Err(GateDenial {
+                error: refusal.error,
+                caller,
+                auth: Some(auth),
+                poe: Some(refusal.state),
+                plan: refusal.plan,
+            }),
+        }
+    }
+
+    /// Judges the job as of its publish time (`docs/contract.md#freshness`): a token, proof or
+    /// licence that was valid when the request was made is honoured however long the job
+    /// waited in the queue (the pipeline bounds that wait with `worker.max_queue_age`).
+    /// `token` is the job's OpTok as the Entitlement actor had it verified; the licence is the
+    /// actor's to check next (denials are counted in `signer_auth_failures_total` by the
+    /// actor).
+    async fn authenticate(
+        &self,
+        input: &GateInput,
+        token: Option<&VerifiedToken>,
+    ) -> Result<Authenticated, GateDenial> {
         let Some(token) = token else {
             return Err(SignerError::Internal(
                 "entitlement gate called without a verified OpTok".into(),
             )
             .into());
         };
-        self.check(input, token, unix_seconds(input.published))
+        self.authenticate_job(input, token, unix_seconds(input.published))
             .await
     }
 }
@@ -605,6 +698,47 @@ mod tests {
                 Some("team")
             )
         );
+    }
+
+    /// Without the actor (`EntitlementVerifier::verify`), the adapter checks everything itself
+    /// and keeps nothing: the licensing set is loaded and the licence verified for each call.
+    #[tokio::test]
+    async fn the_adapter_alone_checks_licences_uncached() {
+        let fx = Fixture::new();
+        let gate = EntitlementGateImpl::from_config(&fx.cfg, None)
+            .await
+            .unwrap();
+        let authority = gate.tokens().unwrap();
+        let keys = authority.fetch_keys().await.unwrap();
+        let optok = fx.optok(&fx.optok_claims());
+        let token = authority
+            .verify_token(&optok, keys.as_ref(), testkit::now())
+            .unwrap();
+        let job = |licence: &str| fx.input(&optok, Some(&fx.dpop(&optok)), ("jwt", licence));
+        let licence = fx.licence(&fx.licence_claims());
+        for _ in 0..2 {
+            let v = gate.verify(&job(&licence), Some(&token)).await.unwrap();
+            assert_eq!((v.poe, v.plan.as_str()), (PoeState::Valid, "team"));
+        }
+        assert_eq!(gate.stats().licence_signature_checks, 2, "no cache");
+        let loads = gate.licences.as_ref().map(|l| l.loads());
+        assert_eq!(loads, Some(3), "loaded at startup and for each call");
+
+        let mut claims = fx.licence_claims();
+        claims["tid"] = "globex".into();
+        let d = gate
+            .verify(&job(&fx.licence(&claims)), Some(&token))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (d.error.code(), d.poe, d.auth),
+            (
+                ErrorCode::PoeInvalid,
+                Some(PoeState::Invalid),
+                Some(AuthState::Valid)
+            )
+        );
+        assert!(d.caller.is_some());
     }
 
     #[tokio::test]

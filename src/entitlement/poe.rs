@@ -5,8 +5,8 @@
 //! - `jwt`: a licence JWS verified offline with the licensing JWKS file
 //!   (`gates.entitlement.poe.licensing_jwks_file`; same key rules as the Authority's).
 //!   Claims: `tid` (must be the request's tenant), `plan` (string, selects the quota plan),
-//!   `features` (array; must contain `signer.sign`), `exp` (unix seconds), optional
-//!   `revoked: true`. Verified licences are cached until they expire.
+//!   `features` (array; must contain `signer.sign`), `exp` (unix seconds), optional `nbf`,
+//!   optional `revoked: true`.
 //!
 //! - `introspect`: an opaque value checked with the licensing service:
 //!
@@ -25,59 +25,54 @@
 //!   2xx answer with that JSON (connect error, timeout, 5xx, 401/403/429, an unreadable body)
 //!   is an outage.
 //!
-//!   Answers are cached per value and tenant for `cache_ttl`. During an outage a cached answer
-//!   up to `cache_ttl + grace` old is used; without one the job fails with the retryable
-//!   `entitlement_unavailable`, so that a licensing outage delays jobs instead of failing them.
-//!   The cache and the grace are measured by the current time (they are about the licensing
-//!   service's availability, and its answer is its view now); the answer's `exp` is judged at
-//!   the job's publish time, like every other date.
+//! This module keeps nothing: it loads the licensing key set, verifies a licence against a
+//! set it is given ([`JwtLicences`], the `LicenceAuthority` port), asks the licensing service
+//! once ([`Introspector`], the `LicensingService` port), and judges a licence or an answer
+//! for a tenant at a time. The Entitlement actor (`signer_actors::pipeline::Entitlement`)
+//! owns the state: the licensing key set (reloaded every `jwks_refresh` and on an unknown
+//! `kid`), the verified licences (until their `exp`, while their key is in the set), and the
+//! licensing answers per value and tenant for `cache_ttl`, with an answer up to
+//! `cache_ttl + grace` old used while the service is unavailable (without one the job fails
+//! with the retryable `entitlement_unavailable`, so that a licensing outage delays jobs
+//! instead of failing them). The answers' ages are measured on the clock [`Introspector`] is
+//! given (the machine's monotonic clock in the service), not on the jobs' publish times.
 //!
-//! Licence dates (`exp`, `nbf`, with the clock skew) are judged at the job's publish time
-//! (`docs/contract.md#freshness`), on every use: cached licences are re-judged per job.
+//! Licence dates (`exp`, `nbf`, with the clock skew) and an answer's `exp` are judged at the
+//! job's publish time (`docs/contract.md#freshness`), on every use: cached licences and
+//! answers are judged again per job.
 //!
 //! `bypass = true` skips all of this (an emergency switch): every decision is recorded as
-//! `bypassed` with `bypass_plan`, and logged.
+//! `bypassed` with `bypass_plan`, and logged ([`PoePolicy`]).
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use signer_actors::audit::PoeState;
 use signer_actors::error::SignerError;
+use signer_actors::ports::{
+    Clock, LicenceAuthority, LicenceRefusal, LicenceStep, LicenceTerms, LicensingAnswer,
+    LicensingService, PoeGrant, PoeRefusal, PortError, SystemClock, TokenKeys, VerifiedLicence,
+};
 use signer_actors::request::{Poe, PoeFormat};
 
-use super::Verified;
-use super::cache::TtlCache;
-use super::clock::{Clock, SystemClock};
-use super::jwks::{JwksStore, KeyLookupError, PublicKey};
+use super::jwks::{JwksSource, KeyLookupError, KeySet};
 use super::jws::{self, JwsError, numeric_date};
 
 /// The feature a licence must grant for signing.
 pub const SIGN_FEATURE: &str = "signer.sign";
 
-/// How many licences and introspection answers are kept.
+/// How many licences and introspection answers the Entitlement actor keeps (each).
 pub const LICENCE_CACHE_CAPACITY: usize = 100_000;
 /// Largest introspection answer read: an answer is a few hundred bytes of claims.
 pub const MAX_INTROSPECTION_BYTES: usize = 64 * 1024;
 
 /// How often (at most) a bypassed decision is logged.
 const BYPASS_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// The claims of a verified licence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Licence {
-    pub tid: String,
-    pub plan: String,
-    pub features: Vec<String>,
-    pub exp: u64,
-    /// Not valid before (unix seconds), when the licence says.
-    pub nbf: Option<u64>,
-    pub revoked: bool,
-}
 
 /// Why the Proof-of-Entitlement was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +114,8 @@ pub enum PoeError {
     Rejected(u16),
     #[error("licensing unavailable and no cached verdict within grace: {0}")]
     Unavailable(String),
+    #[error("licensing keys unavailable: {0}")]
+    KeysUnavailable(String),
 }
 
 impl PoeError {
@@ -129,7 +126,7 @@ impl PoeError {
             PoeError::Revoked { .. } | PoeError::FeatureMissing { .. } | PoeError::Inactive => {
                 PoeState::Denied
             }
-            PoeError::Unavailable(_) => PoeState::Unavailable,
+            PoeError::Unavailable(_) | PoeError::KeysUnavailable(_) => PoeState::Unavailable,
             _ => PoeState::Invalid,
         }
     }
@@ -152,68 +149,63 @@ impl From<PoeError> for SignerError {
             PoeError::Revoked { .. } | PoeError::FeatureMissing { .. } | PoeError::Inactive => {
                 SignerError::EntitlementDenied(msg)
             }
-            PoeError::Unavailable(_) => SignerError::EntitlementUnavailable(msg),
+            PoeError::Unavailable(_) | PoeError::KeysUnavailable(_) => {
+                SignerError::EntitlementUnavailable(msg)
+            }
             _ => SignerError::PoeInvalid(msg),
         }
     }
 }
 
-/// What the PoE check established.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoeGrant {
-    /// `Valid` or `Bypassed`.
-    pub state: PoeState,
-    pub plan: String,
-}
-
-/// The terms of a licence, however it was presented.
-struct Terms<'a> {
-    tid: Option<&'a str>,
-    plan: Option<&'a str>,
-    features: &'a [String],
-    exp: Option<u64>,
-    nbf: Option<u64>,
-    revoked: bool,
+/// The refusal as the Entitlement actor records it: the contract code, the audit state, the
+/// plan when known.
+impl From<PoeError> for PoeRefusal {
+    fn from(e: PoeError) -> Self {
+        PoeRefusal {
+            state: e.state(),
+            plan: e.plan().map(str::to_owned),
+            error: e.into(),
+        }
+    }
 }
 
 /// Whether `terms` let `tenant` sign at `now` (the job's publish time), with the contract
-/// code when they do not. Cached and fresh licences both come through here, so a cache hit
-/// is judged at its own job's time.
-fn evaluate(terms: Terms<'_>, tenant: &str, now: u64, skew: u64) -> Result<PoeGrant, PoeError> {
-    let Terms {
-        tid,
-        plan,
-        features,
-        exp,
-        nbf,
-        revoked,
-    } = terms;
-    if tid != Some(tenant) {
+/// code when they do not. Fresh and cached licences and answers all come through here, so a
+/// cache hit is judged at its own job's time.
+pub fn evaluate(
+    terms: &LicenceTerms,
+    tenant: &str,
+    now: u64,
+    skew: u64,
+) -> Result<PoeGrant, PoeError> {
+    if terms.tenant.as_deref() != Some(tenant) {
         return Err(PoeError::WrongTenant {
             expected: tenant.into(),
-            found: tid.map(str::to_owned),
+            found: terms.tenant.clone(),
         });
     }
-    if let Some(exp) = exp
+    if let Some(exp) = terms.expires
         && exp.saturating_add(skew) < now
     {
         return Err(PoeError::Expired {
             exp,
-            plan: plan.map(str::to_owned),
+            plan: terms.plan.clone(),
         });
     }
-    if let Some(nbf) = nbf
+    if let Some(nbf) = terms.not_before
         && nbf > now.saturating_add(skew)
     {
         return Err(PoeError::NotYetValid { nbf });
     }
-    let plan = plan
+    let plan = terms
+        .plan
+        .as_deref()
         .filter(|p| !p.is_empty())
         .ok_or(PoeError::BadClaim("plan"))?;
-    if revoked {
+    if terms.revoked {
         return Err(PoeError::Revoked { plan: plan.into() });
     }
-    if !features.iter().any(|f| f == SIGN_FEATURE) {
+    if !terms.features.iter().any(|f| f == SIGN_FEATURE) {
         return Err(PoeError::FeatureMissing { plan: plan.into() });
     }
     Ok(PoeGrant {
@@ -232,51 +224,71 @@ struct RawLicence {
     revoked: Option<bool>,
 }
 
-struct CachedLicence {
-    licence: Verified<Licence>,
-    key: Arc<PublicKey>,
-}
-
-/// Offline licences (`format: jwt`).
+/// Offline licences (`format: jwt`): the licensing key set's source and the checks, no
+/// state (the Entitlement actor keeps the set and the verified licences).
 pub struct JwtLicences {
-    keys: Arc<JwksStore>,
+    source: JwksSource,
+    /// The set loaded at startup, until the first actor takes it.
+    startup: Mutex<Option<Arc<KeySet>>>,
     skew: u64,
-    cache: TtlCache<[u8; 32], Arc<CachedLicence>, u64>,
+    refresh: Duration,
+    unknown_kid_interval: Duration,
+    loads: AtomicU64,
     signature_checks: AtomicU64,
 }
 
 impl JwtLicences {
-    pub fn new(keys: Arc<JwksStore>, skew: u64) -> Self {
+    /// Licences verified with the set at `source`; `startup` is that set as loaded at startup
+    /// (to check the configuration), handed to the first actor.
+    pub fn new(
+        source: JwksSource,
+        startup: Arc<KeySet>,
+        skew: u64,
+        refresh: Duration,
+        unknown_kid_interval: Duration,
+    ) -> Self {
         JwtLicences {
-            keys,
+            source,
+            startup: Mutex::new(Some(startup)),
             skew,
-            cache: TtlCache::new(LICENCE_CACHE_CAPACITY),
+            refresh,
+            unknown_kid_interval,
+            loads: AtomicU64::new(1),
             signature_checks: AtomicU64::new(0),
         }
     }
 
-    /// Verifies the licence's signature and claim types (cached until it expires). Its
-    /// dates are judged by the caller, for each job (`evaluate`).
-    pub async fn licence(&self, raw: &str, now: u64) -> Result<Verified<Licence>, PoeError> {
-        let id: [u8; 32] = Sha256::digest(raw.as_bytes()).into();
-        if let Some(hit) = self.cache.get(&id, now) {
-            if self.keys.keys().contains(&hit.key) {
-                return Ok(hit.licence.clone());
-            }
-            self.cache.remove(&id);
-        }
-        let header = jws::read_header(raw)?;
-        let key = self
-            .keys
-            .find(header.kid.as_deref())
+    /// Licence signatures checked so far.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    /// Loads of the licensing key set so far, startup included.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Loads the current licensing key set from its source.
+    pub async fn load_keys(&self) -> Result<KeySet, PortError> {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        KeySet::load("licensing", &self.source)
             .await
-            .map_err(|e| match e {
-                KeyLookupError::Unknown(kid) => PoeError::UnknownKey(kid),
-                KeyLookupError::NoKid(_) => PoeError::NoKid(e.to_string()),
-                // The licensing JWKS is a local file: an unreadable file is a fault of ours,
-                // and the job is worth retrying once it is fixed.
-                KeyLookupError::Unavailable(reason) => PoeError::Unavailable(reason),
-            })?;
+            .map_err(|e| PortError::transient(e).context("licensing JWKS"))
+    }
+
+    /// Verifies the licence's signature and claim types against `keys`. Its dates, tenant
+    /// and features are judged for each job by [`JwtLicences::judge_licence`].
+    pub fn verify(&self, raw: &str, keys: &KeySet) -> Result<VerifiedLicence, PoeError> {
+        let header = jws::read_header(raw)?;
+        let key = match keys.find(header.kid.as_deref()) {
+            Some(key) => key,
+            None => {
+                return Err(match header.kid {
+                    Some(kid) => PoeError::UnknownKey(kid),
+                    None => PoeError::NoKid(KeyLookupError::NoKid(keys.len()).to_string()),
+                });
+            }
+        };
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let c: RawLicence = jws::verify(raw, &header, &key)?;
         let date = |v: Option<Value>, name: &'static str| -> Result<Option<u64>, PoeError> {
@@ -285,41 +297,91 @@ impl JwtLicences {
         };
         let exp = date(c.exp, "exp")?.ok_or(PoeError::BadClaim("exp"))?;
         let nbf = date(c.nbf, "nbf")?;
-        let licence = Licence {
-            tid: c.tid.ok_or(PoeError::BadClaim("tid"))?,
-            plan: c.plan.ok_or(PoeError::BadClaim("plan"))?,
+        let terms = LicenceTerms {
+            tenant: Some(c.tid.ok_or(PoeError::BadClaim("tid"))?),
+            plan: Some(c.plan.ok_or(PoeError::BadClaim("plan"))?),
             features: c.features.unwrap_or_default(),
-            exp,
-            nbf,
+            expires: Some(exp),
+            not_before: nbf,
             revoked: c.revoked.unwrap_or(false),
         };
-        let licence = Verified(licence);
-        let expires = exp.saturating_add(self.skew).saturating_add(1);
-        if expires > now {
-            self.cache.insert(
-                id,
-                Arc::new(CachedLicence {
-                    licence: licence.clone(),
-                    key,
-                }),
-                expires,
-                now,
-            );
-        }
-        Ok(licence)
+        Ok(VerifiedLicence {
+            terms,
+            key_id: key.key_id(),
+            reuse_until: exp.saturating_add(self.skew).saturating_add(1),
+        })
     }
 
-    async fn check(&self, raw: &str, tenant: &str, now: u64) -> Result<PoeGrant, PoeError> {
-        let l = self.licence(raw, now).await?;
-        let terms = Terms {
-            tid: Some(&l.tid),
-            plan: Some(&l.plan),
-            features: &l.features,
-            exp: Some(l.exp),
-            nbf: l.nbf,
-            revoked: l.revoked,
+    /// Whether a verified licence lets `tenant` sign at `now` (the job's publish time).
+    pub fn judge_licence(
+        &self,
+        licence: &VerifiedLicence,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeError> {
+        evaluate(&licence.terms, tenant, now, self.skew)
+    }
+}
+
+#[async_trait]
+impl LicenceAuthority for JwtLicences {
+    async fn fetch_keys(&self) -> Result<Arc<dyn TokenKeys>, PortError> {
+        Ok(Arc::new(self.load_keys().await?))
+    }
+
+    fn startup_keys(&self) -> Option<Arc<dyn TokenKeys>> {
+        let set = self
+            .startup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some(set)
+    }
+
+    fn verify_licence(
+        &self,
+        raw: &str,
+        keys: &dyn TokenKeys,
+    ) -> Result<VerifiedLicence, LicenceRefusal> {
+        let any: &dyn std::any::Any = keys;
+        let Some(keys) = any.downcast_ref::<KeySet>() else {
+            return Err(LicenceRefusal::Refused(PoeRefusal {
+                error: SignerError::Internal(
+                    "the Entitlement actor passed a key set of another adapter".into(),
+                ),
+                state: PoeState::NotChecked,
+                plan: None,
+            }));
         };
-        evaluate(terms, tenant, now, self.skew)
+        self.verify(raw, keys).map_err(|e| match e {
+            PoeError::UnknownKey(kid) => LicenceRefusal::UnknownKey {
+                refusal: PoeError::UnknownKey(kid.clone()).into(),
+                kid,
+            },
+            e => LicenceRefusal::Refused(e.into()),
+        })
+    }
+
+    fn judge(
+        &self,
+        licence: &VerifiedLicence,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeRefusal> {
+        self.judge_licence(licence, tenant, now)
+            .map_err(PoeRefusal::from)
+    }
+
+    fn refresh_every(&self) -> Duration {
+        self.refresh
+    }
+
+    fn unknown_kid_interval(&self) -> Duration {
+        self.unknown_kid_interval
+    }
+
+    fn licence_cache_capacity(&self) -> usize {
+        LICENCE_CACHE_CAPACITY
     }
 }
 
@@ -337,25 +399,55 @@ pub struct IntrospectAnswer {
     pub exp: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
-enum Verdict {
-    Answer(IntrospectAnswer),
-    Rejected(u16),
+impl From<IntrospectAnswer> for LicensingAnswer {
+    fn from(a: IntrospectAnswer) -> Self {
+        LicensingAnswer::Answered {
+            active: a.active,
+            terms: LicenceTerms {
+                tenant: a.tid,
+                plan: a.plan,
+                features: a.features,
+                expires: a.exp,
+                not_before: None,
+                revoked: false,
+            },
+        }
+    }
 }
 
-struct CachedVerdict {
-    at: Instant,
-    verdict: Verdict,
+/// Why the licensing service gave no answer (an outage: the job is worth retrying).
+#[derive(Debug, thiserror::Error)]
+pub enum IntrospectError {
+    #[error("{endpoint}: {error}")]
+    Request {
+        endpoint: String,
+        error: reqwest::Error,
+    },
+    #[error("{endpoint}: {error}")]
+    Body {
+        endpoint: String,
+        error: crate::capped::BodyError,
+    },
+    #[error("{endpoint}: unreadable answer: {error}")]
+    Unreadable {
+        endpoint: String,
+        error: serde_json::Error,
+    },
+    #[error("{endpoint}: HTTP {status}")]
+    Status {
+        endpoint: String,
+        status: reqwest::StatusCode,
+    },
 }
 
-/// Opaque licences checked with the licensing service (`format: introspect`).
+/// Opaque licences checked with the licensing service (`format: introspect`): one request
+/// per call, and the TTL, grace and clock the Entitlement actor keeps the answers by.
 pub struct Introspector {
     endpoint: String,
     client: reqwest::Client,
     ttl: Duration,
     grace: Duration,
     skew: u64,
-    cache: TtlCache<[u8; 32], Arc<CachedVerdict>, Instant>,
     calls: AtomicU64,
     clock: Arc<dyn Clock>,
 }
@@ -375,143 +467,143 @@ impl Introspector {
             ttl,
             grace,
             skew,
-            cache: TtlCache::new(LICENCE_CACHE_CAPACITY),
             calls: AtomicU64::new(0),
             clock: Arc::new(SystemClock),
         }
     }
 
-    /// Measures the cache's ages with `clock` instead of the machine's clock.
+    /// Has the answers' ages measured on `clock` instead of the machine's clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
 
-    /// Requests sent to the licensing service so far; for tests.
-    #[cfg(test)]
-    pub(crate) fn calls(&self) -> u64 {
+    /// Requests sent to the licensing service so far.
+    pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
-    async fn ask(&self, value: &str, tenant: &str) -> Result<Verdict, String> {
+    /// Asks the licensing service about `value` for `tenant`, once. Counted in
+    /// `signer_licensing_requests_total{outcome}` (`answered` or `unavailable`).
+    pub async fn ask(&self, value: &str, tenant: &str) -> Result<LicensingAnswer, IntrospectError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.request(value, tenant).await;
+        let outcome = if result.is_ok() {
+            "answered"
+        } else {
+            "unavailable"
+        };
+        metrics::counter!("signer_licensing_requests_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn request(&self, value: &str, tenant: &str) -> Result<LicensingAnswer, IntrospectError> {
+        let endpoint = || self.endpoint.clone();
         let response = self
             .client
             .post(&self.endpoint)
             .json(&serde_json::json!({"token": value, "tenant": tenant}))
             .send()
             .await
-            .map_err(|e| format!("{}: {e}", self.endpoint))?;
+            .map_err(|error| IntrospectError::Request {
+                endpoint: endpoint(),
+                error,
+            })?;
         let status = response.status();
         if status.is_success() {
             // Streamed and abandoned at the cap: an endless answer is "unavailable".
             let body = crate::capped::read_capped(response, MAX_INTROSPECTION_BYTES)
                 .await
-                .map_err(|e| format!("{}: {e}", self.endpoint))?;
+                .map_err(|error| IntrospectError::Body {
+                    endpoint: endpoint(),
+                    error,
+                })?;
             return serde_json::from_slice::<IntrospectAnswer>(&body)
-                .map(Verdict::Answer)
-                .map_err(|e| format!("{}: unreadable answer: {e}", self.endpoint));
+                .map(LicensingAnswer::from)
+                .map_err(|error| IntrospectError::Unreadable {
+                    endpoint: endpoint(),
+                    error,
+                });
         }
         match status.as_u16() {
-            400 | 404 | 422 => Ok(Verdict::Rejected(status.as_u16())),
-            _ => Err(format!("{}: HTTP {status}", self.endpoint)),
+            400 | 404 | 422 => Ok(LicensingAnswer::Rejected(status.as_u16())),
+            _ => Err(IntrospectError::Status {
+                endpoint: endpoint(),
+                status,
+            }),
         }
     }
 
-    async fn check(&self, value: &str, tenant: &str, now: u64) -> Result<PoeGrant, PoeError> {
-        let mut id = Sha256::new();
-        id.update(Sha256::digest(value.as_bytes()));
-        id.update(tenant.as_bytes());
-        let id: [u8; 32] = id.finalize().into();
-        let now_mono = self.clock.now();
-        let cached = self.cache.get(&id, now_mono);
-        let verdict = match cached {
-            Some(c) if now_mono.saturating_duration_since(c.at) < self.ttl => c.verdict.clone(),
-            _ => match self.ask(value, tenant).await {
-                Ok(verdict) => {
-                    metrics::counter!("signer_licensing_requests_total", "outcome" => "answered")
-                        .increment(1);
-                    let at = self.clock.now();
-                    self.cache.insert(
-                        id,
-                        Arc::new(CachedVerdict {
-                            at,
-                            verdict: verdict.clone(),
-                        }),
-                        at + self.ttl + self.grace,
-                        at,
-                    );
-                    verdict
-                }
-                // The cache only returns answers younger than ttl + grace.
-                Err(reason) => {
-                    metrics::counter!("signer_licensing_requests_total", "outcome" => "unavailable").increment(1);
-                    match cached {
-                        Some(c) => {
-                            let age = self.clock.now().saturating_duration_since(c.at);
-                            tracing::warn!(error = %reason, age_ms = age.as_millis() as u64,
-                                "licensing unavailable: using a cached verdict within grace");
-                            c.verdict.clone()
-                        }
-                        None => return Err(PoeError::Unavailable(reason)),
-                    }
-                }
-            },
-        };
-        match verdict {
-            Verdict::Rejected(status) => Err(PoeError::Rejected(status)),
-            Verdict::Answer(a) if !a.active => Err(PoeError::Inactive),
-            Verdict::Answer(a) => {
-                let terms = Terms {
-                    tid: a.tid.as_deref(),
-                    plan: a.plan.as_deref(),
-                    features: &a.features,
-                    exp: a.exp,
-                    nbf: None,
-                    revoked: false,
-                };
-                evaluate(terms, tenant, now, self.skew)
-            }
+    /// Whether an answer lets `tenant` sign at `now` (the job's publish time).
+    pub fn judge_answer(
+        &self,
+        answer: &LicensingAnswer,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeError> {
+        match answer {
+            LicensingAnswer::Rejected(status) => Err(PoeError::Rejected(*status)),
+            LicensingAnswer::Answered { active: false, .. } => Err(PoeError::Inactive),
+            LicensingAnswer::Answered { terms, .. } => evaluate(terms, tenant, now, self.skew),
         }
     }
 }
 
-/// The PoE check: bypass, or one of the two formats.
-pub struct PoeVerifier {
+#[async_trait]
+impl LicensingService for Introspector {
+    async fn introspect(&self, value: &str, tenant: &str) -> Result<LicensingAnswer, PortError> {
+        // The error names the endpoint already (the refusal quotes it: docs/runbooks).
+        self.ask(value, tenant).await.map_err(PortError::transient)
+    }
+
+    fn judge(
+        &self,
+        answer: &LicensingAnswer,
+        tenant: &str,
+        now: u64,
+    ) -> Result<PoeGrant, PoeRefusal> {
+        self.judge_answer(answer, tenant, now)
+            .map_err(PoeRefusal::from)
+    }
+
+    fn cache_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    fn answer_cache_capacity(&self) -> usize {
+        LICENCE_CACHE_CAPACITY
+    }
+}
+
+/// What a job's PoE needs before any licence is looked at: bypass (logged), or the format's
+/// check, when that format is configured.
+pub struct PoePolicy {
     bypass_plan: Option<String>,
-    jwt: Option<JwtLicences>,
-    introspect: Option<Introspector>,
+    jwt: bool,
+    introspect: bool,
     last_bypass_log: Mutex<Option<Instant>>,
     bypassed_unlogged: AtomicU64,
 }
 
-impl PoeVerifier {
-    pub fn new(
-        bypass_plan: Option<String>,
-        jwt: Option<JwtLicences>,
-        introspect: Option<Introspector>,
-    ) -> Self {
-        PoeVerifier {
+impl PoePolicy {
+    /// `bypass_plan` set: every PoE is bypassed with that plan. `jwt`, `introspect`: whether
+    /// that format can be checked (`licensing_jwks_file`, `introspect_url` configured).
+    pub fn new(bypass_plan: Option<String>, jwt: bool, introspect: bool) -> Self {
+        PoePolicy {
             bypass_plan,
             jwt,
             introspect,
             last_bypass_log: Mutex::new(None),
             bypassed_unlogged: AtomicU64::new(0),
         }
-    }
-
-    /// Licensing calls so far (format `introspect`); for tests.
-    #[cfg(test)]
-    pub(crate) fn introspect_calls(&self) -> u64 {
-        self.introspect.as_ref().map_or(0, Introspector::calls)
-    }
-
-    /// Licence signature checks so far (format `jwt`); for tests.
-    #[cfg(test)]
-    pub(crate) fn licence_signature_checks(&self) -> u64 {
-        self.jwt
-            .as_ref()
-            .map_or(0, |j| j.signature_checks.load(Ordering::Relaxed))
     }
 
     fn log_bypass(&self, tenant: &str) {
@@ -531,30 +623,27 @@ impl PoeVerifier {
         }
     }
 
-    /// Checks the request's PoE for `tenant` at `now` (unix seconds).
-    pub async fn verify(&self, poe: &Poe, tenant: &str, now: u64) -> Result<PoeGrant, PoeError> {
+    /// The licence step of the request's PoE for `tenant`: bypassed (decided), or the
+    /// format's check; a format that is not configured is refused (`poe_invalid`).
+    pub fn step(&self, poe: &Poe, tenant: &str) -> Result<LicenceStep, PoeError> {
         if let Some(plan) = &self.bypass_plan {
             self.log_bypass(tenant);
-            return Ok(PoeGrant {
+            return Ok(LicenceStep::Decided(PoeGrant {
                 state: PoeState::Bypassed,
                 plan: plan.clone(),
-            });
+            }));
         }
         match poe.format {
-            PoeFormat::Jwt => match &self.jwt {
-                Some(jwt) => jwt.check(&poe.value, tenant, now).await,
-                None => Err(PoeError::NotConfigured {
-                    format: "jwt",
-                    setting: "licensing_jwks_file",
-                }),
-            },
-            PoeFormat::Introspect => match &self.introspect {
-                Some(i) => i.check(&poe.value, tenant, now).await,
-                None => Err(PoeError::NotConfigured {
-                    format: "introspect",
-                    setting: "introspect_url",
-                }),
-            },
+            PoeFormat::Jwt if self.jwt => Ok(LicenceStep::Jwt),
+            PoeFormat::Jwt => Err(PoeError::NotConfigured {
+                format: "jwt",
+                setting: "licensing_jwks_file",
+            }),
+            PoeFormat::Introspect if self.introspect => Ok(LicenceStep::Introspect),
+            PoeFormat::Introspect => Err(PoeError::NotConfigured {
+                format: "introspect",
+                setting: "introspect_url",
+            }),
         }
     }
 }
@@ -853,6 +942,30 @@ mod tests {
             None,
             "garbled",
         );
+        server.stop().await;
+    }
+
+    /// The Entitlement actor has one request per value and tenant in flight: jobs that arrive
+    /// while it is out wait for its answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_jobs_with_one_licence_make_one_licensing_request() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let server = licensing(failing.clone()).await;
+        let fx = introspect_fixture(&server, 60_000, 0);
+        let gate = Arc::new(fx.gate().await);
+        let jobs: Vec<_> = (0..10).map(|_| job(&fx, "introspect", "good")).collect();
+        let tasks: Vec<_> = jobs
+            .into_iter()
+            .map(|input| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.verify(&input).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().poe, PoeState::Valid);
+        }
+        assert_eq!(server.calls(), 1);
+        assert_eq!(gate.stats().await.introspect_calls, 1);
         server.stop().await;
     }
 

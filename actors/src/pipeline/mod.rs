@@ -3,7 +3,7 @@
 //! ```text
 //! SignerSupervisor
 //! ├── Intake        pulls jobs, bounded in-flight, runs each job (job.rs)
-//! ├── Entitlement   OpTok + DPoP + PoE; key set + verified tokens (EntitlementVerifier port)
+//! ├── Entitlement   OpTok + DPoP + PoE; key sets, verified tokens and licences (EntitlementVerifier port)
 //! ├── Quota         plan limits                  (QuotaStore port)
 //! ├── Provenance    scanner release; verdict cache, per-tenant bound (ReleaseVerifier port)
 //! ├── Keyring       a pool of KeySigner actors per key (KeyFactory port)
@@ -487,28 +487,6 @@ impl PipelineStatus {
     pub fn inflight(&self) -> usize {
         self.0.running.load(Ordering::Acquire)
     }
-}
-
-/// Runs `work` in its own task and sends its answer to `reply`, so an actor can keep
-/// taking messages while network calls of earlier ones are in flight. If the work panics,
-/// `on_panic` is told (the actor then fails and is restarted by its supervisor).
-pub(crate) fn spawn_reply<T, F>(
-    reply: RpcReplyPort<T>,
-    work: F,
-    on_panic: impl FnOnce(String) + Send + 'static,
-) where
-    T: Send + 'static,
-    F: std::future::Future<Output = T> + Send + 'static,
-{
-    let task = tokio::spawn(work);
-    tokio::spawn(async move {
-        match task.await {
-            Ok(v) => {
-                let _ = reply.send(v);
-            }
-            Err(e) => on_panic(e.to_string()),
-        }
-    });
 }
 
 #[cfg(test)]

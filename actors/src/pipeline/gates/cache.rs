@@ -1,8 +1,8 @@
 //! A bounded map whose entries expire, owned by one gate actor (so no lock).
 //!
-//! The bound keeps a flood of distinct keys (tokens, scanner images: both chosen by
-//! callers) from growing memory without limit: when full, expired entries go first, then the
-//! ones closest to expiry (the least useful to keep).
+//! The bound keeps a flood of distinct keys (tokens, licences, licensing values, scanner
+//! images: all chosen by callers) from growing memory without limit: when full, expired entries
+//! go first, then the ones closest to expiry (the least useful to keep).
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;

@@ -3,10 +3,11 @@
 //! that panics makes the actor fail; its supervisor restarts it (with empty caches).
 //!
 //! Each owns what only one owner per replica can keep (docs/architecture.md, "What the gate
-//! actors own"): the Entitlement actor the Authority's key set (one load in flight) and the
-//! verified tokens (one check per token); the Provenance actor the verdict cache, one
-//! lookup per image at a time and the per-tenant bound on registry lookups (see
-//! [`ProvenanceLimits`]). Their ports do uncached work only.
+//! actors own"): the Entitlement actor the Authority's and the licensing key sets (one load
+//! in flight each), the verified tokens and licences (one check each) and the licensing
+//! service's answers (one request per value and tenant, `cache_ttl` + `grace`); the Provenance
+//! actor the verdict cache, one lookup per image at a time and the per-tenant bound on
+//! registry lookups (see [`ProvenanceLimits`]). Their ports do uncached work only.
 
 mod cache;
 mod entitlement;
@@ -16,17 +17,3 @@ mod quota;
 pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
 pub use provenance::{LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats};
 pub use quota::{ACQUIRE_LANES, Quota, QuotaMsg};
-
-use ractor::ActorRef;
-
-/// A closure that tells the actor `myself` that a spawned check panicked (`wrap` makes the
-/// message), so that the actor fails and its supervisor restarts it.
-pub(super) fn failer<M: ractor::Message>(
-    myself: &ActorRef<M>,
-    wrap: fn(String) -> M,
-) -> impl FnOnce(String) + Send + 'static {
-    let me = myself.clone();
-    move |e| {
-        let _ = me.cast(wrap(e));
-    }
-}
