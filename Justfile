@@ -16,11 +16,12 @@ alerts:
     promtool check config compose/prometheus/prometheus.yml
     promtool test rules compose/prometheus/tests/*.yml
 
-# Formatting and clippy, warnings are errors; with and without the `yubikey` feature.
+# Formatting and clippy, warnings are errors: the default build (what plain `cargo test`
+# compiles), and with the `yubikey` backend and the `integration` tests.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
-    cargo clippy --workspace --all-targets --features yubikey -- -D warnings
+    cargo clippy --workspace --all-targets --features yubikey,integration -- -D warnings
 
 # The YubiKey backend's unit tests (no hardware: config, error paths, DER handling).
 test-yubikey:

@@ -165,7 +165,7 @@ impl RedisQuota {
 
     /// Changes how long a concurrency slot stays taken when it is never released
     /// (default [`SLOT_LEASE`]). Clamped to at least 1 ms.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "integration"))]
     pub(crate) fn with_slot_lease(mut self, lease: Duration) -> Self {
         self.slot_lease = lease.max(Duration::from_millis(1));
         self
