@@ -51,7 +51,6 @@ pub fn redis_at(url: impl Into<String>) -> Option<RedisConfig> {
 /// takes, so a long deadline costs nothing but the time a failing test takes to say so.
 pub const MIN_WAIT: Duration = Duration::from_secs(120);
 
-
 /// One result message as a consumer sees it.
 #[derive(Debug, Clone)]
 pub struct ResultMsg {
