@@ -8,7 +8,8 @@
 //! it was, with the same prevHash and writerSeq. An event that was stored although its
 //! acknowledgement was lost comes back as a duplicate of its `Nats-Msg-Id` (its hash) and
 //! the stream keeps the first copy. The jobs waiting for these events are answered once
-//! they are stored (or give up at their call timeout; the event is still stored).
+//! they are stored (or give up at their call timeout; the event is still stored, and the
+//! job's retry of the append joins it: see below).
 //!
 //! A new chain, under a new writer name, is started only by a restarted writer (it cannot
 //! see the end of the old one) and when the stream refuses an event for good (a permanent
