@@ -8,16 +8,36 @@
 //! it was, with the same prevHash and writerSeq. An event that was stored although its
 //! acknowledgement was lost comes back as a duplicate of its `Nats-Msg-Id` (its hash) and
 //! the stream keeps the first copy. The jobs waiting for these events are answered once
-//! they are stored (or give up at their call timeout; the event is still stored).
+//! they are stored (or give up at their call timeout; the event is still stored, and the
+//! job's retry of the append joins it: see below).
 //!
 //! A new chain, under a new writer name, is started only by a restarted writer (it cannot
 //! see the end of the old one) and when the stream refuses an event for good (a permanent
 //! failure, e.g. over the broker's size limit): that job is answered with the error, and the
 //! events sealed after it are sealed again onto the new chain, so no stored event links to
 //! one that will never be stored.
+//!
+//! **An append is sealed once.** Every [`AuditMsg::Append`] carries an [`AppendId`]; a job
+//! creates one per decision and sends it with each retry of that append (its call may time
+//! out while the writer holds the event through a broker failover). The writer remembers
+//! the ids it took: a second Append with an id whose event is pending, in flight or unstored
+//! seals nothing and its caller is answered with the first one's outcome (the stream
+//! sequence once stored, or the error if the stream refuses it for good); an Append with an
+//! id already stored is answered at once with that sequence. The ids move with their
+//! events onto a new chain. Stored ids are kept for `retry_budget + 2 × call_timeout` after
+//! storage and then forgotten: every retry of an append is sent before its job's retry
+//! budget ends, which is at most `call_timeout + retry_budget` after the first Append (so
+//! after the event could first be stored); the second `call_timeout` covers an Append that
+//! waited in the mailbox. A bound by time rather than by count holds for any throughput
+//! (memory is that window's events, about 50 bytes each). An id whose event the stream
+//! refused for good is forgotten, so a later Append with it is sealed again (nothing was
+//! stored). The memory belongs to one incarnation: a restarted writer knows no ids, and an
+//! Append retried across a writer restart is sealed again onto the new chain.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -31,9 +51,23 @@ pub type AuditReply = RpcReplyPort<Result<u64, PortError>>;
 /// The longest wait between two attempts to store unstored events.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// The identity of one append: the same across the retries of that append (see the module
+/// header), a fresh one for every new event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppendId(u64);
+
+impl AppendId {
+    /// A process-unique id.
+    pub fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        AppendId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
 pub enum AuditMsg {
-    /// Seal, store and answer with the stream sequence.
-    Append(Box<AuditEvent>, AuditReply),
+    /// Seal, store and answer with the stream sequence; an id already taken seals nothing
+    /// and is answered with that append's outcome.
+    Append(AppendId, Box<AuditEvent>, AuditReply),
     /// Time to send what is pending.
     Flush,
     /// The batch in flight is settled: these sealed events of it were not stored, in
@@ -41,12 +75,91 @@ pub enum AuditMsg {
     Stored(Vec<Retry>),
 }
 
-/// A sealed event the stream has not stored yet, and the job waiting for it.
+/// A sealed event the stream has not stored yet (its callers wait in [`Appends`]).
 pub struct Unstored {
+    id: AppendId,
     /// The event as sealed (to seal it again onto a new chain after a permanent failure).
     event: Box<AuditEvent>,
     message: OutMessage,
-    reply: AuditReply,
+}
+
+/// The appends the writer took, by id: who waits for the unsettled ones, and the stream
+/// sequences of the stored ones for a late retry. Shared with the task awaiting a batch's
+/// acknowledgements, which answers as each event is stored.
+struct Appends {
+    /// Taken and not settled (pending, in flight or unstored): the callers to answer.
+    waiting: HashMap<AppendId, Vec<AuditReply>>,
+    /// Stored: their stream sequences.
+    stored: HashMap<AppendId, u64>,
+    /// When each stored id was stored, oldest first.
+    stored_at: VecDeque<(Instant, AppendId)>,
+    /// How long a stored id is remembered.
+    keep: Duration,
+}
+
+impl Appends {
+    fn new(keep: Duration) -> Self {
+        Appends {
+            waiting: HashMap::new(),
+            stored: HashMap::new(),
+            stored_at: VecDeque::new(),
+            keep,
+        }
+    }
+
+    /// Takes an Append of `id`: `true` when it is new and its event is to be sealed;
+    /// otherwise `reply` is answered now (stored) or joins the first caller (unsettled).
+    fn take(&mut self, id: AppendId, reply: AuditReply) -> bool {
+        self.forget_old(Instant::now());
+        if let Some(&seq) = self.stored.get(&id) {
+            metrics::counter!("signer_audit_appends_deduplicated_total").increment(1);
+            let _ = reply.send(Ok(seq));
+            return false;
+        }
+        if let Some(waiting) = self.waiting.get_mut(&id) {
+            metrics::counter!("signer_audit_appends_deduplicated_total").increment(1);
+            waiting.push(reply);
+            return false;
+        }
+        self.waiting.insert(id, vec![reply]);
+        true
+    }
+
+    /// The event of `id` is stored at `seq`: answers its callers and remembers it.
+    fn stored(&mut self, id: AppendId, seq: u64) {
+        for reply in self.waiting.remove(&id).unwrap_or_default() {
+            let _ = reply.send(Ok(seq));
+        }
+        let now = Instant::now();
+        self.stored.insert(id, seq);
+        self.stored_at.push_back((now, id));
+        self.forget_old(now);
+    }
+
+    /// The event of `id` will not be stored: answers its callers with `error`.
+    fn failed(&mut self, id: AppendId, error: PortError) {
+        for reply in self.waiting.remove(&id).unwrap_or_default() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    fn forget_old(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.stored_at.front() {
+            if now.duration_since(at) < self.keep {
+                break;
+            }
+            self.stored_at.pop_front();
+            self.stored.remove(&id);
+        }
+    }
+}
+
+/// Locks the appends, also after a panic elsewhere (their maps stay consistent: each
+/// change is a single insert or remove).
+fn lock(appends: &Mutex<Appends>) -> std::sync::MutexGuard<'_, Appends> {
+    appends
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What to do with an event of a batch that was not stored.
@@ -63,7 +176,8 @@ pub struct AuditWriter;
 pub struct AuditState {
     shared: Arc<Shared>,
     chain: AuditChain,
-    pending: Vec<(Box<AuditEvent>, AuditReply)>,
+    pending: Vec<(AppendId, Box<AuditEvent>)>,
+    appends: Arc<Mutex<Appends>>,
     /// Sealed events to send again, before anything newer.
     unstored: Vec<Unstored>,
     /// The wait before the next attempt while events are unstored.
@@ -108,11 +222,11 @@ fn seal(
 }
 
 /// An event the stream did not store: sent again after a transient failure; after a
-/// permanent one its job gets the error and the chain ends before it.
-fn settle_failed(item: Unstored, error: PortError) -> Retry {
+/// permanent one its callers get the error and the chain ends before it.
+fn settle_failed(appends: &Mutex<Appends>, item: Unstored, error: PortError) -> Retry {
     if error.is_permanent() {
         tracing::warn!(error = %error, "the stream refused an audit event for good");
-        let _ = item.reply.send(Err(error));
+        lock(appends).failed(item.id, error);
         Retry::ChainEnds
     } else {
         Retry::Resend(item)
@@ -135,16 +249,14 @@ impl AuditWriter {
                     }
                 }
                 Retry::Resend(item) if !moved => state.unstored.push(item),
-                Retry::Resend(Unstored { event, reply, .. }) => {
+                Retry::Resend(Unstored { id, event, .. }) => {
                     match seal(&state.shared, &mut state.chain, *event) {
                         Ok((event, message)) => state.unstored.push(Unstored {
+                            id,
                             event: Box::new(event),
                             message,
-                            reply,
                         }),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
+                        Err(e) => lock(&state.appends).failed(id, e),
                     }
                 }
             }
@@ -159,16 +271,14 @@ impl AuditWriter {
         }
         state.in_flight = true;
         let mut batch = std::mem::take(&mut state.unstored);
-        for (event, reply) in std::mem::take(&mut state.pending) {
+        for (id, event) in std::mem::take(&mut state.pending) {
             match seal(&state.shared, &mut state.chain, *event) {
                 Ok((event, message)) => batch.push(Unstored {
+                    id,
                     event: Box::new(event),
                     message,
-                    reply,
                 }),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
+                Err(e) => lock(&state.appends).failed(id, e),
             }
         }
         let mut sent = Vec::with_capacity(batch.len());
@@ -185,7 +295,7 @@ impl AuditWriter {
                 Ok(ack) => sent.push((ack, item)),
                 Err(e) => {
                     tracing::warn!(error = %e, "sending an audit event failed");
-                    unsent.push(settle_failed(item, e));
+                    unsent.push(settle_failed(&state.appends, item, e));
                     break;
                 }
             }
@@ -193,16 +303,15 @@ impl AuditWriter {
         // After a send failure nothing more of the batch is sent: the rest stays in order.
         unsent.extend(events.map(Retry::Resend));
         let me = myself.clone();
+        let appends = state.appends.clone();
         tokio::spawn(async move {
             let mut failed = Vec::new();
             for (ack, item) in sent {
                 match ack.await {
-                    Ok(stored) => {
-                        let _ = item.reply.send(Ok(stored.stream_sequence));
-                    }
+                    Ok(stored) => lock(&appends).stored(item.id, stored.stream_sequence),
                     Err(e) => {
                         tracing::debug!(error = %e, "an audit event was not stored");
-                        failed.push(settle_failed(item, e));
+                        failed.push(settle_failed(&appends, item, e));
                     }
                 }
             }
@@ -225,7 +334,9 @@ impl Actor for AuditWriter {
         // A restarted writer must not continue a chain it cannot see the end of: each
         // incarnation gets its own name.
         let incarnation = next_incarnation();
+        let keep = shared.cfg.retry_budget + shared.cfg.call_timeout.saturating_mul(2);
         Ok(AuditState {
+            appends: Arc::new(Mutex::new(Appends::new(keep))),
             chain: AuditChain::new(writer_name(&shared, incarnation)),
             retry_delay: shared.cfg.audit_flush_interval,
             shared,
@@ -243,8 +354,11 @@ impl Actor for AuditWriter {
         state: &mut AuditState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AuditMsg::Append(event, reply) => {
-                state.pending.push((event, reply));
+            AuditMsg::Append(id, event, reply) => {
+                if !lock(&state.appends).take(id, reply) {
+                    return Ok(());
+                }
+                state.pending.push((id, event));
                 if state.pending.len() >= state.shared.cfg.audit_batch_max
                     && state.unstored.is_empty()
                 {

@@ -417,7 +417,7 @@ impl AuditSink {
     pub async fn append(&self, event: crate::audit::AuditEvent) -> Result<u64, AuditAppendError> {
         let audit = self.0.read_refs().audit.clone();
         call_actor(audit, "audit_writer", self.0.cfg.call_timeout, |r| {
-            audit_writer::AuditMsg::Append(Box::new(event), r)
+            audit_writer::AuditMsg::Append(audit_writer::AppendId::fresh(), Box::new(event), r)
         })
         .await
         .map_err(|e| AuditAppendError::Unreachable(e.to_string()))?

@@ -9,6 +9,7 @@ use crate::audit::Decision;
 use crate::error::{ErrorCode, SignerError};
 use crate::messages::{AuditRef, ErrorBody, Failed};
 use crate::pipeline::PipelineConfig;
+use crate::pipeline::audit_writer::AppendId;
 
 /// What a refusal does on this delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +89,9 @@ async fn store_failed(
         Vec::new(),
     );
     let t_audit = Instant::now();
-    let append = || append_audit(shared, event.clone());
+    // One id for every retry of this append: the writer stores the event once.
+    let append_id = AppendId::fresh();
+    let append = || append_audit(shared, append_id, event.clone());
     let audit_seq = match persist(&shared.cfg, job.delivery, OnTransient::Redeliver, append).await {
         Ok(seq) => seq,
         Err(NotStored::Settle(settle)) => return Ok(settle),

@@ -13,6 +13,7 @@ use crate::messages::{
     SubjectEntry,
 };
 use crate::pipeline::Shared;
+use crate::pipeline::audit_writer::AppendId;
 use crate::ports::{OutMessage, PortError, Recorded};
 
 /// Stores the outcome of a signed job; `Ok` with how to settle it (ack, or NAK / TERM when
@@ -43,7 +44,9 @@ pub(in crate::pipeline) async fn store(job: &mut Job<'_>, signed: Signed) -> Res
         keys,
     );
     let t_audit = Instant::now();
-    let append = || append_audit(shared, event.clone());
+    // One id for every retry of this append: the writer stores the event once.
+    let append_id = AppendId::fresh();
+    let append = || append_audit(shared, append_id, event.clone());
     completed.audit.seq = match persist(&shared.cfg, d, OnTransient::RetryHere, append).await {
         Ok(seq) => seq,
         Err(NotStored::Settle(settle)) => return Ok(settle),

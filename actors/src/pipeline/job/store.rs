@@ -10,7 +10,7 @@ use crate::audit::{
     ProvenanceVerdict, QuotaOutcome, QuotaRecord,
 };
 use crate::error::{ErrorCode, SignerError};
-use crate::pipeline::audit_writer::AuditMsg;
+use crate::pipeline::audit_writer::{AppendId, AuditMsg};
 use crate::pipeline::publisher::PublisherMsg;
 use crate::pipeline::{PipelineConfig, Shared, call_actor};
 use crate::ports::{Delivery, OutMessage, PortError};
@@ -204,13 +204,16 @@ fn trace_id(traceparent: &str) -> Option<String> {
     .then(|| id.to_string())
 }
 
+/// Has the AuditWriter store `event`. Every retry of one decision's event passes the same
+/// `id`, so the writer seals and stores it once however often the call times out.
 pub(super) async fn append_audit(
     shared: &Arc<Shared>,
+    id: AppendId,
     event: AuditEvent,
 ) -> Result<u64, StoreError> {
     let audit = shared.read_refs().audit.clone();
     call_actor(audit, "audit_writer", shared.cfg.call_timeout, |r| {
-        AuditMsg::Append(Box::new(event), r)
+        AuditMsg::Append(id, Box::new(event), r)
     })
     .await
     .map_err(|e| StoreError::Unavailable(Box::new(e)))?

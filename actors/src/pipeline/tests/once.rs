@@ -8,7 +8,7 @@ use super::*;
 /// duplicate window does), and fails acknowledgements on request.
 #[derive(Default)]
 struct StreamPublisher {
-    stored: Mutex<Vec<OutMessage>>,
+    stored: Arc<Mutex<Vec<OutMessage>>>,
     /// Acknowledgements of `sign.completed` messages to fail (not stored).
     fail_results: AtomicUsize,
     /// How long the audit stream refuses events (not stored), from the first one sent:
@@ -17,6 +17,14 @@ struct StreamPublisher {
     audit_outage_from: Mutex<Option<std::time::Instant>>,
     /// Audit events to store whose acknowledgement is then lost.
     lose_audit_acks: AtomicUsize,
+    /// Audit events whose acknowledgement waits `audit_hold`, then stores them: a stream
+    /// electing a leader while the publish is in flight.
+    hold_audit: AtomicUsize,
+    audit_hold: Duration,
+    /// The request whose `signed` audit event the stream refuses for good.
+    refuse_signed_event_of: Option<&'static str>,
+    /// Audit events sent (stored or not).
+    audit_sends: AtomicUsize,
 }
 
 /// Takes one from `counter` if it is above zero.
@@ -24,6 +32,27 @@ fn take(counter: &AtomicUsize) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
+}
+
+/// Stores `message` unless its `Nats-Msg-Id` is stored already (then answers with the
+/// first copy's sequence).
+fn store_into(stored: &Mutex<Vec<OutMessage>>, message: OutMessage) -> Stored {
+    let mut stored = stored.lock().unwrap();
+    let id = message.header("Nats-Msg-Id").map(str::to_owned);
+    if let Some(i) = stored
+        .iter()
+        .position(|m| id.is_some() && m.header("Nats-Msg-Id") == id.as_deref())
+    {
+        return Stored {
+            stream_sequence: i as u64 + 1,
+            duplicate: true,
+        };
+    }
+    stored.push(message);
+    Stored {
+        stream_sequence: stored.len() as u64,
+        duplicate: false,
+    }
 }
 
 impl StreamPublisher {
@@ -34,22 +63,7 @@ impl StreamPublisher {
     }
 
     fn store(&self, message: OutMessage) -> Stored {
-        let mut stored = self.stored.lock().unwrap();
-        let id = message.header("Nats-Msg-Id").map(str::to_owned);
-        if let Some(i) = stored
-            .iter()
-            .position(|m| id.is_some() && m.header("Nats-Msg-Id") == id.as_deref())
-        {
-            return Stored {
-                stream_sequence: i as u64 + 1,
-                duplicate: true,
-            };
-        }
-        stored.push(message);
-        Stored {
-            stream_sequence: stored.len() as u64,
-            duplicate: false,
-        }
+        store_into(&self.stored, message)
     }
 
     fn json(&self, prefix: &str) -> Vec<serde_json::Value> {
@@ -75,8 +89,28 @@ impl StreamPublisher {
 impl MessagePublisher for StreamPublisher {
     async fn send(&self, message: OutMessage) -> Result<AckFuture, PortError> {
         let unavailable = || PortError::transient("no stream found for given subject");
+        let audit = message.subject.starts_with("signer.audit.");
+        if audit {
+            self.audit_sends.fetch_add(1, Ordering::SeqCst);
+        }
         let refused = (message.subject.starts_with("sign.completed") && take(&self.fail_results))
-            || (message.subject.starts_with("signer.audit.") && self.audit_out());
+            || (audit && self.audit_out());
+        if audit
+            && !refused
+            && let Some(request_id) = self.refuse_signed_event_of
+        {
+            let event: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+            if event["requestId"] == request_id && event["decision"] == "signed" {
+                return Err(PortError::permanent("maximum message size exceeded"));
+            }
+        }
+        if audit && !refused && take(&self.hold_audit) {
+            let (stored, hold) = (self.stored.clone(), self.audit_hold);
+            return Ok(Box::pin(async move {
+                tokio::time::sleep(hold).await;
+                Ok(store_into(&stored, message))
+            }));
+        }
         let outcome = if refused {
             Err(unavailable())
         } else if message.subject.starts_with("signer.audit.") && take(&self.lose_audit_acks) {
@@ -153,6 +187,15 @@ struct Once {
 /// A pipeline signing with the counting key (each signature taking `delay`), charging the
 /// ledger, storing into `publisher`.
 async fn start_once(publisher: StreamPublisher, delay: Duration) -> Once {
+    start_once_with(publisher, delay, |_| {}).await
+}
+
+/// The same, with `change` applied to the configuration.
+async fn start_once_with(
+    publisher: StreamPublisher,
+    delay: Duration,
+    change: impl FnOnce(&mut PipelineConfig),
+) -> Once {
     let signs = Arc::new(AtomicUsize::new(0));
     let keys = Arc::new(CountingKeys {
         signs: signs.clone(),
@@ -162,7 +205,8 @@ async fn start_once(publisher: StreamPublisher, delay: Duration) -> Once {
     let idempotency = Arc::new(MemIdempotency::default());
     let ledger = Arc::new(Ledger::default());
     let (p, i, l) = (publisher.clone(), idempotency.clone(), ledger.clone());
-    let (queue, _unused, pipeline) = start_with(keys, "k", move |_, ports| {
+    let (queue, _unused, pipeline) = start_with(keys, "k", move |cfg, ports| {
+        change(cfg);
         ports.publisher = p;
         ports.idempotency = i;
         ports.quota = l;
@@ -368,6 +412,139 @@ async fn failed_audit_writes_are_retried_on_the_same_chain() {
     for e in &events {
         verifier.push(e).unwrap();
     }
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+/// Checks every chain of `events` (in stream order) and returns the writers.
+fn verified_chains(events: &[serde_json::Value]) -> std::collections::BTreeSet<String> {
+    let mut verifier = crate::audit::ChainVerifier::default();
+    for e in events {
+        verifier.push(e).unwrap();
+    }
+    events.iter().map(|e| e["worker"].to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_append_retried_while_its_event_is_in_flight_is_stored_once() {
+    // The stream holds the first audit publish for 700 ms (a leader election), then stores
+    // it. The job's call to the writer times out after 200 ms, more than once; each retry
+    // joins the event in flight instead of sealing it again.
+    let publisher = StreamPublisher {
+        hold_audit: AtomicUsize::new(1),
+        audit_hold: Duration::from_millis(700),
+        ..StreamPublisher::default()
+    };
+    let o = start_once_with(publisher, Duration::ZERO, |cfg| {
+        cfg.call_timeout = Duration::from_millis(200);
+    })
+    .await;
+    o.deliver(1, "r-1");
+    until("job acked", || acked(&o.queue, 1)).await;
+    assert_eq!(o.publisher.hold_audit.load(Ordering::SeqCst), 0, "held");
+    let settled = o.queue.settled.lock().unwrap().clone();
+    assert_eq!(settled, vec![(1, Settled::Ack)], "settled once, signed");
+    assert_eq!(o.signs.load(Ordering::SeqCst), 1, "signed once");
+    let events = o.publisher.json("signer.audit.");
+    assert_eq!(events.len(), 1, "one event, sealed once: {events:?}");
+    assert_eq!(events[0]["decision"], "signed");
+    assert_eq!(events[0]["writerSeq"], 1);
+    assert_eq!(o.publisher.audit_sends.load(Ordering::SeqCst), 1);
+    let results = o.results("r-1");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(results[0]["envelope"].is_object(), "{}", results[0]);
+    let audit_seq = results[0]["audit"]["seq"].as_u64().unwrap();
+    let stored = o.publisher.stored.lock().unwrap()[audit_seq as usize - 1].clone();
+    let event: serde_json::Value = serde_json::from_slice(&stored.body).unwrap();
+    assert_eq!(event, events[0], "the result points at the one event");
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_append_after_its_event_is_stored_is_answered_with_its_sequence() {
+    let o = start_once(StreamPublisher::default(), Duration::ZERO).await;
+    o.deliver(1, "r-1");
+    until("job acked", || acked(&o.queue, 1)).await;
+    let before = o.publisher.json("signer.audit.");
+    assert_eq!(before.len(), 1);
+    // An event to append: the job's, as a new decision would carry it before sealing.
+    let mut event: crate::audit::AuditEvent = serde_json::from_value(before[0].clone()).unwrap();
+    event.request_id = "r-2".into();
+    let append = |id: crate::pipeline::audit_writer::AppendId, event: crate::audit::AuditEvent| {
+        let audit = o.pipeline.shared.read_refs().audit.clone();
+        async move {
+            crate::pipeline::call_actor(audit, "audit_writer", Duration::from_secs(5), |r| {
+                crate::pipeline::audit_writer::AuditMsg::Append(id, Box::new(event), r)
+            })
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    let id = crate::pipeline::audit_writer::AppendId::fresh();
+    let seq = append(id, event.clone()).await;
+    assert_eq!(o.publisher.json("signer.audit.").len(), 2, "stored");
+    assert_eq!(append(id, event.clone()).await, seq, "the same sequence");
+    assert_eq!(append(id, event.clone()).await, seq);
+    let after = o.publisher.json("signer.audit.");
+    assert_eq!(after.len(), 2, "nothing more stored: {after:?}");
+    assert_eq!(
+        o.publisher.audit_sends.load(Ordering::SeqCst),
+        2,
+        "nothing sent"
+    );
+    // Another id is another event.
+    let other = append(crate::pipeline::audit_writer::AppendId::fresh(), event).await;
+    assert_eq!(other, seq + 1);
+    let after = o.publisher.json("signer.audit.");
+    assert_eq!(after.len(), 3);
+    assert_eq!(verified_chains(&after).len(), 1, "one chain");
+    assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_restarted_after_a_refusal_for_good_stores_every_other_event_once() {
+    // Four jobs at once; the audit stream is down for 500 ms from the first event, and the
+    // jobs' calls time out after 200 ms, so each job retries its append during the outage.
+    // Then the stream refuses r-2's signed event for good: the writer starts a new chain and
+    // seals the events after it again onto it, with their ids, so the retries still join.
+    // (One delivery: r-2's `internal` refusal is answered at once, not NAKed to come back.)
+    let publisher = StreamPublisher {
+        audit_outage: Duration::from_millis(500),
+        refuse_signed_event_of: Some("r-2"),
+        ..StreamPublisher::default()
+    };
+    let o = start_once_with(publisher, Duration::ZERO, |cfg| {
+        cfg.call_timeout = Duration::from_millis(200);
+        cfg.max_deliver = 1;
+    })
+    .await;
+    for seq in 1..=4 {
+        o.deliver(seq, &format!("r-{seq}"));
+    }
+    until("all acked", || (1..=4).all(|s| acked(&o.queue, s))).await;
+    assert_eq!(o.signs.load(Ordering::SeqCst), 4, "each job signed once");
+    for r in ["r-1", "r-3", "r-4"] {
+        let signed = o.publisher.signed_events(r);
+        assert_eq!(signed.len(), 1, "{r}: one signed event: {signed:?}");
+        let results = o.results(r);
+        assert_eq!(results.len(), 1, "{r}: {results:?}");
+        assert!(results[0]["envelope"].is_object(), "{}", results[0]);
+    }
+    assert!(o.publisher.signed_events("r-2").is_empty());
+    let events = o.publisher.json("signer.audit.");
+    let r2: Vec<_> = events.iter().filter(|e| e["requestId"] == "r-2").collect();
+    assert_eq!(r2.len(), 1, "r-2: its refusal, once: {r2:?}");
+    assert_eq!(r2[0]["decision"], "failed");
+    assert_eq!(r2[0]["errorCode"], "internal");
+    let results = o.results("r-2");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["error"]["code"], "internal", "{}", results[0]);
+    assert_eq!(events.len(), 4, "one event per job: {events:?}");
+    assert_eq!(
+        verified_chains(&events).len(),
+        2,
+        "a new chain after the refusal"
+    );
     assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
 
