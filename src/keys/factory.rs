@@ -207,7 +207,6 @@ mod tests {
     fn startup_checks_read_key_files_chains_and_fulcio_roots() {
         let dir = tempfile::tempdir().unwrap();
         let key = FileKey::generate(KeyAlgorithm::Ed25519, dir.path(), "k").unwrap();
-        let other = FileKey::generate(KeyAlgorithm::EcdsaP256Sha256, dir.path(), "other").unwrap();
         let roots = dir.path().join("fulcio.pem");
         std::fs::write(&roots, crate::keys::fulcio_trust::test_root_pem()).unwrap();
         checked(&key.private_key, None, &roots).unwrap();
