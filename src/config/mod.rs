@@ -36,6 +36,7 @@ pub enum ConfigError {
 
 pub mod gates;
 pub mod keys;
+pub mod kit;
 
 pub use gates::{
     ControlGate, EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate,
@@ -45,6 +46,7 @@ pub use keys::{
     FileKeyConfig, FulcioKeyConfig, KEYLESS_HTTP_TIMEOUT, KEYLESS_RENEW_BEFORE, KeyConfig,
     MAX_KEY_SESSIONS, PinSource, PivSlot, Pkcs11KeyConfig, Pkcs11Object, YubikeyKeyConfig,
 };
+pub use kit::KitConfig;
 
 pub(crate) mod duration {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -74,6 +76,9 @@ pub struct Config {
     #[serde(deserialize_with = "keys::deserialize_keys")]
     pub keys: Vec<KeyConfig>,
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The offline kit (`kit export`); absent: no kit can be exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kit: Option<KitConfig>,
 }
 
 /// NATS connection, streams, subjects and the durable consumer.
@@ -476,6 +481,18 @@ impl Config {
                 if let Some(tsa) = &k.tsa_url {
                     check_url(tsa, &["http", "https"], &format!("key {name:?}: tsa_url"))?;
                 }
+            }
+        }
+        if let Some(kit) = &self.kit {
+            match self.keys.iter().find(|k| k.name() == kit.key) {
+                None => return invalid(format!("kit.key names unknown key {:?}", kit.key)),
+                Some(KeyConfig::Fulcio(_)) => {
+                    return invalid(format!(
+                        "kit.key {:?} is a fulcio key: a kit key must be one a verifier can pin",
+                        kit.key
+                    ));
+                }
+                Some(_) => {}
             }
         }
         if !self.profiles.contains_key("default") {
