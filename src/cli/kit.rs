@@ -76,9 +76,7 @@ fn inputs(cfg: &Config, listed: Vec<serde_json::Value>) -> Result<KitInputs, Kit
             inputs.chains.push((key.name().to_string(), text));
         }
         if let KeyConfig::Fulcio(k) = key {
-            let (fulcio, tsa) = export::authorities_of_roots_file(&k.fulcio_roots, &k.fulcio_url)?;
-            inputs.fulcio.extend(fulcio);
-            inputs.tsa.extend(tsa);
+            export::add_roots_file(&mut inputs, &k.fulcio_roots, &k.fulcio_url)?;
         }
     }
     for path in cfg.kit.iter().flat_map(|k| &k.tsa_roots) {

@@ -12,7 +12,9 @@ use signer_actors::keys::{KeySigner, PublicKey};
 use sigstore_protobuf_specs::dev::sigstore::common::v1::{
     TimeRange, X509Certificate, X509CertificateChain,
 };
-use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{CertificateAuthority, TrustedRoot};
+use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{
+    CertificateAuthority, TransparencyLogInstance, TrustedRoot,
+};
 
 use super::{
     FileDigest, KEYS, KIT_KEY, KIT_MEDIA_TYPE, KeyList, KitCertificate, KitChain, KitError, KitKey,
@@ -32,6 +34,10 @@ pub struct KitInputs {
     pub fulcio: Vec<CertificateAuthority>,
     /// The timestamp authorities.
     pub tsa: Vec<CertificateAuthority>,
+    /// Transparency logs and certificate transparency logs of configured trusted roots
+    /// (verifiers check a Fulcio certificate's SCTs against the `ctlogs`).
+    pub tlogs: Vec<TransparencyLogInstance>,
+    pub ctlogs: Vec<TransparencyLogInstance>,
 }
 
 /// An entry of the ledger's listing, the fields the kit keeps.
@@ -135,9 +141,10 @@ pub fn kit_files(
     files.insert(KEYS.into(), pretty(&KeyList { keys, chains })?);
     let root = TrustedRoot {
         media_type: TRUSTED_ROOT_MEDIA_TYPE.into(),
+        tlogs: dedup(&inputs.tlogs),
         certificate_authorities: dedup(&inputs.fulcio),
+        ctlogs: dedup(&inputs.ctlogs),
         timestamp_authorities: dedup(&inputs.tsa),
-        ..Default::default()
     };
     files.insert(TRUSTED_ROOT.into(), pretty(&root)?);
     files.insert(KIT_KEY.into(), kit_key.to_pem().into_bytes());
@@ -145,8 +152,8 @@ pub fn kit_files(
 }
 
 /// `authorities` without repeats, in their first order (two keys may name one roots file).
-fn dedup(authorities: &[CertificateAuthority]) -> Vec<CertificateAuthority> {
-    let mut out: Vec<CertificateAuthority> = Vec::new();
+fn dedup<T: Clone + PartialEq>(authorities: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
     for a in authorities {
         if !out.contains(a) {
             out.push(a.clone());
@@ -214,21 +221,23 @@ pub fn write_kit(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<(), Ki
     Ok(())
 }
 
-/// The authorities of a `fulcio_roots` file: a `trusted_root.json` gives its
-/// `certificateAuthorities` and `timestampAuthorities`; a PEM bundle is one Fulcio authority
-/// (at `uri`) whose chain is the bundle's certificates in their order.
-pub fn authorities_of_roots_file(
-    path: &Path,
-    uri: &str,
-) -> Result<(Vec<CertificateAuthority>, Vec<CertificateAuthority>), KitError> {
+/// Adds what a `fulcio_roots` file trusts to `inputs`: a `trusted_root.json` gives all of
+/// it (Fulcio and timestamp authorities, logs); a PEM bundle is one Fulcio authority (at
+/// `uri`) whose chain is the bundle's certificates in their order.
+pub fn add_roots_file(inputs: &mut KitInputs, path: &Path, uri: &str) -> Result<(), KitError> {
     let text = std::fs::read_to_string(path).map_err(|e| KitError::io(path, e))?;
     if text.trim_start().starts_with('{') {
         let root: TrustedRoot = serde_json::from_str(&text).map_err(|e| {
             KitError::Unusable(format!("{}: not a trusted_root.json: {e}", path.display()))
         })?;
-        return Ok((root.certificate_authorities, root.timestamp_authorities));
+        inputs.fulcio.extend(root.certificate_authorities);
+        inputs.tsa.extend(root.timestamp_authorities);
+        inputs.tlogs.extend(root.tlogs);
+        inputs.ctlogs.extend(root.ctlogs);
+    } else {
+        inputs.fulcio.push(authority_of_pem(path, &text, uri)?);
     }
-    Ok((vec![authority_of_pem(path, &text, uri)?], vec![]))
+    Ok(())
 }
 
 /// One authority from a PEM chain (leaf or intermediate first, root last), trusted from the

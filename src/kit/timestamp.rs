@@ -14,10 +14,10 @@ use cms::cert::CertificateChoices;
 use cms::content_info::ContentInfo;
 use cms::signed_data::SignedData;
 use der::asn1::{ObjectIdentifier, OctetString};
-use der::{Decode as _, Encode as _};
+use der::{Decode as _, Encode as _, Reader as _, Tagged as _};
 use sha2::Digest as _;
 use x509_cert::Certificate;
-use x509_tsp::{TimeStampResp, TstInfo};
+use x509_tsp::{MessageImprint, TimeStampResp};
 
 use crate::keys::fulcio_trust::{FulcioTrust, key_verifies};
 
@@ -50,6 +50,35 @@ pub enum TimestampError {
     Untrusted(String),
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generalized_times_with_and_without_fractions() {
+        let t = |s: &str| {
+            generalized_time(s.as_bytes()).map(|t| humantime::format_rfc3339_nanos(t).to_string())
+        };
+        assert_eq!(
+            t("20260101120005Z").as_deref(),
+            Some("2026-01-01T12:00:05.000000000Z")
+        );
+        assert_eq!(
+            t("20260101120005.27Z").as_deref(),
+            Some("2026-01-01T12:00:05.270000000Z")
+        );
+        for bad in [
+            "20260101120005",
+            "2026010112000Z",
+            "20260101120005.Z",
+            "20260101120005.2aZ",
+            "20261301120005Z",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
+}
+
 fn malformed(e: impl std::fmt::Display) -> TimestampError {
     TimestampError::Malformed(e.to_string())
 }
@@ -60,6 +89,59 @@ fn digest(algorithm: ObjectIdentifier, bytes: &[u8]) -> Option<Vec<u8>> {
         ID_SHA384 => Some(sha2::Sha384::digest(bytes).to_vec()),
         _ => None,
     }
+}
+
+/// The messageImprint and genTime of a DER TSTInfo. Read field by field rather than as
+/// `x509_tsp::TstInfo`: RFC 3161 lets genTime carry fractional seconds
+/// (`20260101120005.27Z`), which DER's GeneralizedTime type of the `der` crate refuses.
+fn tst_info(der: &[u8]) -> Result<(MessageImprint, SystemTime), TimestampError> {
+    let mut reader = der::SliceReader::new(der).map_err(malformed)?;
+    let (imprint, time) = reader
+        .sequence(|r| {
+            let _version = der::asn1::Int::decode(r)?;
+            let _policy = ObjectIdentifier::decode(r)?;
+            let imprint = MessageImprint::decode(r)?;
+            let _serial = der::asn1::Int::decode(r)?;
+            let time = der::Any::decode(r)?;
+            // accuracy, ordering, nonce, tsa, extensions: not needed here
+            let rest = r.remaining_len();
+            r.read_slice(rest)?;
+            Ok((imprint, time))
+        })
+        .map_err(malformed)?;
+    if time.tag() != der::Tag::GeneralizedTime {
+        return Err(malformed(format!("genTime is a {}", time.tag())));
+    }
+    let at = generalized_time(time.value()).ok_or_else(|| {
+        malformed(format!(
+            "genTime {:?}",
+            String::from_utf8_lossy(time.value())
+        ))
+    })?;
+    Ok((imprint, at))
+}
+
+/// `YYYYMMDDHHMMSS[.f+]Z` as a time.
+fn generalized_time(text: &[u8]) -> Option<SystemTime> {
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let (whole, fraction) = match text.split_once('.') {
+        Some((w, f)) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => (w, f),
+        Some(_) => return None,
+        None => (text, "0"),
+    };
+    if whole.len() != 14 || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}.{fraction}Z",
+        &whole[0..4],
+        &whole[4..6],
+        &whole[6..8],
+        &whole[8..10],
+        &whole[10..12],
+        &whole[12..14]
+    );
+    humantime::parse_rfc3339(&rfc3339).ok()
 }
 
 /// The token of `der`: a `TimeStampResp` (granted) or a bare `ContentInfo`.
@@ -101,10 +183,10 @@ pub fn verify(
         .decode_as::<OctetString>()
         .map_err(malformed)?
         .into_bytes();
-    let tst = TstInfo::from_der(&tst_der).map_err(malformed)?;
-    let imprint = digest(tst.message_imprint.hash_algorithm.oid, signature)
+    let (message_imprint, at) = tst_info(&tst_der)?;
+    let imprint = digest(message_imprint.hash_algorithm.oid, signature)
         .ok_or_else(|| malformed("messageImprint hash is not SHA-256 or SHA-384"))?;
-    if imprint != tst.message_imprint.hashed_message.as_bytes() {
+    if imprint != message_imprint.hashed_message.as_bytes() {
         return Err(TimestampError::OtherImprint);
     }
     let [signer] = signed.signer_infos.0.as_slice() else {
@@ -165,7 +247,6 @@ pub fn verify(
             })
         })
         .ok_or(TimestampError::NoSigner)?;
-    let at = tst.gen_time.to_system_time();
     let mut chain = vec![signer_der.clone()];
     chain.extend(carried.iter().filter(|c| *c != signer_der).cloned());
     trusted
