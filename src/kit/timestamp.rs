@@ -50,35 +50,6 @@ pub enum TimestampError {
     Untrusted(String),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generalized_times_with_and_without_fractions() {
-        let t = |s: &str| {
-            generalized_time(s.as_bytes()).map(|t| humantime::format_rfc3339_nanos(t).to_string())
-        };
-        assert_eq!(
-            t("20260101120005Z").as_deref(),
-            Some("2026-01-01T12:00:05.000000000Z")
-        );
-        assert_eq!(
-            t("20260101120005.27Z").as_deref(),
-            Some("2026-01-01T12:00:05.270000000Z")
-        );
-        for bad in [
-            "20260101120005",
-            "2026010112000Z",
-            "20260101120005.Z",
-            "20260101120005.2aZ",
-            "20261301120005Z",
-        ] {
-            assert_eq!(t(bad), None, "{bad}");
-        }
-    }
-}
-
 fn malformed(e: impl std::fmt::Display) -> TimestampError {
     TimestampError::Malformed(e.to_string())
 }
@@ -253,4 +224,33 @@ pub fn verify(
         .verify_timestamping(&chain, at)
         .map_err(|e| TimestampError::Untrusted(e.to_string()))?;
     Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generalized_times_with_and_without_fractions() {
+        let t = |s: &str| {
+            generalized_time(s.as_bytes()).map(|t| humantime::format_rfc3339_nanos(t).to_string())
+        };
+        assert_eq!(
+            t("20260101120005Z").as_deref(),
+            Some("2026-01-01T12:00:05.000000000Z")
+        );
+        assert_eq!(
+            t("20260101120005.27Z").as_deref(),
+            Some("2026-01-01T12:00:05.270000000Z")
+        );
+        for bad in [
+            "20260101120005",
+            "2026010112000Z",
+            "20260101120005.Z",
+            "20260101120005.2aZ",
+            "20261301120005Z",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
 }

@@ -164,9 +164,12 @@ impl Kit {
             Some(verification_material::Content::PublicKey(_)) => {
                 self.verify_keyful(&envelope, time)
             }
-            Some(verification_material::Content::Certificate(c)) => {
-                self.verify_keyless(&envelope, &[c.raw_bytes.clone()], time, identity)
-            }
+            Some(verification_material::Content::Certificate(c)) => self.verify_keyless(
+                &envelope,
+                std::slice::from_ref(&c.raw_bytes),
+                time,
+                identity,
+            ),
             Some(verification_material::Content::X509CertificateChain(chain)) => {
                 let chain: Vec<Vec<u8>> = chain
                     .certificates
