@@ -58,6 +58,7 @@ fn inputs(k: &Keys) -> KitInputs {
         listed: vec![
             listed(&k.revoked, "revoked", Some("2026-02-01T00:00:00.000Z")),
             listed(&k.good, "active", None),
+            listed(&k.kit, "staged", None),
         ],
         chains: vec![(
             "good".into(),
@@ -109,7 +110,7 @@ async fn a_kit_loads_under_its_pinned_key_and_lists_keys_with_their_revocations(
     export_to(&k, &out).await;
     let kit = Kit::load(&out, &KitPin::Key(public(&k.kit))).unwrap();
     assert_eq!(kit.kit_keyid, public(&k.kit).keyid());
-    assert_eq!(kit.keys.len(), 2);
+    assert_eq!(kit.keys.len(), 3);
     let (old, old_public) = &kit.keys[0];
     assert_eq!(*old_public, public(&k.revoked));
     let r = old.revocation.as_ref().unwrap();
@@ -208,7 +209,7 @@ async fn envelopes_count_only_signatures_by_unrevoked_kit_keys() {
     let both = envelope(&[&k.revoked, &k.good]);
     assert!(kit.verify_envelope(&both, Some(1)).is_ok());
     assert!(kit.verify_envelope(&both, Some(2)).is_err());
-    // a key the kit does not have
+    // the kit key is listed (the signer loaded it) but signs kits, not artefacts
     assert!(kit.verify_envelope(&envelope(&[&k.kit]), None).is_err());
 }
 

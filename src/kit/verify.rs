@@ -77,10 +77,13 @@ pub fn revoked_at(key: &KitKey, at: Option<SystemTime>) -> Option<String> {
 }
 
 impl Kit {
-    /// The keyful keys of the kit (keyless certificates' ephemeral keys are not trusted by
-    /// themselves: their certificates are).
+    /// The keyful keys of the kit that may sign artefacts: not keyless certificates'
+    /// ephemeral keys (their certificates are what is trusted), and not the kit key (the
+    /// ledger lists it, as a key the signer loaded, but it vouches for kits only).
     fn keyful(&self) -> impl Iterator<Item = &(KitKey, PublicKey)> {
-        self.keys.iter().filter(|(k, _)| k.certificate.is_none())
+        self.keys
+            .iter()
+            .filter(|(k, _)| k.certificate.is_none() && k.keyid != self.kit_keyid)
     }
 
     /// The kit's record of `keyid`, if it has one.
