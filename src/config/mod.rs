@@ -689,6 +689,26 @@ mod tests {
     }
 
     #[test]
+    fn the_kit_key_must_be_a_configured_key_a_verifier_can_pin() {
+        let kit = |section: &str| Config::from_toml(&format!("{BASE}\n{section}"), []);
+        let cfg = kit("[kit]\nkey = \"k\"\ntsa_roots = [\"/etc/tsa.pem\"]\n").unwrap();
+        let k = cfg.kit.as_ref().unwrap();
+        assert_eq!((k.key.as_str(), k.tsa_roots.len()), ("k", 1));
+        assert_eq!(Config::from_toml(&cfg.to_toml().unwrap(), []).unwrap(), cfg);
+        assert!(Config::from_toml(&base(), []).unwrap().kit.is_none());
+        let err = kit("[kit]\nkey = \"nope\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown key \"nope\""), "{err}");
+        let err = kit("[kit]\nkey = \"k\"\nroots = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        let keyless = "[[keys]]\nname = \"kl\"\nsource = \"fulcio\"\nfulcio_url = \"https://fulcio.example\"\n\
+            identity_token_file = \"/t\"\nfulcio_roots = \"/r\"\n\n[kit]\nkey = \"kl\"\n";
+        let err = kit(keyless).unwrap_err().to_string();
+        assert!(err.contains("is a fulcio key"), "{err}");
+    }
+
+    #[test]
     fn defaults_env_overrides_and_validation() {
         let text = base();
         let cfg = Config::from_toml(&text, []).unwrap();
