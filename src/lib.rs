@@ -18,6 +18,7 @@ pub(crate) mod idempotency;
 pub mod jetstream;
 pub mod keys;
 pub mod keystate;
+pub(crate) mod kit;
 pub mod provenance;
 pub(crate) mod quota;
 pub(crate) mod readiness;

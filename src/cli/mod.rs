@@ -3,6 +3,7 @@
 pub(crate) mod artefacts;
 mod audit;
 mod keys;
+mod kit;
 pub(crate) mod nats_client;
 mod schema;
 mod serve;
@@ -65,6 +66,9 @@ enum Command {
     /// The audit stream.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The offline kit for verifiers (`verify --kit`).
+    #[command(subcommand)]
+    Kit(kit::KitCommand),
 }
 
 impl Cli {
@@ -78,6 +82,7 @@ impl Cli {
             Command::Submit(args) => args.run(),
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
+            Command::Kit(cmd) => cmd.run(),
         }
     }
 }

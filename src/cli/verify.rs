@@ -1,4 +1,5 @@
-//! `stella-signer verify`: checks an envelope (threshold) or a keyful Sigstore bundle.
+//! `stella-signer verify`: checks an envelope (threshold) or a keyful Sigstore bundle
+//! against --key, or anything the offline kit covers with --kit (`super::kit`).
 
 use std::path::PathBuf;
 
@@ -14,15 +15,21 @@ pub struct VerifyArgs {
     /// A DSSE envelope or a Sigstore bundle (JSON).
     file: PathBuf,
     /// Public key (SPKI PEM); repeat for several.
-    #[arg(long = "key", required = true)]
+    #[arg(long = "key", required_unless_present = "kit")]
     keys: Vec<PathBuf>,
-    /// How many of the keys must each verify a distinct signature (default: all).
+    /// How many of the keys must each verify a distinct signature (default: all; with
+    /// --kit: 1).
     #[arg(long)]
     threshold: Option<usize>,
+    #[command(flatten)]
+    kit: super::kit::KitArgs,
 }
 
 impl VerifyArgs {
     pub fn run(self) -> Result<(), CliError> {
+        if let Some(dir) = &self.kit.kit {
+            return self.kit.verify(dir, &self.file, self.threshold);
+        }
         let keys = self
             .keys
             .iter()

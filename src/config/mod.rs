@@ -36,6 +36,7 @@ pub enum ConfigError {
 
 pub mod gates;
 pub mod keys;
+pub mod kit;
 
 pub use gates::{
     ControlGate, EntitlementGate, GateMode, GatesConfig, Plan, PoeConfig, ProvenanceGate,
@@ -45,6 +46,7 @@ pub use keys::{
     FileKeyConfig, FulcioKeyConfig, KEYLESS_HTTP_TIMEOUT, KEYLESS_RENEW_BEFORE, KeyConfig,
     MAX_KEY_SESSIONS, PinSource, PivSlot, Pkcs11KeyConfig, Pkcs11Object, YubikeyKeyConfig,
 };
+pub use kit::KitConfig;
 
 pub(crate) mod duration {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -74,6 +76,9 @@ pub struct Config {
     #[serde(deserialize_with = "keys::deserialize_keys")]
     pub keys: Vec<KeyConfig>,
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The offline kit (`kit export`); absent: no kit can be exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kit: Option<KitConfig>,
 }
 
 /// NATS connection, streams, subjects and the durable consumer.
@@ -478,6 +483,18 @@ impl Config {
                 }
             }
         }
+        if let Some(kit) = &self.kit {
+            match self.keys.iter().find(|k| k.name() == kit.key) {
+                None => return invalid(format!("kit.key names unknown key {:?}", kit.key)),
+                Some(KeyConfig::Fulcio(_)) => {
+                    return invalid(format!(
+                        "kit.key {:?} is a fulcio key: a kit key must be one a verifier can pin",
+                        kit.key
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         if !self.profiles.contains_key("default") {
             return invalid("no [profiles.default]".into());
         }
@@ -669,6 +686,26 @@ mod tests {
 
     fn base() -> String {
         BASE.to_string()
+    }
+
+    #[test]
+    fn the_kit_key_must_be_a_configured_key_a_verifier_can_pin() {
+        let kit = |section: &str| Config::from_toml(&format!("{BASE}\n{section}"), []);
+        let cfg = kit("[kit]\nkey = \"k\"\ntsa_roots = [\"/etc/tsa.pem\"]\n").unwrap();
+        let k = cfg.kit.as_ref().unwrap();
+        assert_eq!((k.key.as_str(), k.tsa_roots.len()), ("k", 1));
+        assert_eq!(Config::from_toml(&cfg.to_toml().unwrap(), []).unwrap(), cfg);
+        assert!(Config::from_toml(&base(), []).unwrap().kit.is_none());
+        let err = kit("[kit]\nkey = \"nope\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown key \"nope\""), "{err}");
+        let err = kit("[kit]\nkey = \"k\"\nroots = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        let keyless = "[[keys]]\nname = \"kl\"\nsource = \"fulcio\"\nfulcio_url = \"https://fulcio.example\"\n\
+            identity_token_file = \"/t\"\nfulcio_roots = \"/r\"\n\n[kit]\nkey = \"kl\"\n";
+        let err = kit(keyless).unwrap_err().to_string();
+        assert!(err.contains("is a fulcio key"), "{err}");
     }
 
     #[test]

@@ -11,13 +11,12 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use der::asn1::ObjectIdentifier;
 use der::{Decode as _, Encode as _};
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use sha2::{Digest as _, Sha256};
 use signer_actors::keys::PublicKey;
+use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{CertificateAuthority, TrustedRoot};
 use x509_cert::Certificate;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
@@ -37,6 +36,7 @@ const KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.15");
 const EXT_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.37");
 const SUBJECT_ALT_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.17");
 const ID_KP_CODE_SIGNING: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.3");
+const ID_KP_TIME_STAMPING: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.8");
 /// Fulcio's OIDC issuer extension (v2, a DER UTF8String).
 const FULCIO_ISSUER_V2: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.57264.1.8");
 /// Fulcio's OIDC issuer extension (v1, deprecated: the raw string).
@@ -67,6 +67,8 @@ pub enum ChainError {
     NotOurKey,
     #[error("the leaf is not a code-signing certificate: {0}")]
     NotForSigning(String),
+    #[error("the timestamp's signer is not a timestamping certificate: {0}")]
+    NotForTimestamping(String),
     #[error("{subject} is not valid now (valid {not_before} to {not_after})")]
     OutsideValidity {
         subject: String,
@@ -114,41 +116,6 @@ pub struct VerifiedLeaf {
     pub not_after: SystemTime,
 }
 
-/// `trusted_root.json`, the parts read here.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TrustedRoot {
-    #[serde(default)]
-    certificate_authorities: Vec<CertificateAuthority>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CertificateAuthority {
-    cert_chain: CertChain,
-    #[serde(default)]
-    valid_for: Option<ValidFor>,
-}
-
-#[derive(serde::Deserialize)]
-struct CertChain {
-    certificates: Vec<RawCert>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawCert {
-    raw_bytes: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ValidFor {
-    #[serde(default)]
-    start: Option<String>,
-    #[serde(default)]
-    end: Option<String>,
-}
-
 impl FulcioTrust {
     /// Reads `path`: a Sigstore `trusted_root.json` (its `certificateAuthorities`, the
     /// Fulcio CAs; the timestamp authorities and logs are not used here) when it is JSON,
@@ -188,34 +155,11 @@ impl FulcioTrust {
         Ok(FulcioTrust { anchors })
     }
 
+    /// The Fulcio CAs of a `trusted_root.json` (Sigstore's own message type reads it).
     fn from_trusted_root(text: &str) -> Result<Vec<Anchor>, String> {
         let root: TrustedRoot =
             serde_json::from_str(text).map_err(|e| format!("not a trusted_root.json: {e}"))?;
-        let mut anchors = Vec::new();
-        for (i, ca) in root.certificate_authorities.iter().enumerate() {
-            let time = |t: &Option<String>| -> Result<Option<SystemTime>, String> {
-                t.as_deref()
-                    .map(|t| {
-                        humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
-                            .map_err(|e| format!("certificateAuthorities[{i}].validFor {t:?}: {e}"))
-                    })
-                    .transpose()
-            };
-            let window = match &ca.valid_for {
-                Some(v) => (time(&v.start)?, time(&v.end)?),
-                None => (None, None),
-            };
-            for (j, c) in ca.cert_chain.certificates.iter().enumerate() {
-                let der = STANDARD
-                    .decode(&c.raw_bytes)
-                    .map_err(|e| format!("certificateAuthorities[{i}] certificate {j}: {e}"))?;
-                anchors
-                    .push(anchor(der, window).map_err(|e| {
-                        format!("certificateAuthorities[{i}] certificate {j}: {e}")
-                    })?);
-            }
-        }
-        Ok(anchors)
+        Ok(Self::from_authorities(&root.certificate_authorities)?.anchors)
     }
 
     fn from_pem(text: &str) -> Result<Vec<Anchor>, String> {
@@ -240,19 +184,8 @@ impl FulcioTrust {
         key: &PublicKey,
         now: SystemTime,
     ) -> Result<VerifiedLeaf, ChainError> {
-        let leaf_der = chain.first().ok_or(ChainError::Empty)?;
-        let parsed = chain
-            .iter()
-            .enumerate()
-            .map(|(index, der)| {
-                Certificate::from_der(der).map_err(|e| ChainError::Malformed {
-                    index,
-                    reason: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let leaf = &parsed[0];
-        let spki = leaf
+        let parsed = parse_chain(chain)?;
+        let spki = parsed[0]
             .tbs_certificate
             .subject_public_key_info
             .to_der()
@@ -263,13 +196,59 @@ impl FulcioTrust {
         if spki != key.spki_der() {
             return Err(ChainError::NotOurKey);
         }
-        check_signing_leaf(leaf)?;
-        within_validity(leaf, now)?;
+        check_signing_leaf(&parsed[0])?;
+        self.verify_path(&parsed, now)?;
+        Ok(leaf_facts(&chain[0], &parsed[0]))
+    }
 
+    /// Checks the chain of an RFC 3161 timestamp's signer (DER, its certificate first, then
+    /// any the token carried) at the timestamp's time `at`: the leaf must be a timeStamping
+    /// certificate, and the path must reach a configured timestamp authority as
+    /// [`FulcioTrust::verify`] reaches a Fulcio root.
+    pub fn verify_timestamping(&self, chain: &[Vec<u8>], at: SystemTime) -> Result<(), ChainError> {
+        let parsed = parse_chain(chain)?;
+        check_timestamping_leaf(&parsed[0])?;
+        self.verify_path(&parsed, at)
+    }
+
+    /// The certificates of `authorities` (a `trusted_root.json`'s `certificateAuthorities`
+    /// or `timestampAuthorities`), each trusted within its authority's `validFor`.
+    pub fn from_authorities(authorities: &[CertificateAuthority]) -> Result<Self, String> {
+        let time = |t: Option<&prost_types::Timestamp>| {
+            t.map(|t| SystemTime::try_from(*t).map_err(|e| format!("validFor: {e}")))
+                .transpose()
+        };
+        let mut anchors = Vec::new();
+        for (i, ca) in authorities.iter().enumerate() {
+            let range = ca.valid_for.as_ref();
+            let window = (
+                time(range.and_then(|r| r.start.as_ref()))?,
+                time(range.and_then(|r| r.end.as_ref()))?,
+            );
+            for (j, c) in ca
+                .cert_chain
+                .iter()
+                .flat_map(|c| &c.certificates)
+                .enumerate()
+            {
+                anchors
+                    .push(anchor(c.raw_bytes.clone(), window).map_err(|e| {
+                        format!("certificateAuthorities[{i}] certificate {j}: {e}")
+                    })?);
+            }
+        }
+        Ok(FulcioTrust { anchors })
+    }
+
+    /// The path from `parsed[0]` (already checked for its purpose) up to a configured
+    /// certificate, every certificate on it valid at `now` and every issuer a CA.
+    fn verify_path(&self, parsed: &[Certificate], now: SystemTime) -> Result<(), ChainError> {
+        let leaf = &parsed[0];
+        within_validity(leaf, now)?;
         let mut current = leaf;
         for _ in 0..MAX_PATH {
             if let Some(a) = self.anchors.iter().find(|a| a.cert == *current) {
-                return anchor_in_window(a, now).map(|()| leaf_facts(leaf_der, leaf));
+                return anchor_in_window(a, now);
             }
             let issuer = self.issuer_of(current, &parsed[1..])?;
             if issuer == current {
@@ -304,6 +283,23 @@ impl FulcioTrust {
                 issuer: wanted.to_string(),
             })
     }
+}
+
+/// Parses a chain (DER, leaf first); an empty one is refused.
+fn parse_chain(chain: &[Vec<u8>]) -> Result<Vec<Certificate>, ChainError> {
+    if chain.is_empty() {
+        return Err(ChainError::Empty);
+    }
+    chain
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            Certificate::from_der(der).map_err(|e| ChainError::Malformed {
+                index,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Parses a trusted certificate.
@@ -414,28 +410,30 @@ fn check_signing_leaf(leaf: &Certificate) -> Result<(), ChainError> {
     Ok(())
 }
 
+/// A timestamp's signer must be a TSA certificate: an extendedKeyUsage with timeStamping
+/// (RFC 3161 2.3 makes it the only purpose), digitalSignature when it has a keyUsage, not a CA.
+fn check_timestamping_leaf(leaf: &Certificate) -> Result<(), ChainError> {
+    let bad = ChainError::NotForTimestamping;
+    match extension::<ExtendedKeyUsage>(leaf, EXT_KEY_USAGE).map_err(bad)? {
+        Some(eku) if eku.0.contains(&ID_KP_TIME_STAMPING) => {}
+        Some(_) => return Err(bad("its extendedKeyUsage lacks timeStamping".into())),
+        None => return Err(bad("it has no extendedKeyUsage".into())),
+    }
+    if let Some(ku) = extension::<KeyUsage>(leaf, KEY_USAGE).map_err(bad)?
+        && !ku.0.contains(KeyUsages::DigitalSignature)
+    {
+        return Err(bad("its keyUsage lacks digitalSignature".into()));
+    }
+    if let Some(bc) = extension::<BasicConstraints>(leaf, BASIC_CONSTRAINTS).map_err(bad)?
+        && bc.ca
+    {
+        return Err(bad("it is a CA certificate".into()));
+    }
+    Ok(())
+}
+
 /// Whether `issuer`'s key verifies `cert`'s signature (ECDSA P-256/P-384, SHA-256/384).
 fn signed_by(cert: &Certificate, issuer: &Certificate) -> bool {
-    let spki = &issuer.tbs_certificate.subject_public_key_info;
-    if spki.algorithm.oid != ID_EC_PUBLIC_KEY {
-        return false;
-    }
-    let Some(curve) = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
-    else {
-        return false;
-    };
-    let algorithm: &'static dyn VerificationAlgorithm = match (curve, cert.signature_algorithm.oid)
-    {
-        (SECP256R1, ECDSA_SHA256) => &signature::ECDSA_P256_SHA256_ASN1,
-        (SECP256R1, ECDSA_SHA384) => &signature::ECDSA_P256_SHA384_ASN1,
-        (SECP384R1, ECDSA_SHA256) => &signature::ECDSA_P384_SHA256_ASN1,
-        (SECP384R1, ECDSA_SHA384) => &signature::ECDSA_P384_SHA384_ASN1,
-        _ => return false,
-    };
     // The inner and outer signature algorithms must agree (RFC 5280 4.1.1.2).
     if cert.tbs_certificate.signature != cert.signature_algorithm {
         return false;
@@ -447,11 +445,41 @@ fn signed_by(cert: &Certificate, issuer: &Certificate) -> bool {
     let Some(sig) = cert.signature.as_bytes() else {
         return false;
     };
+    key_verifies(issuer, cert.signature_algorithm.oid, &tbs, sig)
+}
+
+/// Whether the key `cert` certifies verifies `sig` (ASN.1 DER ECDSA, P-256 or P-384) over
+/// `message` with the signature algorithm `algorithm` (ecdsa-with-SHA256 or -SHA384).
+pub(crate) fn key_verifies(
+    cert: &Certificate,
+    algorithm: ObjectIdentifier,
+    message: &[u8],
+    sig: &[u8],
+) -> bool {
+    let spki = &cert.tbs_certificate.subject_public_key_info;
+    if spki.algorithm.oid != ID_EC_PUBLIC_KEY {
+        return false;
+    }
+    let Some(curve) = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+    else {
+        return false;
+    };
+    let algorithm: &'static dyn VerificationAlgorithm = match (curve, algorithm) {
+        (SECP256R1, ECDSA_SHA256) => &signature::ECDSA_P256_SHA256_ASN1,
+        (SECP256R1, ECDSA_SHA384) => &signature::ECDSA_P256_SHA384_ASN1,
+        (SECP384R1, ECDSA_SHA256) => &signature::ECDSA_P384_SHA256_ASN1,
+        (SECP384R1, ECDSA_SHA384) => &signature::ECDSA_P384_SHA384_ASN1,
+        _ => return false,
+    };
     let Some(point) = spki.subject_public_key.as_bytes() else {
         return false;
     };
     UnparsedPublicKey::new(algorithm, point)
-        .verify(&tbs, sig)
+        .verify(message, sig)
         .is_ok()
 }
 
@@ -504,6 +532,9 @@ pub(crate) fn test_root_pem() -> String {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
     use std::str::FromStr as _;
     use std::time::Duration;
 
