@@ -6,6 +6,7 @@ mod keys;
 pub(crate) mod nats_client;
 mod schema;
 mod serve;
+mod sign;
 pub mod sign_local;
 pub(crate) mod submit;
 mod verify;
@@ -49,6 +50,10 @@ enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Sign an SBOM or a scan report through the service: build the Statement, submit it,
+    /// wait, write the envelope and bundles.
+    #[command(subcommand)]
+    Sign(sign::SignCommand),
     /// Sign a statement offline with local key files.
     SignLocal(sign_local::SignLocalArgs),
     /// Verify a DSSE envelope or a Sigstore bundle against public keys.
@@ -71,6 +76,7 @@ impl Cli {
     pub fn run(self) -> Result<(), CliError> {
         match self.command {
             Command::Keys(cmd) => cmd.run(),
+            Command::Sign(cmd) => cmd.run(),
             Command::SignLocal(args) => args.run(),
             Command::Verify(args) => args.run(),
             Command::Schema(cmd) => cmd.run(),
