@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::stack::Stack;
+use common::stack::{Stack, identity_file};
 use common::{signer, verify_bundle_peer, verify_dsse_peer};
 use serde_json::{Value, json};
 use stella_signer::config::ProfileConfig;
@@ -44,19 +44,6 @@ fn policy_stack(tag: &str) -> Stack {
         c.profiles.insert("report".into(), report);
     });
     stack
-}
-
-/// Caller identity for `--identity` (the stack's gates are disabled).
-fn identity(dir: &Path) -> PathBuf {
-    common::write_json(
-        dir,
-        "identity.json",
-        &json!({
-            "auth": {"opTok": "test.token.unused"},
-            "poe": {"format": "jwt", "value": "test.poe.unused"},
-            "scanner": {"repository": "localhost/stella-ops/scanner", "imageDigest": format!("sha256:{}", "1".repeat(64))}
-        }),
-    )
 }
 
 /// The stack's public key `i` (0 `ec`, 1 `ed`) as a PEM file, with its keyid.
@@ -90,7 +77,7 @@ fn sign(
         .arg(&stack.config)
         .args(["--tenant", "acme", "--profile", profile, "--request-id", id])
         .arg("--identity")
-        .arg(identity(stack.dir.path()))
+        .arg(identity_file(stack.dir.path()))
         .args(["--timeout", "300s"])
         .args(extra)
         .output()
