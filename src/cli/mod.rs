@@ -50,8 +50,9 @@ enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    /// Sign an SBOM or a scan report through the service: build the Statement, submit it,
-    /// wait, write the envelope and bundles.
+    /// Sign an SBOM or a scan report through the service (sign sbom, sign report).
+    ///
+    /// Builds the Statement, submits it, waits, and writes the envelope and bundles.
     #[command(subcommand)]
     Sign(sign::SignCommand),
     /// Sign a statement offline with local key files.

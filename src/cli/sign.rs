@@ -19,11 +19,13 @@ use super::submit::{Job, JobArgs, Wait};
 
 #[derive(Debug, Subcommand)]
 pub enum SignCommand {
-    /// Sign an SBOM (CycloneDX or SPDX JSON) for an artefact: the predicate type is chosen
-    /// from the document (`bomFormat` or `spdxVersion`).
+    /// Sign an SBOM (CycloneDX or SPDX JSON) for an artefact.
+    ///
+    /// The predicate type is chosen from the document (`bomFormat` or `spdxVersion`).
     Sbom(SbomArgs),
-    /// Sign a scan report (predicateType `https://stella-ops.org/attestations/scan-report/v1`)
-    /// with the policy it was evaluated under.
+    /// Sign a scan report with the policy it was evaluated under.
+    ///
+    /// predicateType `https://stella-ops.org/attestations/scan-report/v1`.
     Report(ReportArgs),
 }
 
@@ -32,7 +34,7 @@ pub enum SignCommand {
 pub struct Common {
     /// The artefact the document is about, as `NAME@ALG:HEX` (e.g.
     /// `registry.example/acme/app@sha256:<64 hex>`); repeat for several subjects.
-    #[arg(long = "subject", required = true, value_parser = parse_subject)]
+    #[arg(long = "subject", value_name = "NAME@ALG:HEX", required = true, value_parser = parse_subject)]
     subjects: Vec<Subject>,
     /// Where to write `envelope.json`, `bundles/bundle-<i>.json` and `result.json`.
     #[arg(long)]
