@@ -148,6 +148,55 @@ fn exit_codes_separate_invalid_from_unusable() {
 }
 
 #[test]
+fn sign_refuses_what_it_cannot_build_before_it_connects() {
+    // nothing listens on port 9: the command must fail on its input before connecting
+    let dir = tempfile::tempdir().unwrap();
+    let subject = format!("registry.example/acme/app@sha256:{}", "5".repeat(64));
+    let sign = |args: &[&str], file: &std::path::Path| {
+        let mut cmd = signer();
+        cmd.arg("sign")
+            .args(args)
+            .arg(file)
+            .args(["--nats", "nats://127.0.0.1:9", "--tenant", "acme"])
+            .args(["--identity", "/nonexistent/identity.json"])
+            .args(["--out"])
+            .arg(dir.path().join("out"));
+        run(cmd)
+    };
+    // not an SBOM (a Statement, not CycloneDX or SPDX): unusable input
+    let (code, text) = sign(&["sbom", "--subject", &subject], &example_statement());
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not an SBOM this command knows"), "{text}");
+    // a subject that is not NAME@ALG:HEX, half a policy: usage errors
+    let report = dir.path().join("report.json");
+    std::fs::write(&report, "{}").unwrap();
+    let (code, text) = sign(&["report", "--subject", "app@sha256:abc"], &report);
+    assert_eq!(code, 2, "{text}");
+    let half = format!("sha256:{}", "a".repeat(64));
+    let (code, text) = sign(
+        &["report", "--subject", &subject, "--policy-digest", &half],
+        &report,
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--view-set"), "{text}");
+    let (code, text) = sign(
+        &[
+            "report",
+            "--subject",
+            &subject,
+            "--policy-digest",
+            "sha512:ab",
+            "--view-set",
+            "prod",
+        ],
+        &report,
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("is not sha256:<64 hex>"), "{text}");
+    assert!(!dir.path().join("out").exists(), "nothing written");
+}
+
+#[test]
 fn schema_check_accepts_good_and_rejects_bad_examples() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/examples");
     for (kind, good, bad) in [

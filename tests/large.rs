@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::stack::{ResultMsg, Stack, request};
+use common::stack::{ResultMsg, Stack, identity_file, request};
 use common::{run, signer, verify_bundle_peer, verify_dsse_peer};
 use serde_json::{Value, json};
 use signer_actors::objects::ObjectRef;
@@ -52,19 +52,6 @@ fn sbom_statement(size: usize, tag: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Caller identity for `submit --identity` (the stack's gates are disabled).
-fn identity(dir: &Path) -> PathBuf {
-    common::write_json(
-        dir,
-        "identity.json",
-        &json!({
-            "auth": {"opTok": "test.token.unused"},
-            "poe": {"format": "jwt", "value": "test.poe.unused"},
-            "scanner": {"repository": "localhost/stella-ops/scanner", "imageDigest": format!("sha256:{}", "1".repeat(64))}
-        }),
-    )
-}
-
 /// The stack's public keys as PEM files, with their keyids: (path, keyid) for `ec`, `ed`.
 fn key_files(stack: &Stack) -> Vec<(PathBuf, String)> {
     stack
@@ -96,7 +83,7 @@ fn submit(
         .arg("--statement")
         .arg(statement)
         .arg("--identity")
-        .arg(identity(stack.dir.path()))
+        .arg(identity_file(stack.dir.path()))
         .args(["--wait", "--timeout", "300s", "--json", "--out"])
         .arg(out)
         .args(extra);
@@ -413,7 +400,7 @@ async fn bad_references_are_refused_audited_and_a_small_statement_stays_inline()
         .arg("--statement")
         .arg(common::example_statement())
         .arg("--identity")
-        .arg(identity(stack.dir.path()))
+        .arg(identity_file(stack.dir.path()))
         .args(["--wait", "--timeout", "60s", "--json", "--out"])
         .arg(out.path())
         .output()

@@ -48,6 +48,13 @@ pub struct AuditEvent {
     pub provenance: Option<ProvenanceRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<KeyRecord>,
+    /// The payload's predicateType, once known to be an in-toto Statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicate_type: Option<String>,
+    /// The policy the request says its report was evaluated under (`options.policyDigest`
+    /// and `options.viewSet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyRecord>,
     /// Only on `kind: control` events: who asked for what, and what was decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlRecord>,
@@ -260,7 +267,7 @@ pub const MAX_AUDIT_SUBJECTS: usize = 64;
 
 /// Bytes a job's audit event (JSON, sealed) can take at most, whatever its request: the
 /// bound [`AuditEvent::bounded`] guarantees, far below the broker's `max_payload`.
-/// (64 subjects of 5 digests of at most 128 hex each, five echoed strings, the fixed members.)
+/// (64 subjects of 5 digests of at most 128 hex each, eight echoed strings, the fixed members.)
 pub const MAX_JOB_EVENT_BYTES: usize = 64 * 1024;
 
 impl AuditEvent {
@@ -307,6 +314,13 @@ impl AuditEvent {
         }
         for k in &mut self.keys {
             k.keyid = crate::echo::clip(&k.keyid);
+        }
+        if let Some(t) = &mut self.predicate_type {
+            *t = crate::echo::clip(t);
+        }
+        if let Some(p) = &mut self.policy {
+            p.digest = crate::echo::clip(&p.digest);
+            p.view_set = crate::echo::clip(&p.view_set);
         }
         self
     }
@@ -562,6 +576,8 @@ mod tests {
             quota: None,
             provenance: None,
             keys: vec![],
+            predicate_type: None,
+            policy: None,
             control: None,
             decision: Decision::Signed,
             error_code: None,
@@ -631,6 +647,11 @@ mod tests {
                 mode: crate::keys::KeyMode::Keyful,
             })
             .collect();
+        e.predicate_type = Some(huge.clone());
+        e.policy = Some(crate::policy::PolicyRecord {
+            digest: huge.clone(),
+            view_set: huge.clone(),
+        });
         e.decision = Decision::Failed;
         e.error_code = Some(ErrorCode::InvalidRequest);
         e.trace_id = Some("f".repeat(32));
@@ -644,6 +665,8 @@ mod tests {
             Some(500_010 - MAX_AUDIT_SUBJECTS as u64)
         );
         assert!(sealed.caller.as_ref().unwrap().sub.contains("…[+"));
+        assert!(sealed.predicate_type.as_ref().unwrap().contains("…[+"));
+        assert!(sealed.policy.as_ref().unwrap().view_set.contains("…[+"));
         let back: AuditEvent = serde_json::from_slice(&json).unwrap();
         assert_eq!(
             back.compute_hash().unwrap(),

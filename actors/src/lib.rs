@@ -17,6 +17,7 @@ pub mod keys;
 pub mod messages;
 pub mod objects;
 pub mod pipeline;
+pub mod policy;
 pub mod ports;
 pub mod profiles;
 pub mod request;

@@ -30,6 +30,9 @@ pub struct Completed {
     pub entitlement: Entitlement,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gates: Option<Gates>,
+    /// The policy the request says its report was evaluated under, when it says one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyRecord>,
     pub audit: AuditRef,
 }
 
@@ -317,6 +320,7 @@ mod tests {
                 poe: EntitlementPoe::Valid,
             },
             gates: None,
+            policy: None,
             audit: AuditRef {
                 stream: "SIGNER_AUDIT".into(),
                 seq: 1,

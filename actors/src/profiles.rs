@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::policy::SigningPolicy;
 use serde::{Deserialize, Serialize};
 
 /// Where an assignment of keys applies within a profile.
@@ -68,6 +69,9 @@ pub struct ProfileKeys {
     /// The plans whose tenants may use the profile; `None`: every plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_plans: Option<BTreeSet<String>>,
+    /// What the profile signs: predicate types, the policy of report predicates.
+    #[serde(default, skip_serializing_if = "SigningPolicy::is_open")]
+    pub signs: SigningPolicy,
 }
 
 /// Why a job may not use the profile it names.
@@ -147,6 +151,11 @@ impl ProfileTable {
 
     pub fn contains(&self, profile: &str) -> bool {
         self.profiles.contains_key(profile)
+    }
+
+    /// What `profile` signs; `None` for a profile that does not exist.
+    pub fn signing_policy(&self, profile: &str) -> Option<&SigningPolicy> {
+        self.profiles.get(profile).map(|p| &p.signs)
     }
 
     pub fn get(&self, profile: &str) -> Option<&ProfileKeys> {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::{self, DigestSet};
 use crate::error::SignerError;
 use crate::objects::ObjectRef;
+use crate::policy::PolicyRecord;
 use crate::statement::{
     EXPORT_PREDICATE_TYPE, INTOTO_PAYLOAD_TYPE, STATEMENT_V1, Statement, Subject,
 };
@@ -105,10 +106,16 @@ pub struct ExportFile {
 
 /// Request options.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// `sha256:<64 hex>` of the policy a report predicate was evaluated under (with `viewSet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_digest: Option<String>,
+    /// The view set the policy was evaluated with (with `policyDigest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_set: Option<String>,
 }
 
 /// The bytes a request asks us to sign, with their payloadType and the subjects they name.
@@ -117,6 +124,8 @@ pub struct PreparedPayload {
     pub payload_type: String,
     pub bytes: Vec<u8>,
     pub subjects: Vec<Subject>,
+    /// The Statement's predicateType, when the payload is an in-toto Statement.
+    pub predicate_type: Option<String>,
 }
 
 /// Where the bytes to sign are: in the request, or in the blob bucket (read by the job
@@ -147,15 +156,17 @@ impl PreparedPayload {
         if payload_type.is_empty() {
             return Err(invalid("payloadType is empty"));
         }
-        let subjects = if payload_type == INTOTO_PAYLOAD_TYPE {
-            Statement::subjects_of_payload(&bytes).map_err(invalid)?
+        let (subjects, predicate_type) = if payload_type == INTOTO_PAYLOAD_TYPE {
+            let head = Statement::head_of_payload(&bytes).map_err(invalid)?;
+            (head.subjects, Some(head.predicate_type))
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         Ok(PreparedPayload {
             payload_type,
             bytes,
             subjects,
+            predicate_type,
         })
     }
 }
@@ -197,6 +208,16 @@ impl SignRequest {
             .unwrap_or("default")
     }
 
+    /// The policy the request says its report was evaluated under (checked by
+    /// [`SignRequest::validate`]: `policyDigest` and `viewSet` go together).
+    pub fn policy(&self) -> Option<PolicyRecord> {
+        let o = self.options.as_ref()?;
+        Some(PolicyRecord {
+            digest: o.policy_digest.clone()?,
+            view_set: o.view_set.clone()?,
+        })
+    }
+
     /// Checks every rule the schema cannot express on its own and that the pipeline
     /// relies on, in the order a caller would want to hear about them.
     pub fn validate(&self) -> Result<(), SignerError> {
@@ -233,7 +254,31 @@ impl SignRequest {
                 "options.profile must be 1 to 64 characters of [A-Za-z0-9._-]",
             ));
         }
-        Ok(())
+        self.validate_policy()
+    }
+
+    /// `options.policyDigest` is `sha256:<64 hex>`, `options.viewSet` 1 to 256 characters
+    /// of `[A-Za-z0-9._:/@+=,-]`, and one goes with the other.
+    fn validate_policy(&self) -> Result<(), SignerError> {
+        let Some(o) = &self.options else {
+            return Ok(());
+        };
+        match (&o.policy_digest, &o.view_set) {
+            (None, None) => Ok(()),
+            (Some(d), Some(v)) => {
+                digest::parse_oci_sha256(d)
+                    .map_err(|_| invalid("options.policyDigest must be sha256:<64 hex>"))?;
+                if !crate::policy::is_valid_view_set(v) {
+                    return Err(invalid(
+                        "options.viewSet must be 1 to 256 characters of [A-Za-z0-9._:/@+=,-]",
+                    ));
+                }
+                Ok(())
+            }
+            _ => Err(invalid(
+                "options.policyDigest and options.viewSet go together",
+            )),
+        }
     }
 
     /// Validates the content part of the request and returns the exact bytes to sign; a
@@ -268,6 +313,7 @@ impl SignRequest {
                             payload_type: INTOTO_PAYLOAD_TYPE.into(),
                             bytes,
                             subjects: st.subject.clone(),
+                            predicate_type: Some(st.predicate_type.clone()),
                         }))
                     }
                     (None, Some(bytes), None) => {
@@ -326,6 +372,7 @@ impl SignRequest {
                     payload_type: INTOTO_PAYLOAD_TYPE.into(),
                     bytes,
                     subjects: st.subject,
+                    predicate_type: Some(st.predicate_type),
                 }))
             }
         }

@@ -69,6 +69,13 @@ impl<'de> Deserialize<'de> for AnyObject {
     }
 }
 
+/// What [`Statement::head_of_payload`] keeps of a Statement: its subjects and predicateType.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PayloadHead {
+    pub subjects: Vec<Subject>,
+    pub predicate_type: String,
+}
+
 /// A ResourceDescriptor as a Statement subject (fields in RFC 8785 order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +114,11 @@ impl Statement {
     /// building the predicate: a 50 MB SBOM predicate is checked to be a JSON object and
     /// skipped, not turned into a tree of values many times its size.
     pub fn subjects_of_payload(bytes: &[u8]) -> Result<Vec<Subject>, String> {
+        Self::head_of_payload(bytes).map(|h| h.subjects)
+    }
+
+    /// Like [`Statement::subjects_of_payload`], with the predicateType too.
+    pub fn head_of_payload(bytes: &[u8]) -> Result<PayloadHead, String> {
         let head: StatementHead = serde_json::from_slice(bytes)
             .map_err(|e| format!("payload is not an in-toto Statement v1: {e}"))?;
         let st = Statement {
@@ -116,7 +128,10 @@ impl Statement {
             subject: head.subject,
         };
         st.validate()?;
-        Ok(st.subject)
+        Ok(PayloadHead {
+            subjects: st.subject,
+            predicate_type: st.predicate_type,
+        })
     }
 
     /// Parses and validates a Statement from JSON payload bytes.

@@ -7,6 +7,7 @@ mod kit;
 pub(crate) mod nats_client;
 mod schema;
 mod serve;
+mod sign;
 pub mod sign_local;
 pub(crate) mod submit;
 mod verify;
@@ -50,6 +51,11 @@ enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Sign an SBOM or a scan report through the service (sign sbom, sign report).
+    ///
+    /// Builds the Statement, submits it, waits, and writes the envelope and bundles.
+    #[command(subcommand)]
+    Sign(sign::SignCommand),
     /// Sign a statement offline with local key files.
     SignLocal(sign_local::SignLocalArgs),
     /// Verify a DSSE envelope or a Sigstore bundle against public keys.
@@ -75,6 +81,7 @@ impl Cli {
     pub fn run(self) -> Result<(), CliError> {
         match self.command {
             Command::Keys(cmd) => cmd.run(),
+            Command::Sign(cmd) => cmd.run(),
             Command::SignLocal(args) => args.run(),
             Command::Verify(args) => args.run(),
             Command::Schema(cmd) => cmd.run(),

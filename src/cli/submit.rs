@@ -13,13 +13,27 @@ use super::nats_client::{NatsArgs, result_json, runtime, summary};
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     #[command(flatten)]
-    nats: NatsArgs,
+    job: JobArgs,
     /// in-toto Statement v1 (JSON). Sent inline when the request fits the server's
     /// `max_payload` (less 64 KiB) and `[worker] max_body_bytes`, else uploaded to the blob
     /// bucket and sent as `payloadRef` (its bytes are then signed as they are, not
     /// JCS-canonicalised).
     #[arg(long)]
     statement: PathBuf,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: write DIR/envelope.json and DIR/bundles/bundle-<i>.json, fetched from
+    /// the blob bucket when the result carries references (digests checked either way).
+    #[arg(long, requires = "wait")]
+    out: Option<PathBuf>,
+}
+
+/// Who submits a job and how: what `submit` and `sign` share.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Upload the statement and send `payloadRef` whatever its size.
     #[arg(long)]
     by_reference: bool,
@@ -38,19 +52,30 @@ pub struct SubmitArgs {
     /// Send the body as CBOR instead of JSON.
     #[arg(long)]
     cbor: bool,
-    /// Wait for the result and print it.
-    #[arg(long)]
-    wait: bool,
-    /// How long --wait waits.
+    /// How long waiting for the result waits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Print the whole result as JSON instead of one line.
     #[arg(long)]
     json: bool,
-    /// With --wait: write DIR/envelope.json and DIR/bundles/bundle-<i>.json, fetched from
-    /// the blob bucket when the result carries references (digests checked either way).
-    #[arg(long, requires = "wait")]
-    out: Option<PathBuf>,
+}
+
+/// A job to submit: the statement's bytes, the request options beyond `profile`, and
+/// whether to wait for the result (and where to write its envelope and bundles).
+pub struct Job {
+    pub statement: Vec<u8>,
+    /// What the file is called in progress messages.
+    pub label: String,
+    pub options: serde_json::Map<String, serde_json::Value>,
+    pub wait: Wait,
+}
+
+/// Whether a submitted job's result is waited for.
+pub enum Wait {
+    /// Print the requestId and return.
+    No,
+    /// Wait for the result and print it; write its envelope and bundles to `out`, if given.
+    ForResult { out: Option<PathBuf> },
 }
 
 /// A requestId unique enough for a CLI: time in ms and random bits.
@@ -66,8 +91,24 @@ pub fn new_request_id() -> String {
 
 impl SubmitArgs {
     pub fn run(self) -> Result<(), CliError> {
+        let job = Job {
+            statement: super::read_file(&self.statement)?,
+            label: self.statement.display().to_string(),
+            options: serde_json::Map::new(),
+            wait: match self.wait {
+                true => Wait::ForResult { out: self.out },
+                false => Wait::No,
+            },
+        };
+        self.job.submit(job).map(|_| ())
+    }
+}
+
+impl JobArgs {
+    /// Publishes `job` and, when it waits, returns its completed result (a refusal is
+    /// printed and returned as [`CliError::Invalid`]).
+    pub fn submit(&self, job: Job) -> Result<Option<serde_json::Value>, CliError> {
         let identity: serde_json::Value = super::read_json(&self.identity)?;
-        let bytes = super::read_file(&self.statement)?;
         let request_id = self.request_id.clone().unwrap_or_else(new_request_id);
         let mut request = serde_json::json!({
             "apiVersion": signer_actors::API_VERSION,
@@ -78,10 +119,14 @@ impl SubmitArgs {
             "poe": identity["poe"],
             "scanner": identity["scanner"],
         });
+        let mut options = job.options.clone();
         if let Some(p) = &self.profile {
-            request["options"] = serde_json::json!({"profile": p});
+            options.insert("profile".into(), p.clone().into());
         }
-        runtime()?.block_on(self.publish(&request_id, request, bytes))
+        if !options.is_empty() {
+            request["options"] = options.into();
+        }
+        runtime()?.block_on(self.publish(&request_id, request, job))
     }
 
     /// The request body: the statement inline when it fits the broker's limit (and
@@ -95,11 +140,11 @@ impl SubmitArgs {
         cfg: &crate::config::NatsConfig,
         max_payload: usize,
         mut request: serde_json::Value,
-        bytes: Vec<u8>,
+        bytes: &[u8],
+        file: &str,
     ) -> Result<Vec<u8>, CliError> {
         let ct = self.content_type();
         let unusable = |e: String| CliError::Unusable(e);
-        let file = self.statement.display();
         // what the broker takes (with room for headers) and what the signer accepts
         let max_body = self.nats.config()?.worker.max_body_bytes;
         let limit = max_payload
@@ -107,7 +152,7 @@ impl SubmitArgs {
             .min(max_body);
         if !self.by_reference && bytes.len() <= limit {
             let statement: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| unusable(format!("{file}: {e}")))?;
+                serde_json::from_slice(bytes).map_err(|e| unusable(format!("{file}: {e}")))?;
             request["statement"] = statement;
             let body = ct.encode(&request).map_err(|e| unusable(e.to_string()))?;
             if body.len() <= limit {
@@ -117,7 +162,7 @@ impl SubmitArgs {
                 m.remove("statement");
             }
         }
-        signer_actors::statement::Statement::subjects_of_payload(&bytes)
+        signer_actors::statement::Statement::subjects_of_payload(bytes)
             .map_err(|e| unusable(format!("{file}: {e}")))?;
         let request_id = request["requestId"]
             .as_str()
@@ -127,10 +172,10 @@ impl SubmitArgs {
         let store = crate::blobs::open(js, &cfg.blobs_bucket, cfg.blobs_max_age)
             .await
             .map_err(|e| unusable(e.to_string()))?;
-        crate::blobs::put(&store, &name, &bytes)
+        crate::blobs::put(&store, &name, bytes)
             .await
             .map_err(|e| unusable(format!("uploading the statement: {e}")))?;
-        let object = signer_actors::objects::ObjectRef::of(&cfg.blobs_bucket, &name, &bytes);
+        let object = signer_actors::objects::ObjectRef::of(&cfg.blobs_bucket, &name, bytes);
         eprintln!(
             "uploaded the statement ({} bytes) as {}/{}",
             object.size, object.bucket, object.name
@@ -153,15 +198,17 @@ impl SubmitArgs {
         &self,
         request_id: &str,
         request: serde_json::Value,
-        bytes: Vec<u8>,
-    ) -> Result<(), CliError> {
+        job: Job,
+    ) -> Result<Option<serde_json::Value>, CliError> {
         let (cfg, client, js) = self.nats.connect().await?;
         let ct = self.content_type();
+        let max_payload = client.server_info().max_payload;
         let body = self
-            .body(&js, &cfg, client.server_info().max_payload, request, bytes)
+            .body(&js, &cfg, max_payload, request, &job.statement, &job.label)
             .await?;
+        drop(job.statement);
         let unusable = |e: String| CliError::Unusable(e);
-        let mut subs = if self.wait {
+        let mut subs = if let Wait::ForResult { .. } = job.wait {
             let completed = client
                 .subscribe(cfg.subject("sign.completed"))
                 .await
@@ -195,8 +242,12 @@ impl SubmitArgs {
         );
         let Some(subs) = subs.as_mut() else {
             println!("{request_id}");
-            return Ok(());
+            return Ok(None);
         };
+        eprintln!(
+            "waiting for the result (up to {})",
+            humantime::format_duration(self.timeout)
+        );
         let wait = async {
             while let Some(msg) = subs.next().await {
                 let Some(headers) = &msg.headers else {
@@ -233,7 +284,7 @@ impl SubmitArgs {
         if msg.subject.as_str().ends_with("sign.failed") {
             return Err(CliError::Invalid("the job was refused".into()));
         }
-        if let Some(dir) = &self.out {
+        if let Wait::ForResult { out: Some(dir) } = &job.wait {
             let carried = super::artefacts::write_result(&js, &value, dir).await?;
             eprintln!(
                 "wrote {}/envelope.json and {}/bundles/ ({})",
@@ -246,6 +297,6 @@ impl SubmitArgs {
                 }
             );
         }
-        Ok(())
+        Ok(Some(value))
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use signer_actors::policy::SigningPolicy;
 use signer_actors::profiles::{ProfileKeys, ProfileTable};
 
 /// Why the configuration cannot be used.
@@ -312,9 +313,28 @@ pub struct ProfileConfig {
     /// plan). With both lists, a job must be admitted by both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_plans: Option<BTreeSet<String>>,
+    /// The predicate types the profile signs (absent: any, raw payloads too). Others are
+    /// refused with `invalid_request`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicate_types: Option<BTreeSet<String>>,
+    /// Report predicates must carry `options.policyDigest` and `options.viewSet`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_policy: bool,
+    /// The policy digests (`sha256:<hex>`) a report predicate may carry (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_policy_digests: Option<BTreeSet<String>>,
 }
 
 impl ProfileConfig {
+    /// What the profile signs, as the pipeline checks it.
+    pub fn signing_policy(&self) -> SigningPolicy {
+        SigningPolicy {
+            predicate_types: self.predicate_types.clone(),
+            require_policy: self.require_policy,
+            allowed_policy_digests: self.allowed_policy_digests.clone(),
+        }
+    }
+
     /// A profile signed by `keys`, for every tenant and plan, without refinements.
     pub fn new<K: Into<String>>(keys: impl IntoIterator<Item = K>) -> Self {
         ProfileConfig {
@@ -323,6 +343,9 @@ impl ProfileConfig {
             plans: BTreeMap::new(),
             allow_tenants: None,
             allow_plans: None,
+            predicate_types: None,
+            require_policy: false,
+            allowed_policy_digests: None,
         }
     }
 }
@@ -528,6 +551,10 @@ impl Config {
                 return invalid(format!("profile {name:?} names unknown key {k:?}"));
             }
             self.validate_access(name, profile)?;
+            profile
+                .signing_policy()
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("profile {name:?}: {e}")))?;
         }
         Ok(())
     }
@@ -597,6 +624,7 @@ impl Config {
                         plans: map(&p.plans),
                         allow_tenants: p.allow_tenants.clone(),
                         allow_plans: p.allow_plans.clone(),
+                        signs: p.signing_policy(),
                     };
                     (name.clone(), keys)
                 })
@@ -1074,6 +1102,43 @@ mod profile_and_keyless_tests {
         assert!(err("[profiles.default.tenants]\nacme = [\"x\"]\n").contains("unknown key \"x\""));
         assert!(err("[profiles.default.plans]\nfree = []\n").contains("\"free\" has no keys"));
         assert!(err("[profiles.default.tenants]\n\"a b\" = [\"k\"]\n").contains("tenant \"a b\""));
+    }
+
+    #[test]
+    fn what_a_profile_signs_is_read_and_checked_without_io() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let cfg = with(&format!(
+            "[profiles.default]\nkeys = [\"k\"]\n\
+             [profiles.report]\nkeys = [\"k\"]\n\
+             predicate_types = [\"https://stella-ops.org/attestations/scan-report/v1\"]\n\
+             require_policy = true\nallowed_policy_digests = [\"{digest}\"]\n"
+        ))
+        .unwrap();
+        let table = cfg.profile_table();
+        let report = table.signing_policy("report").unwrap();
+        assert!(report.require_policy);
+        assert_eq!(report.allowed_policy_digests, Some([digest.clone()].into()));
+        assert!(table.signing_policy("default").unwrap().is_open());
+        // what the file says survives the round trip the stack tests and `serve` rely on
+        let back = Config::from_toml(&cfg.to_toml().unwrap(), []).unwrap();
+        assert_eq!(back.profiles, cfg.profiles);
+
+        let err = |extra: &str| {
+            with(&format!("[profiles.default]\nkeys = [\"k\"]\n{extra}")).unwrap_err()
+        };
+        assert!(
+            err("predicate_types = []\n").contains("profile \"default\": predicate_types is empty")
+        );
+        assert!(err("predicate_types = [\"cyclonedx\"]\n").contains("not a predicate type"));
+        assert!(err("allowed_policy_digests = [\"abc\"]\n").contains("sha256:<64 lowercase hex>"));
+        assert!(
+            err("predicate_types = [\"https://cyclonedx.org/bom\"]\nrequire_policy = true\n")
+                .contains("lists none")
+        );
+        assert!(err("require_policy = \"yes\"\n").contains("require_policy"));
+        assert!(
+            err("predicate_type = [\"https://cyclonedx.org/bom\"]\n").contains("unknown field")
+        );
     }
 
     const PLANS: &str = "[gates.quota.plans.team]\nrequests_per_second = 1.0\nburst = 1\n\

@@ -86,6 +86,8 @@ fn event(payload: &[u8], record: ControlRecord, decision: Decision) -> AuditEven
         quota: None,
         provenance: None,
         keys: vec![],
+        predicate_type: None,
+        policy: None,
         control: Some(record),
         decision,
         error_code: None,

@@ -751,6 +751,20 @@ pub fn request(request_id: &str, tenant: &str, profile: Option<&str>) -> Value {
     r
 }
 
+/// Caller identity for `submit --identity` and `sign --identity` on a stack whose gates
+/// are disabled: `DIR/identity.json`.
+pub fn identity_file(dir: &Path) -> PathBuf {
+    super::write_json(
+        dir,
+        "identity.json",
+        &json!({
+            "auth": {"opTok": "test.token.unused"},
+            "poe": {"format": "jwt", "value": "test.poe.unused"},
+            "scanner": {"repository": "localhost/stella-ops/scanner", "imageDigest": format!("sha256:{}", "1".repeat(64))}
+        }),
+    )
+}
+
 /// Verifies a completed result's envelope with the stack's keys (threshold: every signer).
 pub fn verify_completed(stack: &Stack, result: &ResultMsg) {
     let env: signer_actors::dsse::Envelope =

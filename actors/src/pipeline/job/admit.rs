@@ -109,10 +109,13 @@ pub(in crate::pipeline) async fn authenticate(
 }
 
 /// The bytes to sign: the request's own, or the object its `payloadRef` names (whose
-/// subjects are then recorded). Read after the claim, so two copies of a job do not both
-/// read it, and before provenance and quota, so a bad reference is charged nothing.
+/// subjects and predicate type are then recorded, and checked against what the profile
+/// signs). Read after the claim, so two copies of a job do not both read it, and before
+/// provenance and quota, so a bad reference or a payload the profile does not sign is
+/// charged nothing.
 pub(in crate::pipeline) async fn payload(
     job: &mut Job<'_>,
+    request: &SignRequest,
     source: PayloadSource,
     plan: &str,
 ) -> Result<PreparedPayload, Stop> {
@@ -129,6 +132,8 @@ pub(in crate::pipeline) async fn payload(
                     .map_err(Stop::Refused)?;
             stage("payload_fetch", t_fetch);
             job.findings.subjects = p.subjects.iter().map(|s| s.digest.clone()).collect();
+            job.findings.predicate_type.clone_from(&p.predicate_type);
+            super::decode::check_signable(&job.shared.cfg, request, &p).map_err(Stop::Refused)?;
             Ok(p)
         }
     }

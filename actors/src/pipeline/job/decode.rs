@@ -9,8 +9,11 @@ use crate::codec::{ContentType, IdProbe};
 use crate::error::SignerError;
 use crate::messages::ResultKind;
 use crate::pipeline::PipelineConfig;
+use crate::policy::Signable;
 use crate::ports::Delivery;
-use crate::request::{PayloadSource, SignRequest, is_valid_request_id, is_valid_tenant};
+use crate::request::{
+    PayloadSource, PreparedPayload, SignRequest, is_valid_request_id, is_valid_tenant,
+};
 
 /// A decoded request that passed every check that needs no gate.
 #[derive(Debug)]
@@ -23,7 +26,8 @@ pub(in crate::pipeline) struct Decoded {
 }
 
 /// Decodes the delivery and checks it: Content-Type, body size, body (apiVersion, schema),
-/// queue age, request rules, subject tenant, profile. Sets the job's ids (the body's, or
+/// queue age, request rules, subject tenant, profile, what the profile signs (an inline
+/// payload's predicate type and report policy). Sets the job's ids (the body's, or
 /// the fallbacks of an undecodable message) and the findings the body gives (scanner
 /// digest, subjects of an inline payload).
 pub(in crate::pipeline) fn decode(job: &mut Job<'_>) -> Result<Decoded, Stop> {
@@ -84,13 +88,21 @@ pub(in crate::pipeline) fn decode(job: &mut Job<'_>) -> Result<Decoded, Stop> {
         .validate()
         .and_then(|_| request.payload_source())
         .map_err(Stop::Refused)?;
+    job.findings.policy = request.policy();
     if let PayloadSource::Inline(prepared) = &source {
         job.findings.subjects = prepared.subjects.iter().map(|s| s.digest.clone()).collect();
+        job.findings
+            .predicate_type
+            .clone_from(&prepared.predicate_type);
     }
     let subject = SubjectTenant::of(&cfg.requests_subject, d.subject());
     bind_tenant(cfg, d.subject(), subject, &request).map_err(Stop::Refused)?;
     if !cfg.profiles.contains(request.profile()) {
         return Err(Stop::Refused(unknown_profile(&request)));
+    }
+    // An inline payload is checked now; a referenced one once it is read (after the claim).
+    if let PayloadSource::Inline(prepared) = &source {
+        check_signable(cfg, &request, prepared).map_err(Stop::Refused)?;
     }
     Ok(Decoded {
         request: Arc::new(request),
@@ -149,6 +161,30 @@ fn bind_tenant(
         _ => return Ok(()),
     };
     Err(SignerError::TenantMismatch(mismatch))
+}
+
+/// Whether the request's profile signs this payload: its predicate type, and the policy a
+/// report predicate carries (`docs/contract.md#signing-policy`). Refused with
+/// `invalid_request`: the request asks for something its profile does not sign.
+pub(in crate::pipeline) fn check_signable(
+    cfg: &PipelineConfig,
+    request: &SignRequest,
+    prepared: &PreparedPayload,
+) -> Result<(), SignerError> {
+    let Some(policy) = cfg.profiles.signing_policy(request.profile()) else {
+        return Err(unknown_profile(request));
+    };
+    let stated = request.policy();
+    let what = Signable {
+        payload_type: &prepared.payload_type,
+        predicate_type: prepared.predicate_type.as_deref(),
+        policy: stated.as_ref(),
+    };
+    policy.check(request.profile(), what).map_err(|refusal| {
+        metrics::counter!("signer_policy_refused_total", "profile" => request.profile().to_owned())
+            .increment(1);
+        SignerError::InvalidRequest(refusal.to_string())
+    })
 }
 
 pub(in crate::pipeline) fn unknown_profile(request: &SignRequest) -> SignerError {

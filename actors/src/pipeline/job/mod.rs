@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! decode       decode.rs   Content-Type, size, body, apiVersion, ids, queue age (before
-//!                          anything is charged or recorded), schema, subject tenant, profile
+//!                          anything is charged or recorded), schema, subject tenant, profile,
+//!                          what the profile signs (predicate type, report policy)
 //! authenticate admit.rs    entitlement gate (OpTok, DPoP, PoE), then the profile's permit for
 //!                          the tenant and plan, then the keys          (nothing claimed yet)
 //! claim        claim.rs    idempotency lease of this attempt: done before -> republish the
 //!                          original result; signed before -> publish the recorded outcome;
 //!                          another attempt's lease -> NAK
-//! payload      admit.rs    the bytes to sign (a `payloadRef` is read now, after the claim)
+//! payload      admit.rs    the bytes to sign (a `payloadRef` is read now, after the claim,
+//!                          and then checked against what the profile signs)
 //! admit + sign admit.rs    provenance, quota (one unit per signature), one signature per key
 //! store        signed.rs   result placed (inline or by reference) -> audit event -> result
 //!                          message recorded in the idempotency record -> result published ->
@@ -116,6 +118,10 @@ pub(in crate::pipeline) struct Findings {
     pub provenance: Option<ProvenanceVerdict>,
     pub scanner_digest: Option<String>,
     pub subjects: Vec<crate::digest::DigestSet>,
+    /// The payload's predicateType, once the payload is known to be a Statement.
+    pub predicate_type: Option<String>,
+    /// The policy the request says its report was evaluated under.
+    pub policy: Option<crate::policy::PolicyRecord>,
 }
 
 impl Findings {
@@ -131,6 +137,8 @@ impl Findings {
             provenance: self.provenance,
             scanner_digest: self.scanner_digest.clone(),
             subjects: self.subjects.clone(),
+            predicate_type: self.predicate_type.clone(),
+            policy: self.policy.clone(),
         }
     }
 }
@@ -224,7 +232,13 @@ pub(in crate::pipeline) async fn sign(job: &mut Job<'_>) -> Result<Signed, Stop>
     let hold = claim::claim(job).await?;
     let signed = hold
         .run(async {
-            let payload = admit::payload(job, decoded.source, &admitted.verdict.plan).await?;
+            let payload = admit::payload(
+                job,
+                &decoded.request,
+                decoded.source,
+                &admitted.verdict.plan,
+            )
+            .await?;
             admit::admit_and_sign(job, &decoded.request, admitted, payload).await
         })
         .await;

@@ -141,6 +141,7 @@ fn completed(job: &Job<'_>, signed: Signed) -> Completed {
                 _ => GateState::Passed,
             }),
         }),
+        policy: findings.policy.clone(),
         // measured with the longest sequence; set once the audit event is stored
         audit: AuditRef {
             stream: job.cfg().audit_stream.clone(),

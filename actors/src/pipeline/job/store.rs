@@ -184,6 +184,8 @@ pub(super) fn audit_event(
             scanner_digest: f.scanner_digest,
         }),
         keys,
+        predicate_type: f.predicate_type,
+        policy: f.policy,
         control: None,
         decision,
         error_code: code,

@@ -46,6 +46,16 @@ struct Rig {
 /// A pipeline with a blob store (`with_blobs`), a plan limit of `plan_limit` bytes and the
 /// default inline result limit unless `inline_limit` is given.
 async fn rig(with_blobs: bool, plan_limit: u64, inline_limit: Option<usize>) -> Rig {
+    rig_signing(with_blobs, plan_limit, inline_limit, Default::default()).await
+}
+
+/// The same, with `signs` as what the `default` profile signs.
+async fn rig_signing(
+    with_blobs: bool,
+    plan_limit: u64,
+    inline_limit: Option<usize>,
+    signs: crate::policy::SigningPolicy,
+) -> Rig {
     let blobs = Arc::new(MemoryBlobStore::new(DEFAULT_BUCKET));
     let quota = Arc::new(PlanLimit {
         limit: plan_limit,
@@ -57,6 +67,13 @@ async fn rig(with_blobs: bool, plan_limit: u64, inline_limit: Option<usize>) -> 
             cfg.max_inline_result_bytes = limit;
         }
         ports.quota = q;
+        if let Some(default) = cfg.profiles.get("default").cloned() {
+            let profile = crate::profiles::ProfileKeys { signs, ..default };
+            cfg.profiles = crate::profiles::ProfileTable::new(HashMap::from([(
+                "default".to_string(),
+                profile,
+            )]));
+        }
         if with_blobs {
             ports.blobs = Some(b);
         }
@@ -311,6 +328,60 @@ async fn bad_references_are_refused_with_their_codes_audited_and_uncharged() {
         rig.quota.charges.load(Ordering::SeqCst),
         0,
         "nothing charged"
+    );
+    assert_eq!(rig.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referenced_payload_the_profile_does_not_sign_is_refused_once_read_and_uncharged() {
+    use crate::policy::{CYCLONEDX_PREDICATE_TYPE, SigningPolicy};
+    let signs = SigningPolicy {
+        predicate_types: Some([CYCLONEDX_PREDICATE_TYPE.to_string()].into()),
+        ..SigningPolicy::default()
+    };
+    let rig = rig_signing(true, 64 << 20, None, signs).await;
+    // an SPDX statement, which the profile does not sign: known only once the object is read
+    let statement = statement_of(10_000);
+    rig.blobs.insert("spdx", statement.clone());
+    let r = reference("spdx", &statement);
+    send(
+        &rig.queue,
+        1,
+        body_with("r-1", serde_json::json!({"payloadRef": r})),
+    );
+    let (subject, result) = result_of(&rig, 1).await;
+    assert_eq!(subject, "sign.failed", "{result}");
+    assert_eq!(result["error"]["code"], "invalid_request");
+    let message = result["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not sign predicateType \"https://spdx.dev/Document\""),
+        "{message}"
+    );
+    let events = audit_of(&rig, "r-1");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["errorCode"], "invalid_request");
+    assert_eq!(events[0]["predicateType"], "https://spdx.dev/Document");
+    assert_eq!(
+        rig.quota.charges.load(Ordering::SeqCst),
+        0,
+        "nothing charged"
+    );
+    // a CycloneDX statement by reference is signed
+    let mut bom: serde_json::Value = serde_json::from_slice(&statement).unwrap();
+    bom["predicateType"] = CYCLONEDX_PREDICATE_TYPE.into();
+    let bom = serde_json::to_vec(&bom).unwrap();
+    rig.blobs.insert("bom", bom.clone());
+    let r = reference("bom", &bom);
+    send(
+        &rig.queue,
+        2,
+        body_with("r-2", serde_json::json!({"payloadRef": r})),
+    );
+    let (subject, result) = result_of(&rig, 2).await;
+    assert_eq!(subject, "sign.completed", "{result}");
+    assert_eq!(
+        audit_of(&rig, "r-2")[0]["predicateType"],
+        CYCLONEDX_PREDICATE_TYPE
     );
     assert_eq!(rig.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }

@@ -754,7 +754,7 @@ async fn the_steps_return_what_the_next_step_needs() {
     assert!(matches!(rig.record("acme/r-steps"), Some(MemRecord::Lease(o)) if o == lease.owner));
     let signed = hold
         .run(async {
-            let payload = job::admit::payload(&mut job, decoded.source, "team")
+            let payload = job::admit::payload(&mut job, &decoded.request, decoded.source, "team")
                 .await
                 .unwrap();
             job::admit::admit_and_sign(&mut job, &decoded.request, admitted, payload).await
@@ -1043,4 +1043,197 @@ async fn a_job_cut_off_in_a_gate_gives_its_lease_back() {
     })
     .await;
     drain.stop().await;
+}
+
+// ---- what a profile signs ----
+
+/// The `default` profile, signed by `k`, with `signs` as what it signs.
+fn signing(signs: crate::policy::SigningPolicy) -> impl FnOnce(&mut PipelineConfig, &mut Results) {
+    move |cfg, _| {
+        cfg.profiles = crate::profiles::ProfileTable::new(HashMap::from([(
+            "default".to_string(),
+            crate::profiles::ProfileKeys {
+                keys: vec!["k".into()],
+                signs,
+                ..Default::default()
+            },
+        )]));
+    }
+}
+
+/// A request for `predicate_type` with `options`.
+fn request_for(id: &str, predicate_type: &str, options: serde_json::Value) -> One {
+    let mut d = One::new(id, 1);
+    let mut body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+    body["statement"]["predicateType"] = predicate_type.into();
+    if !options.is_null() {
+        body["options"] = options;
+    }
+    d.body = serde_json::to_vec(&body).unwrap();
+    d
+}
+
+/// The one audit event of `request_id`.
+fn audit_event_of(rig: &Rig, request_id: &str) -> serde_json::Value {
+    let events: Vec<_> = rig
+        .stored("signer.audit.")
+        .into_iter()
+        .filter(|e| e["requestId"] == request_id)
+        .collect();
+    assert_eq!(events.len(), 1, "one audit event for {request_id}");
+    events[0].clone()
+}
+
+fn policy_digest(c: char) -> String {
+    format!("sha256:{}", c.to_string().repeat(64))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predicate_type_the_profile_does_not_sign_is_refused_audited_and_nothing_asked() {
+    use crate::policy::{CYCLONEDX_PREDICATE_TYPE, SPDX_PREDICATE_TYPE, SigningPolicy};
+    let signs = SigningPolicy {
+        predicate_types: Some(
+            [CYCLONEDX_PREDICATE_TYPE, SPDX_PREDICATE_TYPE]
+                .map(String::from)
+                .into(),
+        ),
+        ..SigningPolicy::default()
+    };
+    let rig = rig(Gates::default(), signing(signs)).await;
+    let d = request_for(
+        "r-slsa",
+        "https://slsa.dev/provenance/v1",
+        serde_json::Value::Null,
+    );
+    let mut job = Job::new(rig.shared(), &d);
+    match job::decode::decode(&mut job) {
+        Err(Stop::Refused(e)) => {
+            assert_eq!(e.code(), ErrorCode::InvalidRequest);
+            assert!(
+                e.message()
+                    .contains("does not sign predicateType \"https://slsa.dev/provenance/v1\""),
+                "{}",
+                e.message()
+            );
+        }
+        other => panic!("expected invalid_request, got {:?}", other.map(|_| ())),
+    }
+    drop(job);
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    let failed = rig.failed("r-slsa");
+    assert_eq!(failed["error"]["code"], "invalid_request");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(CYCLONEDX_PREDICATE_TYPE)
+    );
+    // before every gate: not authenticated, claimed, charged nor signed
+    assert!(rig.log.calls().is_empty(), "{:?}", rig.log.calls());
+    let event = audit_event_of(&rig, "r-slsa");
+    assert_eq!(event["decision"], "failed");
+    assert_eq!(event["errorCode"], "invalid_request");
+    assert_eq!(event["predicateType"], "https://slsa.dev/provenance/v1");
+    // a listed type is signed, and its audit event says which type it was
+    let d = request_for("r-bom", CYCLONEDX_PREDICATE_TYPE, serde_json::Value::Null);
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    assert_eq!(rig.stored("sign.completed").len(), 1);
+    let event = audit_event_of(&rig, "r-bom");
+    assert_eq!(event["decision"], "signed");
+    assert_eq!(event["predicateType"], CYCLONEDX_PREDICATE_TYPE);
+    assert!(
+        event.get("policy").is_none(),
+        "no policy stated, none recorded"
+    );
+    // raw bytes have no predicate type: a listed profile does not sign them
+    let mut raw = One::new("r-raw", 1);
+    let mut body: serde_json::Value = serde_json::from_slice(&raw.body).unwrap();
+    body.as_object_mut().unwrap().remove("statement");
+    body["payload"] = "aGVsbG8=".into();
+    body["payloadType"] = "text/plain".into();
+    raw.body = serde_json::to_vec(&body).unwrap();
+    assert_eq!(rig.process(&raw).await, Settle::Ack);
+    let msg = rig.failed("r-raw")["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("not payloadType \"text/plain\""), "{msg}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_needs_the_policy_the_profile_requires_and_its_policy_is_recorded() {
+    use crate::policy::{SCAN_REPORT_PREDICATE_TYPE as REPORT, SigningPolicy};
+    let signs = SigningPolicy {
+        require_policy: true,
+        allowed_policy_digests: Some([policy_digest('a')].into()),
+        ..SigningPolicy::default()
+    };
+    let rig = rig(Gates::default(), signing(signs)).await;
+    let options =
+        |c: char| serde_json::json!({"policyDigest": policy_digest(c), "viewSet": "prod"});
+    // no policy: refused before any gate, audited
+    let d = request_for("r-nopolicy", REPORT, serde_json::Value::Null);
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    let msg = rig.failed("r-nopolicy")["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("requires options.policyDigest and options.viewSet"),
+        "{msg}"
+    );
+    // a digest the profile does not accept: refused, and the audit event says which
+    let d = request_for("r-otherpolicy", REPORT, options('b'));
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    let failed = rig.failed("r-otherpolicy");
+    assert_eq!(failed["error"]["code"], "invalid_request");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&policy_digest('b'))
+    );
+    let event = audit_event_of(&rig, "r-otherpolicy");
+    assert_eq!(event["errorCode"], "invalid_request");
+    assert_eq!(
+        event["policy"],
+        serde_json::json!({"digest": policy_digest('b'), "viewSet": "prod"})
+    );
+    assert!(rig.log.calls().is_empty(), "{:?}", rig.log.calls());
+    // half a policy is a malformed request, whatever the profile
+    let d = request_for(
+        "r-half",
+        REPORT,
+        serde_json::json!({"policyDigest": policy_digest('a')}),
+    );
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    assert!(
+        rig.failed("r-half")["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("go together")
+    );
+    // the accepted policy: signed, recorded in the result and the audit event
+    let d = request_for("r-report", REPORT, options('a'));
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    let completed = rig.stored("sign.completed");
+    assert_eq!(completed.len(), 1);
+    let recorded = serde_json::json!({"digest": policy_digest('a'), "viewSet": "prod"});
+    assert_eq!(completed[0]["policy"], recorded);
+    let event = audit_event_of(&rig, "r-report");
+    assert_eq!(event["decision"], "signed");
+    assert_eq!(event["policy"], recorded);
+    assert_eq!(event["predicateType"], REPORT);
+    // an SBOM is not a report: no policy needed, none recorded
+    let d = request_for(
+        "r-sbom",
+        crate::policy::SPDX_PREDICATE_TYPE,
+        serde_json::Value::Null,
+    );
+    assert_eq!(rig.process(&d).await, Settle::Ack);
+    let completed = rig.stored("sign.completed");
+    assert_eq!(completed.len(), 2);
+    assert!(completed[1].get("policy").is_none());
+    rig.stop().await;
 }
