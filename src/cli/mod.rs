@@ -4,6 +4,7 @@ pub(crate) mod artefacts;
 mod audit;
 mod keys;
 pub(crate) mod nats_client;
+mod provenance;
 mod schema;
 mod serve;
 pub mod sign_local;
@@ -65,6 +66,9 @@ enum Command {
     /// The audit stream.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Scanner release provenance, asked of a running signer.
+    #[command(subcommand)]
+    Provenance(provenance::ProvenanceCommand),
 }
 
 impl Cli {
@@ -78,6 +82,7 @@ impl Cli {
             Command::Submit(args) => args.run(),
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
+            Command::Provenance(cmd) => cmd.run(),
         }
     }
 }

@@ -19,6 +19,9 @@ use crate::ports::*;
 /// A job is signed once: concurrent copies, failed result publishes, failed audit writes.
 mod once;
 
+/// Provenance pre-flight through the gate actors.
+mod preflight;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Settled {
     Ack,

@@ -195,7 +195,7 @@ pub(super) fn audit_event(
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
-fn trace_id(traceparent: &str) -> Option<String> {
+pub(in crate::pipeline) fn trace_id(traceparent: &str) -> Option<String> {
     let mut parts = traceparent.split('-');
     let (_, id) = (parts.next()?, parts.next()?);
     (id.len() == 32
