@@ -9,7 +9,7 @@
 //! key, OpToks, proofs and licences; the test only plays the Authority and the licensing
 //! service (their private keys) and runs the signer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
