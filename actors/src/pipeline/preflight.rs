@@ -143,17 +143,6 @@ impl VerifyReferrersReply {
         }
         Ok(())
     }
-
-    /// Whether a job for this image would pass the provenance gate.
-    pub fn passes(&self) -> bool {
-        self.error.is_none()
-            && matches!(
-                self.verdict,
-                ProvenanceVerdict::Trusted
-                    | ProvenanceVerdict::Allowlisted
-                    | ProvenanceVerdict::Disabled
-            )
-    }
 }
 
 /// An encoded answer, in the question's encoding (JSON when that was unknown).

@@ -165,7 +165,6 @@ async fn a_trusted_image_is_answered_with_its_key_and_where_it_was_found_and_aud
     assert_eq!(reply.verdict, crate::audit::ProvenanceVerdict::Trusted);
     assert_eq!(reply.signature, Some(found()));
     assert_eq!(reply.error, None);
-    assert!(reply.passes());
     assert_eq!(
         (reply.request_id.as_str(), reply.tenant.as_str()),
         ("q-1", "acme")
@@ -207,7 +206,6 @@ async fn untrusted_and_unavailable_are_answered_with_the_gates_codes() {
         (error.code, error.retryable),
         (crate::error::ErrorCode::ProvenanceUntrusted, false)
     );
-    assert!(!reply.passes());
     assert_eq!(s.event("q-u")["decision"], "denied");
 
     let reply = ask(&s, &question("q-d", "good", "registry.test/x/down")).await;
@@ -260,7 +258,15 @@ async fn bad_questions_are_refused_audited_and_nothing_is_looked_up() {
     bad_tenant["tenant"] = "a.b".into();
     let json = |v: &serde_json::Value| serde_json::to_vec(v).unwrap();
     use crate::error::ErrorCode::*;
-    let cases: Vec<(Option<&str>, Vec<u8>, crate::error::ErrorCode, &str, &str)> = vec![
+    // (Content-Type, body, code, tenant, requestId: "" for a derived one)
+    type Case<'a> = (
+        Option<&'a str>,
+        Vec<u8>,
+        crate::error::ErrorCode,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (None, b"{not json".to_vec(), InvalidRequest, "_unknown", ""),
         (None, json(&unknown_field), InvalidRequest, "acme", "q-f"),
         (None, json(&bad_digest), InvalidRequest, "acme", "q-g"),
@@ -329,7 +335,7 @@ async fn a_cbor_question_gets_a_cbor_answer_with_its_trace_id_audited() {
 async fn a_job_after_a_pre_flight_gets_the_same_verdict_from_the_same_cache() {
     let s = setup().await;
     let reply = ask(&s, &question("q-j", "good", TRUSTED_REPO)).await;
-    assert!(reply.passes());
+    assert_eq!(reply.verdict, crate::audit::ProvenanceVerdict::Trusted);
     let mut job: serde_json::Value = serde_json::from_slice(&request_body("r-1")).unwrap();
     job["auth"]["opTok"] = "good".into();
     job["scanner"] = serde_json::json!({"repository": TRUSTED_REPO, "imageDigest": digest()});
@@ -354,4 +360,71 @@ async fn a_job_after_a_pre_flight_gets_the_same_verdict_from_the_same_cache() {
         "the job was answered from the pre-flight's verdict"
     );
     assert_eq!(s.pipeline.shutdown(Duration::from_secs(5)).await, 0);
+}
+
+/// An audit stream that stores nothing (no leader): every event is refused, transiently.
+struct AuditDown;
+
+#[async_trait]
+impl MessagePublisher for AuditDown {
+    async fn send(&self, _: OutMessage) -> Result<AckFuture, PortError> {
+        Err(PortError::transient("no responders"))
+    }
+    async fn fetch_result(&self, _: u64) -> Result<Option<OutMessage>, PortError> {
+        Ok(None)
+    }
+}
+
+/// No verdict leaves the signer unrecorded: when the decision's audit event is not stored
+/// within the call timeout, the answer is `internal` (retryable), with no verdict.
+#[tokio::test]
+async fn an_answer_whose_audit_event_is_not_stored_carries_no_verdict() {
+    let registry = Arc::new(Registry::default());
+    let r = registry.clone();
+    // the queue is kept: the job source ends when it is dropped
+    let (_queue, _, pipeline) = start_with(Arc::new(TwoKeys), "a", move |cfg, ports| {
+        cfg.call_timeout = Duration::from_millis(500);
+        ports.entitlement = Arc::new(Tokens);
+        ports.provenance = r;
+        ports.publisher = Arc::new(AuditDown);
+    })
+    .await;
+    let status = pipeline.status();
+    until("actors running", || status.ready().is_ok()).await;
+    let body = serde_json::to_vec(&question("q-a", "good", TRUSTED_REPO)).unwrap();
+    let reply = pipeline.preflight().answer(None, None, &body).await.reply;
+    assert_eq!(registry.0.load(Ordering::SeqCst), 1, "the gate was asked");
+    assert_eq!(reply.verdict, crate::audit::ProvenanceVerdict::NotChecked);
+    assert_eq!((reply.signature, reply.audit), (None, None));
+    let error = reply.error.unwrap();
+    assert_eq!(
+        (error.code, error.retryable),
+        (crate::error::ErrorCode::Internal, true)
+    );
+    assert!(
+        error.message.contains("audit event was not stored"),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_question_not_decided_on_is_answered_unavailable_with_its_ids() {
+    let body = serde_json::to_vec(&question("q-busy", "good", TRUSTED_REPO)).unwrap();
+    let answer = crate::pipeline::preflight::PreflightAnswer::unaudited(
+        None,
+        &body,
+        SignerError::ProvenanceUnavailable("busy".into()),
+    );
+    let r = &answer.reply;
+    assert_eq!(
+        (r.request_id.as_str(), r.tenant.as_str()),
+        ("q-busy", "acme")
+    );
+    assert_eq!(r.verdict, crate::audit::ProvenanceVerdict::NotChecked);
+    assert_eq!(r.audit, None);
+    assert_eq!(
+        r.error.as_ref().map(|e| (e.code, e.retryable)),
+        Some((crate::error::ErrorCode::ProvenanceUnavailable, true))
+    );
+    r.validate().unwrap();
 }
