@@ -18,17 +18,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::gates::{EntitlementMsg, ProvenanceMsg, provenance_verdict};
-use super::job::UNKNOWN_TENANT;
 use super::job::refusal::decision_of;
-use super::job::store::trace_id;
+use super::job::store::audit_event;
+use super::job::{Findings, Ids as JobIds, UNKNOWN_TENANT};
 use super::{Shared, call_actor};
-use crate::audit::{
-    AuditEvent, AuditKind, AuthRecord, AuthState, Caller, Decision, PoeRecord, PoeState,
-    ProvenanceRecord, ProvenanceVerdict,
-};
+use crate::audit::{AuditEvent, AuditKind, Decision, ProvenanceVerdict};
 use crate::codec::ContentType;
 use crate::error::SignerError;
-use crate::messages::{AuditRef, ErrorBody};
+use crate::messages::{AuditRef, ErrorBody, ResultKind};
 use crate::ports::{GateDenial, GateInput, ProvenanceGrant, ReleaseSignature};
 use crate::request::{Auth, Kind, Poe, Scanner, SignRequest, is_valid_request_id, is_valid_tenant};
 
@@ -212,15 +209,6 @@ impl Ids {
     }
 }
 
-/// What the gates found, for the audit event.
-#[derive(Default)]
-struct Findings {
-    caller: Option<Caller>,
-    auth: Option<AuthState>,
-    poe: Option<PoeState>,
-    plan: Option<String>,
-}
-
 /// Answers pre-flight questions with the pipeline's gate actors and audit chain.
 #[derive(Clone)]
 pub struct Preflight(pub(super) Arc<Shared>);
@@ -257,7 +245,7 @@ impl Preflight {
             None => Decision::Accepted,
             Some(e) => decision_of(e.code()),
         };
-        let event = self.event(&ids, findings, verdict, decision, &error, traceparent);
+        let event = Self::event(&ids, findings, verdict, decision, &error, traceparent);
         let (error, audit) = match super::AuditSink(self.0.clone()).append(event).await {
             Ok(seq) => (
                 error,
@@ -379,47 +367,30 @@ impl Preflight {
         .map_err(|e| SignerError::Internal(e.to_string()))
     }
 
-    /// The decision's audit event, bounded in size.
+    /// The decision's audit event, bounded in size: a job's refused at the provenance gate
+    /// (or before), as a pre-flight: no quota, no keys, no subjects.
     fn event(
-        &self,
         ids: &Ids,
-        f: Findings,
+        mut f: Findings,
         verdict: ProvenanceVerdict,
         decision: Decision,
         error: &Option<SignerError>,
         traceparent: Option<&str>,
     ) -> AuditEvent {
-        AuditEvent {
-            version: 1,
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            worker: String::new(),
-            writer_seq: 0,
+        f.provenance = Some(verdict);
+        f.scanner_digest.clone_from(&ids.image_digest);
+        let job = JobIds {
             request_id: ids.request_id.clone(),
             tenant: ids.tenant.clone(),
+            kind: ResultKind::Unknown,
+            content_type: ContentType::Json,
+            traceparent: traceparent.map(str::to_owned),
+        };
+        let code = error.as_ref().map(SignerError::code);
+        AuditEvent {
             kind: AuditKind::VerifyReferrers,
-            caller: f.caller,
-            subjects: vec![],
-            subjects_omitted: None,
-            auth: Some(AuthRecord {
-                state: f.auth.unwrap_or(AuthState::NotChecked),
-            }),
-            poe: Some(PoeRecord {
-                state: f.poe.unwrap_or(PoeState::NotChecked),
-                plan: f.plan,
-            }),
             quota: None,
-            provenance: Some(ProvenanceRecord {
-                verdict,
-                scanner_digest: ids.image_digest.clone(),
-            }),
-            keys: vec![],
-            control: None,
-            decision,
-            error_code: error.as_ref().map(SignerError::code),
-            trace_id: traceparent.and_then(trace_id),
-            prev_hash: String::new(),
-            hash: String::new(),
+            ..audit_event(&job, decision, code, f, vec![])
         }
-        .bounded()
     }
 }

@@ -145,7 +145,7 @@ fn retry_later(cfg: &PipelineConfig, d: &dyn Delivery, e: &StoreError) -> Settle
 }
 
 /// The audit event of a job's decision, bounded in size.
-pub(super) fn audit_event(
+pub(in crate::pipeline) fn audit_event(
     ids: &Ids,
     decision: Decision,
     code: Option<ErrorCode>,
@@ -195,7 +195,7 @@ pub(super) fn audit_event(
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
-pub(in crate::pipeline) fn trace_id(traceparent: &str) -> Option<String> {
+fn trace_id(traceparent: &str) -> Option<String> {
     let mut parts = traceparent.split('-');
     let (_, id) = (parts.next()?, parts.next()?);
     (id.len() == 32

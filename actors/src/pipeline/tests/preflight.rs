@@ -122,26 +122,9 @@ async fn ask(s: &Setup, body: &serde_json::Value) -> VerifyReferrersReply {
 }
 
 impl Setup {
-    /// The audit events stored for `request_id`.
-    fn audit(&self, request_id: &str) -> Vec<serde_json::Value> {
-        self.publisher
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|m| m.subject.starts_with("signer.audit."))
-            .flat_map(
-                |m| match serde_json::from_slice::<serde_json::Value>(&m.body).unwrap() {
-                    serde_json::Value::Array(events) => events,
-                    event => vec![event],
-                },
-            )
-            .filter(|e| e["requestId"] == request_id)
-            .collect()
-    }
-
+    /// The one audit event of `request_id`, valid.
     fn event(&self, request_id: &str) -> serde_json::Value {
-        let events = self.audit(request_id);
+        let events = self.publisher.audit(request_id);
         assert_eq!(
             events.len(),
             1,
