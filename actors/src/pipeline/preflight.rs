@@ -26,7 +26,7 @@ use crate::audit::{AuditEvent, AuditKind, Decision, ProvenanceVerdict};
 use crate::codec::ContentType;
 use crate::error::SignerError;
 use crate::messages::{AuditRef, ErrorBody, ResultKind};
-use crate::ports::{GateDenial, GateInput, ProvenanceGrant, ReleaseSignature};
+use crate::ports::{GateInput, ProvenanceGrant, ReleaseSignature};
 use crate::request::{Auth, Kind, Poe, Scanner, SignRequest, is_valid_request_id, is_valid_tenant};
 
 /// Largest question read: an OpTok, a DPoP proof and a licence are a few kilobytes each.
@@ -335,24 +335,7 @@ impl Preflight {
         })
         .await
         .map_err(|e| SignerError::Internal(e.to_string()))?;
-        match verdict {
-            Ok(v) => {
-                f.caller = v.caller;
-                f.auth = Some(v.auth);
-                f.poe = Some(v.poe);
-                f.plan = Some(v.plan);
-            }
-            Err(GateDenial {
-                error,
-                caller,
-                auth,
-                poe,
-                plan,
-            }) => {
-                (f.caller, f.auth, f.poe, f.plan) = (caller, auth, poe, plan);
-                return Err(error);
-            }
-        }
+        f.entitlement(verdict)?;
 
         let provenance = shared.read_refs().provenance.clone();
         call_actor(provenance, "provenance", timeout, |reply| {

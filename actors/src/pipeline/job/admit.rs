@@ -11,7 +11,7 @@ use crate::error::{ErrorCode, SignerError};
 use crate::pipeline::call_actor;
 use crate::pipeline::gates::{EntitlementMsg, ProvenanceMsg, QuotaMsg, provenance_verdict};
 use crate::pipeline::keyring::KeyMsg;
-use crate::ports::{EntitlementVerdict, GateDenial, GateInput, QuotaGrant};
+use crate::ports::{EntitlementVerdict, GateInput, QuotaGrant};
 use crate::profiles::ProfileRefusal;
 use crate::request::{PayloadSource, PreparedPayload, SignRequest};
 use crate::signing::SignedEnvelope;
@@ -52,26 +52,7 @@ pub(in crate::pipeline) async fn authenticate(
     })
     .await
     .map_err(|e| Stop::Refused(call_failed(e)))?;
-    let f = &mut job.findings;
-    let verdict = match verdict {
-        Ok(v) => {
-            f.caller.clone_from(&v.caller);
-            f.auth = Some(v.auth);
-            f.poe = Some(v.poe);
-            f.plan = Some(v.plan.clone());
-            v
-        }
-        Err(GateDenial {
-            error,
-            caller,
-            auth,
-            poe,
-            plan,
-        }) => {
-            (f.caller, f.auth, f.poe, f.plan) = (caller, auth, poe, plan);
-            return Err(Stop::Refused(error));
-        }
-    };
+    let verdict = job.findings.entitlement(verdict).map_err(Stop::Refused)?;
 
     // A profile is an entitlement: whether this tenant, on the plan of its verified
     // licence, may use it.
