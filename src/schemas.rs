@@ -9,6 +9,10 @@ pub enum SchemaKind {
     Completed,
     Failed,
     Audit,
+    /// A provenance pre-flight question on `signer.verify.referrers`.
+    VerifyReferrersRequest,
+    /// Its answer.
+    VerifyReferrersReply,
 }
 
 impl SchemaKind {
@@ -19,6 +23,12 @@ impl SchemaKind {
             Self::Completed => include_str!("../schemas/completed.schema.json"),
             Self::Failed => include_str!("../schemas/failed.schema.json"),
             Self::Audit => include_str!("../schemas/audit.schema.json"),
+            Self::VerifyReferrersRequest => {
+                include_str!("../schemas/verify-referrers-request.schema.json")
+            }
+            Self::VerifyReferrersReply => {
+                include_str!("../schemas/verify-referrers-reply.schema.json")
+            }
         }
     }
 

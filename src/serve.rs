@@ -351,6 +351,15 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     .spawn(client.clone(), cfg.nats.subject("signer.control.keys"))
     .await
     .map_err(|e| ServeError::Setup(format!("subscribing to the key control subject: {e}")))?;
+    let preflight_subject = cfg.nats.subject(crate::provenance::preflight::SUBJECT);
+    let preflight = crate::provenance::preflight::spawn(
+        pipeline.preflight(),
+        client.clone(),
+        preflight_subject.clone(),
+    )
+    .await
+    .map_err(|e| ServeError::Setup(format!("subscribing to the pre-flight subject: {e}")))?;
+    tracing::info!(subject = %preflight_subject, "provenance pre-flight answering");
     if let Some(c) = &cfg.gates.control {
         tracing::info!(
             required_signatures = c.required_signatures,
@@ -403,6 +412,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     watcher.abort();
     poller.abort();
     control.abort();
+    preflight.abort();
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     if left > 0 {
         tracing::warn!(

@@ -19,7 +19,9 @@ use signer_actors::dsse::{Envelope, Signature, pae};
 use signer_actors::error::{ErrorCode, SignerError};
 use signer_actors::keys::{KeyAlgorithm, KeySigner as _};
 use signer_actors::pipeline::{Provenance, ProvenanceLimits, ProvenanceMsg};
-use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
+use signer_actors::ports::{
+    ProvenanceGrant, ReleaseSignature, ReleaseVerifier, SignatureFormat, SignatureLocation,
+};
 use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 use stella_signer::config::gates::ProvenanceGate;
 use stella_signer::keys::file::FileKey;
@@ -75,6 +77,14 @@ fn pusher(reg: &TestRegistry) -> Pusher {
     Pusher::new(&[reg.host()]).unwrap()
 }
 
+/// The signature a trusted verdict names.
+fn trusted(result: Result<ProvenanceGrant, SignerError>) -> ReleaseSignature {
+    match result {
+        Ok(ProvenanceGrant::Trusted(found)) => found,
+        other => panic!("expected trusted, got {other:?}"),
+    }
+}
+
 fn untrusted(result: Result<ProvenanceGrant, SignerError>) -> String {
     match result {
         Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => e.message().to_string(),
@@ -107,9 +117,15 @@ async fn cosign_signature_by_a_trusted_key_is_trusted() {
     for key in [&keys.trusted_ec, &keys.trusted_ed] {
         let digest = push.push_test_image(&repo).await.unwrap();
         push.sign_image_cosign(&repo, &digest, key).await.unwrap();
+        let found = trusted(v.verify(&repo, &digest).await);
         assert_eq!(
-            v.verify(&repo, &digest).await,
-            Ok(ProvenanceGrant::Trusted),
+            found,
+            ReleaseSignature {
+                keyid: key.identity().keyid.clone(),
+                location: SignatureLocation::Tag,
+                reference: format!("sha256-{}.sig", hex(&digest)),
+                format: SignatureFormat::CosignSignature,
+            },
             "{}",
             key.identity().algorithm.as_str()
         );
@@ -151,7 +167,15 @@ async fn dsse_referrer_is_found_through_the_referrers_tag_schema() {
     assert_eq!(manifest["subject"]["digest"], digest.as_str());
     assert_eq!(manifest["layers"][0]["mediaType"], DSSE_MEDIA_TYPE);
 
-    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    assert_eq!(
+        trusted(v.verify(&repo, &digest).await),
+        ReleaseSignature {
+            keyid: keys.trusted_ed.identity().keyid.clone(),
+            location: SignatureLocation::Referrer,
+            reference: referrer.clone(),
+            format: SignatureFormat::DsseAttestation,
+        }
+    );
 
     // A second referrer is appended to the same index; an ECDSA one verifies as well.
     let other = push.push_test_image(&repo).await.unwrap();
@@ -164,7 +188,7 @@ async fn dsse_referrer_is_found_through_the_referrers_tag_schema() {
     let (_, body) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}", hex(&other)));
     let index: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
-    assert_eq!(v.verify(&repo, &other).await, Ok(ProvenanceGrant::Trusted));
+    trusted(v.verify(&repo, &other).await);
 }
 
 #[tokio::test]
@@ -211,7 +235,7 @@ async fn signatures_by_untrusted_keys_are_untrusted() {
     push.sign_image_cosign(&repo, &digest, &keys.trusted_ec)
         .await
         .unwrap();
-    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    trusted(v.verify(&repo, &digest).await);
 }
 
 #[tokio::test]
@@ -226,7 +250,7 @@ async fn signature_made_for_another_digest_is_untrusted() {
     push.sign_image_cosign(&repo, &a, &keys.trusted_ec)
         .await
         .unwrap();
-    assert_eq!(v.verify(&repo, &a).await, Ok(ProvenanceGrant::Trusted));
+    trusted(v.verify(&repo, &a).await);
 
     // Copy A's valid signature manifest onto B's signature tag.
     let client = oci_client::Client::new(oci_client::client::ClientConfig {
@@ -311,7 +335,7 @@ async fn unreachable_registry_is_unavailable_and_never_cached() {
     unavailable(v.verify(&repo, &digest).await);
     unavailable(v.verify(&repo, &digest).await);
     reg.restart();
-    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    trusted(v.verify(&repo, &digest).await);
 }
 
 /// The gate as the pipeline runs it: the adapter behind the Provenance actor, which owns
@@ -378,15 +402,12 @@ async fn cached_verdicts_answer_while_the_registry_is_down() {
     let long = ActorGate::new(&reg.host(), &keys, Duration::from_secs(60)).await;
     let short = ActorGate::new(&reg.host(), &keys, Duration::from_millis(300)).await;
     for v in [&long, &short] {
-        assert_eq!(v.verify(&repo, &signed).await, Ok(ProvenanceGrant::Trusted));
+        trusted(v.verify(&repo, &signed).await);
         untrusted(v.verify(&repo, &unsigned).await);
     }
     reg.stop();
     // Within cache_ttl: the registry is not needed, for either verdict.
-    assert_eq!(
-        long.verify(&repo, &signed).await,
-        Ok(ProvenanceGrant::Trusted)
-    );
+    trusted(long.verify(&repo, &signed).await);
     let message = untrusted(long.verify(&repo, &unsigned).await);
     assert!(message.contains("has no cosign signature"), "{message}");
     // Past it: the registry is asked again, and is down.
@@ -473,9 +494,20 @@ async fn cosign3_bundle_referrer_by_a_trusted_key_is_trusted() {
         let (status, _) = reg.get(&format!("/v2/{PATH}/manifests/sha256-{}.sig", hex(&digest)));
         assert_eq!(status, 404, "no classic signature to fall back on");
 
+        let found = trusted(v.verify(&repo, &digest).await);
         assert_eq!(
-            v.verify(&repo, &digest).await,
-            Ok(ProvenanceGrant::Trusted),
+            (
+                found.keyid.as_str(),
+                found.location,
+                found.reference.as_str(),
+                found.format
+            ),
+            (
+                key.identity().keyid.as_str(),
+                SignatureLocation::Referrer,
+                referrer.as_str(),
+                SignatureFormat::SigstoreBundle
+            ),
             "{}",
             key.identity().algorithm.as_str()
         );
@@ -584,7 +616,7 @@ async fn message_signature_bundle_is_checked_over_the_image_manifest() {
         )
         .await
         .unwrap();
-        assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+        trusted(v.verify(&repo, &digest).await);
     }
     let digest = push.push_test_image(&repo).await.unwrap();
     let bundle = push
@@ -734,7 +766,7 @@ async fn private_registry_is_read_with_credentials_and_refused_without() {
     })
     .unwrap();
     for digest in [&classic, &bundled] {
-        assert_eq!(v.verify(&repo, digest).await, Ok(ProvenanceGrant::Trusted));
+        trusted(v.verify(&repo, digest).await);
     }
 
     // Without credentials: unavailable (retryable), saying what is missing.
@@ -861,7 +893,7 @@ async fn token_auth_registry_is_read_through_the_bearer_token_flow() {
         ..gate(&reg.host(), &keys, Duration::ZERO)
     })
     .unwrap();
-    assert_eq!(v.verify(&repo, &digest).await, Ok(ProvenanceGrant::Trusted));
+    trusted(v.verify(&repo, &digest).await);
     {
         let seen = tokens.requests.lock().unwrap();
         assert!(!seen.is_empty(), "the token server was never asked");
@@ -917,10 +949,7 @@ async fn crowded_referrers_and_signature_manifests_are_refused_unread() {
             .await
             .unwrap();
     }
-    assert_eq!(
-        capped(3, 8).verify(&repo, &digest).await,
-        Ok(ProvenanceGrant::Trusted)
-    );
+    trusted(capped(3, 8).verify(&repo, &digest).await);
     let message = untrusted(capped(2, 8).verify(&repo, &digest).await);
     assert!(message.contains("max_referrers"), "{message}");
 
@@ -930,10 +959,7 @@ async fn crowded_referrers_and_signature_manifests_are_refused_unread() {
     for key in [&keys.untrusted, &keys.untrusted, &keys.trusted_ec] {
         push.sign_image_cosign(&other, &digest, key).await.unwrap();
     }
-    assert_eq!(
-        capped(64, 3).verify(&other, &digest).await,
-        Ok(ProvenanceGrant::Trusted)
-    );
+    trusted(capped(64, 3).verify(&other, &digest).await);
     let message = untrusted(capped(64, 2).verify(&other, &digest).await);
     assert!(
         message.contains("3 signature layers, more than 2"),

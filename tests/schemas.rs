@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use signer_actors::audit::AuditEvent;
 use signer_actors::codec::{ContentType, decode_request};
 use signer_actors::messages::{Completed, Failed};
+use signer_actors::pipeline::preflight::{VerifyReferrersReply, VerifyReferrersRequest};
 use stella_signer::schemas::SchemaKind;
 
 fn examples(kind: &str, prefix: &str) -> Vec<PathBuf> {
@@ -84,14 +85,29 @@ fn serde_verdict(kind: SchemaKind, value: &serde_json::Value) -> Result<(), Stri
             let a: AuditEvent = serde_json::from_value(value.clone()).unwrap();
             a.validate()
         }
+        SchemaKind::VerifyReferrersRequest => {
+            round_trips::<VerifyReferrersRequest>(value)?;
+            let q: VerifyReferrersRequest = serde_json::from_value(value.clone()).unwrap();
+            q.validate().map_err(|e| e.to_string())
+        }
+        SchemaKind::VerifyReferrersReply => {
+            round_trips::<VerifyReferrersReply>(value)?;
+            let r: VerifyReferrersReply = serde_json::from_value(value.clone()).unwrap();
+            r.validate()
+        }
     }
 }
 
-const KINDS: [(&str, SchemaKind); 4] = [
+const KINDS: [(&str, SchemaKind); 6] = [
     ("request", SchemaKind::Request),
     ("completed", SchemaKind::Completed),
     ("failed", SchemaKind::Failed),
     ("audit", SchemaKind::Audit),
+    (
+        "verify-referrers-request",
+        SchemaKind::VerifyReferrersRequest,
+    ),
+    ("verify-referrers-reply", SchemaKind::VerifyReferrersReply),
 ];
 
 #[test]

@@ -96,8 +96,12 @@ macro_rules! wire_enum {
 pub(crate) use wire_enum;
 
 wire_enum!(
-    /// `kind` of an audit event: a job's request kind, or `control` for a key command.
-    AuditKind { Dsse = "dsse", Export = "export", Unknown = "unknown", Control = "control" }
+    /// `kind` of an audit event: a job's request kind, `control` for a key command, or
+    /// `verify_referrers` for a provenance pre-flight question.
+    AuditKind {
+        Dsse = "dsse", Export = "export", Unknown = "unknown", Control = "control",
+        VerifyReferrers = "verify_referrers",
+    }
 );
 
 impl From<crate::messages::ResultKind> for AuditKind {
@@ -251,7 +255,8 @@ pub struct KeyRecord {
 }
 
 /// What the signer decided. Jobs: `signed`, `denied`, `failed`; key commands: `accepted`,
-/// `refused`, `failed` (authorised but not applied).
+/// `refused`, `failed` (authorised but not applied); pre-flight questions: `accepted` (a job
+/// would pass the provenance gate), `denied`, `failed` (as a job's refusal would be).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
@@ -377,11 +382,24 @@ impl AuditEvent {
                 self.keys.is_empty() && self.subjects.is_empty() && self.error_code.is_none(),
                 "control events carry no keys, subjects or errorCode",
             )?;
+        } else if self.kind == AuditKind::VerifyReferrers {
+            check(self.control.is_none(), "only control events carry control")?;
+            check(
+                matches!(
+                    self.decision,
+                    Decision::Accepted | Decision::Denied | Decision::Failed
+                ),
+                "pre-flight decisions are accepted, denied or failed",
+            )?;
+            check(
+                self.keys.is_empty() && self.subjects.is_empty(),
+                "pre-flight events carry no keys or subjects",
+            )?;
         } else {
             check(self.control.is_none(), "only control events carry control")?;
             check(
                 !matches!(self.decision, Decision::Accepted | Decision::Refused),
-                "accepted and refused are control decisions",
+                "accepted and refused are control and pre-flight decisions",
             )?;
         }
         check(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::error::SignerError;
 use crate::keys::{KeyError, KeySigner};
@@ -819,11 +820,47 @@ pub trait QuotaStore: Send + Sync {
 }
 
 /// How the scanner release was found trustworthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProvenanceGrant {
-    Trusted,
+    /// Signed by a trusted release key: which, and where the signature was found.
+    Trusted(ReleaseSignature),
     Allowlisted,
     Disabled,
+}
+
+crate::audit::wire_enum!(
+    /// Where a release signature was found (`docs/contract.md#provenance-pre-flight`).
+    SignatureLocation {
+        /// An OCI 1.1 referrer of the image (referrers API or the `sha256-<hex>` tag
+        /// schema); the reference is the referrer manifest's digest.
+        Referrer = "referrer",
+        /// cosign's signature tag; the reference is the tag (`sha256-<hex>.sig`).
+        Tag = "tag",
+    }
+);
+
+crate::audit::wire_enum!(
+    /// The format of a release signature.
+    SignatureFormat {
+        /// A cosign simple-signing payload with its signature annotation.
+        CosignSignature = "cosign_signature",
+        /// A DSSE envelope (in-toto attestation).
+        DsseAttestation = "dsse_attestation",
+        /// A Sigstore bundle v0.3 (DSSE or message signature).
+        SigstoreBundle = "sigstore_bundle",
+    }
+);
+
+/// The trusted release signature of a scanner image: the key that made it and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseSignature {
+    /// The release key's keyid (lowercase hex SHA-256 of its SubjectPublicKeyInfo DER).
+    pub keyid: String,
+    pub location: SignatureLocation,
+    /// The referrer manifest's digest, or the signature tag.
+    pub reference: String,
+    pub format: SignatureFormat,
 }
 
 /// Scanner release provenance, without a cache: the Provenance actor keeps the verdicts,

@@ -5,6 +5,7 @@ mod audit;
 mod keys;
 mod kit;
 pub(crate) mod nats_client;
+mod provenance;
 mod schema;
 mod serve;
 mod sign;
@@ -75,6 +76,9 @@ enum Command {
     /// The offline kit for verifiers (`verify --kit`).
     #[command(subcommand)]
     Kit(kit::KitCommand),
+    /// Scanner release provenance, asked of a running signer.
+    #[command(subcommand)]
+    Provenance(provenance::ProvenanceCommand),
 }
 
 impl Cli {
@@ -90,6 +94,7 @@ impl Cli {
             Command::Watch(args) => args.run(),
             Command::Audit(cmd) => cmd.run(),
             Command::Kit(cmd) => cmd.run(),
+            Command::Provenance(cmd) => cmd.run(),
         }
     }
 }

@@ -24,10 +24,14 @@
 //! [`ProvenanceGrant::Trusted`]; a registry that answered without one gives
 //! `provenance_untrusted` (with the reason); a registry that could not be asked, and no
 //! cached verdict, gives `provenance_unavailable` (retryable).
+//!
+//! [`preflight`] serves `signer.verify.referrers`: the verdict this gate would give a job,
+//! asked before one is published.
 
 pub mod formats;
 
 pub mod credentials;
+pub(crate) mod preflight;
 mod registry;
 pub mod repository;
 
@@ -44,7 +48,9 @@ use oci_client::manifest::{
 use signer_actors::digest::parse_oci_sha256;
 use signer_actors::error::SignerError;
 use signer_actors::keys::{PublicKey, PublicKeyError};
-use signer_actors::ports::{ProvenanceGrant, ReleaseVerifier};
+use signer_actors::ports::{
+    ProvenanceGrant, ReleaseSignature, ReleaseVerifier, SignatureFormat, SignatureLocation,
+};
 use signer_actors::statement::INTOTO_PAYLOAD_TYPE;
 
 use crate::config::gates::{GateMode, ProvenanceGate};
@@ -265,7 +271,7 @@ impl ReleaseVerifierImpl {
         hex: &str,
         limits: &Limits,
         f: &mut Findings,
-    ) -> Result<Option<Found>, String> {
+    ) -> Result<Option<ReleaseSignature>, String> {
         let access = match self.reader.prepare(image).await {
             Ok(a) => a,
             Err(Failure::Unreachable(m)) => return Err(m),
@@ -306,7 +312,10 @@ impl ReleaseVerifierImpl {
                 let Some(manifest) = f.take(self.reader.manifest(&reference, access).await)? else {
                     continue;
                 };
-                let place = format!("referrer {}", entry.digest);
+                let place = Place {
+                    location: SignatureLocation::Referrer,
+                    reference: entry.digest.clone(),
+                };
                 if let Some(found) = self
                     .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                     .await?
@@ -324,7 +333,10 @@ impl ReleaseVerifierImpl {
             sig_tag.clone(),
         );
         if let Some(manifest) = f.take(self.reader.manifest(&sig_ref, access).await)? {
-            let place = format!("tag {sig_tag}");
+            let place = Place {
+                location: SignatureLocation::Tag,
+                reference: sig_tag,
+            };
             return self
                 .check_layers(image, access, &manifest, digest, hex, &place, limits, f)
                 .await;
@@ -346,10 +358,10 @@ impl ReleaseVerifierImpl {
         manifest: &OciImageManifest,
         digest: &str,
         hex: &str,
-        place: &str,
+        place: &Place,
         limits: &Limits,
         f: &mut Findings,
-    ) -> Result<Option<Found>, String> {
+    ) -> Result<Option<ReleaseSignature>, String> {
         if let Some(refusal) = manifest_refusal(manifest, limits.max_signatures) {
             f.checked += 1;
             f.malformed.push(format!("{place}: {refusal}"));
@@ -414,10 +426,11 @@ impl ReleaseVerifierImpl {
             };
             match check {
                 Check::Verified { keyid } => {
-                    return Ok(Some(Found {
+                    return Ok(Some(ReleaseSignature {
                         keyid,
-                        place: place.to_string(),
-                        kind: kind.describe(),
+                        location: place.location,
+                        reference: place.reference.clone(),
+                        format: kind.format(),
                     }));
                 }
                 Check::UntrustedKey => f.untrusted_key += 1,
@@ -507,12 +520,12 @@ impl LayerKind {
         }
     }
 
-    /// How the audit log and the `Found` record name it.
-    fn describe(self) -> &'static str {
+    /// What a trusted signature of this kind is reported as.
+    fn format(self) -> SignatureFormat {
         match self {
-            LayerKind::SimpleSigning => "cosign signature",
-            LayerKind::Dsse => "DSSE attestation",
-            LayerKind::Bundle => "Sigstore bundle",
+            LayerKind::SimpleSigning => SignatureFormat::CosignSignature,
+            LayerKind::Dsse => SignatureFormat::DsseAttestation,
+            LayerKind::Bundle => SignatureFormat::SigstoreBundle,
         }
     }
 }
@@ -622,7 +635,7 @@ pub mod fuzzing {
             .iter()
             .map(|l| {
                 (
-                    layer_kind(&l.media_type).map(LayerKind::describe),
+                    layer_kind(&l.media_type).map(|k| k.format().as_str()),
                     parse_oci_sha256(&l.digest).is_ok(),
                 )
             })
@@ -652,16 +665,20 @@ fn prioritise(mut entries: Vec<ImageIndexEntry>) -> Vec<ImageIndexEntry> {
     entries
 }
 
-/// The signature that made a release trusted.
-#[derive(Debug)]
-struct Found {
-    keyid: String,
-    place: String,
-    kind: &'static str,
+/// Where signatures are being read: a referrer (by its manifest digest) or the signature tag.
+struct Place {
+    location: SignatureLocation,
+    reference: String,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.location.as_str(), self.reference)
+    }
 }
 
 enum Outcome {
-    Trusted(Found),
+    Trusted(ReleaseSignature),
     Untrusted(String),
     Unavailable(String),
 }
@@ -826,11 +843,12 @@ impl ReleaseVerifier for ReleaseVerifierImpl {
                     repository,
                     image_digest,
                     keyid = %found.keyid,
-                    place = %found.place,
-                    kind = found.kind,
+                    location = found.location.as_str(),
+                    reference = %found.reference,
+                    format = found.format.as_str(),
                     "scanner release signed by a trusted key"
                 );
-                Ok(ProvenanceGrant::Trusted)
+                Ok(ProvenanceGrant::Trusted(found))
             }
             Outcome::Untrusted(message) => {
                 tracing::warn!(repository, image_digest, %message, "scanner release untrusted");

@@ -11,6 +11,7 @@ pub mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 
 /// The `stella-signer` binary cargo built for these tests.
 pub fn signer() -> Command {
@@ -122,4 +123,43 @@ pub fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> PathBuf 
     let path = dir.join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
     path
+}
+
+/// Pinned versions of the outside Python clients' packages (`tests/security/freshness_publisher.py`,
+/// `tests/preflight_client.py`).
+const PY_PACKAGES: [&str; 3] = ["nats-py==2.16.0", "PyJWT==2.15.1", "cryptography==50.0.2"];
+
+/// The python of the outside clients' venv (`target/tmp/freshness-venv`, nats-py, PyJWT,
+/// cryptography), made on first use, once per test process (tests may ask at once).
+pub fn outside_python() -> PathBuf {
+    static VENV: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut venv = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = venv.as_ref() {
+        return p.clone();
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freshness-venv");
+    let python = dir.join("bin/python");
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import nats, jwt, cryptography"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .expect("python3 (for the outside clients)");
+        assert!(made.success(), "python3 -m venv {}", dir.display());
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(PY_PACKAGES)
+            .status()
+            .unwrap();
+        assert!(installed.success(), "pip install {PY_PACKAGES:?}");
+        assert!(ready(&python), "the venv cannot import its packages");
+    }
+    *venv = Some(python.clone());
+    python
 }

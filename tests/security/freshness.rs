@@ -9,9 +9,8 @@
 //! key, OpToks, proofs and licences; the test only plays the Authority and the licensing
 //! service (their private keys) and runs the signer.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
@@ -28,43 +27,6 @@ use crate::common::stack::{NATS_URL, Stack, plan, redis_at, verify_completed};
 /// may be at processing time.
 const DPOP_MAX_AGE: Duration = Duration::from_secs(3);
 const TENANT: &str = "acme";
-
-/// Pinned versions of the publisher's packages.
-const PY_PACKAGES: [&str; 3] = ["nats-py==2.16.0", "PyJWT==2.15.1", "cryptography==50.0.2"];
-
-/// The venv's python, made once per test process (the two tests may ask at once).
-fn python() -> PathBuf {
-    static VENV: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut venv = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = venv.as_ref() {
-        return p.clone();
-    }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freshness-venv");
-    let python = dir.join("bin/python");
-    let ready = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import nats, jwt, cryptography"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status()
-            .expect("python3 (for the outside publisher)");
-        assert!(made.success(), "python3 -m venv {}", dir.display());
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(PY_PACKAGES)
-            .status()
-            .unwrap();
-        assert!(installed.success(), "pip install {PY_PACKAGES:?}");
-        assert!(ready(&python), "the venv cannot import its packages");
-    }
-    *venv = Some(python.clone());
-    python
-}
 
 /// A deployment with the entitlement gate enforcing (`dpop_max_age` 3 s, clock skew 1 s),
 /// quota in Redis with one roomy plan, provenance off; its streams provisioned by a worker
@@ -143,7 +105,7 @@ impl Setup {
         let licensing_key = write_key("licensing", &self.licensing.pem);
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/security/freshness_publisher.py");
-        let mut cmd = Command::new(python());
+        let mut cmd = Command::new(crate::common::outside_python());
         cmd.arg(script)
             .args(["--nats", NATS_URL])
             .args(["--subject", &self.stack.subject("sign.requests")])

@@ -24,6 +24,7 @@ mod intake;
 mod job;
 mod keyring;
 mod latency;
+pub mod preflight;
 mod publisher;
 mod supervisor;
 
@@ -343,6 +344,12 @@ impl Pipeline {
     /// replica's audit chain, through the same AuditWriter actor as the jobs.
     pub fn audit_sink(&self) -> AuditSink {
         AuditSink(self.shared.clone())
+    }
+
+    /// A handle to answer provenance pre-flight questions (`signer.verify.referrers`) with
+    /// this pipeline's gate actors and audit chain.
+    pub fn preflight(&self) -> preflight::Preflight {
+        preflight::Preflight(self.shared.clone())
     }
 
     /// A handle to ask about readiness from elsewhere (the health endpoint).

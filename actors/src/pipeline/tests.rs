@@ -19,6 +19,9 @@ use crate::ports::*;
 /// A job is signed once: concurrent copies, failed result publishes, failed audit writes.
 mod once;
 
+/// Provenance pre-flight through the gate actors.
+mod preflight;
+
 #[derive(Debug, Clone, PartialEq)]
 enum Settled {
     Ack,
@@ -133,6 +136,25 @@ impl JobSource for MemStream {
 
 #[derive(Default)]
 struct MemPublisher(Mutex<Vec<OutMessage>>);
+
+impl MemPublisher {
+    /// The audit events published for `request_id` (a message holds one, or a batch).
+    fn audit(&self, request_id: &str) -> Vec<serde_json::Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.subject.starts_with("signer.audit."))
+            .flat_map(
+                |m| match serde_json::from_slice::<serde_json::Value>(&m.body).unwrap() {
+                    serde_json::Value::Array(events) => events,
+                    event => vec![event],
+                },
+            )
+            .filter(|e| e["requestId"] == request_id)
+            .collect()
+    }
+}
 
 #[async_trait]
 impl MessagePublisher for MemPublisher {
@@ -779,21 +801,7 @@ impl Deployment {
 
     /// The audit events of `r-<seq>`.
     fn audit(&self, seq: u64) -> Vec<serde_json::Value> {
-        let id = format!("r-{seq}");
-        self.publisher
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|m| m.subject.starts_with("signer.audit."))
-            .flat_map(
-                |m| match serde_json::from_slice::<serde_json::Value>(&m.body).unwrap() {
-                    serde_json::Value::Array(events) => events,
-                    event => vec![event],
-                },
-            )
-            .filter(|e| e["requestId"] == id.as_str())
-            .collect()
+        self.publisher.audit(&format!("r-{seq}"))
     }
 }
 

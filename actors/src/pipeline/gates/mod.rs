@@ -15,5 +15,7 @@ mod provenance;
 mod quota;
 
 pub use entitlement::{Entitlement, EntitlementMsg, EntitlementStats};
-pub use provenance::{LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats};
+pub use provenance::{
+    LookupKey, Provenance, ProvenanceLimits, ProvenanceMsg, ProvenanceStats, provenance_verdict,
+};
 pub use quota::{ACQUIRE_LANES, Quota, QuotaMsg};

@@ -25,8 +25,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::Semaphore;
 
 use super::cache::TtlCache;
+use crate::audit::ProvenanceVerdict;
 use crate::error::{ErrorCode, SignerError};
-use crate::ports::{ProvenanceGrant, ReleaseVerifier};
+use crate::ports::{ProvenanceGrant, ReleaseSignature, ReleaseVerifier};
 
 type Reply = RpcReplyPort<Result<ProvenanceGrant, SignerError>>;
 
@@ -107,7 +108,7 @@ pub struct Provenance;
 /// A definite verdict about one `repository@digest`.
 #[derive(Debug, Clone)]
 enum Verdict {
-    Trusted,
+    Trusted(ReleaseSignature),
     Untrusted(SignerError),
 }
 
@@ -145,7 +146,7 @@ impl ProvenanceState {
 
     fn remember(&mut self, key: &LookupKey, result: &Result<ProvenanceGrant, SignerError>) {
         let verdict = match result {
-            Ok(ProvenanceGrant::Trusted) => Verdict::Trusted,
+            Ok(ProvenanceGrant::Trusted(signature)) => Verdict::Trusted(signature.clone()),
             Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => Verdict::Untrusted(e.clone()),
             _ => return,
         };
@@ -162,6 +163,18 @@ impl ProvenanceState {
             expires,
             now,
         );
+    }
+}
+
+/// How an answer of the Provenance actor is recorded (the audit event's
+/// `provenance.verdict`, the pre-flight's `verdict`).
+pub fn provenance_verdict(answer: &Result<ProvenanceGrant, SignerError>) -> ProvenanceVerdict {
+    match answer {
+        Ok(ProvenanceGrant::Trusted(_)) => ProvenanceVerdict::Trusted,
+        Ok(ProvenanceGrant::Allowlisted) => ProvenanceVerdict::Allowlisted,
+        Ok(ProvenanceGrant::Disabled) => ProvenanceVerdict::Disabled,
+        Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => ProvenanceVerdict::Untrusted,
+        Err(_) => ProvenanceVerdict::Unavailable,
     }
 }
 
@@ -229,7 +242,7 @@ impl Actor for Provenance {
                 if let Some(verdict) = state.cached(&repository, &image_digest) {
                     state.stats.cache_hits += 1;
                     let _ = reply.send(match verdict {
-                        Verdict::Trusted => Ok(ProvenanceGrant::Trusted),
+                        Verdict::Trusted(signature) => Ok(ProvenanceGrant::Trusted(signature)),
                         Verdict::Untrusted(e) => Err(e),
                     });
                     return Ok(());

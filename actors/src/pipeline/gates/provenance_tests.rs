@@ -65,9 +65,19 @@ impl ReleaseVerifier for Port {
             "down" => Err(SignerError::ProvenanceUnavailable("registry down".into())),
             "bad" => Err(SignerError::ProvenanceUntrusted("no signature".into())),
             "panic" => panic!("a hostile registry"),
-            _ => Ok(ProvenanceGrant::Trusted),
+            _ => Ok(trusted()),
         }
     }
+}
+
+/// What [`Port`] answers for a trusted image: a signature it "found" on a referrer.
+fn trusted() -> ProvenanceGrant {
+    ProvenanceGrant::Trusted(ReleaseSignature {
+        keyid: "ab".repeat(32),
+        location: crate::ports::SignatureLocation::Referrer,
+        reference: format!("sha256:{}", "cd".repeat(32)),
+        format: crate::ports::SignatureFormat::DsseAttestation,
+    })
 }
 
 async fn ask_digest(
@@ -171,7 +181,7 @@ async fn one_tenant_over_its_bound_waits_or_fails_while_others_are_answered() {
     let CallResult::Success(b) = ask(&actor, "b", "ok", long).await else {
         panic!("no answer for tenant b");
     };
-    assert_eq!(b, Ok(ProvenanceGrant::Trusted));
+    assert_eq!(b, Ok(trusted()));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -222,7 +232,7 @@ async fn permits_come_back_at_the_deadline() {
     let CallResult::Success(r) = ask(&actor, "a", "ok", Duration::from_secs(30)).await else {
         panic!("no answer");
     };
-    assert_eq!(r, Ok(ProvenanceGrant::Trusted));
+    assert_eq!(r, Ok(trusted()));
     assert_eq!(dropped.load(Ordering::SeqCst), 1);
     actor.stop(None);
     let _ = handle.await;
@@ -249,7 +259,7 @@ async fn concurrent_jobs_with_one_image_make_one_lookup_per_tenant() {
         })
         .collect();
     for j in jobs {
-        assert_eq!(j.await.unwrap(), Ok(ProvenanceGrant::Trusted));
+        assert_eq!(j.await.unwrap(), Ok(trusted()));
     }
     assert_eq!(port.calls.load(Ordering::SeqCst), 1);
     assert!(
@@ -290,7 +300,7 @@ async fn definite_verdicts_are_cached_for_the_ttl_and_outages_never() {
     for tenant in ["a", "b"] {
         assert_eq!(
             answer(&actor, tenant, "ok", "sha256:1").await,
-            Ok(ProvenanceGrant::Trusted)
+            Ok(trusted())
         );
         let e = answer(&actor, tenant, "bad", "sha256:1").await.unwrap_err();
         assert_eq!(

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Job, Stop, call_failed, decode::Decoded, stage};
-use crate::audit::{ProvenanceVerdict, QuotaOutcome};
+use crate::audit::QuotaOutcome;
 use crate::error::{ErrorCode, SignerError};
 use crate::pipeline::call_actor;
-use crate::pipeline::gates::{EntitlementMsg, ProvenanceMsg, QuotaMsg};
+use crate::pipeline::gates::{EntitlementMsg, ProvenanceMsg, QuotaMsg, provenance_verdict};
 use crate::pipeline::keyring::KeyMsg;
-use crate::ports::{EntitlementVerdict, GateDenial, GateInput, ProvenanceGrant, QuotaGrant};
+use crate::ports::{EntitlementVerdict, GateInput, QuotaGrant};
 use crate::profiles::ProfileRefusal;
 use crate::request::{PayloadSource, PreparedPayload, SignRequest};
 use crate::signing::SignedEnvelope;
@@ -52,26 +52,7 @@ pub(in crate::pipeline) async fn authenticate(
     })
     .await
     .map_err(|e| Stop::Refused(call_failed(e)))?;
-    let f = &mut job.findings;
-    let verdict = match verdict {
-        Ok(v) => {
-            f.caller.clone_from(&v.caller);
-            f.auth = Some(v.auth);
-            f.poe = Some(v.poe);
-            f.plan = Some(v.plan.clone());
-            v
-        }
-        Err(GateDenial {
-            error,
-            caller,
-            auth,
-            poe,
-            plan,
-        }) => {
-            (f.caller, f.auth, f.poe, f.plan) = (caller, auth, poe, plan);
-            return Err(Stop::Refused(error));
-        }
-    };
+    let verdict = job.findings.entitlement(verdict).map_err(Stop::Refused)?;
 
     // A profile is an entitlement: whether this tenant, on the plan of its verified
     // licence, may use it.
@@ -166,13 +147,7 @@ pub(in crate::pipeline) async fn admit_and_sign(
     })
     .await
     .map_err(|e| Stop::Refused(call_failed(e)))?;
-    f.provenance = Some(match &grant {
-        Ok(ProvenanceGrant::Trusted) => ProvenanceVerdict::Trusted,
-        Ok(ProvenanceGrant::Allowlisted) => ProvenanceVerdict::Allowlisted,
-        Ok(ProvenanceGrant::Disabled) => ProvenanceVerdict::Disabled,
-        Err(e) if e.code() == ErrorCode::ProvenanceUntrusted => ProvenanceVerdict::Untrusted,
-        Err(_) => ProvenanceVerdict::Unavailable,
-    });
+    f.provenance = Some(provenance_verdict(&grant));
     grant.map_err(Stop::Refused)?;
 
     let quota = shared.read_refs().quota.clone();

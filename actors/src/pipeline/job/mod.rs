@@ -58,7 +58,7 @@ use crate::audit::{AuthState, Caller, PoeState, ProvenanceVerdict, QuotaOutcome}
 use crate::codec::ContentType;
 use crate::error::SignerError;
 use crate::messages::ResultKind;
-use crate::ports::{Delivery, OutMessage, PortError};
+use crate::ports::{Delivery, EntitlementVerdict, GateDenial, OutMessage, PortError};
 
 use admit::Signed;
 use claim::{Hold, LeaseGuard};
@@ -125,6 +125,33 @@ pub(in crate::pipeline) struct Findings {
 }
 
 impl Findings {
+    /// Records what the entitlement gate found (who asked, auth, PoE, plan): its verdict,
+    /// or the refusal (a job's, or a pre-flight question's).
+    pub(in crate::pipeline) fn entitlement(
+        &mut self,
+        answer: Result<EntitlementVerdict, GateDenial>,
+    ) -> Result<EntitlementVerdict, SignerError> {
+        match answer {
+            Ok(v) => {
+                self.caller.clone_from(&v.caller);
+                self.auth = Some(v.auth);
+                self.poe = Some(v.poe);
+                self.plan = Some(v.plan.clone());
+                Ok(v)
+            }
+            Err(GateDenial {
+                error,
+                caller,
+                auth,
+                poe,
+                plan,
+            }) => {
+                (self.caller, self.auth, self.poe, self.plan) = (caller, auth, poe, plan);
+                Err(error)
+            }
+        }
+    }
+
     /// The audit-relevant parts (the struct itself is consumed by the event).
     fn clone_parts(&self) -> Findings {
         Findings {

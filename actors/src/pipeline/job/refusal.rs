@@ -139,7 +139,7 @@ pub(in crate::pipeline) fn exponential_backoff(cfg: &PipelineConfig, delivered: 
         .min(cfg.backoff_max)
 }
 
-fn decision_of(code: ErrorCode) -> Decision {
+pub(in crate::pipeline) fn decision_of(code: ErrorCode) -> Decision {
     use ErrorCode::*;
     match code {
         AuthInvalid | AuthExpired | AudienceMismatch | ScopeMissing | TenantMismatch

@@ -145,7 +145,7 @@ fn retry_later(cfg: &PipelineConfig, d: &dyn Delivery, e: &StoreError) -> Settle
 }
 
 /// The audit event of a job's decision, bounded in size.
-pub(super) fn audit_event(
+pub(in crate::pipeline) fn audit_event(
     ids: &Ids,
     decision: Decision,
     code: Option<ErrorCode>,

@@ -79,7 +79,12 @@ impl ReleaseVerifier for LoggedProvenance {
     async fn look_up(&self, _: &str, _: &str) -> Result<ProvenanceGrant, SignerError> {
         self.0.push("provenance");
         self.1.decide().await?;
-        Ok(ProvenanceGrant::Trusted)
+        Ok(ProvenanceGrant::Trusted(ReleaseSignature {
+            keyid: "ab".repeat(32),
+            location: SignatureLocation::Tag,
+            reference: format!("sha256-{}.sig", "0".repeat(64)),
+            format: SignatureFormat::CosignSignature,
+        }))
     }
 }
 
