@@ -285,7 +285,7 @@ pub async fn export(
         ..filter.clone()
     };
     let audit = cfg.subject("signer.audit");
-    read(&nats, vec![format!("{audit}.>")], filter.since, |m| {
+    read(&nats, format!("{audit}.>"), filter.since, |m| {
         if m.published > until {
             return Ok(false);
         }

@@ -76,18 +76,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// The consumer's subject filters below `audit` (`<prefix>signer.audit`). With a tenant
-    /// and no decision, the tenant's subject without a decision token too (where events were
-    /// published before subjects carried the decision).
-    fn subjects(&self, audit: &str) -> Vec<String> {
+    /// The consumer's subject filter below `audit` (`<prefix>signer.audit`). (Events
+    /// published before subjects carried the decision, on `<audit>.<tenant>`, are found
+    /// only without --tenant and --decision.)
+    fn subject(&self, audit: &str) -> String {
         match (&self.tenant, self.decision) {
-            (None, None) => vec![format!("{audit}.>")],
-            (Some(t), None) => vec![format!("{audit}.{t}.*"), format!("{audit}.{t}")],
-            (t, Some(d)) => vec![format!(
+            (None, None) => format!("{audit}.>"),
+            (t, d) => format!(
                 "{audit}.{}.{}",
                 t.as_deref().unwrap_or("*"),
-                d.as_str()
-            )],
+                d.map_or("*", Decision::as_str)
+            ),
         }
     }
 
@@ -163,13 +162,13 @@ fn unusable(e: impl std::fmt::Display) -> CliError {
     CliError::Unusable(e.to_string())
 }
 
-/// Reads the audit stream's messages on `subjects` from `since` (the first one otherwise)
+/// Reads the audit stream's messages on `subject` from `since` (the first one otherwise)
 /// in order, up to the last one stored when the read began, handing each to `each` until it
 /// returns `false`. The server does the filtering: only matching messages are sent.
 /// Returns the number of messages read.
 pub async fn read(
     nats: &NatsArgs,
-    subjects: Vec<String>,
+    subject: String,
     since: Option<SystemTime>,
     mut each: impl FnMut(Read) -> Result<bool, CliError>,
 ) -> Result<u64, CliError> {
@@ -184,15 +183,10 @@ pub async fn read(
         },
         None => DeliverPolicy::All,
     };
-    let (filter_subject, filter_subjects) = match <[String; 1]>::try_from(subjects) {
-        Ok([one]) => (one, Vec::new()),
-        Err(many) => (String::new(), many),
-    };
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             deliver_policy,
-            filter_subject,
-            filter_subjects,
+            filter_subject: subject,
             ..Default::default()
         })
         .await
@@ -242,7 +236,7 @@ async fn verify(nats: NatsArgs) -> Result<(), CliError> {
     let stream = nats.nats_config()?.audit_stream;
     let audit = nats.nats_config()?.subject("signer.audit");
     let mut verifier = ChainVerifier::default();
-    let messages = read(&nats, vec![format!("{audit}.>")], None, |m| {
+    let messages = read(&nats, format!("{audit}.>"), None, |m| {
         let of = m.events.len();
         for (i, event) in m.events.iter().enumerate() {
             if let Err(e) = verifier.push(event) {

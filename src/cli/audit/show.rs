@@ -35,7 +35,7 @@ pub async fn show(
         .map_err(write_err)?;
     }
     let (mut shown, mut messages) = (0u64, 0u64);
-    read(&nats, filter.subjects(&audit), filter.since, |m| {
+    read(&nats, filter.subject(&audit), filter.since, |m| {
         messages += 1;
         for event in m.events.iter().filter(|e| {
             filter.admits(e)
