@@ -216,7 +216,7 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             audit_batch_max: 256,
-            audit_flush_interval: Duration::from_millis(1),
+            audit_flush_interval: Duration::ZERO,
             max_queue_age: Duration::from_secs(24 * 3600),
             retry_budget: Duration::from_secs(60),
             job_timeout: Duration::from_secs(300),

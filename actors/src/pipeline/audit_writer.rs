@@ -2,17 +2,25 @@
 //! sent in order, and the next batch is sealed only once the stream has stored the previous
 //! one, so a chain never links to an event that was not stored.
 //!
-//! When events of a batch are not stored (the stream lost its leader, the broker is away),
-//! the writer keeps them, sealed, and sends the very same messages again after a short
-//! backoff, ahead of anything newer, until the stream stores them: the chain goes on where
-//! it was, with the same prevHash and writerSeq. An event that was stored although its
-//! acknowledgement was lost comes back as a duplicate of its `Nats-Msg-Id` (its hash) and
-//! the stream keeps the first copy. The jobs waiting for these events are answered once
+//! **Several events per message.** A batch's events are sealed grouped by subject
+//! (`<prefix>.<tenant>.<decision>`) and each run of one subject is packed into messages of
+//! at most `audit_batch_max` events and `audit_max_message_bytes` of body: a lone event is
+//! its JSON object, several a JSON array. Every event keeps its own link, so each verifies
+//! as if alone. A message's `Nats-Msg-Id` is its last event's hash, and the appends of its
+//! events are answered with its stream sequence once it is stored.
+//!
+//! When messages of a batch are not stored (the stream lost its leader, the broker is
+//! away), the writer keeps them, sealed, and sends the very same messages again after a
+//! short backoff, ahead of anything newer, until the stream stores them: the chain goes on
+//! where it was, with the same prevHash and writerSeq. A message that was stored although
+//! its acknowledgement was lost comes back as a duplicate of its `Nats-Msg-Id` and the
+//! stream keeps the first copy. A message of several events the stream refuses for good is
+//! sent again as one message per event, on the same chain. The jobs waiting for these events are answered once
 //! they are stored (or give up at their call timeout; the event is still stored, and the
 //! job's retry of the append joins it: see below).
 //!
 //! A new chain, under a new writer name, is started only by a restarted writer (it cannot
-//! see the end of the old one) and when the stream refuses an event for good (a permanent
+//! see the end of the old one) and when the stream refuses a lone event for good (a permanent
 //! failure, e.g. over the broker's size limit): that job is answered with the error, and the
 //! events sealed after it are sealed again onto the new chain, so no stored event links to
 //! one that will never be stored.
@@ -495,7 +503,11 @@ impl Actor for AuditWriter {
                     return Ok(());
                 }
                 state.pending.push((id, event));
-                if state.pending.len() >= state.shared.batch_max && state.unstored.is_empty() {
+                // No linger (an interval of zero): send at once when no batch is in flight;
+                // what arrives while one is forms the next batch.
+                let now = state.pending.len() >= state.shared.batch_max
+                    || (state.shared.flush_interval.is_zero() && !state.flush_scheduled);
+                if now && state.unstored.is_empty() {
                     Self::flush(&myself, state).await;
                 } else if !state.flush_scheduled && !state.in_flight && state.unstored.is_empty() {
                     // (while events are unstored, the retry's own flush is scheduled)

@@ -145,7 +145,7 @@ impl PipelineConfig {
             ack_wait: Duration::from_secs(30),
             profiles: profiles.into(),
             audit_batch_max: 256,
-            audit_flush_interval: Duration::from_millis(1),
+            audit_flush_interval: Duration::ZERO,
             audit_max_message_bytes: (1 << 20) - INLINE_RESULT_HEADROOM,
             call_timeout: Duration::from_secs(30),
             max_queue_age: Duration::from_secs(24 * 3600),
