@@ -80,7 +80,7 @@ pub async fn show(
 }
 
 /// One table row: columns padded to fixed widths (the last one not).
-fn row<'a>(cells: [&'a str; 8]) -> String {
+fn row(cells: [&str; 8]) -> String {
     const WIDTHS: [usize; 7] = [8, 30, 16, 9, 8, 28, 24];
     let mut line = String::new();
     for (i, cell) in cells.iter().enumerate() {
