@@ -217,7 +217,7 @@ async fn show_filters_on_the_server_and_an_export_verifies_alone() {
     early.extend((0..3).map(|i| event("acme", Decision::Denied, &format!("d-{i}"))));
     early.extend((0..4).map(|i| event("globex", Decision::Signed, &format!("g-{i}"))));
     append(&w, early).await;
-    let since = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let since = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
     let mut late = Vec::new();
     late.extend((0..2).map(|i| event("acme", Decision::Signed, &format!("late-a-{i}"))));
     late.extend((0..2).map(|i| event("globex", Decision::Denied, &format!("late-g-{i}"))));
@@ -289,6 +289,64 @@ async fn show_filters_on_the_server_and_an_export_verifies_alone() {
     let (code, out, _) = audit(&stack, &["verify", "--file", file_arg]);
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("FAIL:") && out.contains("altered"), "{out}");
+    stack.cleanup(&js).await;
+}
+
+/// A worker under load batches its jobs' events: a result's `audit.seq` is the message
+/// holding its event, on `<prefix>signer.audit.<tenant>.<decision>`, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_batches_hold_its_jobs_events_where_their_results_point() {
+    let mut stack = Stack::new("audw");
+    // a linger, so that the jobs' events meet in batches however the machine is loaded
+    stack.configure(|cfg| cfg.worker.audit_flush_interval = Duration::from_millis(200));
+    stack.spawn_worker();
+    let (_c, js) = stack.connect().await;
+    stack.wait_provisioned(&js).await;
+    for i in 0..20 {
+        let id = format!("j-{i}");
+        let mut body = common::stack::request(&id, ["acme", "globex"][i % 2], None);
+        if i % 5 == 0 {
+            body["kind"] = "nope".into();
+        }
+        stack
+            .publish(
+                &js,
+                "sign.requests",
+                &[("Nats-Msg-Id", &id)],
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+    }
+    let results = stack
+        .results(&js, 20, Duration::from_secs(60), Duration::ZERO)
+        .await;
+    let stream = js.get_stream(stack.stream("AUD")).await.unwrap();
+    let mut messages = std::collections::BTreeSet::new();
+    for r in &results {
+        let seq = r.body["audit"]["seq"].as_u64().unwrap();
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let events = signer_actors::audit::decode_message(&m.payload).unwrap();
+        let e = events
+            .iter()
+            .find(|e| e["requestId"] == r.body["requestId"])
+            .unwrap_or_else(|| panic!("{}: not in message {seq}", r.body["requestId"]));
+        let subject = stack.subject(&format!(
+            "signer.audit.{}.{}",
+            e["tenant"].as_str().unwrap(),
+            e["decision"].as_str().unwrap()
+        ));
+        assert_eq!(m.subject.as_str(), subject);
+        assert!(
+            events
+                .iter()
+                .all(|o| o["tenant"] == e["tenant"] && o["decision"] == e["decision"])
+        );
+        messages.insert(seq);
+    }
+    assert!(messages.len() < 20, "events shared messages: {messages:?}");
+    let (code, text) = stack.audit_verify();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("OK: 20 events in "), "{text}");
     stack.cleanup(&js).await;
 }
 
@@ -489,7 +547,7 @@ async fn a_tenant_and_since_query_on_a_million_events_reads_only_its_messages() 
         a.await.unwrap();
     }
     let loaded = load.elapsed();
-    let since = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let since = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
     for m in 0..3 {
         let batch: Vec<AuditEvent> = (0..PER_MESSAGE)
             .map(|i| {

@@ -280,10 +280,7 @@ pub async fn export(
     };
     let mut writer = ExportWriter::new(std::io::BufWriter::new(file), &header).map_err(failed)?;
     // the window is by store time: the filter selects events, the rest are links
-    let select = Filter {
-        since: None,
-        ..filter.clone()
-    };
+    let select = filter.clone();
     let audit = cfg.subject("signer.audit");
     read(&nats, format!("{audit}.>"), filter.since, |m| {
         if m.published > until {

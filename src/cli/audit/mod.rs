@@ -69,8 +69,8 @@ pub struct Filter {
     /// Only events with this decision: signed, denied, failed, accepted, refused.
     #[arg(long, value_parser = parse_decision)]
     pub decision: Option<Decision>,
-    /// Only events from this time on (RFC 3339, e.g. `2026-11-29T04:00:00Z`, or a
-    /// duration ago such as `2h`).
+    /// Only events the stream stored from this time on (RFC 3339, e.g.
+    /// `2026-11-29T04:00:00Z`, or a duration ago such as `2h`).
     #[arg(long, value_parser = parse_time)]
     pub since: Option<SystemTime>,
 }
@@ -90,15 +90,13 @@ impl Filter {
         }
     }
 
-    /// Whether `event` passes the filter (the server's filter works per message; this
-    /// checks each event, and the event's own time against --since).
+    /// Whether `event` passes the tenant and decision filter (the server's filter works
+    /// per message; this checks each event). `--since` is by the time the stream stored the
+    /// message, checked in [`read`].
     fn admits(&self, event: &serde_json::Value) -> bool {
         let text = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or_default();
         self.tenant.as_deref().is_none_or(|t| text("tenant") == t)
             && self.decision.is_none_or(|d| text("decision") == d.as_str())
-            && self.since.is_none_or(|since| {
-                humantime::parse_rfc3339_weak(text("time")).is_ok_and(|t| t >= since)
-            })
     }
 }
 
@@ -202,21 +200,28 @@ pub async fn read(
             Ok(None) => break,
             Err(_) => return Err(unusable("the audit stream sent nothing for 30s")),
         };
-        read += 1;
         let info = msg.info().map_err(unusable)?;
         let (seq, pending, published) = (
             info.stream_sequence,
             info.pending,
             SystemTime::from(info.published),
         );
-        let events = decode_message(&msg.payload)
-            .map_err(|e| CliError::Invalid(format!("audit message at stream seq {seq}: {e}")))?;
-        if !each(Read {
-            seq,
-            published,
-            events,
-        })? || pending == 0
-        {
+        // The start time is the server's filter; checked here too, since an ordered consumer
+        // recreated before its first message (a missed heartbeat) starts from the beginning.
+        if since.is_none_or(|since| published >= since) {
+            read += 1;
+            let events = decode_message(&msg.payload).map_err(|e| {
+                CliError::Invalid(format!("audit message at stream seq {seq}: {e}"))
+            })?;
+            if !each(Read {
+                seq,
+                published,
+                events,
+            })? {
+                break;
+            }
+        }
+        if pending == 0 {
             break;
         }
     }
