@@ -38,8 +38,9 @@
 //! after the event could first be stored); the second `call_timeout` covers an Append that
 //! waited in the mailbox. A bound by time rather than by count holds for any throughput
 //! (memory is that window's events, about 50 bytes each). An id whose event the stream
-//! refused for good is forgotten, so a later Append with it is sealed again (nothing was
-//! stored). The memory belongs to one incarnation: a restarted writer knows no ids, and an
+//! refused for good is remembered the same way, with its error: a later Append with it is
+//! answered with that error at once instead of being sealed again (it would be refused
+//! again, and each lone refusal ends a chain). The memory belongs to one incarnation: a restarted writer knows no ids, and an
 //! Append retried across a writer restart is sealed again onto the new chain.
 
 use std::collections::{HashMap, VecDeque};
@@ -101,7 +102,9 @@ struct Appends {
     waiting: HashMap<AppendId, Vec<AuditReply>>,
     /// Stored: their stream sequences.
     stored: HashMap<AppendId, u64>,
-    /// When each stored id was stored, oldest first.
+    /// Refused for good: the error.
+    refused: HashMap<AppendId, PortError>,
+    /// When each stored or refused id was settled, oldest first.
     stored_at: VecDeque<(Instant, AppendId)>,
     /// How long a stored id is remembered.
     keep: Duration,
@@ -112,6 +115,7 @@ impl Appends {
         Appends {
             waiting: HashMap::new(),
             stored: HashMap::new(),
+            refused: HashMap::new(),
             stored_at: VecDeque::new(),
             keep,
         }
@@ -124,6 +128,11 @@ impl Appends {
         if let Some(&seq) = self.stored.get(&id) {
             metrics::counter!("signer_audit_appends_deduplicated_total").increment(1);
             let _ = reply.send(Ok(seq));
+            return false;
+        }
+        if let Some(error) = self.refused.get(&id) {
+            metrics::counter!("signer_audit_appends_deduplicated_total").increment(1);
+            let _ = reply.send(Err(error.clone()));
             return false;
         }
         if let Some(waiting) = self.waiting.get_mut(&id) {
@@ -146,11 +155,16 @@ impl Appends {
         self.forget_old(now);
     }
 
-    /// The event of `id` will not be stored: answers its callers with `error`.
+    /// The event of `id` will not be stored: answers its callers with `error`, and a
+    /// later Append of `id` too.
     fn failed(&mut self, id: AppendId, error: PortError) {
         for reply in self.waiting.remove(&id).unwrap_or_default() {
             let _ = reply.send(Err(error.clone()));
         }
+        let now = Instant::now();
+        self.refused.insert(id, error);
+        self.stored_at.push_back((now, id));
+        self.forget_old(now);
     }
 
     fn forget_old(&mut self, now: Instant) {
@@ -160,6 +174,7 @@ impl Appends {
             }
             self.stored_at.pop_front();
             self.stored.remove(&id);
+            self.refused.remove(&id);
         }
     }
 }
