@@ -339,6 +339,11 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         provisioned.ack_wait,
     );
     pcfg.max_inline_result_bytes = inline_limit;
+    // a batch of audit events is split to fit the server's max_payload, headers aside
+    pcfg.audit_max_message_bytes = client
+        .server_info()
+        .max_payload
+        .saturating_sub(signer_actors::pipeline::INLINE_RESULT_HEADROOM);
     let pipeline = Pipeline::start(pcfg, ports)
         .await
         .map_err(|e| ServeError::Setup(e.to_string()))?;

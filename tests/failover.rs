@@ -415,7 +415,7 @@ async fn killing_the_results_leader_mid_load_signs_every_job_once() {
     let events: Vec<serde_json::Value> = stored_messages(&js, &stack.stream("AUD"))
         .await
         .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .flat_map(|m| signer_actors::audit::decode_message(&m.payload).unwrap())
         .collect();
     let mut signed: HashMap<String, usize> = HashMap::new();
     for e in events.iter().filter(|e| e["decision"] == "signed") {

@@ -483,10 +483,19 @@ async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
     forged["writerSeq"] = (forged["writerSeq"].as_u64().unwrap() + 1).into();
     forged["prevHash"] = forged["hash"].clone();
     forged["decision"] = "signed".into();
+    let stored = js
+        .get_stream(stack.stream("AUD"))
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
     stack
         .publish(
             &js,
-            "signer.audit.acme",
+            "signer.audit.acme.signed",
             &[],
             serde_json::to_vec(&forged).unwrap(),
         )
@@ -494,7 +503,7 @@ async fn watch_follows_results_and_audit_verify_finds_a_forged_event() {
     let (code, text) = verify();
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.starts_with("FAIL: stream seq 5") && text.contains("altered"),
+        text.starts_with(&format!("FAIL: stream seq {}:", stored + 1)) && text.contains("altered"),
         "{text}"
     );
     stack.cleanup(&js).await;

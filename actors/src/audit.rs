@@ -267,6 +267,59 @@ pub enum Decision {
     Refused,
 }
 
+impl Decision {
+    /// The wire value (also the last token of the event's subject).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Signed => "signed",
+            Decision::Denied => "denied",
+            Decision::Failed => "failed",
+            Decision::Accepted => "accepted",
+            Decision::Refused => "refused",
+        }
+    }
+}
+
+/// The subject token of `tenant`: the tenant itself, since the tenant pattern
+/// (`[A-Za-z0-9_-]`, 1 to 64) only allows characters that are safe in a subject token;
+/// `_unknown` (the tenant of a job whose tenant could not be read) for anything else (an
+/// event built from an unvalidated value), so that no event can publish on a subject with
+/// wildcards or extra tokens.
+pub fn subject_token(tenant: &str) -> &str {
+    if crate::request::is_valid_tenant(tenant) {
+        tenant
+    } else {
+        "_unknown"
+    }
+}
+
+impl AuditEvent {
+    /// The subject this event is published on, below the audit prefix:
+    /// `<tenant token>.<decision>` (see [`subject_token`]).
+    pub fn subject_suffix(&self) -> String {
+        format!("{}.{}", subject_token(&self.tenant), self.decision.as_str())
+    }
+}
+
+/// Why an audit message could not be read as events.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("neither an event (a JSON object) nor a batch (a JSON array of objects)")]
+    NotEvents,
+}
+
+/// The events of one audit stream message, in order: a message is one event (a JSON
+/// object) or a batch (a JSON array of events).
+pub fn decode_message(body: &[u8]) -> Result<Vec<serde_json::Value>, MessageError> {
+    match serde_json::from_slice(body)? {
+        one @ serde_json::Value::Object(_) => Ok(vec![one]),
+        serde_json::Value::Array(events) if events.iter().all(|e| e.is_object()) => Ok(events),
+        _ => Err(MessageError::NotEvents),
+    }
+}
+
 /// Subjects an audit event lists at most; the rest are counted in `subjectsOmitted`.
 pub const MAX_AUDIT_SUBJECTS: usize = 64;
 
@@ -497,28 +550,21 @@ pub enum ChainBreak {
     },
 }
 
-/// Walks events in stream order. Several writers interleave; each chain is checked on its own.
-#[derive(Debug, Default)]
-pub struct ChainVerifier {
-    heads: HashMap<String, (u64, String)>,
-    position: usize,
+/// An event's place in its writer's chain: what an export keeps of an event it leaves out,
+/// so the chain still links across it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Link {
+    pub worker: String,
+    pub writer_seq: u64,
+    pub prev_hash: String,
+    pub hash: String,
 }
 
-impl ChainVerifier {
-    /// Checks the next event, as stored. A writer's first event seen may start mid-chain
-    /// (the stream's retention may have dropped older ones); from then on every link must hold.
-    pub fn push(&mut self, stored: &serde_json::Value) -> Result<(), ChainBreak> {
-        let position = self.position;
-        self.position += 1;
-        let worker = stored
-            .get("worker")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let writer_seq = stored
-            .get("writerSeq")
-            .and_then(|v| v.as_u64())
-            .unwrap_or_default();
+impl Link {
+    /// The link of an event as stored (members missing or of the wrong type read as empty,
+    /// which no chain check accepts).
+    pub fn of_stored(stored: &serde_json::Value) -> Link {
         let text = |k: &str| {
             stored
                 .get(k)
@@ -526,39 +572,111 @@ impl ChainVerifier {
                 .unwrap_or_default()
                 .to_string()
         };
-        let (hash, prev_hash) = (text("hash"), text("prevHash"));
-        let computed = hash_of_stored(stored).ok();
-        if worker.is_empty() || computed.as_deref() != Some(hash.as_str()) {
+        Link {
+            worker: text("worker"),
+            writer_seq: stored
+                .get("writerSeq")
+                .and_then(|v| v.as_u64())
+                .unwrap_or_default(),
+            prev_hash: text("prevHash"),
+            hash: text("hash"),
+        }
+    }
+}
+
+/// The part of one writer's chain a walk saw: where it starts (its anchor, the `prevHash`
+/// of its first event seen) and where it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChainSpan {
+    pub worker: String,
+    pub first_seq: u64,
+    pub anchor: String,
+    pub last_seq: u64,
+    pub head: String,
+}
+
+/// Walks events in stream order. Several writers interleave; each chain is checked on its own.
+#[derive(Debug, Default)]
+pub struct ChainVerifier {
+    /// Per writer: its span so far (the last link is its head).
+    spans: HashMap<String, ChainSpan>,
+    position: usize,
+}
+
+impl ChainVerifier {
+    /// Checks the next event, as stored: its hash, then its link. A writer's first event
+    /// seen may start mid-chain (the stream's retention may have dropped older ones); from
+    /// then on every link must hold.
+    pub fn push(&mut self, stored: &serde_json::Value) -> Result<(), ChainBreak> {
+        let link = Link::of_stored(stored);
+        if link.worker.is_empty() || hash_of_stored(stored).ok().as_deref() != Some(&link.hash) {
+            let position = self.position;
+            self.position += 1;
+            return Err(ChainBreak::Altered {
+                position,
+                worker: link.worker,
+                writer_seq: link.writer_seq,
+            });
+        }
+        self.push_link(link)
+    }
+
+    /// Checks the next link of an event whose content is not at hand (left out of an
+    /// export): only that it follows its writer's previous one.
+    pub fn push_link(&mut self, link: Link) -> Result<(), ChainBreak> {
+        let position = self.position;
+        self.position += 1;
+        let Link {
+            worker,
+            writer_seq,
+            prev_hash,
+            hash,
+        } = link;
+        if worker.is_empty() || !crate::messages::is_hex(&hash, 64) {
             return Err(ChainBreak::Altered {
                 position,
                 worker,
                 writer_seq,
             });
         }
-        if let Some((prev_seq, prev)) = self.heads.get(&worker) {
-            if writer_seq != prev_seq + 1 {
+        if let Some(span) = self.spans.get_mut(&worker) {
+            if writer_seq != span.last_seq + 1 {
                 return Err(ChainBreak::Gap {
                     position,
                     worker,
                     writer_seq,
-                    expected_prev: *prev_seq,
+                    expected_prev: span.last_seq,
                 });
             }
-            if prev_hash != *prev {
+            if prev_hash != span.head {
                 return Err(ChainBreak::Unlinked {
                     position,
                     worker,
                     writer_seq,
                 });
             }
-        } else if writer_seq == 1 && prev_hash != GENESIS_HASH {
+            span.last_seq = writer_seq;
+            span.head = hash;
+            return Ok(());
+        }
+        if writer_seq == 1 && prev_hash != GENESIS_HASH {
             return Err(ChainBreak::Unlinked {
                 position,
                 worker,
                 writer_seq,
             });
         }
-        self.heads.insert(worker, (writer_seq, hash));
+        self.spans.insert(
+            worker.clone(),
+            ChainSpan {
+                worker,
+                first_seq: writer_seq,
+                anchor: prev_hash,
+                last_seq: writer_seq,
+                head: hash,
+            },
+        );
         Ok(())
     }
 
@@ -569,7 +687,14 @@ impl ChainVerifier {
 
     /// Number of distinct writers seen.
     pub fn writers(&self) -> usize {
-        self.heads.len()
+        self.spans.len()
+    }
+
+    /// What was seen of each writer's chain, by writer name.
+    pub fn spans(&self) -> Vec<ChainSpan> {
+        let mut spans: Vec<_> = self.spans.values().cloned().collect();
+        spans.sort_by(|a, b| a.worker.cmp(&b.worker));
+        spans
     }
 }
 
@@ -694,6 +819,77 @@ mod tests {
         // a well-formed event is left as it was
         let small = event("r-2");
         assert_eq!(small.clone().bounded(), small);
+    }
+
+    /// Messages of `events`: `sizes` events each, a lone one as an object.
+    fn messages(events: &[AuditEvent], sizes: &[usize]) -> Vec<Vec<u8>> {
+        let mut rest = events;
+        sizes
+            .iter()
+            .map(|&n| {
+                let (these, more) = rest.split_at(n);
+                rest = more;
+                match these {
+                    [one] => serde_json::to_vec(one).unwrap(),
+                    many => serde_json::to_vec(many).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    fn verify_messages(messages: &[Vec<u8>]) -> Result<usize, ChainBreak> {
+        let mut v = ChainVerifier::default();
+        for m in messages {
+            for e in decode_message(m).unwrap() {
+                v.push(&e)?;
+            }
+        }
+        Ok(v.checked())
+    }
+
+    #[test]
+    fn a_stream_of_lone_events_and_batches_verifies_and_a_broken_batch_is_found() {
+        let events = chain(10);
+        let mixed = messages(&events, &[1, 4, 1, 3, 1]);
+        assert_eq!(mixed[0].first(), Some(&b'{'));
+        assert_eq!(mixed[1].first(), Some(&b'['));
+        assert_eq!(verify_messages(&mixed), Ok(10));
+
+        let mut altered = events.clone();
+        altered[3].decision = Decision::Failed;
+        assert!(matches!(
+            verify_messages(&messages(&altered, &[1, 4, 1, 3, 1])),
+            Err(ChainBreak::Altered { position: 3, .. })
+        ));
+
+        let mut removed = events.clone();
+        removed.remove(2); // from inside the batch of four
+        assert!(matches!(
+            verify_messages(&messages(&removed, &[1, 3, 1, 3, 1])),
+            Err(ChainBreak::Gap { position: 2, .. })
+        ));
+
+        assert!(decode_message(b"[1,2]").is_err());
+        assert!(decode_message(b"\"x\"").is_err());
+        assert!(decode_message(b"[").is_err());
+    }
+
+    #[test]
+    fn an_event_subject_names_its_tenant_and_decision_with_safe_tokens() {
+        let mut e = event("r-1");
+        assert_eq!(e.subject_suffix(), "acme.signed");
+        e.tenant = "a.b.*".into();
+        e.decision = Decision::Refused;
+        assert_eq!(e.subject_suffix(), "_unknown.refused");
+        for d in [
+            Decision::Signed,
+            Decision::Denied,
+            Decision::Failed,
+            Decision::Accepted,
+            Decision::Refused,
+        ] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
     }
 
     #[test]

@@ -164,6 +164,10 @@ impl NatsConfig {
 /// statement must always fit inline.
 pub const MIN_INLINE_RESULT_BYTES: usize = 16 << 10;
 
+/// Most events `worker.audit_batch_max` may put in one audit message (messages are split
+/// below the server's `max_payload` anyway; this bounds the work one message holds up).
+pub const MAX_AUDIT_BATCH: usize = 4096;
+
 /// How one replica works.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,7 +182,10 @@ pub struct WorkerConfig {
     pub backoff_base: Duration,
     #[serde(with = "duration")]
     pub backoff_max: Duration,
+    /// Most audit events in one message (1 to [`MAX_AUDIT_BATCH`]); 1 publishes every
+    /// event on its own.
     pub audit_batch_max: usize,
+    /// Longest time an audit event waits for its batch.
     #[serde(with = "duration")]
     pub audit_flush_interval: Duration,
     /// A job published longer ago than this when a worker takes it is refused with
@@ -215,7 +222,7 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             audit_batch_max: 256,
-            audit_flush_interval: Duration::from_millis(1),
+            audit_flush_interval: Duration::ZERO,
             max_queue_age: Duration::from_secs(24 * 3600),
             retry_budget: Duration::from_secs(60),
             job_timeout: Duration::from_secs(300),
@@ -456,6 +463,11 @@ impl Config {
         }
         if self.nats.blobs_max_age < Duration::from_secs(60) {
             return invalid("nats.blobs_max_age must be at least 1m".into());
+        }
+        if !(1..=MAX_AUDIT_BATCH).contains(&self.worker.audit_batch_max) {
+            return invalid(format!(
+                "worker.audit_batch_max must be between 1 and {MAX_AUDIT_BATCH}"
+            ));
         }
         if self.worker.max_payload_ref_bytes == 0 {
             return invalid("worker.max_payload_ref_bytes must be at least 1".into());

@@ -5,7 +5,7 @@
 //! `keystate/`, `blobs/object_store.rs`).
 
 pub mod provision;
-pub(crate) mod publisher;
+pub mod publisher;
 pub(crate) mod source;
 
 use crate::config::NatsConfig;

@@ -518,7 +518,7 @@ impl Stack {
                 .stored(js, "AUD")
                 .await
                 .iter()
-                .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+                .flat_map(|m| signer_actors::audit::decode_message(&m.payload).unwrap())
                 .filter(|e| e["requestId"] == request_id)
                 .collect();
             if !found.is_empty() {
@@ -628,7 +628,7 @@ impl Stack {
         )
     }
 
-    /// Every audit event stored so far, in stream order.
+    /// Every audit event stored so far, in stream order (the events of a batch in order).
     pub async fn audit_events(&self, js: &jetstream::Context) -> Vec<Value> {
         let mut stream = js.get_stream(self.stream("AUD")).await.unwrap();
         let last = stream.info().await.unwrap().state.last_sequence;
@@ -647,7 +647,7 @@ impl Stack {
         while let Ok(Some(Ok(msg))) =
             tokio::time::timeout(Duration::from_secs(5), messages.next()).await
         {
-            out.push(serde_json::from_slice(&msg.payload).unwrap());
+            out.extend(signer_actors::audit::decode_message(&msg.payload).unwrap());
             if msg.info().map(|i| i.stream_sequence).unwrap_or(0) >= last {
                 break;
             }

@@ -69,7 +69,7 @@ pub struct PipelineConfig {
     pub completed_subject: String,
     /// Subject for failed results (`sign.failed`).
     pub failed_subject: String,
-    /// Audit events go to `<audit_subject_prefix>.<tenant>`.
+    /// Audit messages go to `<audit_subject_prefix>.<tenant>.<decision>`.
     pub audit_subject_prefix: String,
     /// Name of the audit stream, as results report it.
     pub audit_stream: String,
@@ -91,9 +91,12 @@ pub struct PipelineConfig {
     /// Signing profiles: the keys of each profile (one signature per key, in order), per
     /// tenant and plan.
     pub profiles: crate::profiles::ProfileTable,
-    /// Audit events per batch at most, and how long an event may wait for its batch.
+    /// Audit events per message at most, and how long an event may wait for its batch.
     pub audit_batch_max: usize,
     pub audit_flush_interval: Duration,
+    /// Largest body of an audit message (a batch that would be larger is split): below the
+    /// broker's `max_payload`, with headroom for headers.
+    pub audit_max_message_bytes: usize,
     /// Time limit of one call to an actor.
     pub call_timeout: Duration,
     /// A job published longer ago than this when a worker takes it is refused with
@@ -143,7 +146,8 @@ impl PipelineConfig {
             ack_wait: Duration::from_secs(30),
             profiles: profiles.into(),
             audit_batch_max: 256,
-            audit_flush_interval: Duration::from_millis(1),
+            audit_flush_interval: Duration::ZERO,
+            audit_max_message_bytes: (1 << 20) - INLINE_RESULT_HEADROOM,
             call_timeout: Duration::from_secs(30),
             max_queue_age: Duration::from_secs(24 * 3600),
             store_failure_window: Duration::from_secs(30),
@@ -423,12 +427,61 @@ impl AuditSink {
     /// stream sequence.
     pub async fn append(&self, event: crate::audit::AuditEvent) -> Result<u64, AuditAppendError> {
         let audit = self.0.read_refs().audit.clone();
-        call_actor(audit, "audit_writer", self.0.cfg.call_timeout, |r| {
-            audit_writer::AuditMsg::Append(audit_writer::AppendId::fresh(), Box::new(event), r)
-        })
+        append_to(audit, self.0.cfg.call_timeout, event).await
+    }
+}
+
+/// Has the AuditWriter `audit` store `event`, waiting at most `timeout`.
+async fn append_to(
+    audit: Option<ActorRef<audit_writer::AuditMsg>>,
+    timeout: Duration,
+    event: crate::audit::AuditEvent,
+) -> Result<u64, AuditAppendError> {
+    call_actor(audit, "audit_writer", timeout, |r| {
+        audit_writer::AuditMsg::Append(audit_writer::AppendId::fresh(), Box::new(event), r)
+    })
+    .await
+    .map_err(|e| AuditAppendError::Unreachable(e.to_string()))?
+    .map_err(|e| AuditAppendError::NotStored(e.to_string()))
+}
+
+/// An AuditWriter on its own, outside a pipeline, with the pipeline's batching, chain and
+/// failure handling: for measuring the writer, and for loading an audit stream in tests.
+/// (Not supervised: if it stops, appends fail with [`AuditAppendError::Unreachable`].)
+pub struct StandaloneAuditWriter {
+    actor: ActorRef<audit_writer::AuditMsg>,
+    call_timeout: Duration,
+}
+
+impl StandaloneAuditWriter {
+    /// Starts a writer named after `cfg.worker_id`, with `cfg`'s audit settings, that
+    /// publishes through `publisher`.
+    pub async fn spawn(
+        cfg: &PipelineConfig,
+        publisher: Arc<dyn MessagePublisher>,
+    ) -> Result<Self, StartError> {
+        let (actor, _) = ractor::Actor::spawn(
+            None,
+            audit_writer::AuditWriter,
+            audit_writer::WriterArgs::new(cfg, publisher),
+        )
         .await
-        .map_err(|e| AuditAppendError::Unreachable(e.to_string()))?
-        .map_err(|e| AuditAppendError::NotStored(e.to_string()))
+        .map_err(|e| StartError::Spawn(e.to_string()))?;
+        Ok(StandaloneAuditWriter {
+            actor,
+            call_timeout: cfg.call_timeout,
+        })
+    }
+
+    /// Seals `event` into the chain and waits until the stream stored it; returns the
+    /// stream sequence of the message holding it.
+    pub async fn append(&self, event: crate::audit::AuditEvent) -> Result<u64, AuditAppendError> {
+        append_to(Some(self.actor.clone()), self.call_timeout, event).await
+    }
+
+    /// Stops the writer (appends not yet answered get an error).
+    pub async fn stop(self) {
+        let _ = self.actor.stop_and_wait(None, None).await;
     }
 }
 

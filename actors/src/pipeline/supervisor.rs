@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::Shared;
-use super::audit_writer::AuditWriter;
+use super::audit_writer::{AuditWriter, WriterArgs};
 use super::gates::{Entitlement, Provenance, Quota};
 use super::intake::Intake;
 use super::keyring::Keyring;
@@ -111,12 +111,14 @@ impl SignerSupervisor {
                     shared.write_refs().publisher = Some(a.clone());
                     a.get_id()
                 }),
-            Child::AuditWriter => Actor::spawn_linked(None, AuditWriter, shared.clone(), sup)
-                .await
-                .map(|(a, _)| {
-                    shared.write_refs().audit = Some(a.clone());
-                    a.get_id()
-                }),
+            Child::AuditWriter => {
+                Actor::spawn_linked(None, AuditWriter, WriterArgs::of(&shared), sup)
+                    .await
+                    .map(|(a, _)| {
+                        shared.write_refs().audit = Some(a.clone());
+                        a.get_id()
+                    })
+            }
         };
         match id {
             Ok(id) => {

@@ -1121,6 +1121,8 @@ async fn the_gate_is_given_the_publish_time_on_every_delivery() {
     assert_eq!(pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
 
+/// Several audit events per message (issue #11).
+mod audit_batches;
 /// Payloads and results by reference, with the in-memory blob store.
 mod blobs;
 mod bounded;

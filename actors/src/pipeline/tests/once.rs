@@ -66,13 +66,15 @@ impl StreamPublisher {
         store_into(&self.stored, message)
     }
 
+    /// What is stored under `prefix`, one value per result or audit event (the events of
+    /// a batch in order).
     fn json(&self, prefix: &str) -> Vec<serde_json::Value> {
         self.stored
             .lock()
             .unwrap()
             .iter()
             .filter(|m| m.subject.starts_with(prefix))
-            .map(|m| serde_json::from_slice(&m.body).unwrap())
+            .flat_map(|m| crate::audit::decode_message(&m.body).unwrap())
             .collect()
     }
 
@@ -99,8 +101,12 @@ impl MessagePublisher for StreamPublisher {
             && !refused
             && let Some(request_id) = self.refuse_signed_event_of
         {
-            let event: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
-            if event["requestId"] == request_id && event["decision"] == "signed" {
+            // (the whole message, when the event is in a batch)
+            let events = crate::audit::decode_message(&message.body).unwrap();
+            if events
+                .iter()
+                .any(|e| e["requestId"] == request_id && e["decision"] == "signed")
+            {
                 return Err(PortError::permanent("maximum message size exceeded"));
             }
         }
@@ -454,8 +460,8 @@ async fn an_audit_append_retried_while_its_event_is_in_flight_is_stored_once() {
     assert!(results[0]["envelope"].is_object(), "{}", results[0]);
     let audit_seq = results[0]["audit"]["seq"].as_u64().unwrap();
     let stored = o.publisher.stored.lock().unwrap()[audit_seq as usize - 1].clone();
-    let event: serde_json::Value = serde_json::from_slice(&stored.body).unwrap();
-    assert_eq!(event, events[0], "the result points at the one event");
+    let event = crate::audit::decode_message(&stored.body).unwrap();
+    assert_eq!(event, events, "the result points at the one event");
     assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
 
