@@ -24,6 +24,8 @@ fn event(tenant: &str, decision: Decision, i: usize) -> AuditEvent {
         provenance: None,
         keys: vec![],
         control: None,
+        predicate_type: None,
+        policy: None,
         decision,
         error_code: None,
         trace_id: None,
