@@ -46,10 +46,12 @@ async fn every_section_of_the_pipeline_bench_runs() {
             .find(|f| f["figure"].as_str().unwrap().starts_with(prefix))
             .unwrap_or_else(|| panic!("no figure {prefix}: {report:#}"))
     };
-    // every figure was measured (the open loop's 200 jobs all finished), and is positive
+    // every figure was measured (the open loop's 200 jobs all finished); rates, sizes and
+    // latencies are positive (CPU per job may round to 0 over so few jobs: 10 ms ticks)
     for f in figures {
         let v = f["measured"].as_f64();
-        assert!(v.is_some_and(|v| v > 0.0), "{f:#}");
+        let cpu = f["figure"].as_str().is_some_and(|n| n.contains("CPU"));
+        assert!(v.is_some_and(|v| v > 0.0 || cpu && v == 0.0), "{f:#}");
     }
     for (prefix, ceiling) in [
         ("jobs/s, every gate on", "no-op"),

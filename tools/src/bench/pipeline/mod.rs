@@ -442,8 +442,7 @@ listen = ""
             }
         }
         if let Ok(s) = self.js.get_stream(&self.names.res).await
-            && let Ok(info) = s.cached_info().state.last_sequence.try_into()
-            && let Ok(m) = s.get_raw_message(info).await
+            && let Ok(m) = s.get_raw_message(s.cached_info().state.last_sequence).await
         {
             let text = String::from_utf8_lossy(&m.payload);
             out.push_str(&format!("last result on {}: {:.300}; ", m.subject, text));
@@ -511,14 +510,14 @@ listen = ""
         Ok(ObjectRef::of(&self.names.blobs, name, bytes))
     }
 
-    /// Backlog drain: `jobs` jobs wait in the stream, then `replicas` workers start; jobs/s
-    /// until the last result, CPU per job of the workers, broker and Redis, peak RSS.
-    pub async fn drain(
+    /// Publishes `jobs` jobs (pipelined), then starts `replicas` workers and samples their
+    /// peak RSS: (publish rate, worker pids, peak RSS so far, the sampler to abort).
+    async fn backlog_then_workers(
         &mut self,
         jobs: usize,
         replicas: usize,
         payload: &Payload,
-    ) -> Result<Drain, ToolError> {
+    ) -> Result<(f64, Vec<u32>, Arc<AtomicU64>, tokio::task::JoinHandle<()>), ToolError> {
         let t = Instant::now();
         publish_jobs(
             &self.js,
@@ -533,6 +532,19 @@ listen = ""
         self.start_workers(replicas)?;
         let pids: Vec<u32> = self.workers.iter().map(|w| w.child.id()).collect();
         let (peak, sampler) = sample_peak_rss(pids.clone());
+        Ok((publish_per_sec, pids, peak, sampler))
+    }
+
+    /// Backlog drain: `jobs` jobs wait in the stream, then `replicas` workers start; jobs/s
+    /// until the last result, CPU per job of the workers, broker and Redis, peak RSS.
+    pub async fn drain(
+        &mut self,
+        jobs: usize,
+        replicas: usize,
+        payload: &Payload,
+    ) -> Result<Drain, ToolError> {
+        let (publish_per_sec, pids, peak, sampler) =
+            self.backlog_then_workers(jobs, replicas, payload).await?;
         // measured from the first result on: the workers' start (process, keys, connections)
         // is not throughput
         let (started, first) = first_results(&self.js, &self.names.res, Duration::from_secs(120))
@@ -602,18 +614,7 @@ listen = ""
         limit: Duration,
         payload: &Payload,
     ) -> Result<(u64, u64), ToolError> {
-        publish_jobs(
-            &self.js,
-            &self.requests_subject(),
-            0,
-            jobs,
-            &self.gates.identity,
-            payload,
-        )
-        .await?;
-        self.start_workers(1)?;
-        let pids: Vec<u32> = self.workers.iter().map(|w| w.child.id()).collect();
-        let (peak, sampler) = sample_peak_rss(pids.clone());
+        let (_, pids, peak, sampler) = self.backlog_then_workers(jobs, 1, payload).await?;
         let done = wait_results(&self.js, &self.names.res, jobs as u64, limit).await;
         let hwm = pids.iter().filter_map(|p| procs::peak_rss(*p)).max();
         sampler.abort();

@@ -99,9 +99,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn size_text(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
         format!("{} KiB", bytes >> 10)
     } else {
         format!("{bytes} B")
@@ -167,15 +167,7 @@ impl Suite {
         };
         let bearer = gates(Variant::Bearer)?;
         let mut figures: Vec<Figure> = Vec::new();
-        let mut sections = serde_json::Map::new();
-        let mut timings = serde_json::Map::new();
-        let mut lap = Instant::now();
-        let mut timed = |name: &str, timings: &mut serde_json::Map<String, serde_json::Value>| {
-            let s = lap.elapsed().as_secs_f64();
-            eprintln!("bench pipeline: {name} done in {s:.0} s");
-            timings.insert(name.into(), s.into());
-            lap = Instant::now();
-        };
+        let mut sections = Sections::default();
         let t = &self.target;
         let one = Keys::Files(1);
 
@@ -204,18 +196,15 @@ impl Suite {
             Goal::Report,
             Some(nc),
         ));
-        sections.insert(
-            "ceilings".into(),
-            json!({"rawSignPerSec": raw, "noop": noop}),
-        );
-        timed(
+        sections.done(
             if main.is_some() {
                 "ceilings and main"
             } else {
                 "ceilings"
             },
-            &mut timings,
-        );
+            "ceilings",
+            json!({"rawSignPerSec": raw, "noop": noop}),
+        )?;
 
         let mut model = None;
         if let Some(m) = &main {
@@ -290,7 +279,7 @@ impl Suite {
                 )
                 .note(format!("machine {:.0}% busy", m.cpu.machine_busy * 100.0)),
             );
-            sections.insert("main".into(), serde_json::to_value(m).map_err(bench_err)?);
+            sections.add("main", m)?;
             model = Some(cost);
         }
 
@@ -313,8 +302,7 @@ impl Suite {
                 Goal::Report,
                 Some(d.worker_cpu_per_1000),
             ));
-            sections.insert("dpop".into(), serde_json::to_value(&d).map_err(bench_err)?);
-            timed("dpop", &mut timings);
+            sections.done("dpop", "dpop", &d)?;
         }
 
         if self.has(Section::Disabled) {
@@ -338,11 +326,7 @@ impl Suite {
                 )
                 .against("no-op", nc),
             );
-            sections.insert(
-                "disabled".into(),
-                serde_json::to_value(&d).map_err(bench_err)?,
-            );
-            timed("disabled", &mut timings);
+            sections.done("disabled", "disabled", &d)?;
         }
 
         if self.has(Section::OpenLoop) {
@@ -392,11 +376,7 @@ impl Suite {
                 ));
                 runs.push(o);
             }
-            sections.insert(
-                "openLoop".into(),
-                serde_json::to_value(&runs).map_err(bench_err)?,
-            );
-            timed("open loop", &mut timings);
+            sections.done("open loop", "openLoop", &runs)?;
         }
 
         if self.has(Section::Backlog) {
@@ -426,8 +406,7 @@ impl Suite {
                     self.backlog_limit
                 )),
             );
-            sections.insert("backlog".into(), json!({"jobs": self.backlog, "peakRssBytes": rss, "jobsDone": done, "seconds": self.backlog_limit.as_secs_f64()}));
-            timed("backlog", &mut timings);
+            sections.done("backlog", "backlog", json!({"jobs": self.backlog, "peakRssBytes": rss, "jobsDone": done, "seconds": self.backlog_limit.as_secs_f64()}))?;
         }
 
         if self.has(Section::Keyless) {
@@ -467,11 +446,11 @@ impl Suite {
                     super::report::num(raw_keyless)
                 )),
             );
-            sections.insert(
-                "keyless".into(),
+            sections.done(
+                "keyless",
+                "keyless",
                 json!({"rawKeylessSignPerSec": raw_keyless, "drain": d}),
-            );
-            timed("keyless", &mut timings);
+            )?;
         }
 
         if self.has(Section::Sizes) {
@@ -505,11 +484,7 @@ impl Suite {
                 );
                 runs.push(d);
             }
-            sections.insert(
-                "sizes".into(),
-                serde_json::to_value(&runs).map_err(bench_err)?,
-            );
-            timed("sizes", &mut timings);
+            sections.done("sizes", "sizes", &runs)?;
         }
         if self.has(Section::Profiles) {
             let mut runs = Vec::new();
@@ -536,8 +511,7 @@ impl Suite {
                 );
                 runs.push(json!({"keys": k, "drain": d}));
             }
-            sections.insert("profiles".into(), serde_json::Value::Array(runs));
-            timed("profiles", &mut timings);
+            sections.done("profiles", "profiles", serde_json::Value::Array(runs))?;
         }
 
         if self.has(Section::Replicas) {
@@ -559,11 +533,7 @@ impl Suite {
                 figures.push(f.note(format!("worker {:.0} µs/job", d.cpu.worker_us)));
                 runs.push(d);
             }
-            sections.insert(
-                "replicas".into(),
-                serde_json::to_value(&runs).map_err(bench_err)?,
-            );
-            timed("replicas", &mut timings);
+            sections.done("replicas", "replicas", &runs)?;
         }
 
         if self.has(Section::NatsCurrent) {
@@ -618,12 +588,12 @@ impl Suite {
                 Goal::Report,
                 d.cpu.broker_us,
             ));
-            sections.insert(
-                "natsCurrent".into(),
+            sections.done(
+                "nats-current",
+                "natsCurrent",
                 json!({"version": v, "debianVersion": debian_version, "noop": n, "drain": d}),
-            );
+            )?;
             drop(server);
-            timed("nats-current", &mut timings);
         }
 
         let predictions: Vec<_> = model
@@ -679,12 +649,52 @@ impl Suite {
             "sectionJobs": self.section_jobs,
             "maxInflight": t.max_inflight,
             "seconds": total,
-            "sectionSeconds": timings,
+            "sectionSeconds": sections.seconds,
             "figures": figures,
             "costModel": model,
             "predictions": predictions,
-            "sections": sections,
+            "sections": sections.values,
         }))
+    }
+}
+
+/// The sections' JSON, and how long each took.
+struct Sections {
+    values: serde_json::Map<String, serde_json::Value>,
+    seconds: serde_json::Map<String, serde_json::Value>,
+    lap: Instant,
+}
+
+impl Default for Sections {
+    fn default() -> Self {
+        Sections {
+            values: serde_json::Map::new(),
+            seconds: serde_json::Map::new(),
+            lap: Instant::now(),
+        }
+    }
+}
+
+impl Sections {
+    fn add(&mut self, key: &str, value: impl serde::Serialize) -> Result<(), ToolError> {
+        self.values
+            .insert(key.into(), serde_json::to_value(value).map_err(bench_err)?);
+        Ok(())
+    }
+
+    /// Adds a section's JSON and says how long it took since the previous one.
+    fn done(
+        &mut self,
+        label: &str,
+        key: &str,
+        value: impl serde::Serialize,
+    ) -> Result<(), ToolError> {
+        self.add(key, value)?;
+        let s = self.lap.elapsed().as_secs_f64();
+        eprintln!("bench pipeline: {label} done in {s:.0} s");
+        self.seconds.insert(label.into(), s.into());
+        self.lap = Instant::now();
+        Ok(())
     }
 }
 
