@@ -23,6 +23,8 @@ struct StreamPublisher {
     audit_hold: Duration,
     /// The request whose `signed` audit event the stream refuses for good.
     refuse_signed_event_of: Option<&'static str>,
+    /// The lone events refused for good that way (a batch holding one is refused too).
+    refused_for_good: Mutex<Vec<serde_json::Value>>,
     /// Audit events sent (stored or not).
     audit_sends: AtomicUsize,
 }
@@ -107,6 +109,9 @@ impl MessagePublisher for StreamPublisher {
                 .iter()
                 .any(|e| e["requestId"] == request_id && e["decision"] == "signed")
             {
+                if let [event] = events.as_slice() {
+                    self.refused_for_good.lock().unwrap().push(event.clone());
+                }
                 return Err(PortError::permanent("maximum message size exceeded"));
             }
         }
@@ -546,10 +551,33 @@ async fn a_chain_restarted_after_a_refusal_for_good_stores_every_other_event_onc
     assert_eq!(results.len(), 1, "{results:?}");
     assert_eq!(results[0]["error"]["code"], "internal", "{}", results[0]);
     assert_eq!(events.len(), 4, "one event per job: {events:?}");
-    assert_eq!(
-        verified_chains(&events).len(),
-        2,
+    // The chain the refused event was sealed on ends before it: nothing stored links to it,
+    // and what was sealed after it (r-2's refusal at least) is on a new chain. (Whether any
+    // stored event precedes it on the old chain depends on the order the jobs reached the
+    // writer: with none, every stored event is on the new chain.)
+    let refused = o.publisher.refused_for_good.lock().unwrap().clone();
+    let [refused] = refused.as_slice() else {
+        panic!("r-2's signed event refused alone, once: {refused:?}");
+    };
+    let old_chain: Vec<_> = events
+        .iter()
+        .filter(|e| e["worker"] == refused["worker"])
+        .collect();
+    assert!(
+        old_chain
+            .iter()
+            .all(|e| e["writerSeq"].as_u64() < refused["writerSeq"].as_u64()),
+        "nothing stored after the refused event on its chain: {old_chain:?}"
+    );
+    assert_ne!(
+        r2[0]["worker"], refused["worker"],
         "a new chain after the refusal"
+    );
+    let chains = verified_chains(&events);
+    assert_eq!(
+        chains.len(),
+        1 + usize::from(!old_chain.is_empty()),
+        "{chains:?}"
     );
     assert_eq!(o.pipeline.shutdown(Duration::from_secs(5)).await, 0);
 }
