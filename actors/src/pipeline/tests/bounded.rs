@@ -268,13 +268,15 @@ async fn a_result_whose_ack_never_comes_is_given_up_at_the_call_timeout() {
     until("job 1 acked", || acked(&queue, 1)).await;
     assert_eq!(settled(&queue, 1), [Settled::Nak, Settled::Ack]);
     assert_eq!(publisher.attempts("sign.completed"), 2);
-    let stored = publisher.inner.0.lock().unwrap();
-    let results = stored
+    let results = publisher
+        .inner
+        .0
+        .lock()
+        .unwrap()
         .iter()
         .filter(|m| m.subject.starts_with("sign."))
         .count();
     assert_eq!(results, 1, "one result stored");
-    drop(stored);
     pipeline.shutdown(Duration::from_secs(5)).await;
 }
 
