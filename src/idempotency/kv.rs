@@ -14,19 +14,48 @@
 //! applied this attempt's lease would make it look lost (and a stale `lease` over a newer
 //! `signed` record would let a release delete it). A release deletes only the revision it
 //! read.
+//!
+//! Two writes of a signed job's path cost less than a read and an awaited write (issue 11):
+//!
+//! - the step from lease to `signed` compares against the revision this store wrote the lease
+//!   at (remembered per key from the claim or the last renewal), without reading the record
+//!   first: the leader accepts the write only if that revision is still the key's latest, which
+//!   means the record is still this attempt's lease. Any other revision (a renewal in between,
+//!   a take-over) falls back to reading the record as before;
+//! - `done` is sent and its acknowledgement awaited off the job path, together with the others
+//!   in flight, by one task of the store ([`await_done_acks`]). A `done` that is lost leaves
+//!   the `signed` record, whose outcome a duplicate then republishes: the same result message,
+//!   still signed and charged once.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
+use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use signer_actors::ports::{Claim, IdempotencyStore, OutMessage, PortError, Recorded};
+use tokio::sync::mpsc;
 
 use crate::jetstream::NatsError;
 
 pub struct KvIdempotency {
     store: kv::Store,
+    js: jetstream::Context,
+    /// The revision each lease this store holds was last written at, with its owner, by
+    /// (hashed) key: `record` replaces the lease by compare-and-set on it without a read.
+    /// Removed when the lease is replaced or given back; cleared when it reaches
+    /// [`LEASES_REMEMBERED`] (a forgotten revision only costs the read).
+    leases: Mutex<HashMap<String, (String, u64)>>,
+    /// The acknowledgements of `done` writes, awaited by [`await_done_acks`].
+    done_acks: mpsc::UnboundedSender<PublishAckFuture>,
 }
+
+/// Leases whose revision the store remembers at most (a job that claimed and then vanished
+/// without releasing, e.g. cut off in the middle of a call, leaves its entry behind).
+const LEASES_REMEMBERED: usize = 1 << 16;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -96,7 +125,38 @@ impl KvIdempotency {
         ttl: Duration,
     ) -> Result<Self, NatsError> {
         let store = crate::jetstream::open_bucket(js, bucket, ttl).await?;
-        Ok(KvIdempotency { store })
+        let (done_acks, acks) = mpsc::unbounded_channel();
+        tokio::spawn(await_done_acks(acks));
+        Ok(KvIdempotency {
+            store,
+            js: js.clone(),
+            leases: Mutex::new(HashMap::new()),
+            done_acks,
+        })
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, u64)>> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Remembers that `owner`'s lease on `key` is at `revision`.
+    fn lease_written(&self, key: &str, owner: &str, revision: u64) {
+        let mut leases = self.leases();
+        if leases.len() >= LEASES_REMEMBERED {
+            leases.clear();
+        }
+        leases.insert(key.to_string(), (owner.to_string(), revision));
+    }
+
+    /// The revision `owner`'s lease on `key` was written at by this store, forgotten now.
+    fn take_lease_revision(&self, key: &str, owner: &str) -> Option<u64> {
+        let mut leases = self.leases();
+        match leases.get(key) {
+            Some((o, _)) if o == owner => leases.remove(key).map(|(_, revision)| revision),
+            _ => None,
+        }
     }
 
     /// Reads `key` (already hashed) from the stream leader: linearizable with the
@@ -132,7 +192,10 @@ impl IdempotencyStore for KvIdempotency {
         let key = kv_key(key);
         let lease_value = || format!("lease {owner} {}", now_ms() + lease.as_millis() as u64);
         match self.store.create(&key, lease_value().into()).await {
-            Ok(_) => return Ok(Claim::Acquired),
+            Ok(revision) => {
+                self.lease_written(&key, owner, revision);
+                return Ok(Claim::Acquired);
+            }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(port(e)),
         }
@@ -166,7 +229,10 @@ impl IdempotencyStore for KvIdempotency {
             .update(&key, lease_value().into(), entry.revision)
             .await
         {
-            Ok(_) => Ok(Claim::Acquired),
+            Ok(revision) => {
+                self.lease_written(&key, owner, revision);
+                Ok(Claim::Acquired)
+            }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Claim::Busy {
                 retry_after: Duration::from_millis(100),
             }),
@@ -184,6 +250,15 @@ impl IdempotencyStore for KvIdempotency {
         let mut value = SIGNED.to_vec();
         value.extend_from_slice(&outcome.to_record());
         let value: bytes::Bytes = value.into();
+        // The revision this attempt's lease was written at is still the latest: it is ours.
+        if let Some(revision) = self.take_lease_revision(&key, owner) {
+            match self.store.update(&key, value.clone(), revision).await {
+                Ok(_) => return Ok(Recorded::Kept),
+                // written since (a renewal, a take-over): read it below
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(port(e)),
+            }
+        }
         // A lease renewal of this attempt may land between the read and the write: read
         // again then, a few times.
         for _ in 0..5 {
@@ -207,16 +282,31 @@ impl IdempotencyStore for KvIdempotency {
         Err(PortError::transient("the record kept changing").context("idempotency bucket"))
     }
 
+    /// Sends `done`; its acknowledgement is awaited by [`await_done_acks`], not here (see
+    /// the module's notes). A failure to send is returned.
     async fn complete(&self, key: &str, result_sequence: u64) -> Result<(), PortError> {
-        self.store
-            .put(kv_key(key), format!("done {result_sequence}").into())
+        let key = kv_key(key);
+        self.leases().remove(&key);
+        let value: bytes::Bytes = format!("done {result_sequence}").into();
+        if self.store.use_jetstream_prefix {
+            // (a JetStream domain: the client composes the subject) awaited here
+            return self.store.put(key, value).await.map(|_| ()).map_err(port);
+        }
+        let prefix = self.store.put_prefix.as_ref().unwrap_or(&self.store.prefix);
+        let ack = self
+            .js
+            .publish(format!("{prefix}{key}"), value)
             .await
-            .map(|_| ())
-            .map_err(port)
+            .map_err(port)?;
+        if let Err(mpsc::error::SendError(ack)) = self.done_acks.send(ack) {
+            ack.await.map_err(port)?;
+        }
+        Ok(())
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), PortError> {
         let key = kv_key(key);
+        self.take_lease_revision(&key, owner);
         let Some(entry) = self.current(&key).await? else {
             return Ok(());
         };
@@ -238,6 +328,31 @@ impl IdempotencyStore for KvIdempotency {
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
             Err(e) => Err(port(e)),
         }
+    }
+}
+
+/// Awaits the acknowledgements of `done` writes, all those in flight at once, until the
+/// store is dropped and every one sent has been answered. A failure is logged: the record
+/// stays `signed`, and a duplicate of the request republishes its recorded outcome.
+async fn await_done_acks(mut sent: mpsc::UnboundedReceiver<PublishAckFuture>) {
+    let mut pending = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            ack = sent.recv() => match ack {
+                Some(ack) => pending.push(ack.into_future()),
+                None => break,
+            },
+            Some(acked) = pending.next(), if !pending.is_empty() => done_acked(acked),
+        }
+    }
+    while let Some(acked) = pending.next().await {
+        done_acked(acked);
+    }
+}
+
+fn done_acked(acked: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>) {
+    if let Err(e) = acked {
+        tracing::warn!(error = %e, "recording the idempotency result (done) failed; the signed record stays and answers duplicates");
     }
 }
 
@@ -356,6 +471,86 @@ mod tests {
         assert_eq!(
             a.claim(key, "w2.cc", lease).await.unwrap(),
             Claim::Done { result_sequence: 7 }
+        );
+        let _ = js.delete_stream(format!("KV_{name}")).await;
+    }
+
+    /// The step from lease to `signed` without a read: right after the claim, after a
+    /// renewal, and refused (through the read) when the lease was taken over since, also by
+    /// a store that still remembers the revision of its own, expired lease.
+    #[tokio::test]
+    async fn kv_record_compares_against_the_remembered_lease_revision() {
+        let (js, name) = bucket("RECORD").await;
+        let ttl = Duration::from_secs(600);
+        let a = KvIdempotency::open(&js, &name, ttl).await.unwrap();
+        let b = KvIdempotency::open(&js, &name, ttl).await.unwrap();
+        let outcome = OutMessage {
+            subject: "sign.completed".into(),
+            headers: vec![],
+            body: b"{}".to_vec(),
+        };
+        let lease = Duration::from_secs(30);
+        assert_eq!(
+            a.claim("acme/r1", "w1.a", lease).await.unwrap(),
+            Claim::Acquired
+        );
+        assert_eq!(
+            a.claim("acme/r1", "w1.a", lease).await.unwrap(),
+            Claim::Acquired,
+            "renewed"
+        );
+        assert_eq!(
+            a.record("acme/r1", "w1.a", &outcome).await.unwrap(),
+            Recorded::Kept
+        );
+        assert_eq!(
+            b.claim("acme/r1", "w2.b", lease).await.unwrap(),
+            Claim::Signed {
+                outcome: outcome.clone()
+            }
+        );
+
+        // a's lease expires, b takes it over: a's remembered revision is stale
+        let short = Duration::from_millis(200);
+        assert_eq!(
+            a.claim("acme/r2", "w1.a", short).await.unwrap(),
+            Claim::Acquired
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            b.claim("acme/r2", "w2.b", lease).await.unwrap(),
+            Claim::Acquired
+        );
+        assert_eq!(
+            a.record("acme/r2", "w1.a", &outcome).await.unwrap(),
+            Recorded::LeaseLost,
+            "a lease taken over is not replaced by its former holder"
+        );
+        assert_eq!(
+            b.record("acme/r2", "w2.b", &outcome).await.unwrap(),
+            Recorded::Kept
+        );
+
+        // another owner's call does not make the store forget the holder's revision
+        assert_eq!(
+            a.claim("acme/r3", "w1.a", lease).await.unwrap(),
+            Claim::Acquired
+        );
+        assert_eq!(
+            a.record("acme/r3", "w1.x", &outcome).await.unwrap(),
+            Recorded::LeaseLost
+        );
+        a.release("acme/r3", "w1.x").await.unwrap();
+        assert_eq!(
+            a.record("acme/r3", "w1.a", &outcome).await.unwrap(),
+            Recorded::Kept
+        );
+
+        // `done` is sent without waiting for its ack; the next read on the connection sees it
+        a.complete("acme/r3", 9).await.unwrap();
+        assert_eq!(
+            b.claim("acme/r3", "w2.b", lease).await.unwrap(),
+            Claim::Done { result_sequence: 9 }
         );
         let _ = js.delete_stream(format!("KV_{name}")).await;
     }

@@ -7,11 +7,11 @@
 //! ├── Quota         plan limits                  (QuotaStore port)
 //! ├── Provenance    scanner release; verdict cache, per-tenant bound (ReleaseVerifier port)
 //! ├── Keyring       a pool of KeySigner actors per key (KeyFactory port)
-//! ├── Publisher     sign.completed / sign.failed (MessagePublisher port)
 //! └── AuditWriter   hash-chained, batched        (MessagePublisher port)
 //! ```
 //!
-//! A job runs in its own task and talks to the actors by RPC. When an actor dies, its
+//! A job runs in its own task and talks to the actors by RPC; it publishes its result on
+//! `sign.completed` / `sign.failed` itself, through the MessagePublisher port. When an actor dies, its
 //! in-flight calls fail, the job is NAKed without a result, and JetStream redelivers it
 //! to the restarted actor (or another replica).
 
@@ -25,7 +25,6 @@ mod job;
 mod keyring;
 mod latency;
 pub mod preflight;
-mod publisher;
 mod supervisor;
 
 pub use gates::{
@@ -202,7 +201,6 @@ pub(crate) struct Refs {
     pub entitlement: Option<ActorRef<gates::EntitlementMsg>>,
     pub quota: Option<ActorRef<gates::QuotaMsg>>,
     pub provenance: Option<ActorRef<gates::ProvenanceMsg>>,
-    pub publisher: Option<ActorRef<publisher::PublisherMsg>>,
     pub audit: Option<ActorRef<audit_writer::AuditMsg>>,
     /// Key name -> the actors of its pool (created by the Keyring with every member empty).
     pub keys: HashMap<String, keyring::KeyPool>,

@@ -12,7 +12,6 @@ use super::audit_writer::{AuditWriter, WriterArgs};
 use super::gates::{Entitlement, Provenance, Quota};
 use super::intake::Intake;
 use super::keyring::Keyring;
-use super::publisher::Publisher;
 
 const MAX_RESTARTS: usize = 50;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
@@ -25,13 +24,11 @@ pub enum Child {
     Quota,
     Provenance,
     Keyring,
-    Publisher,
     AuditWriter,
 }
 
 impl Child {
-    const ALL: [Child; 7] = [
-        Child::Publisher,
+    const ALL: [Child; 6] = [
         Child::AuditWriter,
         Child::Entitlement,
         Child::Quota,
@@ -47,7 +44,6 @@ impl Child {
             Child::Quota => "quota",
             Child::Provenance => "provenance",
             Child::Keyring => "keyring",
-            Child::Publisher => "publisher",
             Child::AuditWriter => "audit_writer",
         }
     }
@@ -105,12 +101,6 @@ impl SignerSupervisor {
             Child::Keyring => Actor::spawn_linked(None, Keyring, shared.clone(), sup)
                 .await
                 .map(|(a, _)| a.get_id()),
-            Child::Publisher => Actor::spawn_linked(None, Publisher, ports.publisher.clone(), sup)
-                .await
-                .map(|(a, _)| {
-                    shared.write_refs().publisher = Some(a.clone());
-                    a.get_id()
-                }),
             Child::AuditWriter => {
                 Actor::spawn_linked(None, AuditWriter, WriterArgs::of(&shared), sup)
                     .await
@@ -159,7 +149,6 @@ impl SignerSupervisor {
             Child::Entitlement => refs.entitlement = None,
             Child::Quota => refs.quota = None,
             Child::Provenance => refs.provenance = None,
-            Child::Publisher => refs.publisher = None,
             Child::AuditWriter => refs.audit = None,
             Child::Keyring => refs.keys.clear(),
             Child::Intake => shared.set_intake(super::IntakeState::Stopped),

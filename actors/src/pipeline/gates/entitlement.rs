@@ -245,7 +245,7 @@ impl<W> KeyRing<W> {
         self.loading = Some(Vec::new());
         self.last_attempt = Some(Instant::now());
         self.loads += 1;
-        report(myself, "key set load", tokio::spawn(fetch()), wrap);
+        report(myself, "key set load", fetch(), wrap);
     }
 
     /// Whether an unknown kid may cause a reload now.
@@ -296,22 +296,45 @@ impl<W> KeyRing<W> {
     }
 }
 
-/// Reports the outcome of `work` to the actor as `wrap(outcome)`; a panic reports
-/// [`EntitlementMsg::Failed`].
+/// Runs `work` in a task of its own and reports its outcome to the actor as `wrap(outcome)`;
+/// a panic reports [`EntitlementMsg::Failed`]. One task per check: the panic is caught in
+/// it, not by a second task awaiting the first.
 fn report<T: Send + 'static>(
     myself: &ActorRef<EntitlementMsg>,
     what: &'static str,
-    work: JoinHandle<T>,
+    work: impl Future<Output = T> + Send + 'static,
     wrap: impl FnOnce(T) -> EntitlementMsg + Send + 'static,
 ) {
+    use futures::FutureExt as _;
     let me = myself.clone();
     tokio::spawn(async move {
-        let msg = match work.await {
+        let msg = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
             Ok(outcome) => wrap(outcome),
-            Err(e) => EntitlementMsg::Failed(format!("{what}: {e}")),
+            Err(panic) => EntitlementMsg::Failed(format!("{what}: {}", panic_message(&*panic))),
         };
         let _ = me.cast(msg);
     });
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panicked")
+}
+
+/// The outcome of work on a blocking thread, as a future: its panic panics the future (and
+/// is caught by [`report`]).
+async fn blocking<T>(handle: JoinHandle<T>) -> T {
+    match handle.await {
+        Ok(outcome) => outcome,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => std::panic::resume_unwind(Box::new(e.to_string())),
+        },
+    }
 }
 
 /// The token side of the actor's state (absent when the port checks no tokens).
@@ -422,7 +445,7 @@ fn authenticate(
 ) {
     let port = port.clone();
     let input = job.input.clone();
-    let work = tokio::spawn(async move { port.authenticate(&input, token.as_deref()).await });
+    let work = async move { port.authenticate(&input, token.as_deref()).await };
     report(myself, "entitlement check", work, move |result| {
         EntitlementMsg::Authenticated(Box::new(JobAuthenticated { job, result }))
     });
@@ -512,8 +535,9 @@ impl Tokens {
         let (raw, now) = (job.input.request.auth.op_tok.clone(), job.now);
         self.checking.insert(id, (reloaded, vec![job]));
         let authority = self.authority.clone();
-        let work =
-            tokio::task::spawn_blocking(move || authority.verify_token(&raw, keys.as_ref(), now));
+        let work = blocking(tokio::task::spawn_blocking(move || {
+            authority.verify_token(&raw, keys.as_ref(), now)
+        }));
         report(myself, "token check", work, move |result| {
             EntitlementMsg::TokenChecked { id, now, result }
         });
@@ -658,8 +682,9 @@ impl Licences {
         let raw = job.value().to_owned();
         self.checking.insert(id, (reloaded, vec![job]));
         let authority = self.authority.clone();
-        let work =
-            tokio::task::spawn_blocking(move || authority.verify_licence(&raw, keys.as_ref()));
+        let work = blocking(tokio::task::spawn_blocking(move || {
+            authority.verify_licence(&raw, keys.as_ref())
+        }));
         report(myself, "licence check", work, move |result| {
             EntitlementMsg::LicenceChecked { id, result }
         });
@@ -779,7 +804,7 @@ impl Answers {
         let (value, tenant) = (job.value().to_owned(), job.tenant().to_owned());
         self.asking.insert(id, vec![job]);
         let service = self.service.clone();
-        let work = tokio::spawn(async move { service.introspect(&value, &tenant).await });
+        let work = async move { service.introspect(&value, &tenant).await };
         report(myself, "licensing request", work, move |result| {
             EntitlementMsg::Answered { id, result }
         });

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{Job, Settle, Stop, stage};
 use crate::error::SignerError;
-use crate::pipeline::publisher::PublisherMsg;
-use crate::pipeline::{PipelineConfig, Shared, call_actor};
+use crate::pipeline::{PipelineConfig, Shared};
 use crate::ports::{Claim, Delivery, OutMessage};
 
 /// Claims the request for this attempt. `Ok` with the [`Hold`] that renews the lease while
@@ -209,20 +208,28 @@ pub(in crate::pipeline) fn busy_delay(
 pub(in crate::pipeline) async fn answer_duplicate(job: &Job<'_>, result_sequence: u64) -> Settle {
     let shared = job.shared;
     metrics::counter!("signer_jobs_total", "outcome" => "duplicate", "code" => "").increment(1);
-    let publisher = shared.read_refs().publisher.clone();
-    let republished = call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
-        PublisherMsg::Republish(result_sequence, r)
-    })
-    .await;
-    match republished {
-        Ok(Ok(Some(_))) => Settle::Ack,
-        Ok(Ok(None)) => {
+    let republished = async {
+        let fetched = tokio::time::timeout(
+            shared.cfg.call_timeout,
+            shared.ports.publisher.fetch_result(result_sequence),
+        )
+        .await
+        .map_err(|_| {
+            super::store::StoreError::Unavailable(
+                "fetching the original result did not finish in time".into(),
+            )
+        })?
+        .map_err(super::store::StoreError::of_port)?;
+        match fetched {
+            Some(message) => super::store::send_result(shared, message).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    match republished.await {
+        Ok(Some(_)) => Settle::Ack,
+        Ok(None) => {
             tracing::warn!(request_id = %job.ids.request_id, result_sequence, "duplicate request; its original result has left the results stream");
             Settle::Ack
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "republishing the original result failed; retrying");
-            Settle::Nak(shared.cfg.backoff_base)
         }
         Err(e) => {
             tracing::warn!(error = %e, "republishing the original result failed; retrying");

@@ -11,9 +11,8 @@ use crate::audit::{
 };
 use crate::error::{ErrorCode, SignerError};
 use crate::pipeline::audit_writer::{AppendId, AuditMsg};
-use crate::pipeline::publisher::PublisherMsg;
 use crate::pipeline::{PipelineConfig, Shared, call_actor};
-use crate::ports::{Delivery, OutMessage, PortError};
+use crate::ports::{Delivery, OutMessage, PortError, Stored};
 
 /// Why part of a job's outcome (its audit event, its result) was not stored. Only
 /// [`StoreError::Unavailable`] is worth retrying; the others are answered at once.
@@ -257,6 +256,26 @@ pub(super) fn result_message<T: serde::Serialize>(
     })
 }
 
+/// Why a result was not stored in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the results stream did not acknowledge within {0:?}")]
+pub(in crate::pipeline) struct NoAckInTime(std::time::Duration);
+
+/// Publishes a result message straight through the publisher port (no actor between: it has
+/// no state to guard) and waits, within the call timeout, until the results stream stored it.
+pub(in crate::pipeline) async fn send_result(
+    shared: &Shared,
+    message: OutMessage,
+) -> Result<Stored, StoreError> {
+    let within = shared.cfg.call_timeout;
+    let stored = tokio::time::timeout(within, async {
+        shared.ports.publisher.send(message).await?.await
+    })
+    .await
+    .map_err(|_| StoreError::Unavailable(Box::new(NoAckInTime(within))))?;
+    stored.map_err(StoreError::of_port)
+}
+
 /// Stores a result message, then marks the request done in its idempotency record.
 pub(super) async fn publish_message(
     job: &Job<'_>,
@@ -267,18 +286,7 @@ pub(super) async fn publish_message(
     on_transient: OnTransient,
 ) -> Result<Settle, StoreError> {
     let (shared, d) = (job.shared, job.delivery);
-    let publish = || {
-        let message = message.clone();
-        async move {
-            let publisher = shared.read_refs().publisher.clone();
-            call_actor(publisher, "publisher", shared.cfg.call_timeout, |r| {
-                PublisherMsg::Publish(message, r)
-            })
-            .await
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))?
-            .map_err(StoreError::of_port)
-        }
-    };
+    let publish = || send_result(shared, message.clone());
     let t_publish = Instant::now();
     let stored = match persist(&shared.cfg, d, on_transient, publish).await {
         Ok(s) => s,

@@ -12,6 +12,8 @@ enum Fault {
     Pass,
     /// Refuse it with this error.
     Refuse(PortError),
+    /// Take it and never acknowledge it.
+    Hang,
 }
 
 /// Decides the fate of a message from it and its attempt number on its subject (from 1).
@@ -57,6 +59,7 @@ impl MessagePublisher for FaultyPublisher {
         match (self.rule)(&message, n) {
             Fault::Pass => self.inner.send(message).await,
             Fault::Refuse(e) => Err(e),
+            Fault::Hang => Ok(Box::pin(futures::future::pending())),
         }
     }
     async fn fetch_result(&self, seq: u64) -> Result<Option<OutMessage>, PortError> {
@@ -242,6 +245,38 @@ async fn a_store_that_stays_down_is_retried_within_the_budget_on_the_last_delive
     down.store(false, Ordering::SeqCst);
     submit(&queue, 2);
     until("job 2 acked", || acked(&queue, 2)).await;
+    pipeline.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The job publishes its result through the port itself: an acknowledgement that never
+/// comes is bounded by the call timeout, like any store that does not answer; the result
+/// recorded before it is published is then published by the redelivery, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_ack_never_comes_is_given_up_at_the_call_timeout() {
+    let publisher = FaultyPublisher::new(|m, n| {
+        if m.subject.starts_with("sign.completed") && n == 1 {
+            Fault::Hang
+        } else {
+            Fault::Pass
+        }
+    });
+    let (queue, pipeline) = start_faulty(publisher.clone(), |cfg, _| {
+        cfg.call_timeout = Duration::from_secs(1);
+    })
+    .await;
+    submit(&queue, 1);
+    until("job 1 acked", || acked(&queue, 1)).await;
+    assert_eq!(settled(&queue, 1), [Settled::Nak, Settled::Ack]);
+    assert_eq!(publisher.attempts("sign.completed"), 2);
+    let results = publisher
+        .inner
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.subject.starts_with("sign."))
+        .count();
+    assert_eq!(results, 1, "one result stored");
     pipeline.shutdown(Duration::from_secs(5)).await;
 }
 
